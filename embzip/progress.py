@@ -1,0 +1,46 @@
+"""Progress bars on stderr (rich), off when quiet so stdout stays clean for pipelines."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+
+stderr = Console(stderr=True)
+
+
+class _Silent:
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def advance(self, *args, **kwargs) -> None:
+        pass
+
+
+class _Bar:
+    def __init__(self, progress, task_id):
+        self._progress, self._task = progress, task_id
+
+    def update(self, **fields) -> None:
+        known = {k: fields.pop(k) for k in ("completed", "total", "description") if k in fields}
+        self._progress.update(self._task, **known, **fields)
+
+    def advance(self, amount: float = 1) -> None:
+        self._progress.advance(self._task, amount)
+
+
+@contextmanager
+def bar(description: str, total: float | None, *, enabled: bool = True, fields: str = "") -> Iterator[_Bar | _Silent]:
+    """A progress bar; `fields` is a rich format string over the task's fields, e.g. '{task.fields[loss]}'."""
+    if not enabled:
+        yield _Silent()
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    if fields:
+        columns.append(TextColumn(fields))
+    with Progress(*columns, console=stderr, transient=False) as progress:
+        yield _Bar(progress, progress.add_task(description, total=total))
