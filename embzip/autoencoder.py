@@ -116,8 +116,8 @@ def fit_autoencoder(embedding: torch.Tensor, rank: int, config: FitConfig | None
     history: list[dict] = []
     steps = (n + config.batch_size - 1) // config.batch_size
     with bar(f"fit rank {rank}", config.epochs * steps, enabled=progress,
-             fields="epoch {task.fields[epoch]} loss {task.fields[loss]} cos {task.fields[cos]}") as pbar:
-        pbar.update(epoch="-", loss="-", cos="-")
+             fields="epoch {task.fields[epoch]} loss {task.fields[loss]} cos {task.fields[cos]}",
+             epoch="-", loss="-", cos="-") as pbar:
         for epoch in range(config.epochs):
             alpha = config.alpha(epoch)
             order = torch.randperm(n, generator=shuffler).to(device)

@@ -31,8 +31,10 @@ class _Bar:
 
 
 @contextmanager
-def bar(description: str, total: float | None, *, enabled: bool = True, fields: str = "") -> Iterator[_Bar | _Silent]:
-    """A progress bar; `fields` is a rich format string over the task's fields, e.g. '{task.fields[loss]}'."""
+def bar(description: str, total: float | None, *, enabled: bool = True, fields: str = "",
+        **initial: str) -> Iterator[_Bar | _Silent]:
+    """A progress bar; `fields` is a rich format string over task fields given in `initial`,
+    e.g. bar("fit", 100, fields="loss {task.fields[loss]}", loss="-")."""
     if not enabled:
         yield _Silent()
         return
@@ -43,4 +45,4 @@ def bar(description: str, total: float | None, *, enabled: bool = True, fields: 
     if fields:
         columns.append(TextColumn(fields))
     with Progress(*columns, console=stderr, transient=False) as progress:
-        yield _Bar(progress, progress.add_task(description, total=total))
+        yield _Bar(progress, progress.add_task(description, total=total, **initial))

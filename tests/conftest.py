@@ -1,0 +1,98 @@
+"""Tiny real models built from a config, saved once per test session. No hub access."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+WORDS = (
+    "the of and to a in is it you that he was for on are with as his they be at one have this from or had by "
+    "hot word but what some we can out other were all there when up use your how said an each she which do "
+    "their time if will way about many then them write would like so these her long make thing see him two "
+    "has look more day could go come did number sound no most people my over know water than call first who "
+    "may down side been now find . ,"
+).split()
+
+TEXT = (
+    "the people who write about water said that it was hot .\n"
+    "he will look at the number of words in each sound and then call them one by one .\n"
+    "she can find more time for the first thing she has to do , if she will come down .\n"
+    "they had been over there for two day and did not know what to make of it .\n"
+    "how many of them would like to see his long way home , which is now the most hot side .\n"
+    "we use this word for all of your people , but some were out when you come .\n"
+) * 4
+
+
+def _tokenizer(kind: str):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[1]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if kind == "bert":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def build_tiny(kind: str, path) -> str:
+    """Save a tiny model of `kind` (bert-mlm, bert-encoder, gpt2, llama) with its tokenizer to `path`."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    tokenizer = _tokenizer("bert" if kind.startswith("bert") else "causal")
+    n = len(tokenizer)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    if kind == "bert-mlm":
+        model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=n, max_position_embeddings=64, **common))
+    elif kind == "bert-encoder":
+        model = tf.BertModel(tf.BertConfig(vocab_size=n, max_position_embeddings=64, **common))
+    elif kind == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=n, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                                 bos_token_id=2, eos_token_id=3))
+    elif kind == "llama":  # tied, with embedding rows padded beyond the tokenizer's length
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=n + 7, num_key_value_heads=1, tie_word_embeddings=True,
+                                                   max_position_embeddings=64, bos_token_id=2, eos_token_id=3,
+                                                   pad_token_id=0, **common))
+    else:
+        raise ValueError(kind)
+    # Random init gives near-isotropic rows; give the embedding some structure so low ranks matter.
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        basis = torch.randn(6, emb.shape[1])
+        emb.copy_(torch.randn(emb.shape[0], 6) @ basis * 0.3 + 0.05 * torch.randn_like(emb))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(kind) -> directory of a tiny saved model, built once per session."""
+    built: dict[str, str] = {}
+
+    def get(kind: str) -> str:
+        if kind not in built:
+            built[kind] = build_tiny(kind, tmp_path_factory.mktemp(kind))
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "text.txt"
+    path.write_text(TEXT)
+    return str(path)

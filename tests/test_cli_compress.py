@@ -1,0 +1,144 @@
+"""`embzip svd` / `embzip fit` end to end on tiny models, and every bad input as a table."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from embzip.cli import app
+from embzip.factors import load_factors
+
+runner = CliRunner()
+FAST_FIT = ["--epochs", "2", "--anneal-epochs", "1", "--batch-size", "16"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "gpt2", "llama", "bert-encoder"])
+@pytest.mark.parametrize("method", ["svd", "fit"])
+def test_json_summary_and_file(tiny, tmp_path, kind, method):
+    out = tmp_path / "f.safetensors"
+    extra = FAST_FIT if method == "fit" else []
+    result = run(method, tiny(kind), "--rank", 4, "--out", out, "--json", "--quiet", *extra)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    for key in ("method", "rank", "compression_ratio", "params_before", "params_after", "cosine_distance", "rmse",
+                "seconds", "out"):
+        assert key in summary
+    factors = load_factors(out)
+    assert summary["rank"] == factors.rank == 4
+    assert summary["params_after"] == factors.num_params() < summary["params_before"]
+    assert factors.meta["method"] == method and factors.meta["source"]["model"] == tiny(kind)
+    assert factors.meta["metrics"]["rmse"] == pytest.approx(summary["rmse"])
+    if kind == "llama":  # embedding rows padded beyond the tokenizer
+        assert factors.vocab == factors.meta["source"]["tokenizer_size"] + 7
+    if method == "fit":
+        assert factors.bias is not None and factors.meta["settings"]["epochs"] == 2
+
+
+def test_ratio_picks_the_rank(tiny, tmp_path):
+    result = run("svd", tiny("gpt2"), "--ratio", 3, "--out", tmp_path / "f.safetensors", "--json", "-q")
+    summary = json.loads(result.stdout)
+    assert summary["compression_ratio"] >= 3 and result.exit_code == 0
+
+
+def test_default_out_name(tiny, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("svd", tiny("gpt2"), "--rank", 3, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    name = json.loads(result.stdout)["out"]
+    assert name.endswith(".svd-r3.safetensors") and (tmp_path / name).is_file()
+
+
+@pytest.fixture
+def nan_model(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "nan-model"
+    shutil.copytree(tiny("gpt2"), path)
+    weights = load_file(path / "model.safetensors")
+    key = next(k for k in weights if "wte" in k)
+    weights[key][5, 3] = float("nan")
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+BAD = [
+    # (arguments, exit code, message fragment); {model} is a tiny GPT-2, {out} a fresh file path
+    (["svd", "./no-such-model", "--rank", "2"], 1, "not found"),
+    (["svd", "{empty}", "--rank", "2"], 1, "not a transformers model directory"),
+    (["svd", "{model}", "--rank", "0", "--out", "{out}"], 2, "positive"),
+    (["svd", "{model}", "--rank", "-3", "--out", "{out}"], 2, "positive"),
+    (["svd", "{model}", "--rank", "500", "--out", "{out}"], 2, "largest useful rank"),
+    (["svd", "{model}", "--ratio", "1", "--out", "{out}"], 2, "greater than 1"),
+    (["svd", "{model}", "--ratio", "0.5", "--out", "{out}"], 2, "greater than 1"),
+    (["svd", "{model}", "--rank", "2", "--ratio", "2", "--out", "{out}"], 2, "exactly one"),
+    (["svd", "{model}", "--out", "{out}"], 2, "exactly one"),
+    (["fit", "{model}", "--rank", "2", "--epochs", "0", "--out", "{out}"], 2, "epochs must be positive"),
+    (["fit", "{model}", "--rank", "2", "--init", "pca", "--out", "{out}"], 2, "pca"),
+    (["svd", "{model}", "--rank", "2", "--out", "{existing}"], 1, "already exists"),
+    (["svd", "{model}", "--rank", "2", "--out", "{tmp}/missing-dir/f.safetensors"], 1, "does not exist"),
+    (["svd", "{model}", "--rank", "2", "--out", "{tmp}"], 1, "is a directory"),
+    (["svd", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf in 1 row"),
+    (["fit", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("args,code,fragment", BAD)
+def test_bad_input(tiny, tmp_path, nan_model, args, code, fragment):
+    (tmp_path / "empty").mkdir()
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"keep me")
+    fill = dict(model=tiny("gpt2"), out=tmp_path / "out.safetensors", tmp=tmp_path, empty=tmp_path / "empty",
+                existing=existing, nan=nan_model)
+    before = sorted(os.listdir(tmp_path))
+    result = run(*[a.format(**fill) for a in args])
+    assert result.exit_code == code, result.output
+    assert fragment in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, no half file
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_unwritable_directory_is_refused(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    result = run("svd", tiny("gpt2"), "--rank", 2, "--out", tmp_path / "f.safetensors")
+    assert result.exit_code == 1 and "not writable" in result.stderr
+
+
+def test_ctrl_c_during_fit_writes_nothing(tiny, tmp_path, monkeypatch):
+    import embzip.autoencoder as ae
+
+    calls = {"n": 0}
+    real = ae.paper_loss
+
+    def interrupt_after_some_steps(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(ae, "paper_loss", interrupt_after_some_steps)
+    result = run("fit", tiny("gpt2"), "--rank", 2, "--out", tmp_path / "f.safetensors", *FAST_FIT)
+    assert result.exit_code == 130 and "nothing was written" in result.stderr
+    assert calls["n"] == 5 and os.listdir(tmp_path) == []
+
+
+def test_force_overwrites(tiny, tmp_path):
+    out = tmp_path / "f.safetensors"
+    out.write_bytes(b"old")
+    result = run("svd", tiny("gpt2"), "--rank", 2, "--out", out, "--force", "-q")
+    assert result.exit_code == 0 and load_factors(out).rank == 2
+
+
+def test_seeded_fit_from_cli_repeats(tiny, tmp_path):
+    for name in ("a", "b"):
+        assert run("fit", tiny("bert-mlm"), "-k", 3, "-o", tmp_path / f"{name}.safetensors", "-q", "--seed", 7,
+                   *FAST_FIT).exit_code == 0
+    a, b = load_factors(tmp_path / "a.safetensors"), load_factors(tmp_path / "b.safetensors")
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.decoder, b.decoder)

@@ -1,0 +1,31 @@
+import pytest
+
+from embzip.errors import RankError
+from embzip.sizes import compression_ratio, max_useful_rank, rank_for_ratio, resolve_rank
+
+
+def test_bert_base_ranks_match_the_paper():
+    # RESEARCH.md: CR 2.5 / 5 / 10 on bert-base-uncased means k = 299 / 149 / 74.
+    assert [rank_for_ratio(r, 30522, 768) for r in (2.5, 5, 10)] == [299, 149, 74]
+
+
+@pytest.mark.parametrize("vocab,hidden,bias,norms", [(30522, 768, False, False), (262144, 640, True, True), (100, 32, True, False)])
+def test_max_useful_rank_is_the_last_that_saves(vocab, hidden, bias, norms):
+    k = max_useful_rank(vocab, hidden, bias=bias, norms=norms)
+    assert compression_ratio(vocab, hidden, k, bias=bias, norms=norms) > 1
+    assert compression_ratio(vocab, hidden, k + 1, bias=bias, norms=norms) <= 1
+
+
+def test_ratio_picks_largest_rank_reaching_it():
+    k = rank_for_ratio(4.0, 1000, 100)
+    assert compression_ratio(1000, 100, k) >= 4.0 > compression_ratio(1000, 100, k + 1)
+
+
+@pytest.mark.parametrize("rank,ratio,fragment", [
+    (None, None, "exactly one"), (4, 2.0, "exactly one"), (0, None, "positive"), (-3, None, "positive"),
+    (10_000, None, "largest useful rank is 749"), (None, 1.0, "greater than 1"), (None, 0.5, "greater than 1"),
+    (None, 1e9, "no rank reaches"),
+])
+def test_bad_rank_or_ratio(rank, ratio, fragment):
+    with pytest.raises(RankError, match=fragment):
+        resolve_rank(rank, ratio, 30522, 768)
