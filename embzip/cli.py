@@ -35,6 +35,11 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Head(str, Enum):
+    input = "input"
+    tied = "tied"
+
+
 class Init(str, Enum):
     random = "random"
     svd = "svd"
@@ -53,6 +58,10 @@ DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a G
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
+HeadOpt = Annotated[Optional[Head], typer.Option(
+    help="input: compress the input embedding only and keep the original output head (what the paper measured). "
+         "tied: the tied output head uses the factors too (the real saving). (default: tied when the model's head "
+         "is tied, else input)", show_default=False)]
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result on CPU.")]
 
 
@@ -89,6 +98,23 @@ def command(fn):
             raise typer.Exit(130) from None
 
     return app.command()(wrapper)
+
+
+def _command_line(ctx: typer.Context) -> str:
+    """The running command rebuilt from its parsed parameters, for provenance records."""
+    import shlex
+
+    words = ["embzip", ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if value is None or value is False or param.name in ("as_json", "quiet", "force"):
+            continue
+        value = getattr(value, "value", value)
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        else:
+            words.append(param.opts[0]) if value is True else words.extend([param.opts[0], str(value)])
+    return shlex.join(words)
 
 
 def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
@@ -167,6 +193,35 @@ def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
     _, summary = compress(model, "fit", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
                           fit_config=config, progress=not quiet)
     _emit(summary, as_json, "embzip fit")
+
+
+@command
+def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The model the factors were made from (as for svd/fit).")],
+          factors: Annotated[Path, typer.Argument(help="Factors file from `embzip svd` or `embzip fit`.")],
+          out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
+          head: HeadOpt = None,
+          dense: Annotated[bool, typer.Option(help="Write a plain transformers directory with the rebuilt matrix "
+                                                   "(loads anywhere, saves no space).")] = False,
+          force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Splice factors into MODEL and write a model directory that loads and runs.
+
+    The directory is reloaded and its logits compared with the in-memory model before it is kept.
+    Load it with embzip.load_model(DIR), or AutoModelForCausalLM/AutoModelForMaskedLM/AutoModel
+    .from_pretrained(DIR, trust_remote_code=True) with embzip installed. With --dense, any
+    transformers tool loads it.
+
+    Example: embzip apply bert-base-uncased bert.fit128.safetensors --out bert-fit128
+    """
+    from .factors import load_factors
+    from .modeldir import apply_factors, check_output_dir
+    from .models import open_model
+
+    check_output_dir(out, force)
+    loaded = load_factors(factors)
+    opened = open_model(model)
+    summary = apply_factors(opened, loaded, out, head=head.value if head else None, dense=dense, force=force,
+                            command=_command_line(ctx))
+    _emit(summary, as_json, "embzip apply")
 
 
 def main() -> None:

@@ -47,11 +47,11 @@ class OpenedModel:
 
     @property
     def vocab_size(self) -> int:
-        return self.embedding.shape[0]
+        return self.model.get_input_embeddings().num_embeddings
 
     @property
     def hidden_size(self) -> int:
-        return self.embedding.shape[1]
+        return self.model.get_input_embeddings().embedding_dim
 
     @property
     def tokenizer_size(self) -> int | None:

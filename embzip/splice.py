@@ -1,0 +1,185 @@
+"""Factored modules and splicing them into a transformers model, in memory.
+
+`FactoredEmbedding` replaces the token embedding: a lookup in the codes, then the decoder
+(plus bias, and an exact per-row length when the factors keep norms). `FactoredHead` replaces an
+output head tied to the embedding without ever forming the V x d matrix:
+
+    logits = (h @ D^T) @ C^T + h . b  (+ the head's own output bias)
+
+Both are ordinary trainable modules, so a spliced model can be fine-tuned.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import FactorsError
+from .factors import Factors
+
+HEADS = ("input", "tied")
+
+
+class FactoredEmbedding(nn.Module):
+    """Token embedding rebuilt from low-rank factors: row i = codes[i] @ decoder + bias."""
+
+    def __init__(self, factors: Factors, *, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.codes = nn.Parameter(factors.codes.detach().clone())
+        self.decoder = nn.Parameter(factors.decoder.detach().clone())
+        self.bias = None if factors.bias is None else nn.Parameter(factors.bias.detach().clone())
+        self.norms = None if factors.norms is None else nn.Parameter(factors.norms.detach().clone())
+        self.num_embeddings, self.embedding_dim = factors.shape
+        self.padding_idx = padding_idx
+        # Some models (Gemma) scale the looked-up rows; keep that behaviour.
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+        else:
+            self.embed_scale = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.embedding(input_ids, self.codes) @ self.decoder
+        if self.bias is not None:
+            out = out + self.bias
+        if self.norms is not None:
+            out = out * (self.norms[input_ids] / out.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(out.dtype)
+        return out
+
+    def row_scale(self) -> torch.Tensor:
+        """norms[i] / ||codes[i] @ decoder + bias||, for a head that must honour kept norms (V values)."""
+        gram = self.decoder @ self.decoder.T  # k x k: ||c D + b||^2 = c G c^T + 2 c (D b) + b.b
+        sq = ((self.codes @ gram) * self.codes).sum(-1)
+        if self.bias is not None:
+            sq = sq + 2 * self.codes @ (self.decoder @ self.bias) + self.bias @ self.bias
+        return self.norms / sq.clamp_min(1e-24).sqrt()
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.codes.shape[1]}, "
+                f"bias={self.bias is not None}, norms={self.norms is not None}")
+
+
+class FactoredHead(nn.Module):
+    """An output head tied to a FactoredEmbedding: logits from the factors, never the V x d matrix."""
+
+    def __init__(self, embedding: FactoredEmbedding, bias: nn.Parameter | None = None):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple, so the shared parameters are not registered twice
+        self.bias = bias
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    @property
+    def embedding(self) -> FactoredEmbedding:
+        return self._embedding[0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding
+        logits = (hidden @ emb.decoder.T) @ emb.codes.T
+        if emb.bias is not None:
+            logits = logits + (hidden @ emb.bias).unsqueeze(-1)
+        if emb.norms is not None:
+            logits = logits * emb.row_scale()
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to the factored embedding"
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise FactorsError(f"could not find {type(target).__name__} inside {type(model).__name__}")
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def default_head(model: nn.Module) -> str:
+    from .models import is_tied
+
+    return "tied" if is_tied(model) else "input"
+
+
+def check_fits(model: nn.Module, factors: Factors) -> None:
+    """Refuse factors whose shape is not the model's embedding shape, naming both."""
+    shape = tuple(model.get_input_embeddings().weight.shape)
+    if factors.shape != shape:
+        raise FactorsError(
+            f"the factors rebuild a {factors.shape[0]} x {factors.shape[1]} embedding but the model's is "
+            f"{shape[0]} x {shape[1]}: they were made for another model ({factors.meta.get('source', {}).get('model', '?')})"
+        )
+
+
+def splice(model: nn.Module, factors: Factors, head: str | None = None):
+    """Replace the embedding (and, with head='tied', the tied output head) by factored modules.
+
+    Returns a function that puts the original modules back.
+    """
+    from .models import is_tied
+
+    head = head or default_head(model)
+    if head not in HEADS:
+        raise FactorsError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+    check_fits(model, factors)
+    tied = is_tied(model)
+    if head == "tied" and not tied:
+        raise FactorsError("--head tied needs an output head tied to the embedding, and this model has none; "
+                           "use --head input")
+    old_emb = model.get_input_embeddings()
+    weight = old_emb.weight
+    emb_path = _module_path(model, old_emb)
+    new_emb = FactoredEmbedding(factors.to(dtype=weight.dtype, device=weight.device),
+                                padding_idx=getattr(old_emb, "padding_idx", None),
+                                embed_scale=getattr(old_emb, "embed_scale", None))
+    swaps = [(emb_path, old_emb)]
+    _set_module(model, emb_path, new_emb)
+    if head == "tied":
+        old_head = model.get_output_embeddings()
+        head_path = _module_path(model, old_head)
+        swaps.append((head_path, old_head))
+        _set_module(model, head_path, FactoredHead(new_emb, getattr(old_head, "bias", None)))
+
+    def restore() -> None:
+        for path, module in reversed(swaps):
+            _set_module(model, path, module)
+
+    return restore
+
+
+@contextmanager
+def spliced(model: nn.Module, factors: Factors, head: str | None = None) -> Iterator[nn.Module]:
+    """Within the block, `model` uses the factors; the original modules come back on exit."""
+    restore = splice(model, factors, head)
+    try:
+        yield model
+    finally:
+        restore()
+
+
+def densify(model: nn.Module, factors: Factors, head: str | None = None) -> None:
+    """Write the rebuilt matrix into the model's own embedding (no size saving; any tool can load it).
+
+    With head='input' on a tied model, the output head is untied and keeps the original matrix.
+    """
+    from .models import is_tied
+
+    head = head or default_head(model)
+    check_fits(model, factors)
+    emb = model.get_input_embeddings()
+    if head == "input" and is_tied(model):
+        out = model.get_output_embeddings()
+        out.weight = nn.Parameter(emb.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    with torch.no_grad():
+        emb.weight.copy_(factors.reconstruct().to(emb.weight.dtype))

@@ -1,0 +1,97 @@
+"""Where evaluation text comes from: a file, a `datasets` dataset, or a sample bundled with embzip.
+
+A text is a list of lines plus a human label of where it came from; perplexity decides what to
+do with the lines (masked LMs score them one by one, causal LMs join them with "\\n").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+DATASET_EXAMPLE = "wikitext:wikitext-2-raw-v1:test"
+
+
+@dataclass
+class Text:
+    """Lines of text and where they came from."""
+
+    lines: list[str]  # one entry per line, without line endings
+    source: str  # "file:/x.txt", "dataset:wikitext:wikitext-2-raw-v1:test" or "embzip sample eval.txt"
+
+    def joined(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _check_not_empty(lines: list[str], source: str) -> Text:
+    if not any(line.strip() for line in lines):
+        raise DataError(f"the text {source} is empty (no non-blank line); give a text with some lines in it")
+    return Text(lines, source)
+
+
+def _from_file(path: str) -> Text:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        what = "is a directory" if file.is_dir() else "does not exist"
+        raise DataError(f"text file {path} {what}; give a UTF-8 text file")
+    try:
+        content = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+    return _check_not_empty(content.splitlines(), f"file:{path}")
+
+
+def _string_column(features, spec: str) -> str:
+    strings = [name for name, feat in features.items() if getattr(feat, "dtype", None) in ("string", "large_string")]
+    if "text" in strings:
+        return "text"
+    if not strings:
+        raise DataError(f"dataset {spec} has no string column (columns: {', '.join(features)}); "
+                        "give a dataset with a 'text' column")
+    return strings[0]
+
+
+def _from_dataset(spec: str) -> Text:
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[0]:
+        raise DataError(f"dataset spec {spec!r} is not name[:config[:split]], e.g. {DATASET_EXAMPLE}")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+        (parts[2] if len(parts) > 2 and parts[2] else "test")
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; one line says what and how to fix
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"could not load dataset {spec!r} (name={name}, config={config}, split={split}): {first}; "
+            f"check the spec name[:config[:split]] (e.g. {DATASET_EXAMPLE}) and that it is cached or "
+            "reachable, or pass a text file instead"
+        ) from None
+    column = _string_column(ds.features, spec)
+    lines = [line for row in ds[column] if row is not None for line in row.splitlines()]
+    return _check_not_empty(lines, f"dataset:{name}:{config or ''}:{split}")
+
+
+def _from_sample(sample: str) -> Text:
+    from importlib.resources import files
+
+    data = files("embzip").joinpath("data")
+    resource = data.joinpath(f"{sample}.txt")
+    if not resource.is_file():
+        known = sorted(p.name.removesuffix(".txt") for p in data.iterdir() if p.name.endswith(".txt"))
+        raise DataError(f"no bundled text sample {sample!r}; known: {', '.join(known) or 'none'}")
+    return _check_not_empty(resource.read_text(encoding="utf-8").splitlines(), f"embzip sample {sample}.txt")
+
+
+def load_text(text_file: str | None = None, dataset: str | None = None, sample: str = "eval") -> Text:
+    """A text file, or a dataset `name[:config[:split]]` (split default test), or else the bundled sample."""
+    if text_file is not None and dataset is not None:
+        raise DataError("give a text file or a dataset, not both")
+    if text_file is not None:
+        return _from_file(str(text_file))
+    if dataset is not None:
+        return _from_dataset(dataset)
+    return _from_sample(sample)

@@ -1,0 +1,143 @@
+"""`embzip apply`: directories that reload exactly, refuse to load wrongly, and really shrink."""
+
+import json
+import os
+
+import pytest
+import torch
+import transformers
+from typer.testing import CliRunner
+
+from embzip.cli import app
+from embzip.factors import load_factors
+from embzip.modeldir import apply_factors, load_model
+from embzip.models import open_model
+from embzip.splice import FactoredEmbedding, FactoredHead, spliced
+from embzip.svd import svd_factors
+
+runner = CliRunner()
+AUTO = {"bert-mlm": transformers.AutoModelForMaskedLM, "gpt2": transformers.AutoModelForCausalLM,
+        "llama": transformers.AutoModelForCausalLM, "bert-encoder": transformers.AutoModel}
+IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
+
+
+def logits(model):
+    with torch.no_grad():
+        out = model(input_ids=IDS)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def make(tiny, kind, rank=3):
+    opened = open_model(tiny(kind))
+    return opened, svd_factors(opened.embedding.detach(), rank)
+
+
+@pytest.mark.parametrize("kind,head", [("bert-mlm", "tied"), ("bert-mlm", "input"), ("gpt2", "tied"),
+                                       ("llama", "tied"), ("llama", "input"), ("bert-encoder", "input")])
+def test_reload_gives_identical_logits(tiny, tmp_path, kind, head):
+    opened, factors = make(tiny, kind)
+    original = logits(opened.model)
+    summary = apply_factors(opened, factors, tmp_path / "out", head=head)
+    expected = logits(opened.model)  # opened.model is now spliced in place
+    assert not torch.allclose(expected, original, atol=1e-3)  # the compression really changed the model
+    reloaded = load_model(tmp_path / "out")
+    assert torch.equal(logits(reloaded), expected)
+    assert summary["reload_max_abs_diff"] == 0.0 and summary["head"] == head
+    via_auto = AUTO[kind].from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert torch.equal(logits(via_auto), expected)
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "llama", "bert-encoder"])
+def test_plain_from_pretrained_refuses(tiny, tmp_path, kind, monkeypatch):
+    opened, factors = make(tiny, kind)
+    apply_factors(opened, factors, tmp_path / "out")
+    monkeypatch.setattr("sys.stdin", open(os.devnull))  # transformers may ask interactively; answer "no"
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        AUTO[kind].from_pretrained(tmp_path / "out")
+    concrete = getattr(transformers, type(opened.model).__name__)
+    with pytest.raises(OSError, match="no file named"):
+        concrete.from_pretrained(tmp_path / "out")
+
+
+def test_tied_head_shrinks_and_input_head_does_not(tiny, tmp_path):
+    opened, factors = make(tiny, "llama")
+    tied = apply_factors(opened, factors, tmp_path / "tied", head="tied")
+    opened2, _ = make(tiny, "llama")
+    inp = apply_factors(opened2, factors, tmp_path / "input", head="input")
+    v, d, k = factors.vocab, factors.hidden, factors.rank
+    assert tied["params_before"] - tied["params_after"] == v * d - (v * k + k * d)
+    assert inp["params_after"] == inp["params_before"] + v * k + k * d  # head keeps the full matrix
+    assert tied["weights_file_bytes_after"] < tied["weights_file_bytes_before"]
+    assert isinstance(opened.model.lm_head, FactoredHead) and not isinstance(opened2.model.lm_head, FactoredHead)
+    assert not torch.allclose(logits(opened.model), logits(opened2.model))
+
+
+def test_input_head_keeps_the_original_output_matrix(tiny, tmp_path):
+    opened, factors = make(tiny, "gpt2")
+    original = opened.embedding.detach().clone()
+    apply_factors(opened, factors, tmp_path / "out", head="input")
+    assert torch.equal(load_model(tmp_path / "out").lm_head.weight, original)
+
+
+def test_dense_export_loads_with_plain_transformers(tiny, tmp_path):
+    opened, factors = make(tiny, "bert-mlm")
+    with spliced(opened.model, factors, "tied"):
+        factored = logits(opened.model)
+    apply_factors(opened, factors, tmp_path / "dense", dense=True)
+    plain = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "dense")
+    assert torch.allclose(logits(plain), factored, atol=1e-4)
+    assert torch.allclose(plain.get_input_embeddings().weight, factors.reconstruct(), atol=1e-6)
+
+
+def test_gradients_reach_codes_and_decoder(tiny, tmp_path):
+    opened, factors = make(tiny, "gpt2")
+    apply_factors(opened, factors, tmp_path / "out")
+    model = load_model(tmp_path / "out").train()
+    emb = model.get_input_embeddings()
+    assert isinstance(emb, FactoredEmbedding)
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert emb.codes.grad is not None and emb.codes.grad.abs().sum() > 0
+    assert emb.decoder.grad is not None and emb.decoder.grad.abs().sum() > 0
+
+
+def test_cli_apply_records_provenance(tiny, tmp_path):
+    model = tiny("gpt2")
+    assert runner.invoke(app, ["svd", model, "-k", "3", "-o", str(tmp_path / "f.safetensors"), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["apply", model, str(tmp_path / "f.safetensors"), "--out", str(tmp_path / "m"),
+                                 "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    manifest = json.loads((tmp_path / "m" / "embzip.json").read_text())
+    assert manifest["command"].startswith("embzip apply") and manifest["factors"]["method"] == "svd"
+    assert manifest["params_after"] == summary["params_after"] < summary["params_before"]
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "m")("the water").input_ids
+
+
+BAD_APPLY = [
+    (["apply", "{llama}", "{gpt2_factors}", "--out", "{out}"], 1, "the factors rebuild a 105 x 32 embedding but the model's is 112 x 32"),
+    (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{out}", "--head", "tied"], 0, ""),
+    (["apply", "{encoder}", "{enc_factors}", "--out", "{out}", "--head", "tied"], 1, "use --head input"),
+    (["apply", "{gpt2}", "{missing}", "--out", "{out}"], 1, "does not exist"),
+    (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{existing}"], 1, "--force"),
+    (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{tmp}/no/such/dir"], 1, "does not exist"),
+]
+
+
+@pytest.mark.parametrize("args,code,fragment", BAD_APPLY)
+def test_bad_apply(tiny, tmp_path, args, code, fragment):
+    gpt2_factors, enc_factors = tmp_path / "g.safetensors", tmp_path / "e.safetensors"
+    runner.invoke(app, ["svd", tiny("gpt2"), "-k", "3", "-o", str(gpt2_factors), "-q"])
+    runner.invoke(app, ["svd", tiny("bert-encoder"), "-k", "3", "-o", str(enc_factors), "-q"])
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "keep").write_text("x")
+    fill = dict(llama=tiny("llama"), gpt2=tiny("gpt2"), encoder=tiny("bert-encoder"), gpt2_factors=gpt2_factors,
+                enc_factors=enc_factors, missing=tmp_path / "missing.safetensors", out=tmp_path / "out",
+                existing=tmp_path / "existing", tmp=tmp_path)
+    before = sorted(os.listdir(tmp_path))
+    result = runner.invoke(app, [a.format(**fill) for a in args])
+    assert result.exit_code == code, result.output
+    assert fragment in " ".join(result.stderr.split())
+    if code:
+        assert sorted(os.listdir(tmp_path)) == before  # nothing written
+        assert (tmp_path / "existing" / "keep").read_text() == "x"
