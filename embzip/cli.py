@@ -53,7 +53,7 @@ RatioOpt = Annotated[Optional[float], typer.Option(
     "--ratio", "-r", help="Compression ratio of the embedding to reach (picks the largest rank with at least this "
                           "ratio). Give --rank or --ratio.", show_default=False)]
 OutFileOpt = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", help="Factors file to write [default: MODEL.METHOD-rK.safetensors here].", show_default=False)]
+    "--out", "-o", help="Factors file to write (default: MODEL.METHOD-rK.safetensors in the current directory).", show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]

@@ -265,7 +265,7 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     """
     model = opened.model
     if opened.kind == ENCODER:
-        raise ModelError(f"{opened.source} is an encoder without an LM head, so perplexity is undefined; "
+        raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined; "
                          "use `embzip bench`, which reports sentence-vector fidelity for encoders")
     if opened.tokenizer is None:
         raise ModelError(f"{opened.source} has no tokenizer; perplexity needs one to read the text")

@@ -1,0 +1,295 @@
+"""`embzip bench`: methods x ranks on one model, with quality, size and speed in one table.
+
+One row per (method, rank) plus one for the original model. Quality is perplexity for LMs
+(`--head input`, and `--head tied` where the head is tied; same masks/windows as the original)
+and sentence-vector fidelity for encoders. Speed is the factorization time and the forward-pass
+latency of the compressed model relative to the original, measured in the same run by
+alternating the two on one fixed batch. Factor files are cached in OUT/factors and re-used.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .compress import check_finite, factorize
+from .errors import FactorsError
+from .factors import Factors, load_factors, reconstruction_metrics, save_factors
+from .models import ENCODER, OpenedModel
+from .modeldir import param_stats
+from .progress import bar
+from .sizes import check_rank, rank_for_ratio
+from .splice import spliced
+
+log = logging.getLogger("embzip")
+
+
+@dataclass
+class BenchConfig:
+    """What to compare and on what."""
+
+    methods: list[str] = field(default_factory=lambda: ["svd", "fit"])
+    ranks: list[int] | None = None  # explicit ranks, or
+    ratios: list[float] | None = None  # compression ratios of the embedding
+    max_tokens: int = 2048  # perplexity: about this many scored tokens per evaluation
+    sentences: int = 256  # fidelity: at most this many sentences
+    batch_size: int = 8
+    seed: int = 0
+    latency_repeats: int = 5
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        from .compress import METHODS
+
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(METHODS)}")
+        if (self.ranks is None) == (self.ratios is None):
+            raise ValueError("give ranks or ratios, not both")
+
+
+def _bias(method: str) -> bool:
+    return method != "svd"
+
+
+def _rank_list(config: BenchConfig, vocab: int, hidden: int, method: str) -> list[int]:
+    if config.ranks is not None:
+        return [check_rank(k, vocab, hidden, bias=_bias(method)) for k in config.ranks]
+    return [rank_for_ratio(r, vocab, hidden, bias=_bias(method)) for r in config.ratios]
+
+
+def _cached_factors(cache: Path | None, method: str, rank: int, opened: OpenedModel, settings: dict) -> Factors | None:
+    if cache is None or not (cache / f"{method}-r{rank}.safetensors").is_file():
+        return None
+    try:
+        factors = load_factors(cache / f"{method}-r{rank}.safetensors")
+    except FactorsError:
+        return None
+    same = (factors.meta.get("method") == method and factors.rank == rank
+            and factors.meta.get("source", {}).get("path") == opened.path
+            and factors.shape == (opened.vocab_size, opened.hidden_size)
+            and factors.meta.get("settings", {}) == settings)
+    return factors if same else None
+
+
+def _latency_batch(opened: OpenedModel, text) -> torch.Tensor:
+    ids = opened.tokenizer("\n".join(text.lines[:64]), return_tensors="pt").input_ids[0] if opened.tokenizer else None
+    if ids is None or len(ids) < 256:
+        ids = torch.arange(256) % opened.vocab_size
+    return ids[:256].view(4, 64)
+
+
+def latency_ratio(model, factors: Factors, head: str, batch: torch.Tensor, repeats: int) -> float:
+    """Median forward time with the factors over median time without, alternating the two."""
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    times = {"original": [], "compressed": []}
+
+    def run() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run()  # warm-up
+    for _ in range(repeats):
+        times["original"].append(run())
+        with spliced(model, factors, head):
+            times["compressed"].append(run())
+    return statistics.median(times["compressed"]) / statistics.median(times["original"])
+
+
+class _Quality:
+    """Scores the model as it is now (original or spliced) with fixed masks/windows/sentences."""
+
+    def __init__(self, opened: OpenedModel, text, config: BenchConfig):
+        self.opened, self.text, self.config = opened, text, config
+        self.encoder = opened.kind == ENCODER
+        if self.encoder:
+            from .fidelity import sentence_vectors, sentences
+
+            self.sentences = sentences(text, config.sentences)
+            self.reference = sentence_vectors(opened.model, opened.tokenizer, self.sentences)
+            self.protocol = {"name": "sentence-fidelity", "sentences": len(self.sentences), "pooling": "mean"}
+        else:
+            self.reference = self.perplexity()
+            self.protocol = self.reference["protocol"]
+
+    def perplexity(self) -> dict[str, Any]:
+        from .perplexity import perplexity
+
+        c = self.config
+        return perplexity(self.opened, self.text, max_tokens=c.max_tokens, batch_size=c.batch_size, seed=c.seed,
+                          device=c.device)
+
+    def original(self, heads: list[str]) -> dict[str, Any]:
+        if self.encoder:
+            return {"fidelity": 1.0, "similarity_spearman": 1.0}
+        ppl = self.reference["perplexity"]
+        return {k: v for h in heads for k, v in ((f"perplexity_{h}", ppl), (f"perplexity_ratio_{h}", 1.0))}
+
+    def score(self, suffix: str) -> dict[str, Any]:
+        if self.encoder:
+            from .fidelity import compare, sentence_vectors
+
+            return compare(self.reference, sentence_vectors(self.opened.model, self.opened.tokenizer, self.sentences))
+        ppl = self.perplexity()["perplexity"]
+        return {f"perplexity_{suffix}": ppl, f"perplexity_ratio_{suffix}": ppl / self.reference["perplexity"]}
+
+
+def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None, fit_config=None,
+          progress: bool = False) -> dict[str, Any]:
+    """Run the comparison; returns {"model", "text", "protocol", "rows", ...} and writes OUT files."""
+    out = Path(out) if out is not None else None
+    cache = None
+    if out is not None:
+        cache = out / "factors"
+        cache.mkdir(parents=True, exist_ok=True)
+    model = opened.model
+    embedding = opened.embedding.detach()
+    check_finite(embedding, opened.embedding_name)
+    vocab, hidden = embedding.shape
+    plan = [(m, k) for m in config.methods for k in _rank_list(config, vocab, hidden, m)]
+    whole = param_stats(model)
+    emb_bytes = embedding.numel() * embedding.element_size()
+    heads = ["input", "tied"] if opened.tied else ["input"]
+    started = time.perf_counter()
+    quality = _Quality(opened, text, config)
+    rows: list[dict[str, Any]] = [{
+        "method": "original", "rank": None, "compression_ratio": 1.0,
+        "embedding_params": vocab * hidden, "embedding_bytes": emb_bytes,
+        "model_params": whole["params"], "model_bytes": whole["bytes"],
+        "cosine_distance": 0.0, "rmse": 0.0, **quality.original(heads),
+        "fit_seconds": None, "latency_ratio": 1.0, "cached": None,
+    }]
+    batch = _latency_batch(opened, text)
+    interrupted = False
+    try:
+        with bar("bench", len(plan), enabled=progress, fields="{task.fields[row]}", row="") as pbar:
+            for method, rank in plan:
+                pbar.update(row=f"{method} rank {rank}")
+                settings = fit_config.settings() if (method != "svd" and fit_config is not None) else {}
+                factors = _cached_factors(cache, method, rank, opened, settings)
+                cached = factors is not None
+                if factors is None:
+                    t0 = time.perf_counter()
+                    factors, details = factorize(embedding, method, rank, device=config.device, fit_config=fit_config)
+                    factors = factors.to(dtype=embedding.dtype)
+                    factors.meta = {"method": method, **details, "source": opened.describe(),
+                                    "seconds": time.perf_counter() - t0}
+                    if cache is not None:
+                        save_factors(factors, cache / f"{method}-r{rank}.safetensors", force=True)
+                n = factors.num_params()
+                f_bytes = n * factors.codes.element_size()
+                main_head = heads[-1]
+                row = {
+                    "method": method, "rank": rank, "compression_ratio": factors.compression_ratio(),
+                    "embedding_params": n, "embedding_bytes": f_bytes,
+                    # whole model with the tied head (the real saving) or, untied, input side only
+                    "model_params": whole["params"] - vocab * hidden + n,
+                    "model_bytes": whole["bytes"] - emb_bytes + f_bytes,
+                    **reconstruction_metrics(embedding, factors),
+                    "fit_seconds": factors.meta.get("seconds"), "cached": cached,
+                }
+                for head in heads:
+                    with spliced(model, factors, head):
+                        row.update(quality.score(head))
+                row["latency_ratio"] = latency_ratio(model, factors, main_head, batch, config.latency_repeats)
+                if device_is_cuda(model):
+                    row["peak_memory_bytes"] = _peak_memory(model, factors, main_head, batch)
+                rows.append(row)
+                pbar.advance()
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted: keeping the %d finished row(s)", len(rows) - 1)
+    report = {
+        "model": opened.source, "path": opened.path, "kind": opened.kind, "tied": opened.tied,
+        "vocab_size": vocab, "hidden_size": hidden, "dtype": str(embedding.dtype).removeprefix("torch."),
+        "text": text.source, "protocol": quality.protocol, "device": config.device,
+        "seconds": time.perf_counter() - started, "interrupted": interrupted, "rows": rows,
+    }
+    if out is not None:
+        write_outputs(report, out)
+    return report
+
+
+def device_is_cuda(model) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+def _peak_memory(model, factors: Factors, head: str, batch: torch.Tensor) -> int:
+    torch.cuda.reset_peak_memory_stats()
+    with spliced(model, factors, head), torch.inference_mode():
+        model(input_ids=batch.to("cuda"))
+    return torch.cuda.max_memory_allocated()
+
+
+COLUMNS = ["method", "rank", "compression_ratio", "embedding_params", "embedding_bytes", "model_params", "model_bytes",
+           "cosine_distance", "rmse", "perplexity_input", "perplexity_ratio_input", "perplexity_tied",
+           "perplexity_ratio_tied", "fidelity", "similarity_spearman", "fit_seconds", "latency_ratio",
+           "peak_memory_bytes", "cached"]
+
+
+def columns(report: dict[str, Any]) -> list[str]:
+    present = {k for row in report["rows"] for k in row}
+    return [c for c in COLUMNS if c in present]
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    cols = columns(report)
+    with open(out / "bench.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(report["rows"])
+    try:
+        plot(report, out / "bench.png")
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot (pip install 'embzip[plot]')")
+
+
+def quality_key(report: dict[str, Any]) -> tuple[str, str]:
+    """The column to plot and its label."""
+    if report["kind"] == ENCODER:
+        return "fidelity", "sentence-vector fidelity (mean cosine)"
+    if report["tied"]:
+        return "perplexity_tied", "perplexity, tied head (log scale)"
+    return "perplexity_input", "perplexity (log scale)"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key, label = quality_key(report)
+    reference = report["rows"][0][key]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for method in dict.fromkeys(r["method"] for r in report["rows"][1:]):
+        pts = sorted((r["embedding_params"], r[key]) for r in report["rows"] if r["method"] == method and key in r)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="original")
+    if key != "fidelity":
+        ax.set_yscale("log")
+    ax.set_xlabel("embedding parameters")
+    ax.set_ylabel(label)
+    ax.set_title(f"{report['model']}: quality against embedding size")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,75 @@
+"""Sentence-vector fidelity: how well a compressed encoder keeps its sentence embeddings.
+
+For models without an LM head (sentence encoders), perplexity is undefined. Instead the text is
+split into sentences, each is embedded by mean pooling the last hidden states over its tokens,
+and the compressed model's vectors are compared with the original's:
+
+- `fidelity`: mean cosine similarity between each sentence's original and compressed vector;
+- `similarity_spearman`: Spearman rank correlation between the two models' pairwise sentence
+  similarities (does the compressed model rank sentence pairs the same way?).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .errors import DataError
+from .texts import Text
+
+MIN_WORDS = 5
+
+
+def sentences(text: Text, limit: int = 256) -> list[str]:
+    """Sentences of at least MIN_WORDS words, in text order, at most `limit`."""
+    out = []
+    for line in text.lines:
+        for sentence in re.split(r"(?<=[.!?])\s+", line.strip()):
+            if len(sentence.split()) >= MIN_WORDS:
+                out.append(sentence)
+                if len(out) == limit:
+                    return out
+    if len(out) < 2:
+        raise DataError(f"need at least 2 sentences of {MIN_WORDS}+ words in {text.source} for fidelity, found {len(out)}")
+    return out
+
+
+def sentence_vectors(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled last hidden states, one row per text (float32, CPU)."""
+    device = next(model.parameters()).device
+    base = getattr(model, "base_model", model)
+    rows = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt").to(device)
+            hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
+    return torch.cat(rows)
+
+
+def _ranks(x: torch.Tensor) -> torch.Tensor:
+    ranks = torch.empty_like(x)
+    ranks[x.argsort()] = torch.arange(len(x), dtype=x.dtype)
+    return ranks
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = _ranks(a.double()), _ranks(b.double())
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return (ra @ rb / (ra.norm() * rb.norm())).item()
+
+
+def compare(original: torch.Tensor, compressed: torch.Tensor) -> dict[str, float]:
+    """Fidelity and similarity rank correlation between two sets of sentence vectors."""
+    cos = torch.nn.functional.cosine_similarity(original, compressed, dim=-1)
+
+    def pairwise(v):
+        v = torch.nn.functional.normalize(v, dim=-1)
+        sims = v @ v.T
+        iu = torch.triu_indices(len(v), len(v), offset=1)
+        return sims[iu[0], iu[1]]
+
+    return {"fidelity": cos.mean().item(), "similarity_spearman": spearman(pairwise(original), pairwise(compressed))}

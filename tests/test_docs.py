@@ -1,0 +1,29 @@
+"""docs/commands/*.md are generated from --help; this fails when they are stale."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_pages_are_current():
+    pages = _generator().pages()
+    assert {"svd.md", "fit.md", "apply.md"} <= set(pages)
+    for name, text in pages.items():
+        path = ROOT / "docs" / "commands" / name
+        assert path.is_file() and path.read_text() == text, f"{path} is stale: run python docs/generate.py"
+
+
+def test_help_is_fast_and_torch_free():
+    import subprocess
+    import sys
+
+    code = "import sys, embzip.cli; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -1,0 +1,306 @@
+"""Perplexity protocols on tiny models: known answers, token counting, seeds, chunking, errors."""
+
+import contextlib
+import importlib.util
+import math
+import random
+import sys
+import types
+
+import pytest
+import torch
+
+import embzip.perplexity as ppl_mod
+from conftest import TEXT, WORDS
+from embzip.errors import DataError, ModelError
+from embzip.models import open_model
+from embzip.perplexity import perplexity
+from embzip.svd import svd_factors
+from embzip.texts import Text, load_text
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from threads, and lose a lot when another process holds the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _long_text(n_lines=12, seed=0) -> Text:
+    rng = random.Random(seed)
+    words = [w for w in WORDS if w not in ".,"]
+    return Text([" ".join(rng.choice(words) for _ in range(rng.randint(20, 70))) for _ in range(n_lines)], "long")
+
+
+def _stream(opened, text: Text) -> list[int]:
+    tok = opened.tokenizer
+    return [tok.bos_token_id] + tok(text.joined(), add_special_tokens=False)["input_ids"]
+
+
+def _zero_head(opened) -> int:
+    """Zero the output head so every logit is 0 (uniform); returns the number of logits."""
+    head = opened.model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight.zero_()
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+    return head.weight.shape[0]
+
+
+# --- known answers ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert-mlm"])
+def test_uniform_logits_give_the_vocabulary_size(tiny, text_file, kind):
+    opened = open_model(tiny(kind))
+    v = _zero_head(opened)  # llama: includes the 7 padded rows beyond the tokenizer
+    text = load_text(text_file) if kind != "bert-mlm" else _long_text()
+    out = perplexity(opened, text)
+    assert abs(out["perplexity"] - v) / v < 1e-4
+    if kind != "bert-mlm":
+        assert abs(out["protocol"]["bits_per_byte"] * out["protocol"]["bytes"] - out["tokens"] * math.log2(v)) < 1e-2
+
+
+def test_causal_equals_the_models_own_loss_when_the_stream_fits_one_window(tiny):
+    opened = open_model(tiny("gpt2"))
+    text = Text(TEXT.splitlines()[:3], "three lines")
+    ids = torch.tensor([_stream(opened, text)])
+    assert ids.shape[1] <= 64
+    with torch.no_grad():
+        expected = math.exp(opened.model(input_ids=ids, labels=ids).loss.item())
+    out = perplexity(opened, text, window=64)
+    assert out["tokens"] == ids.shape[1] - 1
+    assert abs(out["perplexity"] - expected) / expected < 1e-4
+
+
+def test_sliding_windows_match_a_token_by_token_reference(tiny, text_file):
+    opened = open_model(tiny("llama"))
+    text = load_text(text_file)
+    ids = _stream(opened, text)[:60]
+    window, stride = 16, 5
+    # Reference: token t (t >= 1) is predicted from the window that first scores it.
+    nll, prev = 0.0, 0
+    with torch.no_grad():
+        while prev < len(ids) - 1:
+            end = min(prev + (window if prev == 0 else stride), len(ids) - 1)
+            begin = max(0, end - window)
+            logits = opened.model(input_ids=torch.tensor([ids[begin:end]])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)
+            nll -= sum(logp[p - begin, ids[p + 1]].item() for p in range(prev, end))
+            prev = end
+    out = perplexity(opened, text, window=window, stride=stride, max_tokens=59)
+    assert out["tokens"] == 59
+    assert abs(math.log(out["perplexity"]) - nll / 59) < 1e-5
+
+
+def test_masked_equals_a_plain_forward_on_the_same_masks(tiny):
+    opened = open_model(tiny("bert-mlm"))
+    text = _long_text()
+    jobs, _, _ = ppl_mod._masked_jobs(opened, text, pseudo=False, min_tokens=20, seed=3, max_tokens=None)
+    nll = n = 0
+    with torch.no_grad():
+        for job in jobs:
+            logits = opened.model(input_ids=torch.tensor([job.ids])).logits[0]
+            nll += torch.nn.functional.cross_entropy(logits[job.positions], torch.tensor(job.labels),
+                                                     reduction="sum").item()
+            n += len(job.labels)
+    out = perplexity(opened, text, seed=3, batch_size=5)
+    assert out["tokens"] == n
+    assert abs(math.log(out["perplexity"]) - nll / n) < 1e-5
+
+
+def test_gemma_style_softcapping_is_applied(tmp_path):
+    import transformers as tf
+    from conftest import _tokenizer
+
+    tok = _tokenizer("causal")
+    config = tf.Gemma3TextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                 max_position_embeddings=64, final_logit_softcapping=0.5, sliding_window=8,
+                                 bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    tf.Gemma3ForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    opened = open_model(str(tmp_path))
+    text = Text(TEXT.splitlines()[:3], "three lines")
+    ids = torch.tensor([_stream(opened, text)])
+    with torch.no_grad():
+        expected = math.exp(opened.model(input_ids=ids, labels=ids).loss.item())
+    assert abs(perplexity(opened, text)["perplexity"] - expected) / expected < 1e-4
+
+
+# --- protocol properties -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("window,stride", [(16, 8), (16, 16), (16, 1), (64, 32), (64, 64), (7, 3)])
+def test_causal_counts_each_token_once(tiny, window, stride):
+    opened = open_model(tiny("gpt2"))
+    text = Text(TEXT.splitlines()[:8], "eight lines")
+    out = perplexity(opened, text, window=window, stride=stride)
+    assert out["tokens"] == len(_stream(opened, text)) - 1
+    assert out["protocol"] | {"bits_per_byte": 0} == {"name": "causal-window", "window": window, "stride": stride,
+                                                       "bos": True, "bytes": len(text.joined().encode()),
+                                                       "bits_per_byte": 0}
+    assert out["lines"] == len(text.lines)
+
+
+def test_causal_stream_shorter_than_the_window(tiny):
+    opened = open_model(tiny("gpt2"))
+    text = Text(["the people who write about water"], "short")
+    out = perplexity(opened, text, window=64, stride=8)
+    assert out["tokens"] == len(_stream(opened, text)) - 1 == 6
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_bits_per_byte_agree_with_perplexity(tiny, text_file, kind):
+    out = perplexity(open_model(tiny(kind)), load_text(text_file), window=32)
+    bpb, n_bytes = out["protocol"]["bits_per_byte"], out["protocol"]["bytes"]
+    assert abs(bpb * n_bytes * math.log(2) - math.log(out["perplexity"]) * out["tokens"]) < 1e-6 * out["tokens"]
+
+
+def test_causal_max_tokens_truncates_the_stream(tiny, text_file):
+    text = load_text(text_file)
+    out = perplexity(open_model(tiny("gpt2")), text, max_tokens=25)
+    assert out["tokens"] == 25
+    assert 0 < out["protocol"]["bytes"] < len(text.joined().encode()) and out["lines"] == 2
+
+
+def test_masked_is_deterministic_under_a_seed(tiny):
+    opened, text = open_model(tiny("bert-mlm")), _long_text()
+    a, b, c = (perplexity(opened, text, seed=s) for s in (0, 0, 1))
+    assert a["perplexity"] == b["perplexity"] and a["tokens"] == b["tokens"]
+    assert c["perplexity"] != a["perplexity"]
+    assert a["protocol"]["name"] == "masked-wwm" and a["protocol"]["mask_prob"] == 0.15 and a["lines"] == 12
+
+
+def test_masked_lines_are_filtered_and_max_tokens_stops_after_a_line(tiny):
+    opened = open_model(tiny("bert-mlm"))
+    long = _long_text(4)
+    text = Text(["= heading with many words " * 5, "", "the people who write"] + long.lines, "mixed")
+    assert perplexity(opened, text)["lines"] == 4
+    out = perplexity(opened, text, max_tokens=1)
+    assert out["lines"] == 1 and out["tokens"] >= 1
+
+
+def test_pseudo_perplexity_masks_every_token_once(tiny):
+    opened, text = open_model(tiny("bert-mlm")), _long_text(3)
+    out = perplexity(opened, text, pseudo=True, batch_size=16)
+    n_tokens = sum(len(opened.tokenizer(line, add_special_tokens=False)["input_ids"]) for line in text.lines)
+    assert out["tokens"] == n_tokens and out["protocol"]["name"] == "pseudo"
+    assert math.isfinite(out["perplexity"]) and out["perplexity"] > 1
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "llama"])
+def test_chunked_loss_equals_unchunked(tiny, text_file, kind, monkeypatch):
+    opened = open_model(tiny(kind))
+    text = _long_text() if kind == "bert-mlm" else load_text(text_file)
+    whole = perplexity(opened, text, window=32)["perplexity"]
+    monkeypatch.setattr(ppl_mod, "_CHUNK", 3)
+    assert abs(perplexity(opened, text, window=32)["perplexity"] - whole) / whole < 1e-6
+
+
+def test_batch_size_does_not_change_the_result(tiny):
+    opened, text = open_model(tiny("bert-mlm")), _long_text()
+    one, many = (perplexity(opened, text, batch_size=b)["perplexity"] for b in (1, 7))
+    assert abs(one - many) / one < 1e-5
+
+
+# --- with factors --------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _fake_spliced(model, factors, head=None):
+    """Stand-in for embzip.splice.spliced while it does not exist: overwrite the embedding in place."""
+    weight = model.get_input_embeddings().weight
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.copy_(factors.reconstruct())
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
+@pytest.fixture
+def splice_available(monkeypatch):
+    if importlib.util.find_spec("embzip.splice") is None:
+        monkeypatch.setitem(sys.modules, "embzip.splice", types.SimpleNamespace(spliced=_fake_spliced))
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "llama"])
+def test_full_rank_factors_keep_perplexity_on_the_same_masks(tiny, text_file, kind, splice_available):
+    opened = open_model(tiny(kind))
+    text = _long_text() if kind == "bert-mlm" else load_text(text_file)
+    plain = perplexity(opened, text, seed=5)
+    factors = svd_factors(opened.embedding.detach(), opened.hidden_size)
+    out = perplexity(opened, text, seed=5, factors=factors)
+    assert out["perplexity_original"] == plain["perplexity"]
+    assert abs(out["ratio"] - 1) < 1e-3 and out["head"] == "tied"
+    assert abs(out["perplexity"] / out["perplexity_original"] - out["ratio"]) < 1e-9 * out["ratio"]
+    if kind == "llama":
+        assert out["bits_per_byte_original"] == plain["protocol"]["bits_per_byte"]
+    low = perplexity(opened, text, seed=5, factors=svd_factors(opened.embedding.detach(), 2))
+    assert abs(low["ratio"] - 1) > 1e-3
+    assert torch.equal(opened.embedding, open_model(tiny(kind)).embedding)  # restored after splicing
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+def test_encoder_has_no_perplexity(tiny, text_file):
+    with pytest.raises(ModelError, match="no LM head.*embzip bench"):
+        perplexity(open_model(tiny("bert-encoder")), load_text(text_file))
+
+
+def test_masked_needs_a_line_of_20_tokens(tiny, tmp_path):
+    path = tmp_path / "short.txt"
+    path.write_text("= a heading that is long enough but is a heading , so it is skipped . " * 2 + "\n"
+                    + "the people who write about water said that it was hot .\n" * 30)
+    with pytest.raises(DataError, match="no line of at least 20 tokens in file:"):
+        perplexity(open_model(tiny("bert-mlm")), load_text(str(path)))
+
+
+def test_masked_needs_a_mask_token(tiny):
+    opened = open_model(tiny("bert-mlm"))
+    opened.tokenizer.mask_token = None
+    with pytest.raises(DataError, match="no mask token"):
+        perplexity(opened, _long_text())
+
+
+def test_causal_needs_two_tokens(tiny):
+    with pytest.raises(DataError, match="at least 2"):
+        perplexity(open_model(tiny("gpt2")), Text(["   "], "blank"))
+
+
+@pytest.mark.parametrize("window,stride,fragment", [(65, None, "longer than the 64 positions"),
+                                                    (16, 17, "stride 17 must be between 1 and")])
+def test_bad_windows_are_refused(tiny, text_file, window, stride, fragment):
+    with pytest.raises((DataError, ModelError), match=fragment):
+        perplexity(open_model(tiny("gpt2")), load_text(text_file), window=window, stride=stride)
+
+
+def test_unknown_logit_post_processing_is_refused(tiny, text_file):
+    opened = open_model(tiny("gpt2"))
+    opened.model.config.final_logit_softcapping = 0.5  # we would cap, the model does not
+    with pytest.raises(ModelError, match="post-processes its logits"):
+        perplexity(opened, load_text(text_file))
+
+
+@pytest.mark.parametrize("content,fragment", [("", "is empty"), ("\n  \n\t\n", "is empty")])
+def test_empty_text_files_are_refused(tmp_path, content, fragment):
+    path = tmp_path / "t.txt"
+    path.write_text(content)
+    with pytest.raises(DataError, match=fragment):
+        load_text(str(path))
+
+
+def test_load_text_sources_and_errors(tmp_path, text_file):
+    text = load_text(text_file)
+    assert text.source == f"file:{text_file}" and text.lines == TEXT.splitlines()
+    with pytest.raises(DataError, match="does not exist"):
+        load_text(str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="not both"):
+        load_text(text_file, dataset="wikitext")
+    with pytest.raises(DataError, match="no bundled text sample 'nope'"):
+        load_text(sample="nope")
+    with pytest.raises(DataError, match="could not load dataset 'no-such-dataset-embzip:x'.*name\\[:config"):
+        load_text(dataset="no-such-dataset-embzip:x")
