@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .compress import check_finite, factorize
+from .compress import check_finite, factorize, method_settings
 from .errors import FactorsError
 from .factors import Factors, load_factors, reconstruction_metrics, save_factors
 from .models import ENCODER, OpenedModel
@@ -180,7 +180,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         with bar("bench", len(plan), enabled=progress, fields="{task.fields[row]}", row="") as pbar:
             for method, rank in plan:
                 pbar.update(row=f"{method} rank {rank}")
-                settings = fit_config.settings() if (method != "svd" and fit_config is not None) else {}
+                settings = method_settings(method, fit_config)
                 factors = _cached_factors(cache, method, rank, opened, settings)
                 cached = factors is not None
                 if factors is None:

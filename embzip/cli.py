@@ -62,6 +62,13 @@ HeadOpt = Annotated[Optional[Head], typer.Option(
     help="input: compress the input embedding only and keep the original output head (what the paper measured). "
          "tied: the tied output head uses the factors too (the real saving). (default: tied when the model's head "
          "is tied, else input)", show_default=False)]
+TextOpt = Annotated[Optional[Path], typer.Option(
+    "--text", help="A UTF-8 text file to score, one paragraph or sentence per line.", show_default=False)]
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    "--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]], e.g. wikitext:wikitext-2-raw-v1:test (split "
+                      "default test). Without --text or --dataset: a public-domain English sample shipped with "
+                      "embzip (Alice in Wonderland, ch. I-IV).", show_default=False)]
+BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result on CPU.")]
 
 
@@ -222,6 +229,102 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
     summary = apply_factors(opened, loaded, out, head=head.value if head else None, dense=dense, force=force,
                             command=_command_line(ctx))
     _emit(summary, as_json, "embzip apply")
+
+
+@command
+def perplexity(model: ModelArg = None,
+               factors: Annotated[Optional[Path], typer.Option(
+                   help="Also score the model with these factors spliced in, on the same masks or windows, and "
+                        "report both and their ratio.", show_default=False)] = None,
+               head: HeadOpt = None, text: TextOpt = None, dataset: DatasetOpt = None,
+               max_tokens: Annotated[Optional[int], typer.Option(
+                   help="Stop after scoring about this many tokens.", show_default=False)] = None,
+               pseudo: Annotated[bool, typer.Option(help="Masked LMs: pseudo-perplexity (each token masked once) "
+                                                         "instead of 15% whole-word masking.")] = False,
+               window: Annotated[Optional[int], typer.Option(
+                   help="Causal LMs: tokens per window (default: min(context, 1024)).", show_default=False)] = None,
+               stride: Annotated[Optional[int], typer.Option(
+                   help="Causal LMs: new tokens scored per window (default: window / 2).", show_default=False)] = None,
+               batch_size: BatchOpt = 8, seed: SeedOpt = 0, device: DeviceOpt = Device.auto,
+               as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Zero-shot perplexity, to see what compression cost.
+
+    Masked LMs: the paper's protocol (line by line, lines under 20 tokens and = headings dropped, 15% whole-word masking with a fixed seed, exp of the mean masked-token loss), or --pseudo. Causal LMs: sliding window with stride, each token scored once, plus bits per byte. Encoders without an LM head have no perplexity: use `embzip bench`, which reports sentence-vector fidelity.
+
+    Example: embzip perplexity demo:gemma-3-270m --factors gemma.svd-r256.safetensors --head tied
+    """
+    from .factors import load_factors
+    from .models import open_model, resolve_device
+    from .perplexity import perplexity as run
+    from .texts import load_text
+
+    loaded = load_factors(factors) if factors is not None else None
+    source = load_text(text, dataset)
+    device_name = resolve_device(device.value)
+    opened = open_model(model, device=device_name)
+    summary = run(opened, source, factors=loaded, head=head.value if head else None, pseudo=pseudo, window=window,
+                  stride=stride, max_tokens=max_tokens, batch_size=batch_size, seed=seed, device=device_name,
+                  progress=not quiet)
+    _emit(summary, as_json, "embzip perplexity")
+
+
+def _numbers(text: Optional[str], kind, name: str) -> Optional[list]:
+    if text is None:
+        return None
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} takes comma-separated numbers, got {text!r}") from None
+
+
+@command
+def bench(model: ModelArg = None,
+          ranks: Annotated[Optional[str], typer.Option(help="Comma-separated ranks, e.g. 64,128,256.",
+                                                       show_default=False)] = None,
+          ratios: Annotated[Optional[str], typer.Option(help="Comma-separated compression ratios of the embedding, "
+                                                        "e.g. 2.5,5,10 (instead of --ranks).",
+                                                        show_default=False)] = None,
+          methods: Annotated[str, typer.Option(help="Comma-separated methods: svd, fit.")] = "svd,fit",
+          text: TextOpt = None, dataset: DatasetOpt = None,
+          out: Annotated[Optional[Path], typer.Option(
+              "--out", "-o", help="Directory for bench.json, bench.csv, bench.png and the factor files (re-used by "
+                                  "the next run with the same settings).", show_default=False)] = None,
+          max_tokens: Annotated[int, typer.Option(help="Perplexity: tokens scored per evaluation.")] = 2048,
+          batch_size: BatchOpt = 8, seed: SeedOpt = 0, device: DeviceOpt = Device.auto,
+          as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+    """Methods and ranks side by side: quality, size and speed, plus the original model.
+
+    Per row: rank, compression ratio, parameters and bytes of the embedding and the whole model, cosine distance and RMSE, quality (perplexity with --head input and tied for LMs, on the same masks or windows as the original; sentence-vector fidelity and similarity rank correlation for encoders), fitting seconds, and forward latency relative to the original measured in the same run. Ctrl-C keeps the finished rows. Default ranks: 128,256 (Gemma-size vocabularies) or 32,64,128.
+
+    Example: embzip bench demo:minilm --ranks 32,64,128 --methods svd,fit --out bench-minilm
+    """
+    from .bench import BenchConfig, bench as run
+    from .models import open_model, resolve_device
+    from .texts import load_text
+
+    rank_list, ratio_list = _numbers(ranks, int, "--ranks"), _numbers(ratios, float, "--ratios")
+    if rank_list and ratio_list:
+        raise typer.BadParameter("give --ranks or --ratios, not both")
+    method_list = [m.strip() for m in methods.split(",") if m.strip()]
+    source = load_text(text, dataset)
+    device_name = resolve_device(device.value)
+    opened = open_model(model, device=device_name)
+    if not rank_list and not ratio_list:
+        rank_list = [128, 256] if opened.vocab_size > 100_000 else [32, 64, 128]
+    try:
+        config = BenchConfig(methods=method_list, ranks=rank_list, ratios=ratio_list, max_tokens=max_tokens,
+                             batch_size=batch_size, seed=seed, device=device_name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    report = run(opened, source, config, out=out, progress=not quiet)
+    if as_json:
+        sys.stdout.write(json.dumps(report, default=str) + "\n")
+    else:
+        from .report import table
+
+        table(report)
+    if report["interrupted"]:
+        raise typer.Exit(130)
 
 
 def main() -> None:

@@ -34,6 +34,13 @@ def default_out(source: str, method: str, rank: int) -> Path:
     return Path(f"{stem}.{method}-r{rank}.safetensors")
 
 
+def method_settings(method: str, fit_config=None) -> dict[str, Any]:
+    """The settings a method runs with (what its factors record under "settings")."""
+    from .autoencoder import FitConfig
+
+    return (fit_config or FitConfig()).settings() if method == "fit" else {}
+
+
 def factorize(embedding: torch.Tensor, method: str, rank: int, *, device: str = "cpu", fit_config=None,
               progress: bool = False) -> tuple[Factors, dict[str, Any]]:
     """Compute rank-`rank` factors of `embedding` with `method`; returns factors and method settings."""

@@ -82,10 +82,21 @@ class FactoredHead(nn.Module):
         if emb.bias is not None:
             logits = logits + (hidden @ emb.bias).unsqueeze(-1)
         if emb.norms is not None:
-            logits = logits * emb.row_scale()
+            logits = logits * self._row_scale(emb)
         if self.bias is not None:
             logits = logits + self.bias
         return logits
+
+    def _row_scale(self, emb: FactoredEmbedding) -> torch.Tensor:
+        """row_scale() is V*k^2 work: cache it while the factors are unchanged (no grad, same versions)."""
+        if torch.is_grad_enabled() and emb.codes.requires_grad:
+            return emb.row_scale()
+        key = tuple((p.data_ptr(), p._version) for p in (emb.codes, emb.decoder, emb.bias, emb.norms) if p is not None)
+        if getattr(self, "_scale_key", None) != key:
+            with torch.no_grad():
+                self._scale = emb.row_scale()
+            self._scale_key = key
+        return self._scale
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the factored embedding"

@@ -39,7 +39,8 @@ def _from_file(path: str) -> Text:
     try:
         content = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); convert it to UTF-8") from None
+        raise DataError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
+                        "convert it to UTF-8") from None
     return _check_not_empty(content.splitlines(), f"file:{path}")
 
 

@@ -1,0 +1,122 @@
+"""Data-aware SVD: spend the rank where the model's real inputs and outputs are.
+
+Plain SVD minimises ||E - C D||_F, treating every token row and every hidden direction alike.
+A model does not: it reads frequent tokens far more often than rare ones, and its output head
+scores rows only along the directions its final hidden states h actually take. Data-aware SVD
+minimises
+
+    sum_i w_i || (E_i - C_i D) M^(1/2) ||^2,     M = I + gamma * S / mean(eig(S))
+
+with w_i from token counts on a corpus (weights.py) and S = E[h h^T] the second moment of the
+hidden states entering a tied output head, measured on the same corpus (gamma = 0, i.e. M = I,
+for models without one). Its exact minimiser is closed-form: with V_k the top right singular
+vectors of W^(1/2) E M^(1/2), the codes are C = E M^(1/2) V_k and the decoder D = V_k^T M^(-1/2)
+(each row's code is optimal in the metric M whatever its weight). With `keep_norms`, the factors
+code each row's direction and its exact length is stored beside them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .factors import Factors
+from .svd import project, top_directions
+
+
+@dataclass
+class AwareConfig:
+    """Settings of data-aware SVD."""
+
+    row_weights: bool = True  # weight rows by token counts
+    output_metric: float = 1.0  # gamma: weight of the hidden-state metric (0: plain Euclidean)
+    keep_norms: bool = False  # store exact row norms; factors code directions only
+    metric_tokens: int = 4096  # tokens of the corpus used to estimate S
+
+    def __post_init__(self) -> None:
+        if self.output_metric < 0:
+            raise ValueError(f"output_metric must be >= 0, got {self.output_metric}")
+        if self.metric_tokens < 1:
+            raise ValueError(f"metric_tokens must be positive, got {self.metric_tokens}")
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def _sqrt_and_inverse(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    evals, evecs = torch.linalg.eigh(metric.double())
+    evals = evals.clamp_min(evals.max() * 1e-10)
+    return (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
+
+
+def normalised_metric(second_moment: torch.Tensor | None, gamma: float, hidden: int) -> torch.Tensor:
+    """M = I + gamma * S / mean eigenvalue of S (float64)."""
+    metric = torch.eye(hidden, dtype=torch.float64)
+    if second_moment is not None and gamma > 0:
+        s = second_moment.double()
+        metric = metric + gamma * s / (s.trace() / hidden)
+    return metric
+
+
+def aware_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor | None = None,
+                  metric: torch.Tensor | None = None, keep_norms: bool = False, device: str = "cpu") -> Factors:
+    """Weighted, metric-aware truncated SVD of `embedding`; plain SVD when both are None."""
+    e = embedding.float()
+    norms = None
+    if keep_norms:
+        norms = e.norm(dim=1)
+        e = e / norms.clamp_min(1e-12).unsqueeze(1)
+    if metric is None:
+        directions, _ = top_directions(e, rank, weights, device)
+        return Factors(project(e, directions, device), directions.T.contiguous().cpu(), norms=norms)
+    root, inv_root = _sqrt_and_inverse(metric)
+    directions, _ = top_directions(_Transformed(e, root.float()), rank, weights, device)
+    codes = project(e, (root.float() @ directions), device)
+    decoder = (directions.T.double() @ inv_root).float().contiguous()
+    return Factors(codes, decoder, norms=norms)
+
+
+class _Transformed:
+    """E @ R, computed chunk by chunk on slicing (so the Gram pass never holds a transformed copy)."""
+
+    def __init__(self, e: torch.Tensor, r: torch.Tensor):
+        self.e, self.r, self.shape = e, r, (e.shape[0], r.shape[1])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.e[index] @ self.r
+
+
+def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq_len: int = 256,
+                         batch_size: int = 4) -> torch.Tensor | None:
+    """E[h h^T] of the hidden states entering the output head, over about `tokens` tokens of `lines`.
+
+    None when the model has no output head. The head itself is skipped (it gets an empty slice),
+    so no V-sized logits are computed.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        return None
+    ids = tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = ids[ids < model.get_input_embeddings().num_embeddings][:tokens]
+    n_seq = max(1, len(ids) // seq_len)
+    chunks = ids[:n_seq * seq_len].view(n_seq, -1) if len(ids) >= seq_len else ids.view(1, -1)
+    total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
+    count = 0
+
+    def grab(module, args):
+        nonlocal total, count
+        h = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
+        total += h.T @ h
+        count += h.shape[0]
+        return (args[0][..., :0, :],) + tuple(args[1:])
+
+    hook = head.register_forward_pre_hook(grab)
+    try:
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            for i in range(0, len(chunks), batch_size):
+                model(input_ids=chunks[i:i + batch_size].to(device))
+    finally:
+        hook.remove()
+    return total / max(count, 1)

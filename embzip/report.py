@@ -1,0 +1,66 @@
+"""The bench table as people read it (rich, on stdout) and as Markdown for the README."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .bench import columns
+
+SHORT = {
+    "compression_ratio": "CR", "embedding_params": "emb params", "embedding_bytes": "emb MB", "model_params": "model params",
+    "model_bytes": "model MB", "cosine_distance": "cos dist", "perplexity_input": "ppl input",
+    "perplexity_ratio_input": "x orig", "perplexity_tied": "ppl tied", "perplexity_ratio_tied": "x orig",
+    "similarity_spearman": "sim rho", "fit_seconds": "fit s", "latency_ratio": "latency x", "peak_memory_bytes": "peak MB",
+}
+HIDDEN = {"cached"}
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.endswith("_bytes"):
+        return f"{value / 2**20:,.1f}"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if key.startswith("perplexity_ratio") or key == "latency_ratio":
+            return f"{value:.2f}"
+        if key.startswith("perplexity"):
+            return f"{value:,.2f}" if value < 1e5 else f"{value:.2e}"
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    cols = [c for c in columns(report) if c not in HIDDEN]
+    return [SHORT.get(c, c) for c in cols], [[_cell(c, r.get(c)) for c in cols] for r in report["rows"]]
+
+
+def title(report: dict[str, Any]) -> str:
+    p = report["protocol"]
+    what = ", ".join(f"{k}={v}" for k, v in p.items() if k in ("name", "tokens", "window", "stride", "sentences"))
+    return f"{report['model']} ({report['kind']}, V={report['vocab_size']}, d={report['hidden_size']}) on {report['text']}: {what}"
+
+
+def table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    header, body = rows(report)
+    t = Table(title=title(report), title_justify="left")
+    for name in header:
+        t.add_column(name, justify="left" if name == "method" else "right")
+    for r in body:
+        t.add_row(*r)
+    Console().print(t)
+    if report.get("interrupted"):
+        Console(stderr=True).print("[yellow]interrupted: the table holds the rows finished before Ctrl-C[/]")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    header, body = rows(report)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(lines) + "\n"

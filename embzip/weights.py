@@ -1,0 +1,61 @@
+"""Per-token weights from how often each token occurs in a text corpus.
+
+Data-aware factorizations spend their rank where the model's real inputs are: a token seen
+often should be rebuilt more faithfully than one never seen. Weight of token i:
+
+    w_i = (count_i + floor) ** power
+
+`floor` keeps tokens absent from the corpus from getting zero weight (their rows are still fitted,
+only less tightly); `power` tempers the counts (1 = squared error weighted by frequency).
+Weights are normalised to mean 1. Rows beyond the tokenizer's length (padded vocabularies) are
+never produced by the tokenizer and keep the floor weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .texts import Text
+
+
+@dataclass
+class WeightConfig:
+    """How token counts become row weights."""
+
+    floor: float = 1.0  # added to every count
+    power: float = 1.0  # applied to count + floor
+
+    def __post_init__(self) -> None:
+        if not self.floor > 0:
+            raise ValueError(f"weight floor must be > 0 so unseen tokens keep some weight, got {self.floor}")
+        if not self.power >= 0:
+            raise ValueError(f"weight power must be >= 0, got {self.power}")
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def token_counts(tokenizer, text: Text, vocab: int, batch_lines: int = 512) -> torch.Tensor:
+    """How many times each of `vocab` token ids occurs when the text is tokenized line by line."""
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    for i in range(0, len(text.lines), batch_lines):
+        encoded = tokenizer(text.lines[i:i + batch_lines], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([t for line in encoded for t in line if t < vocab], dtype=torch.long)
+        counts += torch.bincount(ids, minlength=vocab).double()
+    return counts
+
+
+def row_weights(counts: torch.Tensor, config: WeightConfig | None = None) -> torch.Tensor:
+    """Weights with mean 1 from token counts."""
+    config = config or WeightConfig()
+    w = (counts.double() + config.floor).pow(config.power)
+    return (w / w.mean()).float()
+
+
+def coverage(counts: torch.Tensor) -> dict[str, float]:
+    """How much of the vocabulary the corpus touches."""
+    seen = (counts > 0).sum().item()
+    return {"corpus_tokens": int(counts.sum().item()), "distinct_tokens": int(seen),
+            "vocab_coverage": seen / len(counts)}

@@ -1,0 +1,84 @@
+"""`embzip bench` on tiny models: complete rows, JSON = CSV, a real PNG, cached factors re-used."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from embzip.cli import app
+
+runner = CliRunner()
+
+
+def bench(model, out, text, *extra):
+    result = runner.invoke(app, ["bench", model, "--ranks", "2,4", "--methods", "svd,fit", "--out", str(out),
+                                 "--text", text, "--max-tokens", "200", "--json", "-q", *extra])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tiny, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    return out, bench(tiny("gpt2"), out, text_file)
+
+
+def test_rows_are_complete(gpt2_run):
+    out, report = gpt2_run
+    rows = report["rows"]
+    assert [(r["method"], r["rank"]) for r in rows] == [("original", None), ("svd", 2), ("svd", 4), ("fit", 2), ("fit", 4)]
+    for r in rows[1:]:
+        for key in ("compression_ratio", "embedding_params", "model_params", "model_bytes", "cosine_distance", "rmse",
+                    "perplexity_input", "perplexity_tied", "perplexity_ratio_tied", "fit_seconds", "latency_ratio"):
+            assert r[key] is not None, key
+        assert r["embedding_params"] < rows[0]["embedding_params"] and r["model_params"] < rows[0]["model_params"]
+        assert r["perplexity_tied"] != rows[0]["perplexity_tied"]  # the compression changed the model
+    assert report["protocol"]["name"] == "causal-window" and not report["interrupted"]
+
+
+def test_json_matches_csv(gpt2_run):
+    out, report = gpt2_run
+    assert json.loads((out / "bench.json").read_text())["rows"] == report["rows"]
+    with open(out / "bench.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == len(report["rows"])
+    for row, line in zip(report["rows"], table):
+        for key, value in line.items():
+            expected = row.get(key)
+            if isinstance(expected, float):
+                assert float(value) == pytest.approx(expected)
+            else:
+                assert value == ("" if expected is None else str(expected))
+
+
+def test_plot_is_a_png(gpt2_run):
+    out, _ = gpt2_run
+    data = (out / "bench.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_second_run_reuses_cached_factors(gpt2_run, tiny, text_file):
+    out, first = gpt2_run
+    second = bench(tiny("gpt2"), out, text_file)
+    assert all(r["cached"] for r in second["rows"][1:])
+    for a, b in zip(first["rows"][1:], second["rows"][1:]):
+        assert a["rmse"] == b["rmse"] and a["perplexity_tied"] == pytest.approx(b["perplexity_tied"])
+
+
+def test_encoder_gets_fidelity_not_perplexity(tiny, text_file, tmp_path):
+    report = bench(tiny("bert-encoder"), tmp_path, text_file)
+    assert report["protocol"]["name"] == "sentence-fidelity"
+    for r in report["rows"][1:]:
+        assert -1 <= r["fidelity"] < 1 and -1 <= r["similarity_spearman"] <= 1
+        assert "perplexity_input" not in r
+    assert report["rows"][0]["fidelity"] == 1.0
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--ranks", "2", "--ratios", "3"], "not both"), (["--ranks", "two"], "comma-separated"),
+    (["--methods", "svd,magic"], "unknown method"), (["--ranks", "999"], "largest useful rank"),
+])
+def test_bad_bench_arguments(tiny, text_file, args, fragment):
+    result = runner.invoke(app, ["bench", tiny("gpt2"), "--text", text_file, *args])
+    assert result.exit_code != 0 and fragment in " ".join(result.output.split())
