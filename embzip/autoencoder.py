@@ -67,11 +67,14 @@ class FitConfig:
         return asdict(self)
 
 
-def paper_loss(x_hat: torch.Tensor, x: torch.Tensor, alpha: float, config: FitConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and its cosine-distance part (for reporting)."""
-    cos_dist = (1 - nn.functional.cosine_similarity(x_hat, x, dim=-1)).mean()
-    l1 = ((x_hat - x).abs() + config.eps).pow(alpha).mean()
-    return config.cos_weight * cos_dist + config.l1_weight * l1, cos_dist
+def paper_loss(x_hat: torch.Tensor, x: torch.Tensor, alpha: float, config: FitConfig,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss and its (unweighted) cosine-distance part; `weights` scale each row's loss."""
+    cos_rows = 1 - nn.functional.cosine_similarity(x_hat, x, dim=-1)
+    l1_rows = ((x_hat - x).abs() + config.eps).pow(alpha).mean(dim=-1)
+    rows = config.cos_weight * cos_rows + config.l1_weight * l1_rows
+    loss = rows.mean() if weights is None else (rows * weights).mean()
+    return loss, cos_rows.mean()
 
 
 class LinearAutoencoder(nn.Module):
@@ -100,10 +103,14 @@ class LinearAutoencoder(nn.Module):
 
 
 def fit_autoencoder(embedding: torch.Tensor, rank: int, config: FitConfig | None = None, *,
-                    device: str = "cpu", progress: bool = False) -> tuple[Factors, list[dict]]:
-    """Train the paper's autoencoder on the rows of `embedding`; returns factors and per-epoch history."""
+                    device: str = "cpu", progress: bool = False,
+                    weights: torch.Tensor | None = None) -> tuple[Factors, list[dict]]:
+    """Train the paper's autoencoder on the rows of `embedding`; returns factors and per-epoch history.
+
+    `weights` (one per row, mean 1) scale each row's loss: the weighted-loss variant."""
     config = config or FitConfig()
     x_all = embedding.detach().to(device=device, dtype=torch.float32)
+    w_all = None if weights is None else weights.to(device=device, dtype=torch.float32)
     n = x_all.shape[0]
     with torch.random.fork_rng(devices=[] if device == "cpu" else None):
         torch.manual_seed(config.seed)
@@ -124,8 +131,9 @@ def fit_autoencoder(embedding: torch.Tensor, rank: int, config: FitConfig | None
             loss_sum = torch.zeros((), device=device)
             cos_sum = torch.zeros((), device=device)
             for step in range(steps):
-                x = x_all[order[step * config.batch_size:(step + 1) * config.batch_size]]
-                loss, cos_dist = paper_loss(model(x), x, alpha, config)
+                index = order[step * config.batch_size:(step + 1) * config.batch_size]
+                x = x_all[index]
+                loss, cos_dist = paper_loss(model(x), x, alpha, config, None if w_all is None else w_all[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

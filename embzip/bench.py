@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .compress import check_finite, factorize, method_settings
+from .compress import check_finite
+from .methods import Recipe, make_factors, recipe
 from .errors import FactorsError
 from .factors import Factors, load_factors, reconstruction_metrics, save_factors
 from .models import ENCODER, OpenedModel
@@ -36,7 +37,7 @@ log = logging.getLogger("embzip")
 class BenchConfig:
     """What to compare and on what."""
 
-    methods: list[str] = field(default_factory=lambda: ["svd", "fit"])
+    methods: list[str] = field(default_factory=lambda: ["svd", "fit"])  # names: svd, paper, wsvd, aware, fit, +heal
     ranks: list[int] | None = None  # explicit ranks, or
     ratios: list[float] | None = None  # compression ratios of the embedding
     max_tokens: int = 2048  # perplexity: about this many scored tokens per evaluation
@@ -47,23 +48,18 @@ class BenchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        from .compress import METHODS
-
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none)'}; known: {', '.join(METHODS)}")
+        if not self.methods:
+            raise ValueError("give at least one method")
+        for name in self.methods:
+            recipe(name)  # raises ValueError naming the known methods
         if (self.ranks is None) == (self.ratios is None):
             raise ValueError("give ranks or ratios, not both")
 
 
-def _bias(method: str) -> bool:
-    return method != "svd"
-
-
-def _rank_list(config: BenchConfig, vocab: int, hidden: int, method: str) -> list[int]:
+def _rank_list(config: BenchConfig, vocab: int, hidden: int, r: Recipe) -> list[int]:
     if config.ranks is not None:
-        return [check_rank(k, vocab, hidden, bias=_bias(method)) for k in config.ranks]
-    return [rank_for_ratio(r, vocab, hidden, bias=_bias(method)) for r in config.ratios]
+        return [check_rank(k, vocab, hidden, bias=r.bias, norms=r.norms) for k in config.ranks]
+    return [rank_for_ratio(x, vocab, hidden, bias=r.bias, norms=r.norms) for x in config.ratios]
 
 
 def _cached_factors(cache: Path | None, method: str, rank: int, opened: OpenedModel, settings: dict) -> Factors | None:
@@ -149,8 +145,8 @@ class _Quality:
         return {f"perplexity_{suffix}": ppl, f"perplexity_ratio_{suffix}": ppl / self.reference["perplexity"]}
 
 
-def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None, fit_config=None,
-          progress: bool = False) -> dict[str, Any]:
+def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None,
+          recipes: dict[str, Recipe] | None = None, progress: bool = False) -> dict[str, Any]:
     """Run the comparison; returns {"model", "text", "protocol", "rows", ...} and writes OUT files."""
     out = Path(out) if out is not None else None
     cache = None
@@ -161,7 +157,9 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     embedding = opened.embedding.detach()
     check_finite(embedding, opened.embedding_name)
     vocab, hidden = embedding.shape
-    plan = [(m, k) for m in config.methods for k in _rank_list(config, vocab, hidden, m)]
+    recipes = {name: (recipes or {}).get(name) or recipe(name) for name in config.methods}
+    plan = [(m, k) for m in config.methods for k in _rank_list(config, vocab, hidden, recipes[m])]
+    data_cache: dict = {}
     whole = param_stats(model)
     emb_bytes = embedding.numel() * embedding.element_size()
     heads = ["input", "tied"] if opened.tied else ["input"]
@@ -180,12 +178,13 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         with bar("bench", len(plan), enabled=progress, fields="{task.fields[row]}", row="") as pbar:
             for method, rank in plan:
                 pbar.update(row=f"{method} rank {rank}")
-                settings = method_settings(method, fit_config)
+                settings = recipes[method].settings()
                 factors = _cached_factors(cache, method, rank, opened, settings)
                 cached = factors is not None
                 if factors is None:
                     t0 = time.perf_counter()
-                    factors, details = factorize(embedding, method, rank, device=config.device, fit_config=fit_config)
+                    factors, details = make_factors(opened, rank, recipes[method], device=config.device,
+                                                    cache=data_cache)
                     factors = factors.to(dtype=embedding.dtype)
                     factors.meta = {"method": method, **details, "source": opened.describe(),
                                     "seconds": time.perf_counter() - t0}

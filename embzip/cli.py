@@ -160,45 +160,89 @@ def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
     from .compress import compress
 
     _, summary = compress(model, "svd", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
-                          progress=not quiet)
+                          progress=not quiet)  # plain SVD; `embzip fit --method wsvd` weights it
     _emit(summary, as_json, "embzip svd")
+
+
+class Method(str, Enum):
+    aware = "aware"
+    wsvd = "wsvd"
+    paper = "paper"
 
 
 @command
 def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, out: OutFileOpt = None,
-        epochs: Annotated[int, typer.Option(help="Passes over all embedding rows.")] = 30,
-        anneal_epochs: Annotated[int, typer.Option(help="First epochs, over which the L1 exponent falls "
+        method: Annotated[Method, typer.Option(
+            help="aware: data-aware SVD, rows weighted by token counts and, for tied heads, measured in the metric "
+                 "of the model's hidden states (embzip's default). wsvd: SVD weighted by token counts. paper: the "
+                 "paper's autoencoder recipe.")] = Method.aware,
+        weights_text: Annotated[Optional[Path], typer.Option(
+            help="aware/wsvd/heal: text whose token counts weight the rows (default: an English sample shipped with "
+                 "embzip, distinct from the perplexity sample).", show_default=False)] = None,
+        weights_dataset: Annotated[Optional[str], typer.Option(
+            help="Or a datasets dataset NAME[:CONFIG[:SPLIT]] for the token counts.", show_default=False)] = None,
+        weight_power: Annotated[float, typer.Option(help="Row weight = (count + floor) ** power.")] = 1.0,
+        weight_floor: Annotated[float, typer.Option(help="Added to every token count, so unseen tokens keep some "
+                                                         "weight.")] = 1.0,
+        output_metric: Annotated[float, typer.Option(help="aware: weight of the hidden-state metric for a tied "
+                                                          "output head (0: plain weighted SVD).")] = 1.0,
+        metric_tokens: Annotated[int, typer.Option(help="aware: tokens of the weights text used to measure the "
+                                                        "hidden-state metric.")] = 4096,
+        keep_norms: Annotated[bool, typer.Option(help="aware/wsvd: store each row's exact length (V more numbers, "
+                                                      "counted in the size); the factors code directions.")] = False,
+        heal_steps: Annotated[int, typer.Option(help="After the method, distil the factors against the original "
+                                                     "model for this many steps on the weights text (0: no "
+                                                     "healing). Slow on CPU for large models.")] = 0,
+        heal_lr: Annotated[float, typer.Option(help="Healing: Adam learning rate.")] = 1e-3,
+        weighted: Annotated[bool, typer.Option(help="paper: weight each row's loss by its token weight.")] = False,
+        epochs: Annotated[int, typer.Option(help="paper: passes over all embedding rows.")] = 30,
+        anneal_epochs: Annotated[int, typer.Option(help="paper: first epochs, over which the L1 exponent falls "
                                                         "from --alpha-start to --alpha-end.")] = 20,
-        batch_size: Annotated[int, typer.Option(help="Rows per Adam step.")] = 32,
-        lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
-        lr_step: Annotated[int, typer.Option(help="Halve (x --lr-gamma) the learning rate every this many epochs.")] = 4,
-        lr_gamma: Annotated[float, typer.Option(help="StepLR factor.")] = 0.5,
-        cos_weight: Annotated[float, typer.Option(help="Weight of the mean cosine distance.")] = 0.1995,
-        l1_weight: Annotated[float, typer.Option(help="Weight of the annealed L1 term.")] = 0.0025,
-        alpha_start: Annotated[float, typer.Option(help="L1 exponent at the first epoch.")] = 1.0,
-        alpha_end: Annotated[float, typer.Option(help="L1 exponent from --anneal-epochs on.")] = 0.1,
-        init: Annotated[Init, typer.Option(help="Start from PyTorch's random init or from the truncated SVD.")] = Init.random,
+        batch_size: Annotated[int, typer.Option(help="paper: rows per Adam step.")] = 32,
+        lr: Annotated[float, typer.Option(help="paper: Adam learning rate.")] = 1e-3,
+        lr_step: Annotated[int, typer.Option(help="paper: multiply the learning rate by --lr-gamma every this many "
+                                                  "epochs.")] = 4,
+        lr_gamma: Annotated[float, typer.Option(help="paper: StepLR factor.")] = 0.5,
+        cos_weight: Annotated[float, typer.Option(help="paper: weight of the mean cosine distance.")] = 0.1995,
+        l1_weight: Annotated[float, typer.Option(help="paper: weight of the annealed L1 term.")] = 0.0025,
+        alpha_start: Annotated[float, typer.Option(help="paper: L1 exponent at the first epoch.")] = 1.0,
+        alpha_end: Annotated[float, typer.Option(help="paper: L1 exponent from --anneal-epochs on.")] = 0.1,
+        init: Annotated[Init, typer.Option(help="paper: start from PyTorch's random init or from the truncated "
+                                                "SVD.")] = Init.random,
         seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False, as_json: JsonOpt = False,
         quiet: QuietOpt = False) -> None:
-    """The paper's linear autoencoder: direction first (cosine), magnitude second (annealed L1).
+    """Fit factors that keep the model working: data-aware SVD by default, or the paper's autoencoder.
 
-    Defaults are the recipe of "Direction is what you need" (arXiv 2106.08181): Adam lr 1e-3,
-    StepLR(4, 0.5), batch 32, 30 epochs with the L1 exponent falling from 1.0 to 0.1 over the first
-    20, seed 1. Codes = encoder(E); the decoder (with bias) is kept.
+    --method paper is the recipe of "Direction is what you need" (arXiv 2106.08181), exactly: a linear autoencoder with loss 0.1995 * cosine distance + 0.0025 * annealed L1 (exponent 1.0 -> 0.1 over 20 epochs, then 10 more), Adam lr 1e-3, StepLR(4, 0.5), batch 32, seed 1; codes = encoder(E), the decoder (with bias) is kept. The default, --method aware, is embzip's: see docs/method.md for how it was chosen, with the numbers.
 
     Example: embzip fit bert-base-uncased --rank 128 --json
     """
+    from .aware import AwareConfig
     from .autoencoder import FitConfig
     from .compress import compress
+    from .heal import HealConfig
+    from .methods import Recipe
+    from .weights import WeightConfig
 
+    if weights_text is not None and weights_dataset is not None:
+        raise typer.BadParameter("give --weights-text or --weights-dataset, not both")
     try:
-        config = FitConfig(epochs=epochs, anneal_epochs=anneal_epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
-                           lr_gamma=lr_gamma, cos_weight=cos_weight, l1_weight=l1_weight, alpha_start=alpha_start,
-                           alpha_end=alpha_end, seed=seed, init=init.value)
+        recipe = Recipe(
+            method=method.value,
+            fit=FitConfig(epochs=epochs, anneal_epochs=anneal_epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
+                          lr_gamma=lr_gamma, cos_weight=cos_weight, l1_weight=l1_weight, alpha_start=alpha_start,
+                          alpha_end=alpha_end, seed=seed, init=init.value),
+            weights=WeightConfig(floor=weight_floor, power=weight_power),
+            aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
+            heal=HealConfig(steps=heal_steps, lr=heal_lr, seed=seed) if heal_steps > 0 else None,
+            weighted_paper=weighted,
+            weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    _, summary = compress(model, "fit", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
-                          fit_config=config, progress=not quiet)
+    if heal_steps < 0:
+        raise typer.BadParameter(f"--heal-steps must be >= 0, got {heal_steps}")
+    _, summary = compress(model, recipe, rank=rank, ratio=ratio, out=out, force=force, device=device.value,
+                          progress=not quiet)
     _emit(summary, as_json, "embzip fit")
 
 
@@ -284,8 +328,14 @@ def bench(model: ModelArg = None,
           ratios: Annotated[Optional[str], typer.Option(help="Comma-separated compression ratios of the embedding, "
                                                         "e.g. 2.5,5,10 (instead of --ranks).",
                                                         show_default=False)] = None,
-          methods: Annotated[str, typer.Option(help="Comma-separated methods: svd, fit.")] = "svd,fit",
+          methods: Annotated[str, typer.Option(
+              help="Comma-separated methods: svd (baseline), paper (the paper's autoencoder recipe), wsvd (SVD "
+                   "weighted by token counts), aware (embzip's data-aware SVD), fit (the default of `embzip fit`); "
+                   "add +heal for a short distillation after it, e.g. aware+heal.")] = "svd,fit",
           text: TextOpt = None, dataset: DatasetOpt = None,
+          weights_text: Annotated[Optional[Path], typer.Option(
+              help="Text for the data-aware methods' token counts and statistics (default: the English sample "
+                   "shipped with embzip, distinct from the evaluation text).", show_default=False)] = None,
           out: Annotated[Optional[Path], typer.Option(
               "--out", "-o", help="Directory for bench.json, bench.csv, bench.png and the factor files (re-used by "
                                   "the next run with the same settings).", show_default=False)] = None,
@@ -316,7 +366,10 @@ def bench(model: ModelArg = None,
                              batch_size=batch_size, seed=seed, device=device_name)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    report = run(opened, source, config, out=out, progress=not quiet)
+    from .methods import recipe
+
+    recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text)) for m in method_list}
+    report = run(opened, source, config, out=out, recipes=recipes, progress=not quiet)
     if as_json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")
     else:

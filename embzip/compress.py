@@ -13,10 +13,11 @@ import torch
 from .errors import DataError
 from .factors import Factors, check_output_file, reconstruction_metrics, save_factors
 from .models import OpenedModel, open_model, resolve_device
+from .methods import Recipe, make_factors
+from .methods import recipe as make_recipe
 from .sizes import resolve_rank
 
 log = logging.getLogger("embzip")
-METHODS = ("svd", "fit")
 
 
 def check_finite(embedding: torch.Tensor, name: str) -> None:
@@ -34,48 +35,29 @@ def default_out(source: str, method: str, rank: int) -> Path:
     return Path(f"{stem}.{method}-r{rank}.safetensors")
 
 
-def method_settings(method: str, fit_config=None) -> dict[str, Any]:
-    """The settings a method runs with (what its factors record under "settings")."""
-    from .autoencoder import FitConfig
-
-    return (fit_config or FitConfig()).settings() if method == "fit" else {}
-
-
-def factorize(embedding: torch.Tensor, method: str, rank: int, *, device: str = "cpu", fit_config=None,
-              progress: bool = False) -> tuple[Factors, dict[str, Any]]:
-    """Compute rank-`rank` factors of `embedding` with `method`; returns factors and method settings."""
-    from .autoencoder import FitConfig, fit_autoencoder
-    from .svd import svd_factors
-
-    if method == "svd":
-        return svd_factors(embedding, rank, device=device), {}
-    if method == "fit":
-        config = fit_config or FitConfig()
-        factors, history = fit_autoencoder(embedding, rank, config, device=device, progress=progress)
-        return factors, {"settings": config.settings(), "history": history}
-    raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
-
-
-def compress(model: str | OpenedModel | None, method: str, *, rank: int | None = None, ratio: float | None = None,
-             out: str | Path | None = None, force: bool = False, device: str = "cpu", fit_config=None,
+def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, rank: int | None = None,
+             ratio: float | None = None, out: str | Path | None = None, force: bool = False, device: str = "cpu",
              progress: bool = False, write: bool = True) -> tuple[Factors, dict[str, Any]]:
-    """Factorize a model's token embedding and (unless write=False) save the factors.
+    """Factorize a model's token embedding by `recipe` (a Recipe or a method name such as "svd",
+    "paper", "aware") and, unless write=False, save the factors.
 
     Returns the factors and a summary dict (the --json output of `embzip svd` / `embzip fit`).
     """
+    recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    method = recipe.name
     device = resolve_device(device)
     if write and out is not None:
         check_output_file(out, force)  # fail before the slow part
     opened = model if isinstance(model, OpenedModel) else open_model(model)
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape
-    rank = resolve_rank(rank, ratio, vocab, hidden, bias=(method == "fit"))
+    rank = resolve_rank(rank, ratio, vocab, hidden, bias=recipe.bias, norms=recipe.norms)
     out_path = None
     if write:
         out_path = check_output_file(out or default_out(opened.source, method, rank), force)
     check_finite(embedding, opened.embedding_name)
     start = time.perf_counter()
-    factors, details = factorize(embedding, method, rank, device=device, fit_config=fit_config, progress=progress)
+    factors, details = make_factors(opened, rank, recipe, device=device, progress=progress)
     seconds = time.perf_counter() - start
     factors = factors.to(dtype=embedding.dtype)
     metrics = reconstruction_metrics(embedding, factors)

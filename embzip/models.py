@@ -57,6 +57,17 @@ class OpenedModel:
     def tokenizer_size(self) -> int | None:
         return None if self.tokenizer is None else len(self.tokenizer)
 
+    @property
+    def max_length(self) -> int | None:
+        """The longest input the model and tokenizer accept (None if neither says)."""
+        config = self.model.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        limits.append(tok_max if tok_max is not None and tok_max < 1_000_000 else None)
+        limits = [int(x) for x in limits if isinstance(x, int) and x > 0]
+        return min(limits) if limits else None
+
     def describe(self) -> dict[str, Any]:
         n_params = sum(p.numel() for p in self.model.parameters())
         return {

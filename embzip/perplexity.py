@@ -65,15 +65,6 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _max_length(opened: OpenedModel) -> int | None:
-    config = _text_config(opened.model)
-    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
-    tok_max = getattr(opened.tokenizer, "model_max_length", None)
-    limits.append(tok_max if tok_max is not None and tok_max < 1_000_000 else None)
-    limits = [int(x) for x in limits if isinstance(x, int) and x > 0]
-    return min(limits) if limits else None
-
-
 def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: int, seed: int,
                  max_tokens: int | None) -> tuple[list[_Job], int, int]:
     """Jobs for the masked protocols; returns (jobs, lines used, max length)."""
@@ -84,7 +75,7 @@ def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: i
     if not pseudo and not getattr(tok, "is_fast", False):
         raise ModelError(f"whole-word masking needs a fast tokenizer (word_ids()); {opened.source} has a slow one: "
                          "use pseudo-perplexity instead")
-    max_len = _max_length(opened) or 512
+    max_len = opened.max_length or 512
     gen = torch.Generator().manual_seed(seed)
     jobs: list[_Job] = []
     lines = scored = 0
@@ -137,7 +128,7 @@ def _causal_jobs(opened: OpenedModel, text: Text, *, window: int | None, stride:
     n = len(ids)
     if n < 2:
         raise DataError(f"the text {text.source} has {n} token(s); causal perplexity needs at least 2")
-    limit = _max_length(opened)
+    limit = opened.max_length
     window = window or min(limit or MAX_WINDOW, MAX_WINDOW)
     if limit is not None and window > limit:
         raise ModelError(f"window {window} is longer than the {limit} positions {opened.source} can take; "

@@ -133,7 +133,7 @@ def check_fits(model: nn.Module, factors: Factors) -> None:
 def splice(model: nn.Module, factors: Factors, head: str | None = None):
     """Replace the embedding (and, with head='tied', the tied output head) by factored modules.
 
-    Returns a function that puts the original modules back.
+    Returns a `Swap`: calling it puts the original modules back.
     """
     from .models import is_tied
 
@@ -151,19 +151,30 @@ def splice(model: nn.Module, factors: Factors, head: str | None = None):
     new_emb = FactoredEmbedding(factors.to(dtype=weight.dtype, device=weight.device),
                                 padding_idx=getattr(old_emb, "padding_idx", None),
                                 embed_scale=getattr(old_emb, "embed_scale", None))
-    swaps = [(emb_path, old_emb)]
-    _set_module(model, emb_path, new_emb)
+    swaps = [(emb_path, old_emb, new_emb)]
     if head == "tied":
         old_head = model.get_output_embeddings()
-        head_path = _module_path(model, old_head)
-        swaps.append((head_path, old_head))
-        _set_module(model, head_path, FactoredHead(new_emb, getattr(old_head, "bias", None)))
+        swaps.append((_module_path(model, old_head), old_head, FactoredHead(new_emb, getattr(old_head, "bias", None))))
+    swap = Swap(model, swaps)
+    swap.reapply()
+    return swap
 
-    def restore() -> None:
-        for path, module in reversed(swaps):
-            _set_module(model, path, module)
 
-    return restore
+class Swap:
+    """The module swaps of one splice: call it (or .restore()) to put the originals back, .reapply() to redo."""
+
+    def __init__(self, model: nn.Module, swaps: list[tuple[str, nn.Module, nn.Module]]):
+        self.model, self.swaps = model, swaps
+
+    def restore(self) -> None:
+        for path, old, _ in reversed(self.swaps):
+            _set_module(self.model, path, old)
+
+    def reapply(self) -> None:
+        for path, _, new in self.swaps:
+            _set_module(self.model, path, new)
+
+    __call__ = restore
 
 
 @contextmanager

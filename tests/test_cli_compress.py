@@ -12,7 +12,7 @@ from embzip.cli import app
 from embzip.factors import load_factors
 
 runner = CliRunner()
-FAST_FIT = ["--epochs", "2", "--anneal-epochs", "1", "--batch-size", "16"]
+FAST_FIT = ["--method", "paper", "--epochs", "2", "--anneal-epochs", "1", "--batch-size", "16"]
 
 
 def run(*args):
@@ -33,12 +33,13 @@ def test_json_summary_and_file(tiny, tmp_path, kind, method):
     factors = load_factors(out)
     assert summary["rank"] == factors.rank == 4
     assert summary["params_after"] == factors.num_params() < summary["params_before"]
-    assert factors.meta["method"] == method and factors.meta["source"]["model"] == tiny(kind)
+    assert factors.meta["method"] == {"svd": "svd", "fit": "paper"}[method]
+    assert factors.meta["source"]["model"] == tiny(kind)
     assert factors.meta["metrics"]["rmse"] == pytest.approx(summary["rmse"])
     if kind == "llama":  # embedding rows padded beyond the tokenizer
         assert factors.vocab == factors.meta["source"]["tokenizer_size"] + 7
     if method == "fit":
-        assert factors.bias is not None and factors.meta["settings"]["epochs"] == 2
+        assert factors.bias is not None and factors.meta["settings"]["fit"]["epochs"] == 2
 
 
 def test_ratio_picks_the_rank(tiny, tmp_path):
@@ -79,13 +80,17 @@ BAD = [
     (["svd", "{model}", "--ratio", "0.5", "--out", "{out}"], 2, "greater than 1"),
     (["svd", "{model}", "--rank", "2", "--ratio", "2", "--out", "{out}"], 2, "exactly one"),
     (["svd", "{model}", "--out", "{out}"], 2, "exactly one"),
-    (["fit", "{model}", "--rank", "2", "--epochs", "0", "--out", "{out}"], 2, "epochs must be positive"),
+    (["fit", "{model}", "--rank", "2", "--method", "paper", "--epochs", "0", "--out", "{out}"], 2,
+     "epochs must be positive"),
     (["fit", "{model}", "--rank", "2", "--init", "pca", "--out", "{out}"], 2, "pca"),
     (["svd", "{model}", "--rank", "2", "--out", "{existing}"], 1, "already exists"),
     (["svd", "{model}", "--rank", "2", "--out", "{tmp}/missing-dir/f.safetensors"], 1, "does not exist"),
     (["svd", "{model}", "--rank", "2", "--out", "{tmp}"], 1, "is a directory"),
     (["svd", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf in 1 row"),
     (["fit", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf"),
+    (["fit", "{model}", "--rank", "2", "--method", "magic", "--out", "{out}"], 2, "magic"),
+    (["fit", "{model}", "--rank", "2", "--weight-floor", "0", "--out", "{out}"], 2, "floor must be > 0"),
+    (["fit", "{model}", "--rank", "2", "--weights-text", "{tmp}/none.txt", "--out", "{out}"], 1, "none.txt"),
 ]
 
 

@@ -1,0 +1,108 @@
+"""Healing: a short distillation of the factors against the original model, everything else frozen.
+
+The factors are first made by a closed-form method; then only codes, decoder (and bias) are
+trained so that the compressed model reproduces the original model's own outputs on unlabeled
+text: the KL divergence of its next-token (or masked-token) distributions for LMs, the cosine
+distance of its last hidden states for encoders. No labels, no task: the original model is the
+teacher. Only rows of tokens that occur in the text (and the shared decoder) receive gradient.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .factors import Factors
+from .models import ENCODER
+from .progress import bar
+from .splice import splice
+
+
+@dataclass
+class HealConfig:
+    steps: int = 100  # optimizer steps
+    lr: float = 1e-3  # Adam learning rate (cosine decay to 0)
+    seq_len: int = 128  # tokens per sequence
+    batch_size: int = 8  # sequences per step
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "seq_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"heal {name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"heal lr must be positive, got {self.lr}")
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def _sequences(tokenizer, lines: list[str], seq_len: int, vocab: int) -> torch.Tensor:
+    ids = tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = ids[ids < vocab]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise ValueError(f"the healing text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    return ids[:n * seq_len].view(n, seq_len)
+
+
+def _outputs(opened, ids: torch.Tensor) -> torch.Tensor:
+    out = opened.model(input_ids=ids)
+    return out.last_hidden_state if opened.kind == ENCODER else out.logits
+
+
+def _loss(opened, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    if opened.kind == ENCODER:
+        return (1 - torch.nn.functional.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+    t = torch.log_softmax(teacher.float(), dim=-1)
+    s = torch.log_softmax(student.float(), dim=-1)
+    return torch.nn.functional.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
+
+
+def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None = None, *, head: str | None = None,
+         progress: bool = False) -> tuple[Factors, list[float]]:
+    """Distil `factors` against the original model on `lines`; returns new factors and the loss per step."""
+    config = config or HealConfig()
+    model = opened.model
+    seqs = _sequences(opened.tokenizer, lines, config.seq_len, opened.vocab_size)
+    gen = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    swap = splice(model, factors, head)
+    emb = swap.swaps[0][2]
+    params = [p for p in (emb.codes, emb.decoder, emb.bias) if p is not None]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
+    losses: list[float] = []
+    was_training = model.training
+    model.eval()  # no dropout: the student matches the teacher exactly where the factors are exact
+    try:
+        with bar("heal", config.steps, enabled=progress, fields="loss {task.fields[loss]}", loss="-") as pbar:
+            for _ in range(config.steps):
+                batch = seqs[torch.randint(len(seqs), (config.batch_size,), generator=gen)].to(device)
+                swap.restore()
+                with torch.no_grad():
+                    teacher = _outputs(opened, batch)
+                swap.reapply()
+                loss = _loss(opened, _outputs(opened, batch), teacher)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                losses.append(loss.item())
+                pbar.update(loss=f"{losses[-1]:.4f}")
+                pbar.advance()
+    finally:
+        swap.restore()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+        model.train(was_training)
+    healed = Factors(*(None if p is None else p.detach().clone().cpu() for p in (emb.codes, emb.decoder, emb.bias, emb.norms)))
+    healed.meta = dict(factors.meta)
+    return healed, losses
+
