@@ -30,7 +30,7 @@ class AwareConfig:
     """Settings of data-aware SVD."""
 
     row_weights: bool = True  # weight rows by token counts
-    output_metric: float = 1.0  # gamma: weight of the hidden-state metric (0: plain Euclidean)
+    output_metric: float = 4.0  # gamma: weight of the hidden-state metric (0: plain Euclidean)
     keep_norms: bool = False  # store exact row norms; factors code directions only
     metric_tokens: int = 4096  # tokens of the corpus used to estimate S
 

@@ -185,7 +185,7 @@ def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
         weight_floor: Annotated[float, typer.Option(help="Added to every token count, so unseen tokens keep some "
                                                          "weight.")] = 1.0,
         output_metric: Annotated[float, typer.Option(help="aware: weight of the hidden-state metric for a tied "
-                                                          "output head (0: plain weighted SVD).")] = 1.0,
+                                                          "output head (0: plain weighted SVD).")] = 4.0,
         metric_tokens: Annotated[int, typer.Option(help="aware: tokens of the weights text used to measure the "
                                                         "hidden-state metric.")] = 4096,
         keep_norms: Annotated[bool, typer.Option(help="aware/wsvd: store each row's exact length (V more numbers, "

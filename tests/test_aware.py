@@ -1,0 +1,134 @@
+"""Data-aware methods: weighted SVD, the hidden-state metric, kept norms, token weights, healing."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from embzip.aware import aware_factors, hidden_second_moment, normalised_metric
+from embzip.cli import app
+from embzip.factors import load_factors
+from embzip.heal import HealConfig, heal
+from embzip.methods import Recipe, make_factors, recipe
+from embzip.models import open_model
+from embzip.splice import spliced
+from embzip.svd import svd_factors
+from embzip.texts import Text
+from embzip.weights import WeightConfig, row_weights, token_counts
+
+from conftest import TEXT
+
+
+def _matrix(v=120, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(v, d, generator=g) @ torch.diag(torch.linspace(2, 0.2, d)) + 0.1
+
+
+def _objective(e, f, w, metric):
+    root = torch.linalg.cholesky(metric.double())
+    diff = (e.double() - f.reconstruct().double()) @ root
+    return (w.double() * diff.pow(2).sum(1)).sum().item()
+
+
+def test_weighted_svd_equals_plain_svd_under_uniform_weights():
+    e = _matrix()
+    a, b = aware_factors(e, 5, weights=torch.ones(len(e))), svd_factors(e, 5)
+    assert torch.allclose(a.reconstruct(), b.reconstruct(), atol=1e-5)
+
+
+def test_identity_metric_equals_weighted_svd():
+    e, w = _matrix(), torch.rand(120, generator=torch.Generator().manual_seed(1)) + 0.1
+    a = aware_factors(e, 5, weights=w, metric=torch.eye(16, dtype=torch.float64))
+    assert torch.allclose(a.reconstruct(), aware_factors(e, 5, weights=w).reconstruct(), atol=1e-4)
+
+
+def test_aware_factors_minimise_their_objective():
+    e = _matrix()
+    w = torch.rand(120, generator=torch.Generator().manual_seed(2)) * 10 + 0.1
+    s = torch.randn(16, 16, generator=torch.Generator().manual_seed(3))
+    metric = normalised_metric(s @ s.T, 4.0, 16)
+    best = _objective(e, aware_factors(e, 4, weights=w, metric=metric), w, metric)
+    for other in (svd_factors(e, 4), aware_factors(e, 4, weights=w), aware_factors(e, 4, metric=metric)):
+        assert best <= _objective(e, other, w, metric) * (1 + 1e-6)
+
+
+def test_heavily_weighted_rows_are_rebuilt_better():
+    e = _matrix()
+    w = torch.ones(120)
+    w[:3] = 1e4
+    plain, weighted = svd_factors(e, 3), aware_factors(e, 3, weights=w)
+    err = lambda f: (f.reconstruct()[:3] - e[:3]).norm().item()  # noqa: E731
+    assert err(weighted) < 0.1 * err(plain)
+
+
+def test_norms_are_exact_when_kept():
+    e = _matrix()
+    f = aware_factors(e, 3, weights=torch.rand(120) + 0.5, keep_norms=True)
+    assert torch.allclose(f.reconstruct().norm(dim=1), e.norm(dim=1), rtol=1e-5)
+    assert f.num_params() == 120 * 3 + 3 * 16 + 120
+
+
+def test_row_weights_floor_power_and_mean():
+    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    w = row_weights(counts, WeightConfig(floor=1.0, power=1.0))
+    assert torch.allclose(w, torch.tensor([1.0, 2.0, 4.0, 1.0]) / 2.0)
+    assert torch.allclose(row_weights(counts, WeightConfig(power=0.0)), torch.ones(4))
+    with pytest.raises(ValueError, match="floor must be > 0"):
+        WeightConfig(floor=0)
+
+
+def test_token_counts_match_the_tokenizer(tiny):
+    opened = open_model(tiny("gpt2"))
+    text = Text(["the water the", "hot"], "test")
+    counts = token_counts(opened.tokenizer, text, opened.vocab_size)
+    vocab = opened.tokenizer.get_vocab()
+    assert counts[vocab["the"]] == 2 and counts[vocab["water"]] == 1 and counts[vocab["hot"]] == 1
+    assert counts.sum() == 4
+
+
+def test_hidden_second_moment_is_what_the_head_sees(tiny):
+    opened = open_model(tiny("gpt2"))
+    s = hidden_second_moment(opened.model, opened.tokenizer, TEXT.splitlines(), 60, seq_len=30, batch_size=2)
+    ids = opened.tokenizer("\n".join(TEXT.splitlines()), add_special_tokens=False, return_tensors="pt").input_ids[0][:60]
+    with torch.no_grad():
+        h = opened.model(input_ids=ids.view(2, 30), output_hidden_states=True).hidden_states[-1].reshape(-1, 32)
+    assert torch.allclose(s.float(), (h.T @ h / 60).float(), atol=1e-4)
+    assert hidden_second_moment(open_model(tiny("bert-encoder")).model, None, [], 10) is None
+
+
+def test_aware_recipe_on_a_tied_model_uses_the_metric(tiny, text_file):
+    opened = open_model(tiny("llama"))
+    with_metric, details = make_factors(opened, 4, Recipe(method="aware", weights_text=text_file))
+    without, _ = make_factors(opened, 4, Recipe(method="wsvd", weights_text=text_file))
+    assert not torch.allclose(with_metric.reconstruct(), without.reconstruct(), atol=1e-4)
+    assert details["settings"]["aware"]["output_metric"] == 4.0 and details["weights_coverage"]["distinct_tokens"] > 10
+
+
+def test_seeded_aware_heal_repeats_and_lowers_the_loss(tiny, text_file):
+    opened = open_model(tiny("gpt2"))
+    lines = TEXT.splitlines()
+    start = svd_factors(opened.embedding.detach(), 3)
+    config = HealConfig(steps=15, lr=1e-2, seq_len=16, batch_size=4, seed=3)
+    before = [p.detach().clone() for p in opened.model.parameters()]
+    a, losses = heal(opened, start, lines, config)
+    b, _ = heal(opened, start, lines, config)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.decoder, b.decoder)
+    assert sum(losses[-3:]) < sum(losses[:3])
+    assert all(torch.equal(x, y) for x, y in zip(before, opened.model.parameters()))  # only the factors train
+    assert not any(p.requires_grad is False for p in opened.model.parameters())  # flags restored
+
+
+def test_fit_cli_default_is_aware(tiny, text_file, tmp_path):
+    result = CliRunner().invoke(app, ["fit", tiny("llama"), "-k", "4", "-o", str(tmp_path / "f.safetensors"),
+                                      "--weights-text", text_file, "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    f = load_factors(tmp_path / "f.safetensors")
+    assert summary["method"] == f.meta["method"] == "aware" and f.meta["settings"]["weights_text"] == text_file
+
+
+def test_bench_method_names():
+    assert recipe("fit").method == "aware" and recipe("paper+heal").heal is not None
+    with pytest.raises(ValueError, match="known"):
+        recipe("magic")
