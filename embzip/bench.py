@@ -40,7 +40,7 @@ class BenchConfig:
     methods: list[str] = field(default_factory=lambda: ["svd", "fit"])  # names: svd, paper, wsvd, aware, fit, +heal
     ranks: list[int] | None = None  # explicit ranks, or
     ratios: list[float] | None = None  # compression ratios of the embedding
-    max_tokens: int = 2048  # perplexity: about this many scored tokens per evaluation
+    max_tokens: int = 1024  # perplexity: about this many scored tokens per evaluation
     sentences: int = 256  # fidelity: at most this many sentences
     batch_size: int = 8
     seed: int = 0

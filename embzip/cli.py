@@ -339,7 +339,7 @@ def bench(model: ModelArg = None,
           out: Annotated[Optional[Path], typer.Option(
               "--out", "-o", help="Directory for bench.json, bench.csv, bench.png and the factor files (re-used by "
                                   "the next run with the same settings).", show_default=False)] = None,
-          max_tokens: Annotated[int, typer.Option(help="Perplexity: tokens scored per evaluation.")] = 2048,
+          max_tokens: Annotated[int, typer.Option(help="Perplexity: tokens scored per evaluation.")] = 1024,
           batch_size: BatchOpt = 8, seed: SeedOpt = 0, device: DeviceOpt = Device.auto,
           as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Methods and ranks side by side: quality, size and speed, plus the original model.

@@ -43,7 +43,11 @@ class OpenedModel:
 
     @property
     def embedding(self):
-        return self.model.get_input_embeddings().weight
+        module = self.model.get_input_embeddings()
+        if not hasattr(module, "weight"):
+            raise ModelError(f"{self.source} is already compressed (its embedding is factored); "
+                             "compress the original model instead")
+        return module.weight
 
     @property
     def vocab_size(self) -> int:
@@ -78,6 +82,7 @@ class OpenedModel:
             "kind": self.kind,
             "tied": self.tied,
             "embedding": self.embedding_name,
+            "factored": not hasattr(self.model.get_input_embeddings(), "weight"),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "tokenizer_size": self.tokenizer_size,
@@ -202,14 +207,12 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
         if (Path(path) / "embzip.json").is_file():
             raise ModelError(f"{path} is an embzip-compressed model directory; load it with embzip.load_model()")
         raise ModelError(f"{path} is not a transformers model directory (no config.json)")
+    if _is_factored_dir(path):
+        return _open_compressed(source, path, device)
     try:
         config = AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not open model {source!r}: {str(exc).splitlines()[0]}") from None
-    if getattr(config, "model_type", None) == "embzip":
-        from .splice import load_model  # a compressed directory: use its own loader
-
-        return load_model(path, device=device)
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
     auto, kind = _model_class(config, kind)
@@ -227,6 +230,35 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
         tokenizer = None
     revision = revision or getattr(config, "_commit_hash", None)
     return OpenedModel(model, tokenizer, source, path, kind, is_tied(model), _embedding_name(model), revision)
+
+
+def _is_factored_dir(path: str) -> bool:
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    import json
+
+    try:
+        return json.loads(config.read_text()).get("model_type") == "embzip"
+    except ValueError:
+        return False
+
+
+def _open_compressed(source: str, path: str, device: str) -> OpenedModel:
+    """A factored directory written by `embzip apply` (a --dense one is a plain transformers directory)."""
+    from transformers import AutoTokenizer
+
+    from .modeldir import load_model, read_config
+    from .splice import FactoredHead
+
+    config = read_config(path)
+    model = load_model(path, device=device)
+    arch = config["base_architecture"]
+    kind = MASKED_LM if "MaskedLM" in arch else CAUSAL_LM if arch.endswith(("ForCausalLM", "LMHeadModel")) else ENCODER
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    tied = isinstance(model.get_output_embeddings(), FactoredHead)
+    return OpenedModel(model, tokenizer, source, path, kind, tied, _embedding_name(model).removesuffix(".weight"),
+                       revision=None)
 
 
 def resolve_device(device: str) -> str:

@@ -141,3 +141,20 @@ def test_bad_apply(tiny, tmp_path, args, code, fragment):
     if code:
         assert sorted(os.listdir(tmp_path)) == before  # nothing written
         assert (tmp_path / "existing" / "keep").read_text() == "x"
+
+
+def test_compressed_directory_opens_and_scores_like_the_spliced_model(tiny, tmp_path, text_file):
+    from embzip.compress import compress
+    from embzip.errors import ModelError
+    from embzip.perplexity import perplexity
+    from embzip.texts import load_text
+
+    opened, factors = make(tiny, "llama")
+    text = load_text(text_file)
+    expected = perplexity(opened, text, factors=factors, head="tied")["perplexity"]
+    apply_factors(opened, factors, tmp_path / "out")
+    reopened = open_model(str(tmp_path / "out"))
+    assert reopened.kind == "causal-lm" and reopened.tied and reopened.describe()["factored"]
+    assert perplexity(reopened, text)["perplexity"] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ModelError, match="already compressed"):
+        compress(reopened, "svd", rank=2, write=False)
