@@ -157,8 +157,9 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     embedding = opened.embedding.detach()
     check_finite(embedding, opened.embedding_name)
     vocab, hidden = embedding.shape
-    recipes = {name: (recipes or {}).get(name) or recipe(name) for name in config.methods}
-    plan = [(m, k) for m in config.methods for k in _rank_list(config, vocab, hidden, recipes[m])]
+    given = {name: (recipes or {}).get(name) or recipe(name) for name in config.methods}
+    recipes = {r.name: r for r in given.values()}  # rows are labelled by what runs: "fit" shows as "aware"
+    plan = [(m, k) for m in recipes for k in _rank_list(config, vocab, hidden, recipes[m])]
     data_cache: dict = {}
     whole = param_stats(model)
     emb_bytes = embedding.numel() * embedding.element_size()

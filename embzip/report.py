@@ -54,7 +54,10 @@ def table(report: dict[str, Any]) -> None:
         t.add_column(name, justify="left" if name == "method" else "right")
     for r in body:
         t.add_row(*r)
-    Console().print(t)
+    import sys
+
+    # A pipe or file gets the whole table rather than 80 columns of ellipses.
+    Console(width=None if sys.stdout.isatty() else 240).print(t)
     if report.get("interrupted"):
         Console(stderr=True).print("[yellow]interrupted: the table holds the rows finished before Ctrl-C[/]")
 

@@ -27,7 +27,8 @@ def gpt2_run(tiny, text_file, tmp_path_factory):
 def test_rows_are_complete(gpt2_run):
     out, report = gpt2_run
     rows = report["rows"]
-    assert [(r["method"], r["rank"]) for r in rows] == [("original", None), ("svd", 2), ("svd", 4), ("fit", 2), ("fit", 4)]
+    assert [(r["method"], r["rank"]) for r in rows] == [("original", None), ("svd", 2), ("svd", 4), ("aware", 2),
+                                                        ("aware", 4)]
     for r in rows[1:]:
         for key in ("compression_ratio", "embedding_params", "model_params", "model_bytes", "cosine_distance", "rmse",
                     "perplexity_input", "perplexity_tied", "perplexity_ratio_tied", "fit_seconds", "latency_ratio"):
