@@ -157,7 +157,7 @@ def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
 
     Example: embzip svd bert-base-uncased --rank 128 --out bert.svd128.safetensors
     """
-    from .compress import compress
+    from .pipeline import compress
 
     _, summary = compress(model, "svd", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
                           progress=not quiet)  # plain SVD; `embzip fit --method wsvd` weights it
@@ -219,7 +219,7 @@ def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
     """
     from .aware import AwareConfig
     from .autoencoder import FitConfig
-    from .compress import compress
+    from .pipeline import compress
     from .heal import HealConfig
     from .methods import Recipe
     from .weights import WeightConfig
@@ -299,7 +299,7 @@ def perplexity(model: ModelArg = None,
     """
     from .factors import load_factors
     from .models import open_model, resolve_device
-    from .perplexity import perplexity as run
+    from .scoring import perplexity as run
     from .texts import load_text
 
     loaded = load_factors(factors) if factors is not None else None
@@ -348,7 +348,7 @@ def bench(model: ModelArg = None,
 
     Example: embzip bench demo:minilm --ranks 32,64,128 --methods svd,fit --out bench-minilm
     """
-    from .bench import BenchConfig, bench as run
+    from .benchmark import BenchConfig, bench as run
     from .models import open_model, resolve_device
     from .texts import load_text
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .bench import columns
+from .benchmark import columns
 
 SHORT = {
     "compression_ratio": "CR", "embedding_params": "emb params", "embedding_bytes": "emb MB", "model_params": "model params",

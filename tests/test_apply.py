@@ -144,9 +144,9 @@ def test_bad_apply(tiny, tmp_path, args, code, fragment):
 
 
 def test_compressed_directory_opens_and_scores_like_the_spliced_model(tiny, tmp_path, text_file):
-    from embzip.compress import compress
+    from embzip.pipeline import compress
     from embzip.errors import ModelError
-    from embzip.perplexity import perplexity
+    from embzip.scoring import perplexity
     from embzip.texts import load_text
 
     opened, factors = make(tiny, "llama")

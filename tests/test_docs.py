@@ -27,3 +27,15 @@ def test_help_is_fast_and_torch_free():
 
     code = "import sys, embzip.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_public_names_are_functions_not_submodules():
+    import importlib
+    import types
+
+    import embzip
+
+    for module in ("pipeline", "benchmark", "scoring", "splice", "modeldir", "methods", "heal", "cli"):
+        importlib.import_module(f"embzip.{module}")  # importing submodules must not shadow the API
+    for name in embzip.__all__:
+        assert not isinstance(getattr(embzip, name), types.ModuleType), name

@@ -6,11 +6,11 @@ import random
 import pytest
 import torch
 
-import embzip.perplexity as ppl_mod
+import embzip.scoring as ppl_mod
 from conftest import TEXT, WORDS
 from embzip.errors import DataError, ModelError
 from embzip.models import open_model
-from embzip.perplexity import perplexity
+from embzip.scoring import perplexity
 from embzip.svd import svd_factors
 from embzip.texts import Text, load_text
 

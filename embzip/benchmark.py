@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .compress import check_finite
+from .pipeline import check_finite
 from .methods import Recipe, make_factors, recipe
 from .errors import FactorsError
 from .factors import Factors, load_factors, reconstruction_metrics, save_factors
@@ -124,7 +124,7 @@ class _Quality:
             self.protocol = self.reference["protocol"]
 
     def perplexity(self) -> dict[str, Any]:
-        from .perplexity import perplexity
+        from .scoring import perplexity
 
         c = self.config
         return perplexity(self.opened, self.text, max_tokens=c.max_tokens, batch_size=c.batch_size, seed=c.seed,
