@@ -32,7 +32,7 @@ class AwareConfig:
     row_weights: bool = True  # weight rows by token counts
     output_metric: float = 4.0  # gamma: weight of the hidden-state metric (0: plain Euclidean)
     keep_norms: bool = False  # store exact row norms; factors code directions only
-    metric_tokens: int = 4096  # tokens of the corpus used to estimate S
+    metric_tokens: int = 2048  # tokens of the corpus (spread across it) used to estimate S
 
     def __post_init__(self) -> None:
         if self.output_metric < 0:
@@ -87,6 +87,20 @@ class _Transformed:
         return self.e[index] @ self.r
 
 
+def spread_sample(lines: list[str], chars: int) -> list[str]:
+    """Lines taken evenly across the whole text (every register of a mixed corpus), about `chars` long."""
+    total = sum(len(line) + 1 for line in lines)
+    if total <= chars:
+        return lines
+    step = total / chars
+    picked, position = [], 0.0
+    for i in range(0, len(lines)):
+        if i >= position:
+            picked.append(lines[i])
+            position = i + step
+    return picked
+
+
 def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq_len: int = 256,
                          batch_size: int = 4) -> torch.Tensor | None:
     """E[h h^T] of the hidden states entering the output head, over about `tokens` tokens of `lines`.
@@ -97,7 +111,8 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
     head = model.get_output_embeddings()
     if head is None:
         return None
-    ids = tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = tokenizer("\n".join(spread_sample(lines, chars=tokens * 8)), add_special_tokens=False,
+                    return_tensors="pt").input_ids[0]
     ids = ids[ids < model.get_input_embeddings().num_embeddings][:tokens]
     n_seq = max(1, len(ids) // seq_len)
     chunks = ids[:n_seq * seq_len].view(n_seq, -1) if len(ids) >= seq_len else ids.view(1, -1)

@@ -90,7 +90,10 @@ def test_token_counts_match_the_tokenizer(tiny):
 def test_hidden_second_moment_is_what_the_head_sees(tiny):
     opened = open_model(tiny("gpt2"))
     s = hidden_second_moment(opened.model, opened.tokenizer, TEXT.splitlines(), 60, seq_len=30, batch_size=2)
-    ids = opened.tokenizer("\n".join(TEXT.splitlines()), add_special_tokens=False, return_tensors="pt").input_ids[0][:60]
+    from embzip.aware import spread_sample
+
+    lines = spread_sample(TEXT.splitlines(), 60 * 8)
+    ids = opened.tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt").input_ids[0][:60]
     with torch.no_grad():
         h = opened.model(input_ids=ids.view(2, 30), output_hidden_states=True).hidden_states[-1].reshape(-1, 32)
     assert torch.allclose(s.float(), (h.T @ h / 60).float(), atol=1e-4)
@@ -132,3 +135,12 @@ def test_bench_method_names():
     assert recipe("fit").method == "aware" and recipe("paper+heal").heal is not None
     with pytest.raises(ValueError, match="known"):
         recipe("magic")
+
+
+def test_spread_sample_covers_the_whole_text():
+    from embzip.aware import spread_sample
+
+    lines = [f"line {i:03d} " + "x" * 20 for i in range(100)]
+    assert spread_sample(lines, 10**6) == lines
+    picked = spread_sample(lines, 300)
+    assert 8 <= len(picked) <= 12 and picked[0] == lines[0] and picked[-1] in lines[85:]
