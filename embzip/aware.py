@@ -32,7 +32,7 @@ class AwareConfig:
     row_weights: bool = True  # weight rows by token counts
     output_metric: float = 4.0  # gamma: weight of the hidden-state metric (0: plain Euclidean)
     keep_norms: bool = False  # store exact row norms; factors code directions only
-    metric_tokens: int = 2048  # tokens of the corpus (spread across it) used to estimate S
+    metric_tokens: int = 8192  # tokens of the corpus (spread across it) used to estimate S
 
     def __post_init__(self) -> None:
         if self.output_metric < 0:

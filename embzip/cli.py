@@ -187,7 +187,7 @@ def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
         output_metric: Annotated[float, typer.Option(help="aware: weight of the hidden-state metric for a tied "
                                                           "output head (0: plain weighted SVD).")] = 4.0,
         metric_tokens: Annotated[int, typer.Option(help="aware: tokens of the weights text used to measure the "
-                                                        "hidden-state metric.")] = 2048,
+                                                        "hidden-state metric.")] = 8192,
         keep_norms: Annotated[bool, typer.Option(help="aware/wsvd: store each row's exact length (V more numbers, "
                                                       "counted in the size); the factors code directions.")] = False,
         heal_steps: Annotated[int, typer.Option(help="After the method, distil the factors against the original "
