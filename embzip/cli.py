@@ -40,6 +40,12 @@ class Head(str, Enum):
     tied = "tied"
 
 
+class Method(str, Enum):
+    aware = "aware"
+    wsvd = "wsvd"
+    paper = "paper"
+
+
 class Init(str, Enum):
     random = "random"
     svd = "svd"
@@ -162,12 +168,6 @@ def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
     _, summary = compress(model, "svd", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
                           progress=not quiet)  # plain SVD; `embzip fit --method wsvd` weights it
     _emit(summary, as_json, "embzip svd")
-
-
-class Method(str, Enum):
-    aware = "aware"
-    wsvd = "wsvd"
-    paper = "paper"
 
 
 @command
