@@ -83,3 +83,24 @@ def test_encoder_gets_fidelity_not_perplexity(tiny, text_file, tmp_path):
 def test_bad_bench_arguments(tiny, text_file, args, fragment):
     result = runner.invoke(app, ["bench", tiny("gpt2"), "--text", text_file, *args])
     assert result.exit_code != 0 and fragment in " ".join(result.output.split())
+
+
+def test_ctrl_c_keeps_finished_rows(tiny, text_file, tmp_path, monkeypatch):
+    import embzip.benchmark as benchmark
+
+    calls = {"n": 0}
+    real = benchmark.latency_ratio
+
+    def interrupt_on_second_row(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "latency_ratio", interrupt_on_second_row)
+    result = runner.invoke(app, ["bench", tiny("gpt2"), "--ranks", "2,4", "--methods", "svd", "--out", str(tmp_path),
+                                 "--text", text_file, "--max-tokens", "100", "--json", "-q"])
+    assert result.exit_code == 130
+    report = json.loads(result.stdout)
+    assert report["interrupted"] and [r["rank"] for r in report["rows"]] == [None, 2]
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"] == report["rows"]

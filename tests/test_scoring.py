@@ -284,3 +284,13 @@ def test_load_text_sources_and_errors(tmp_path, text_file):
         load_text(sample="nope")
     with pytest.raises(DataError, match="could not load dataset 'no-such-dataset-embzip:x'.*name\\[:config"):
         load_text(dataset="no-such-dataset-embzip:x")
+
+
+def test_dataset_spec_reads_a_local_dataset(tmp_path):
+    from embzip.texts import load_text as load
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "test.txt").write_text("first line of the test split\nsecond line\n")
+    (tmp_path / "ds" / "train.txt").write_text("a training line\n")
+    assert load(dataset=str(tmp_path / "ds")).lines == ["first line of the test split", "second line"]
+    assert load(dataset=f"{tmp_path / 'ds'}::train").lines == ["a training line"]
