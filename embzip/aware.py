@@ -105,9 +105,11 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
                          batch_size: int = 4) -> torch.Tensor | None:
     """E[h h^T] of the hidden states entering the output head, over about `tokens` tokens of `lines`.
 
-    None when the model has no output head. The head itself is skipped (it gets an empty slice),
+    None when the model has no output head. The head runs on an empty slice (scoring.head_inputs),
     so no V-sized logits are computed.
     """
+    from .scoring import head_inputs
+
     head = model.get_output_embeddings()
     if head is None:
         return None
@@ -118,20 +120,12 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
     chunks = ids[:n_seq * seq_len].view(n_seq, -1) if len(ids) >= seq_len else ids.view(1, -1)
     total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
     count = 0
-
-    def grab(module, args):
-        nonlocal total, count
-        h = args[0].reshape(-1, args[0].shape[-1]).double().cpu()
-        total += h.T @ h
-        count += h.shape[0]
-        return (args[0][..., :0, :],) + tuple(args[1:])
-
-    hook = head.register_forward_pre_hook(grab)
-    try:
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            for i in range(0, len(chunks), batch_size):
-                model(input_ids=chunks[i:i + batch_size].to(device))
-    finally:
-        hook.remove()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in range(0, len(chunks), batch_size):
+            ids = chunks[i:i + batch_size].to(device)
+            h = head_inputs(model, head, ids, torch.ones_like(ids))
+            h = h.reshape(-1, h.shape[-1]).double().cpu()
+            total += h.T @ h
+            count += h.shape[0]
     return total / max(count, 1)

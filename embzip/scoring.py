@@ -169,7 +169,7 @@ def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _hidden(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def head_inputs(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The hidden states entering the output head, running the head on an empty slice only."""
     captured: list[torch.Tensor] = []
 
@@ -197,7 +197,7 @@ def _check_head(model, head, ids: list[int], device) -> None:
     input_ids = torch.tensor([ids[:_CHECK_TOKENS]], device=device)
     mask = torch.ones_like(input_ids)
     full = model(input_ids=input_ids, attention_mask=mask).logits.float()
-    mine = _head_logits(model, head, _hidden(model, head, input_ids, mask))
+    mine = _head_logits(model, head, head_inputs(model, head, input_ids, mask))
     tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 2e-2
     if mine.shape != full.shape or (mine - full).abs().max() > tol * (1 + full.abs().max()):
         raise ModelError(f"{type(model).__name__} post-processes its logits in a way embzip does not know, "
@@ -234,7 +234,7 @@ def _score(model, jobs: list[_Job], *, batch_size: int, pad_id: int, chunk: int,
                     rows += [r] * len(job.positions)
                     cols += job.positions
                     labels += job.labels
-                hidden = _hidden(model, head, input_ids.to(device), attention.to(device))
+                hidden = head_inputs(model, head, input_ids.to(device), attention.to(device))
                 picked = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
                 labels_t = torch.tensor(labels, device=device)
                 for i in range(0, len(labels), chunk):
