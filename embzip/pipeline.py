@@ -48,7 +48,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     device = resolve_device(device)
     if write and out is not None:
         check_output_file(out, force)  # fail before the slow part
-    opened = model if isinstance(model, OpenedModel) else open_model(model)
+    opened = model if isinstance(model, OpenedModel) else open_model(model, device=device)
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape
     rank = resolve_rank(rank, ratio, vocab, hidden, bias=recipe.bias, norms=recipe.norms)
