@@ -5,6 +5,11 @@ trained so that the compressed model reproduces the original model's own outputs
 text: the KL divergence of its next-token (or masked-token) distributions for LMs, the cosine
 distance of its last hidden states for encoders. No labels, no task: the original model is the
 teacher. Only rows of tokens that occur in the text (and the shared decoder) receive gradient.
+
+Early stopping: the last `val_sequences` sequences of the text are held out; the distillation
+loss on them is measured before training and every `eval_every` steps, and the factors with the
+lowest held-out loss are returned, so healing never returns factors that fit held-out text
+worse than the ones it started from.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ class HealConfig:
     seq_len: int = 128  # tokens per sequence
     batch_size: int = 8  # sequences per step
     seed: int = 0
+    eval_every: int = 20  # steps between held-out evaluations
+    val_sequences: int = 8  # sequences held out at the end of the text for early stopping
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "batch_size"):
+        for name in ("steps", "seq_len", "batch_size", "eval_every", "val_sequences"):
             if getattr(self, name) < 1:
                 raise ValueError(f"heal {name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -42,8 +49,8 @@ def _sequences(tokenizer, lines: list[str], seq_len: int, vocab: int) -> torch.T
     ids = tokenizer("\n".join(lines), add_special_tokens=False, return_tensors="pt").input_ids[0]
     ids = ids[ids < vocab]
     n = len(ids) // seq_len
-    if n == 0:
-        raise ValueError(f"the healing text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    if n < 2:
+        raise ValueError(f"the healing text has {len(ids)} tokens, fewer than two sequences of {seq_len}")
     return ids[:n * seq_len].view(n, seq_len)
 
 
@@ -60,12 +67,23 @@ def _loss(opened, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
+def _snapshot(emb) -> Factors:
+    return Factors(*(None if p is None else p.detach().clone().cpu()
+                     for p in (emb.codes, emb.decoder, emb.bias, emb.norms)))
+
+
 def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None = None, *, head: str | None = None,
-         progress: bool = False) -> tuple[Factors, list[float]]:
-    """Distil `factors` against the original model on `lines`; returns new factors and the loss per step."""
+         progress: bool = False) -> tuple[Factors, dict]:
+    """Distil `factors` against the original model on `lines`.
+
+    Returns the factors with the lowest held-out loss and a history: the training loss per step,
+    the held-out loss at each evaluation, and the step of the returned factors.
+    """
     config = config or HealConfig()
     model = opened.model
     seqs = _sequences(opened.tokenizer, lines, config.seq_len, opened.vocab_size)
+    n_val = min(config.val_sequences, len(seqs) // 2)
+    seqs, val = seqs[:-n_val], seqs[-n_val:]
     gen = torch.Generator().manual_seed(config.seed)
     device = next(model.parameters()).device
     frozen = [(p, p.requires_grad) for p in model.parameters()]
@@ -79,9 +97,32 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
     optimizer = torch.optim.Adam(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     losses: list[float] = []
+    history: dict = {"train_loss": losses, "val_loss": [], "best_step": 0}
     was_training = model.training
     model.eval()  # no dropout: the student matches the teacher exactly where the factors are exact
+
+    def held_out() -> float:
+        total = 0.0
+        for i in range(0, len(val), config.batch_size):
+            batch = val[i:i + config.batch_size].to(device)
+            with torch.no_grad():
+                swap.restore()
+                teacher = _outputs(opened, batch)
+                swap.reapply()
+                total += _loss(opened, _outputs(opened, batch), teacher).item() * len(batch)
+        return total / len(val)
+
+    def evaluate(step: int) -> None:
+        nonlocal best
+        loss = held_out()
+        history["val_loss"].append({"step": step, "loss": loss})
+        if best is None or loss < min(v["loss"] for v in history["val_loss"][:-1]):
+            best = _snapshot(emb)
+            history["best_step"] = step
+
+    best = None
     try:
+        evaluate(0)
         with bar("heal", config.steps, enabled=progress, fields="loss {task.fields[loss]}", loss="-") as pbar:
             for _ in range(config.steps):
                 batch = seqs[torch.randint(len(seqs), (config.batch_size,), generator=gen)].to(device)
@@ -95,6 +136,8 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
                 optimizer.step()
                 schedule.step()
                 losses.append(loss.item())
+                if len(losses) % config.eval_every == 0 or len(losses) == config.steps:
+                    evaluate(len(losses))
                 pbar.update(loss=f"{losses[-1]:.4f}")
                 pbar.advance()
     finally:
@@ -102,7 +145,6 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
         for p, flag in frozen:
             p.requires_grad_(flag)
         model.train(was_training)
-    healed = Factors(*(None if p is None else p.detach().clone().cpu() for p in (emb.codes, emb.decoder, emb.bias, emb.norms)))
-    healed.meta = dict(factors.meta)
-    return healed, losses
+    best.meta = dict(factors.meta)
+    return best, history
 

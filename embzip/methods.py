@@ -149,6 +149,7 @@ def make_factors(opened, rank: int, recipe: Recipe, *, device: str = "cpu", prog
         from dataclasses import replace
 
         config = replace(recipe.heal, seq_len=min(recipe.heal.seq_len, opened.max_length or recipe.heal.seq_len))
-        factors, losses = heal(opened, factors.to(dtype=embedding.dtype), text.lines, config, progress=progress)
-        details["heal_loss"] = {"first": losses[0], "last": losses[-1]}
+        factors, history = heal(opened, factors.to(dtype=embedding.dtype), text.lines, config, progress=progress)
+        details["heal"] = {"val_loss": history["val_loss"], "best_step": history["best_step"],
+                           "train_loss_first": history["train_loss"][0], "train_loss_last": history["train_loss"][-1]}
     return factors, details

@@ -114,12 +114,24 @@ def test_seeded_aware_heal_repeats_and_lowers_the_loss(tiny, text_file):
     start = svd_factors(opened.embedding.detach(), 3)
     config = HealConfig(steps=15, lr=1e-2, seq_len=16, batch_size=4, seed=3)
     before = [p.detach().clone() for p in opened.model.parameters()]
-    a, losses = heal(opened, start, lines, config)
+    a, history = heal(opened, start, lines, config)
     b, _ = heal(opened, start, lines, config)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.decoder, b.decoder)
+    losses = history["train_loss"]
     assert sum(losses[-3:]) < sum(losses[:3])
+    held_out = {v["step"]: v["loss"] for v in history["val_loss"]}
+    assert history["best_step"] > 0 and held_out[history["best_step"]] < held_out[0]
     assert all(torch.equal(x, y) for x, y in zip(before, opened.model.parameters()))  # only the factors train
     assert not any(p.requires_grad is False for p in opened.model.parameters())  # flags restored
+
+
+def test_heal_stops_early_on_held_out_text(tiny):
+    opened = open_model(tiny("gpt2"))
+    start = svd_factors(opened.embedding.detach(), 3)
+    wild = HealConfig(steps=6, lr=50.0, seq_len=16, batch_size=4, eval_every=2)  # diverges at once
+    healed, history = heal(opened, start, TEXT.splitlines(), wild)
+    assert history["best_step"] == 0 and torch.equal(healed.codes, start.codes)
+    assert all(v["loss"] >= history["val_loss"][0]["loss"] for v in history["val_loss"])
 
 
 def test_fit_cli_default_is_aware(tiny, text_file, tmp_path):
