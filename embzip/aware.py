@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .factors import Factors
-from .svd import project, top_directions
+from .svd import project, svd_factors, top_directions
 
 
 @dataclass
@@ -68,8 +68,8 @@ def aware_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor |
         norms = e.norm(dim=1)
         e = e / norms.clamp_min(1e-12).unsqueeze(1)
     if metric is None:
-        directions, _ = top_directions(e, rank, weights, device)
-        return Factors(project(e, directions, device), directions.T.contiguous().cpu(), norms=norms)
+        plain = svd_factors(e, rank, weights=weights, device=device)
+        return Factors(plain.codes, plain.decoder, norms=norms)
     root, inv_root = _sqrt_and_inverse(metric)
     directions, _ = top_directions(_Transformed(e, root.float()), rank, weights, device)
     codes = project(e, (root.float() @ directions), device)

@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from .pipeline import check_finite
-from .methods import Recipe, make_factors, recipe
 from .errors import FactorsError
 from .factors import Factors, load_factors, reconstruction_metrics, save_factors
 from .models import ENCODER, OpenedModel
+from .methods import Recipe, recipe
 from .modeldir import param_stats
+from .pipeline import check_finite, factorize
 from .progress import bar
 from .sizes import check_rank, rank_for_ratio
 from .splice import spliced
@@ -183,12 +183,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
                 factors = _cached_factors(cache, method, rank, opened, settings)
                 cached = factors is not None
                 if factors is None:
-                    t0 = time.perf_counter()
-                    factors, details = make_factors(opened, rank, recipes[method], device=config.device,
-                                                    cache=data_cache)
-                    factors = factors.to(dtype=embedding.dtype)
-                    factors.meta = {"method": method, **details, "source": opened.describe(),
-                                    "seconds": time.perf_counter() - t0}
+                    factors = factorize(opened, rank, recipes[method], device=config.device, cache=data_cache)
                     if cache is not None:
                         save_factors(factors, cache / f"{method}-r{rank}.safetensors", force=True)
                 n = factors.num_params()
@@ -200,7 +195,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
                     # whole model with the tied head (the real saving) or, untied, input side only
                     "model_params": whole["params"] - vocab * hidden + n,
                     "model_bytes": whole["bytes"] - emb_bytes + f_bytes,
-                    **reconstruction_metrics(embedding, factors),
+                    **(factors.meta.get("metrics") or reconstruction_metrics(embedding, factors)),
                     "fit_seconds": factors.meta.get("seconds"), "cached": cached,
                 }
                 for head in heads:

@@ -82,11 +82,9 @@ def _setup_logging(quiet: bool) -> None:
     from rich.logging import RichHandler
 
     logger = logging.getLogger("embzip")
-    logger.handlers[:] = [] if quiet else [RichHandler(console=stderr, show_time=False, show_path=False)]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.handlers[:] = [RichHandler(console=stderr, show_time=False, show_path=False)]
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)  # quiet keeps warnings only
     logger.propagate = False
-    if quiet:
-        logger.addHandler(logging.NullHandler())
     for noisy in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     import os

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .factors import Factors
-from .models import ENCODER
+from .models import ENCODER, outputs
 from .progress import bar
 from .splice import splice
 
@@ -52,11 +52,6 @@ def _sequences(tokenizer, lines: list[str], seq_len: int, vocab: int) -> torch.T
     if n < 2:
         raise ValueError(f"the healing text has {len(ids)} tokens, fewer than two sequences of {seq_len}")
     return ids[:n * seq_len].view(n, seq_len)
-
-
-def _outputs(opened, ids: torch.Tensor) -> torch.Tensor:
-    out = opened.model(input_ids=ids)
-    return out.last_hidden_state if opened.kind == ENCODER else out.logits
 
 
 def _loss(opened, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -107,9 +102,9 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
             batch = val[i:i + config.batch_size].to(device)
             with torch.no_grad():
                 swap.restore()
-                teacher = _outputs(opened, batch)
+                teacher = outputs(model, batch)
                 swap.reapply()
-                total += _loss(opened, _outputs(opened, batch), teacher).item() * len(batch)
+                total += _loss(opened, outputs(model, batch), teacher).item() * len(batch)
         return total / len(val)
 
     def evaluate(step: int) -> None:
@@ -128,9 +123,9 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
                 batch = seqs[torch.randint(len(seqs), (config.batch_size,), generator=gen)].to(device)
                 swap.restore()
                 with torch.no_grad():
-                    teacher = _outputs(opened, batch)
+                    teacher = outputs(model, batch)
                 swap.reapply()
-                loss = _loss(opened, _outputs(opened, batch), teacher)
+                loss = _loss(opened, outputs(model, batch), teacher)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from .aware import AwareConfig
+from .errors import ModelError
 from .autoencoder import FitConfig
 from .heal import HealConfig
 from .weights import WeightConfig
@@ -117,7 +117,8 @@ def make_factors(opened, rank: int, recipe: Recipe, *, device: str = "cpu", prog
             cache[key] = _text(recipe)
         text = cache[key]
         if opened.tokenizer is None:
-            raise ValueError(f"method {recipe.method} needs the model's tokenizer to count tokens")
+            raise ModelError(f"{opened.source} has no tokenizer, and method {recipe.name} needs one to count "
+                             "tokens; use --method paper or embzip svd")
         counts_key = ("counts",) + key[1:]
         if counts_key not in cache:
             cache[counts_key] = token_counts(opened.tokenizer, text, opened.vocab_size)

@@ -87,9 +87,10 @@ def _probe_ids(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    from .models import outputs
+
     with torch.inference_mode():
-        out = model(input_ids=ids.to(next(model.parameters()).device))
-    return (out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state).float().cpu()
+        return outputs(model, ids.to(next(model.parameters()).device)).float().cpu()
 
 
 def _copy_side_files(opened, tmp: Path) -> None:

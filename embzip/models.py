@@ -64,8 +64,7 @@ class OpenedModel:
     @property
     def max_length(self) -> int | None:
         """The longest input the model and tokenizer accept (None if neither says)."""
-        config = self.model.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(self.model)
         limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         limits.append(tok_max if tok_max is not None and tok_max < 1_000_000 else None)
@@ -163,17 +162,31 @@ def gguf_to_directory(gguf_path: str) -> str:
     return str(target)
 
 
+def kind_of(architectures: list[str]) -> str:
+    """MASKED_LM, CAUSAL_LM or ENCODER from architecture names such as BertForMaskedLM."""
+    if any("MaskedLM" in a for a in architectures):
+        return MASKED_LM
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return CAUSAL_LM
+    return ENCODER
+
+
+def text_config(model: Any) -> Any:
+    """The config of a model's text part (multimodal configs nest it)."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def outputs(model: Any, input_ids) -> Any:
+    """Logits for LMs, last hidden states for encoders."""
+    out = model(input_ids=input_ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
 def _model_class(config: Any, want: str | None):
     import transformers
 
-    archs = list(getattr(config, "architectures", None) or [])
-    if want is None:
-        if any("MaskedLM" in a for a in archs):
-            want = MASKED_LM
-        elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-            want = CAUSAL_LM
-        else:
-            want = ENCODER
+    want = want or kind_of(getattr(config, "architectures", None) or [])
     auto = {MASKED_LM: transformers.AutoModelForMaskedLM, CAUSAL_LM: transformers.AutoModelForCausalLM,
             ENCODER: transformers.AutoModel}[want]
     return auto, want
@@ -253,8 +266,7 @@ def _open_compressed(source: str, path: str, device: str) -> OpenedModel:
 
     config = read_config(path)
     model = load_model(path, device=device)
-    arch = config["base_architecture"]
-    kind = MASKED_LM if "MaskedLM" in arch else CAUSAL_LM if arch.endswith(("ForCausalLM", "LMHeadModel")) else ENCODER
+    kind = kind_of([config["base_architecture"]])
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     tied = isinstance(model.get_output_embeddings(), FactoredHead)
     return OpenedModel(model, tokenizer, source, path, kind, tied, _embedding_name(model).removesuffix(".weight"),

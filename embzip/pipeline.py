@@ -35,6 +35,20 @@ def default_out(source: str, method: str, rank: int) -> Path:
     return Path(f"{stem}.{method}-r{rank}.safetensors")
 
 
+def factorize(opened: OpenedModel, rank: int, recipe: Recipe, *, device: str = "cpu", progress: bool = False,
+              cache: dict | None = None) -> Factors:
+    """Factors of `opened`'s embedding at the embedding's dtype, with the metadata a factors file records
+    (method, settings, source model, reconstruction metrics, seconds, device)."""
+    embedding = opened.embedding.detach()
+    start = time.perf_counter()
+    factors, details = make_factors(opened, rank, recipe, device=device, progress=progress, cache=cache)
+    seconds = time.perf_counter() - start
+    factors = factors.to(dtype=embedding.dtype)
+    factors.meta = {"method": recipe.name, **details, "source": opened.describe(),
+                    "metrics": reconstruction_metrics(embedding, factors), "seconds": seconds, "device": device}
+    return factors
+
+
 def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, rank: int | None = None,
              ratio: float | None = None, out: str | Path | None = None, force: bool = False, device: str = "cpu",
              progress: bool = False, write: bool = True) -> tuple[Factors, dict[str, Any]]:
@@ -56,19 +70,8 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     if write:
         out_path = check_output_file(out or default_out(opened.source, method, rank), force)
     check_finite(embedding, opened.embedding_name)
-    start = time.perf_counter()
-    factors, details = make_factors(opened, rank, recipe, device=device, progress=progress)
-    seconds = time.perf_counter() - start
-    factors = factors.to(dtype=embedding.dtype)
-    metrics = reconstruction_metrics(embedding, factors)
-    factors.meta = {
-        "method": method,
-        **details,
-        "source": opened.describe(),
-        "metrics": metrics,
-        "seconds": seconds,
-        "device": device,
-    }
+    factors = factorize(opened, rank, recipe, device=device, progress=progress)
+    metrics, seconds = factors.meta["metrics"], factors.meta["seconds"]
     if write:
         save_factors(factors, out_path, force=force)
         log.info("wrote %s", out_path)

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .errors import DataError, ModelError
-from .models import CAUSAL_LM, ENCODER, OpenedModel
+from .models import CAUSAL_LM, ENCODER, OpenedModel, text_config
 from .progress import bar
 from .texts import Text
 
@@ -58,11 +58,6 @@ class _Job:
     ids: list[int]
     positions: list[int]
     labels: list[int]
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: int, seed: int,
@@ -163,7 +158,7 @@ def _causal_jobs(opened: OpenedModel, text: Text, *, window: int | None, stride:
 
 def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
     logits = head(hidden).float()
-    cap = getattr(_text_config(model), "final_logit_softcapping", None)
+    cap = getattr(text_config(model), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     return logits

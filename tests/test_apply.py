@@ -9,7 +9,6 @@ import transformers
 from typer.testing import CliRunner
 
 from embzip.cli import app
-from embzip.factors import load_factors
 from embzip.modeldir import apply_factors, load_model
 from embzip.models import open_model
 from embzip.splice import FactoredEmbedding, FactoredHead, spliced

@@ -12,7 +12,6 @@ from embzip.factors import load_factors
 from embzip.heal import HealConfig, heal
 from embzip.methods import Recipe, make_factors, recipe
 from embzip.models import open_model
-from embzip.splice import spliced
 from embzip.svd import svd_factors
 from embzip.texts import Text
 from embzip.weights import WeightConfig, row_weights, token_counts
