@@ -21,13 +21,13 @@ from typing import Any
 import torch
 
 from .errors import FactorsError
-from .factors import Factors, load_factors, reconstruction_metrics, save_factors
+from .compressed import Compressed, reconstruction_metrics
+from .factors import load_factors, save_factors
 from .models import ENCODER, OpenedModel
-from .methods import Recipe, recipe
+from .methods import FIXED, RANK, Recipe, recipe, resolve_size
 from .modeldir import param_stats
-from .pipeline import check_finite, factorize
+from .pipeline import check_finite, factorize, size_label
 from .progress import bar
-from .sizes import check_rank, rank_for_ratio
 from .splice import spliced
 
 log = logging.getLogger("embzip")
@@ -37,9 +37,10 @@ log = logging.getLogger("embzip")
 class BenchConfig:
     """What to compare and on what."""
 
-    methods: list[str] = field(default_factory=lambda: ["svd", "fit"])  # names: svd, paper, wsvd, aware, fit, +heal
-    ranks: list[int] | None = None  # explicit ranks, or
-    ratios: list[float] | None = None  # compression ratios of the embedding
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))  # method names, fit, +heal
+    ranks: list[int] | None = None  # low-rank methods: explicit ranks, or
+    ratios: list[float] | None = None  # compression ratios of the embedding (bytes), or
+    bits: list[float] | None = None  # bits per weight (codebook; low-rank too when no ranks or ratios)
     max_tokens: int = 1024  # perplexity: about this many scored tokens per evaluation
     sentences: int = 256  # fidelity: at most this many sentences
     batch_size: int = 8
@@ -52,24 +53,50 @@ class BenchConfig:
             raise ValueError("give at least one method")
         for name in self.methods:
             recipe(name)  # raises ValueError naming the known methods
-        if (self.ranks is None) == (self.ratios is None):
+        if self.ranks is not None and self.ratios is not None:
             raise ValueError("give ranks or ratios, not both")
+        for name in ("ranks", "ratios", "bits"):
+            values = getattr(self, name)
+            if values is not None and (not values or len(set(values)) != len(values)):
+                raise ValueError(f"{name} must be a non-empty list without repeats, got {values}")
 
 
-def _rank_list(config: BenchConfig, vocab: int, hidden: int, r: Recipe) -> list[int]:
-    if config.ranks is not None:
-        return [check_rank(k, vocab, hidden, bias=r.bias, norms=r.norms) for k in config.ranks]
-    return [rank_for_ratio(x, vocab, hidden, bias=r.bias, norms=r.norms) for x in config.ratios]
+DEFAULT_METHODS = ("svd", "aware", "int8", "int4", "codebook")
+DEFAULT_BITS = (1.0, 2.0, 4.0)
 
 
-def _cached_factors(cache: Path | None, method: str, rank: int, opened: OpenedModel, settings: dict) -> Factors | None:
-    if cache is None or not (cache / f"{method}-r{rank}.safetensors").is_file():
+def default_ranks(vocab: int) -> list[int]:
+    return [128, 256] if vocab > 100_000 else [32, 64, 128]
+
+
+def sizes(config: BenchConfig, r: Recipe, vocab: int, hidden: int, dtype: torch.dtype) -> list[int | float | None]:
+    """The sizes one method is benched at: ranks (low-rank), bits per weight (codebook), or its one size."""
+    shape = dict(vocab=vocab, hidden=hidden, dtype=dtype)
+    kind = r.spec.sized_by
+    if kind == FIXED:
+        return [resolve_size(r, **shape)]
+    if kind == RANK and config.ranks is not None:
+        return [resolve_size(r, rank=k, **shape) for k in config.ranks]
+    if config.ratios is not None:
+        return list(dict.fromkeys(resolve_size(r, ratio=x, **shape) for x in config.ratios))
+    if kind == RANK and config.bits is None:
+        return [resolve_size(r, rank=k, **shape) for k in default_ranks(vocab)]
+    return list(dict.fromkeys(resolve_size(r, bits=b, **shape) for b in (config.bits or DEFAULT_BITS)))
+
+
+def _cache_name(method: str, size) -> str:
+    label = size_label(size)
+    return f"{method}{'-' + label if label else ''}.safetensors"
+
+
+def _cached_factors(cache: Path | None, method: str, size, opened: OpenedModel, settings: dict) -> Compressed | None:
+    if cache is None or not (cache / _cache_name(method, size)).is_file():
         return None
     try:
-        factors = load_factors(cache / f"{method}-r{rank}.safetensors")
+        factors = load_factors(cache / _cache_name(method, size))
     except FactorsError:
         return None
-    same = (factors.meta.get("method") == method and factors.rank == rank
+    same = (factors.meta.get("method") == method and factors.meta.get("size") == size
             and factors.meta.get("source", {}).get("path") == opened.path
             and factors.shape == (opened.vocab_size, opened.hidden_size)
             and factors.meta.get("settings", {}) == settings)
@@ -83,7 +110,7 @@ def _latency_batch(opened: OpenedModel, text) -> torch.Tensor:
     return ids[:256].view(4, 64)
 
 
-def latency_ratio(model, factors: Factors, head: str, batch: torch.Tensor, repeats: int) -> float:
+def latency_ratio(model, factors: Compressed, head: str, batch: torch.Tensor, repeats: int) -> float:
     """Median forward time with the factors over median time without, alternating the two."""
     device = next(model.parameters()).device
     batch = batch.to(device)
@@ -159,7 +186,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     vocab, hidden = embedding.shape
     given = {name: (recipes or {}).get(name) or recipe(name) for name in config.methods}
     recipes = {r.name: r for r in given.values()}  # rows are labelled by what runs: "fit" shows as "aware"
-    plan = [(m, k) for m in recipes for k in _rank_list(config, vocab, hidden, recipes[m])]
+    plan = [(m, s) for m in recipes for s in sizes(config, recipes[m], vocab, hidden, embedding.dtype)]
     data_cache: dict = {}
     whole = param_stats(model)
     emb_bytes = embedding.numel() * embedding.element_size()
@@ -167,8 +194,8 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     started = time.perf_counter()
     quality = _Quality(opened, text, config)
     rows: list[dict[str, Any]] = [{
-        "method": "original", "rank": None, "compression_ratio": 1.0,
-        "embedding_params": vocab * hidden, "embedding_bytes": emb_bytes,
+        "method": "original", "size": "-", "rank": None, "bits_per_weight": float(8 * embedding.element_size()),
+        "compression_ratio": 1.0, "embedding_params": vocab * hidden, "embedding_bytes": emb_bytes,
         "model_params": whole["params"], "model_bytes": whole["bytes"],
         "cosine_distance": 0.0, "rmse": 0.0, **quality.original(heads),
         "fit_seconds": None, "latency_ratio": 1.0, "cached": None,
@@ -177,20 +204,21 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     interrupted = False
     try:
         with bar("bench", len(plan), enabled=progress, fields="{task.fields[row]}", row="") as pbar:
-            for method, rank in plan:
-                pbar.update(row=f"{method} rank {rank}")
+            for method, size in plan:
+                pbar.update(row=f"{method} {size_label(size)}")
                 settings = recipes[method].settings()
-                factors = _cached_factors(cache, method, rank, opened, settings)
+                factors = _cached_factors(cache, method, size, opened, settings)
                 cached = factors is not None
                 if factors is None:
-                    factors = factorize(opened, rank, recipes[method], device=config.device, cache=data_cache)
+                    factors = factorize(opened, size, recipes[method], device=config.device, cache=data_cache)
                     if cache is not None:
-                        save_factors(factors, cache / f"{method}-r{rank}.safetensors", force=True)
+                        save_factors(factors, cache / _cache_name(method, size), force=True)
                 n = factors.num_params()
-                f_bytes = n * factors.codes.element_size()
+                f_bytes = factors.stored_bytes()
                 main_head = heads[-1]
                 row = {
-                    "method": method, "rank": rank, "compression_ratio": factors.compression_ratio(),
+                    "method": method, "size": factors.size_label(), "rank": getattr(factors, "rank", None),
+                    "bits_per_weight": factors.bits_per_weight(), "compression_ratio": factors.compression_ratio(),
                     "embedding_params": n, "embedding_bytes": f_bytes,
                     # whole model with the tied head (the real saving) or, untied, input side only
                     "model_params": whole["params"] - vocab * hidden + n,
@@ -224,14 +252,14 @@ def device_is_cuda(model) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
 
-def _peak_memory(model, factors: Factors, head: str, batch: torch.Tensor) -> int:
+def _peak_memory(model, factors: Compressed, head: str, batch: torch.Tensor) -> int:
     torch.cuda.reset_peak_memory_stats()
     with spliced(model, factors, head), torch.inference_mode():
         model(input_ids=batch.to("cuda"))
     return torch.cuda.max_memory_allocated()
 
 
-COLUMNS = ["method", "rank", "compression_ratio", "embedding_params", "embedding_bytes", "model_params", "model_bytes",
+COLUMNS = ["method", "size", "bits_per_weight", "compression_ratio", "embedding_params", "embedding_bytes", "model_params", "model_bytes",
            "cosine_distance", "rmse", "perplexity_input", "perplexity_ratio_input", "perplexity_tied",
            "perplexity_ratio_tied", "fidelity", "similarity_spearman", "fit_seconds", "latency_ratio",
            "peak_memory_bytes", "cached"]
@@ -266,25 +294,32 @@ def quality_key(report: dict[str, Any]) -> tuple[str, str]:
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
+    """Rate-distortion: bits per weight (log) against the perplexity ratio (log) or fidelity, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key, label = quality_key(report)
-    reference = report["rows"][0][key]
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    ratio_key = key.replace("perplexity_", "perplexity_ratio_")
+    if key != "fidelity":
+        key, label = ratio_key, label.replace("perplexity", "perplexity / original's")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
     for method in dict.fromkeys(r["method"] for r in report["rows"][1:]):
-        pts = sorted((r["embedding_params"], r[key]) for r in report["rows"] if r["method"] == method and key in r)
+        pts = sorted((r["bits_per_weight"], r[key]) for r in report["rows"]
+                     if r["method"] == method and r.get(key) is not None)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
-    ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="original")
+    original = report["rows"][0]
+    ax.axhline(original[key], color="black", linestyle="--", linewidth=1,
+               label=f"original ({original['bits_per_weight']:g} bits per weight)")
+    ax.set_xscale("log", base=2)
     if key != "fidelity":
         ax.set_yscale("log")
-    ax.set_xlabel("embedding parameters")
+    ax.set_xlabel("bits per weight of the embedding, everything stored counted (log scale)")
     ax.set_ylabel(label)
-    ax.set_title(f"{report['model']}: quality against embedding size")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    ax.set_title(f"{report['model']}: quality against size")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

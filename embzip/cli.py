@@ -40,10 +40,14 @@ class Head(str, Enum):
     tied = "tied"
 
 
-class Method(str, Enum):
+class Method(str, Enum):  # the names of embzip.methods.REGISTRY (tests check they agree)
     aware = "aware"
+    codebook = "codebook"
+    int8 = "int8"
+    int4 = "int4"
     wsvd = "wsvd"
     paper = "paper"
+    svd = "svd"
 
 
 class Init(str, Enum):
@@ -58,6 +62,10 @@ RankOpt = Annotated[Optional[int], typer.Option("--rank", "-k", help="Rank k of 
 RatioOpt = Annotated[Optional[float], typer.Option(
     "--ratio", "-r", help="Compression ratio of the embedding to reach (picks the largest rank with at least this "
                           "ratio). Give --rank or --ratio.", show_default=False)]
+BitsOpt = Annotated[Optional[float], typer.Option(
+    "--bits", "-b", help="Size budget in bits per weight of the V x d embedding, everything stored counted "
+                         "(16 = the bf16 matrix). Low-rank methods take the largest rank that fits.",
+    show_default=False)]
 OutFileOpt = Annotated[Optional[Path], typer.Option(
     "--out", "-o", help="Factors file to write (default: MODEL.METHOD-rK.safetensors in the current directory).", show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
@@ -158,7 +166,8 @@ def info(model: ModelArg = None, as_json: JsonOpt = False, quiet: QuietOpt = Fal
 
 
 @command
-def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, out: OutFileOpt = None,
+def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, bits: BitsOpt = None,
+        out: OutFileOpt = None,
         device: DeviceOpt = Device.auto, force: ForceOpt = False, as_json: JsonOpt = False,
         quiet: QuietOpt = False) -> None:
     """Baseline: truncated SVD of the embedding, codes = U_k S_k, decoder = Vh_k (no bias).
@@ -167,67 +176,87 @@ def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
     """
     from .pipeline import compress
 
-    _, summary = compress(model, "svd", rank=rank, ratio=ratio, out=out, force=force, device=device.value,
+    _, summary = compress(model, "svd", rank=rank, ratio=ratio, bits=bits, out=out, force=force, device=device.value,
                           progress=not quiet)  # plain SVD; `embzip fit --method wsvd` weights it
     _emit(summary, as_json, "embzip svd")
 
 
+PAPER, DATA, CODEBOOK, QUANT, HEAL = ("Method paper", "Data-aware methods (aware, wsvd, codebook)", "Method codebook",
+                                     "Method int4", "Healing (low-rank methods)")
+
+
+def _opt(default, help: str, panel: str | None = None, **kw):
+    return typer.Option(help=help, rich_help_panel=panel, **kw)
+
+
 @command
-def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, out: OutFileOpt = None,
+def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None,
+        bits: BitsOpt = None, out: OutFileOpt = None,
         method: Annotated[Method, typer.Option(
-            help="aware: data-aware SVD, rows weighted by token counts and, for tied heads, measured in the metric "
-                 "of the model's hidden states (embzip's default). wsvd: SVD weighted by token counts. paper: the "
-                 "paper's autoencoder recipe.")] = Method.aware,
-        weights_text: Annotated[Optional[Path], typer.Option(
-            help="aware/wsvd/heal: text whose token counts weight the rows (default: an English sample shipped with "
-                 "embzip, distinct from the perplexity sample).", show_default=False)] = None,
-        weights_dataset: Annotated[Optional[str], typer.Option(
-            help="Or a datasets dataset NAME[:CONFIG[:SPLIT]] for the token counts.", show_default=False)] = None,
-        weight_power: Annotated[float, typer.Option(help="Row weight = (count + floor) ** power.")] = 1.0,
-        weight_floor: Annotated[float, typer.Option(help="Added to every token count, so unseen tokens keep some "
-                                                         "weight.")] = 1.0,
-        output_metric: Annotated[float, typer.Option(help="aware: weight of the hidden-state metric for a tied "
-                                                          "output head (0: plain weighted SVD).")] = 4.0,
-        metric_tokens: Annotated[int, typer.Option(help="aware: tokens of the weights text used to measure the "
-                                                        "hidden-state metric.")] = 8192,
-        keep_norms: Annotated[bool, typer.Option(help="aware/wsvd: store each row's exact length (V more numbers, "
-                                                      "counted in the size); the factors code directions.")] = False,
-        heal_steps: Annotated[int, typer.Option(help="After the method, distil the factors against the original "
-                                                     "model for this many steps on the weights text (0: no "
-                                                     "healing). Slow on CPU for large models.")] = 0,
-        heal_lr: Annotated[float, typer.Option(help="Healing: Adam learning rate.")] = 1e-3,
-        weighted: Annotated[bool, typer.Option(help="paper: weight each row's loss by its token weight.")] = False,
-        epochs: Annotated[int, typer.Option(help="paper: passes over all embedding rows.")] = 30,
-        anneal_epochs: Annotated[int, typer.Option(help="paper: first epochs, over which the L1 exponent falls "
-                                                        "from --alpha-start to --alpha-end.")] = 20,
-        batch_size: Annotated[int, typer.Option(help="paper: rows per Adam step.")] = 32,
-        lr: Annotated[float, typer.Option(help="paper: Adam learning rate.")] = 1e-3,
-        lr_step: Annotated[int, typer.Option(help="paper: multiply the learning rate by --lr-gamma every this many "
-                                                  "epochs.")] = 4,
-        lr_gamma: Annotated[float, typer.Option(help="paper: StepLR factor.")] = 0.5,
-        cos_weight: Annotated[float, typer.Option(help="paper: weight of the mean cosine distance.")] = 0.1995,
-        l1_weight: Annotated[float, typer.Option(help="paper: weight of the annealed L1 term.")] = 0.0025,
-        alpha_start: Annotated[float, typer.Option(help="paper: L1 exponent at the first epoch.")] = 1.0,
-        alpha_end: Annotated[float, typer.Option(help="paper: L1 exponent from --anneal-epochs on.")] = 0.1,
-        init: Annotated[Init, typer.Option(help="paper: start from PyTorch's random init or from the truncated "
-                                                "SVD.")] = Init.random,
+            help="aware: data-aware SVD (token-count row weights; for tied heads, errors measured in the metric of "
+                 "the model's hidden states). codebook: rows as indices into learned codebooks, token-weighted, in "
+                 "the same metric (sized by --bits). int8 / int4: plain quantization baselines. wsvd: SVD weighted "
+                 "by token counts. paper: the paper's autoencoder recipe. svd: as `embzip svd`.")] = Method.aware,
+        weights_text: Annotated[Optional[Path], _opt(None, "Text whose token counts weight the rows and whose hidden "
+                                                     "states give the metric (default: an English sample shipped "
+                                                     "with embzip, distinct from the perplexity sample).", DATA,
+                                                     show_default=False)] = None,
+        weights_dataset: Annotated[Optional[str], _opt(None, "Or a datasets dataset NAME[:CONFIG[:SPLIT]] for the "
+                                                       "token counts.", DATA, show_default=False)] = None,
+        weight_power: Annotated[float, _opt(1.0, "Row weight = (count + floor) ** power.", DATA)] = 1.0,
+        weight_floor: Annotated[float, _opt(1.0, "Added to every token count, so unseen tokens keep some weight.",
+                                            DATA)] = 1.0,
+        output_metric: Annotated[float, _opt(4.0, "aware, codebook: weight of the hidden-state metric for a tied "
+                                                  "output head (0: plain Euclidean).", DATA)] = 4.0,
+        metric_tokens: Annotated[int, _opt(8192, "aware, codebook: tokens of the weights text used to measure the "
+                                                 "hidden-state metric.", DATA)] = 8192,
+        keep_norms: Annotated[bool, _opt(False, "aware, wsvd: store each row's exact length (V more numbers, "
+                                                "counted in the size); the factors code directions.", DATA)] = False,
+        group_size: Annotated[int, _opt(32, "int4: numbers per group, each with a scale and an offset.",
+                                        QUANT)] = 32,
+        heal_steps: Annotated[int, _opt(0, "After a low-rank method, distil the factors against the original model "
+                                           "for this many steps on the weights text (0: no healing). Slow on CPU for "
+                                           "large models.", HEAL)] = 0,
+        heal_lr: Annotated[float, _opt(1e-3, "Healing: Adam learning rate.", HEAL)] = 1e-3,
+        weighted: Annotated[bool, _opt(False, "Weight each row's loss by its token weight.", PAPER)] = False,
+        epochs: Annotated[int, _opt(30, "Passes over all embedding rows.", PAPER)] = 30,
+        anneal_epochs: Annotated[int, _opt(20, "First epochs, over which the L1 exponent falls from --alpha-start "
+                                               "to --alpha-end.", PAPER)] = 20,
+        batch_size: Annotated[int, _opt(32, "Rows per Adam step.", PAPER)] = 32,
+        lr: Annotated[float, _opt(1e-3, "Adam learning rate.", PAPER)] = 1e-3,
+        lr_step: Annotated[int, _opt(4, "Multiply the learning rate by --lr-gamma every this many epochs.",
+                                     PAPER)] = 4,
+        lr_gamma: Annotated[float, _opt(0.5, "StepLR factor.", PAPER)] = 0.5,
+        cos_weight: Annotated[float, _opt(0.1995, "Weight of the mean cosine distance.", PAPER)] = 0.1995,
+        l1_weight: Annotated[float, _opt(0.0025, "Weight of the annealed L1 term.", PAPER)] = 0.0025,
+        alpha_start: Annotated[float, _opt(1.0, "L1 exponent at the first epoch.", PAPER)] = 1.0,
+        alpha_end: Annotated[float, _opt(0.1, "L1 exponent from --anneal-epochs on.", PAPER)] = 0.1,
+        init: Annotated[Init, _opt(Init.random, "Start from PyTorch's random init or from the truncated SVD.",
+                                   PAPER)] = Init.random,
         seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False, as_json: JsonOpt = False,
         quiet: QuietOpt = False) -> None:
-    """Fit factors that keep the model working: data-aware SVD by default, or the paper's autoencoder.
+    """Compress the embedding: data-aware SVD by default, codebooks for the best quality per byte, int8/int4
+    quantization baselines, or the paper's autoencoder.
 
-    --method paper is the recipe of "Direction is what you need" (arXiv 2106.08181), exactly: a linear autoencoder with loss 0.1995 * cosine distance + 0.0025 * annealed L1 (exponent 1.0 -> 0.1 over 20 epochs, then 10 more), Adam lr 1e-3, StepLR(4, 0.5), batch 32, seed 1; codes = encoder(E), the decoder (with bias) is kept. The default, --method aware, is embzip's: see docs/method.md for how it was chosen, with the numbers.
+    Size: --rank K, --ratio R or --bits B for low-rank methods (aware, wsvd, paper, svd); --bits B for codebook (default 2); int8 and int4 have one size each. Options of one method are grouped below and refused with another method.
 
-    Example: embzip fit bert-base-uncased --rank 128 --json
+    --method paper is the recipe of "Direction is what you need" (arXiv 2106.08181), exactly: a linear autoencoder with loss 0.1995 * cosine distance + 0.0025 * annealed L1 (exponent 1.0 -> 0.1 over 20 epochs, then 10 more), Adam lr 1e-3, StepLR(4, 0.5), batch 32, seed 1; codes = encoder(E), the decoder (with bias) is kept. See docs/method.md for how the methods compare, with the numbers.
+
+    Examples: embzip fit bert-base-uncased --rank 128 --json; embzip fit --method codebook --bits 2
     """
     from .aware import AwareConfig
     from .autoencoder import FitConfig
-    from .pipeline import compress
+    from .codebook import CodebookConfig
     from .heal import HealConfig
-    from .methods import Recipe
+    from .methods import REGISTRY, Recipe
+    from .pipeline import compress
     from .weights import WeightConfig
 
+    _refuse_foreign_options(ctx, REGISTRY[method.value], heal_steps)
     if weights_text is not None and weights_dataset is not None:
         raise typer.BadParameter("give --weights-text or --weights-dataset, not both")
+    if heal_steps < 0:
+        raise typer.BadParameter(f"--heal-steps must be >= 0, got {heal_steps}")
     try:
         recipe = Recipe(
             method=method.value,
@@ -236,16 +265,39 @@ def fit(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, ou
                           alpha_end=alpha_end, seed=seed, init=init.value),
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
+            codebook=CodebookConfig(seed=seed), group=group_size,
             heal=HealConfig(steps=heal_steps, lr=heal_lr, seed=seed) if heal_steps > 0 else None,
             weighted_paper=weighted,
             weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset)
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    if heal_steps < 0:
-        raise typer.BadParameter(f"--heal-steps must be >= 0, got {heal_steps}")
-    _, summary = compress(model, recipe, rank=rank, ratio=ratio, out=out, force=force, device=device.value,
+    _, summary = compress(model, recipe, rank=rank, ratio=ratio, bits=bits, out=out, force=force, device=device.value,
                           progress=not quiet)
     _emit(summary, as_json, "embzip fit")
+
+
+_DATA_OPTIONS = ("weights_text", "weights_dataset")
+_HEAL_OPTIONS = ("heal_steps", "heal_lr")
+
+
+def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int) -> None:
+    """An option given on the command line that the chosen method does not read is an error, not a no-op."""
+    from .methods import REGISTRY
+
+    owned = {name for m in REGISTRY.values() for name in m.options} | set(_DATA_OPTIONS) | set(_HEAL_OPTIONS)
+    mine = set(spec.options)
+    if spec.uses_text or "weighted" in mine or heal_steps > 0:
+        mine |= set(_DATA_OPTIONS)
+    if spec.kind == "lowrank":
+        mine |= set(_HEAL_OPTIONS)
+    if "weighted" in mine:
+        mine |= {"weight_power", "weight_floor"}
+    for name in sorted(owned - mine):
+        source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
+        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+            users = [m.name for m in REGISTRY.values() if name in m.options] or ["low-rank methods"]
+            flag = "--" + name.replace("_", "-")
+            raise typer.BadParameter(f"{flag} is an option of --method {' / '.join(users)}, not of {spec.name}")
 
 
 @command
@@ -330,10 +382,15 @@ def bench(model: ModelArg = None,
           ratios: Annotated[Optional[str], typer.Option(help="Comma-separated compression ratios of the embedding, "
                                                         "e.g. 2.5,5,10 (instead of --ranks).",
                                                         show_default=False)] = None,
+          bits: Annotated[Optional[str], typer.Option(
+              help="Comma-separated sizes in bits per weight for codebook (default 1,2,4), and for low-rank "
+                   "methods too when no --ranks or --ratios are given.", show_default=False)] = None,
           methods: Annotated[str, typer.Option(
               help="Comma-separated methods: svd (baseline), paper (the paper's autoencoder recipe), wsvd (SVD "
-                   "weighted by token counts), aware (embzip's data-aware SVD), fit (the default of `embzip fit`); "
-                   "add +heal for a short distillation after it, e.g. aware+heal.")] = "svd,fit",
+                   "weighted by token counts), aware (embzip's data-aware SVD), int8 and int4 (quantization "
+                   "baselines), codebook (learned codebooks), fit (the default of `embzip fit`); add +heal to a "
+                   "low-rank method for a short distillation after it, e.g. aware+heal.")
+          ] = "svd,aware,int8,int4,codebook",
           text: TextOpt = None, dataset: DatasetOpt = None,
           weights_text: Annotated[Optional[Path], typer.Option(
               help="Text for the data-aware methods' token counts and statistics (default: the English sample "
@@ -344,33 +401,32 @@ def bench(model: ModelArg = None,
           max_tokens: Annotated[int, typer.Option(help="Perplexity: tokens scored per evaluation.")] = 1024,
           batch_size: BatchOpt = 8, seed: SeedOpt = 0, device: DeviceOpt = Device.auto,
           as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """Methods and ranks side by side: quality, size and speed, plus the original model.
+    """Methods and sizes side by side: quality, size and speed, plus the original model.
 
-    Per row: rank, compression ratio, parameters and bytes of the embedding and the whole model, cosine distance and RMSE, quality (perplexity with --head input and tied for LMs, on the same masks or windows as the original; sentence-vector fidelity and similarity rank correlation for encoders), fitting seconds, and forward latency relative to the original measured in the same run. Ctrl-C keeps the finished rows. Default ranks: 128,256 (Gemma-size vocabularies) or 32,64,128.
+    Per row: size (rank, bits per weight), bits per weight of everything stored, compression ratio, parameters and bytes of the embedding and the whole model, cosine distance and RMSE, quality (perplexity with --head input and tied for LMs, on the same masks or windows as the original; sentence-vector fidelity and similarity rank correlation for encoders), fitting seconds, and forward latency relative to the original measured in the same run. Ctrl-C keeps the finished rows. Default: svd and aware at ranks 128,256 (Gemma-size vocabularies) or 32,64,128, int8, int4 (groups of 32), and codebook at 1, 2 and 4 bits per weight. With --out, bench.png plots quality against bits per weight, a line per method.
 
-    Example: embzip bench demo:minilm --ranks 32,64,128 --methods svd,fit --out bench-minilm
+    Example: embzip bench demo:minilm --methods svd,aware,int4,codebook --bits 1,2,4 --out bench-minilm
     """
     from .benchmark import BenchConfig, bench as run
     from .models import open_model, resolve_device
     from .texts import load_text
 
     rank_list, ratio_list = _numbers(ranks, int, "--ranks"), _numbers(ratios, float, "--ratios")
-    if rank_list and ratio_list:
+    bits_list = _numbers(bits, float, "--bits")
+    if rank_list is not None and ratio_list is not None:
         raise typer.BadParameter("give --ranks or --ratios, not both")
     method_list = [m.strip() for m in methods.split(",") if m.strip()]
-    source = load_text(text, dataset)
     device_name = resolve_device(device.value)
-    opened = open_model(model, device=device_name)
-    if not rank_list and not ratio_list:
-        rank_list = [128, 256] if opened.vocab_size > 100_000 else [32, 64, 128]
-    try:
-        config = BenchConfig(methods=method_list, ranks=rank_list, ratios=ratio_list, max_tokens=max_tokens,
-                             batch_size=batch_size, seed=seed, device=device_name)
+    try:  # every option is checked before anything is opened or written
+        config = BenchConfig(methods=method_list, ranks=rank_list, ratios=ratio_list, bits=bits_list,
+                             max_tokens=max_tokens, batch_size=batch_size, seed=seed, device=device_name)
+        from .methods import recipe
+
+        recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text)) for m in method_list}
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    from .methods import recipe
-
-    recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text)) for m in method_list}
+    source = load_text(text, dataset)
+    opened = open_model(model, device=device_name)
     report = run(opened, source, config, out=out, recipes=recipes, progress=not quiet)
     if as_json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")

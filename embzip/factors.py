@@ -1,8 +1,13 @@
-"""The factors file: low-rank factors of one embedding matrix, with the metadata to trust them.
+"""Low-rank factors, and the factors file that stores any compressed embedding.
 
-Row i of the embedding is rebuilt as ``codes[i] @ decoder + decoder_bias``; when ``norms`` is
-present the rebuilt row is rescaled to length ``norms[i]`` (direction from the factors, length
-stored exactly). Files are safetensors with a JSON metadata entry; see docs/format.md.
+Low-rank (kind ``lowrank``): row i of the embedding is rebuilt as ``codes[i] @ decoder +
+decoder_bias``; when ``norms`` is present the rebuilt row is rescaled to length ``norms[i]``
+(direction from the factors, length stored exactly).
+
+The factors file is safetensors with a JSON metadata entry. Format version 2 (this one) stores
+any kind (compressed.py: lowrank, quant, codebook) with its tensors at their compact dtypes
+(uint8 indices, int4 packed two per byte, 16-bit floats); version 1 files (low-rank only) keep
+loading. Loading checks what the file claims against what it holds. See docs/format.md.
 """
 
 from __future__ import annotations
@@ -10,37 +15,35 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import __version__
+from .compressed import Compressed, kind_class, reconstruction_metrics, register  # noqa: F401 (re-exported)
 from .errors import FactorsError, OutputError
-from .sizes import compression_ratio, factored_params
+from .sizes import factored_params
 
 FORMAT_NAME = "embzip.factors"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CODES = "codes"
 DECODER = "decoder"
 DECODER_BIAS = "decoder_bias"
 NORMS = "norms"
 META_KEY = "embzip"
-_CHUNK_ROWS = 16384
 
 
-@dataclass
-class Factors:
+@register
+class Factors(Compressed):
     """Low-rank factors of a V x d embedding and what produced them."""
 
-    codes: torch.Tensor  # V x k
-    decoder: torch.Tensor  # k x d
-    bias: torch.Tensor | None = None  # d
-    norms: torch.Tensor | None = None  # V
-    meta: dict[str, Any] = field(default_factory=dict)
+    kind = "lowrank"
 
-    def __post_init__(self) -> None:
+    def __init__(self, codes: torch.Tensor, decoder: torch.Tensor, bias: torch.Tensor | None = None,
+                 norms: torch.Tensor | None = None, meta: dict[str, Any] | None = None):
+        self.codes, self.decoder, self.bias, self.norms = codes, decoder, bias, norms
+        self.meta = {} if meta is None else meta
         if self.codes.ndim != 2 or self.decoder.ndim != 2 or self.codes.shape[1] != self.decoder.shape[0]:
             raise FactorsError(
                 f"codes {tuple(self.codes.shape)} and decoder {tuple(self.decoder.shape)} do not chain: "
@@ -50,34 +53,23 @@ class Factors:
             raise FactorsError(f"decoder bias has shape {tuple(self.bias.shape)}, expected ({self.hidden},)")
         if self.norms is not None and tuple(self.norms.shape) != (self.vocab,):
             raise FactorsError(f"norms have shape {tuple(self.norms.shape)}, expected ({self.vocab},)")
-
-    @property
-    def vocab(self) -> int:
-        return self.codes.shape[0]
+        if self.rank < 1:
+            raise FactorsError(f"factors of rank {self.rank} rebuild nothing; the rank must be at least 1")
+        for name, t in self.tensors().items():
+            if not t.is_floating_point():
+                raise FactorsError(f"low-rank tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                                   "expected a float dtype")
 
     @property
     def rank(self) -> int:
         return self.codes.shape[1]
 
     @property
-    def hidden(self) -> int:
-        return self.decoder.shape[1]
-
-    @property
     def shape(self) -> tuple[int, int]:
-        return (self.vocab, self.hidden)
+        return (self.codes.shape[0], self.decoder.shape[1])
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.codes.dtype
-
-    def num_params(self) -> int:
-        return factored_params(self.vocab, self.hidden, self.rank, bias=self.bias is not None,
-                               norms=self.norms is not None)
-
-    def compression_ratio(self) -> float:
-        return compression_ratio(self.vocab, self.hidden, self.rank, bias=self.bias is not None,
-                                 norms=self.norms is not None)
+    def size_label(self) -> str:
+        return f"r{self.rank}"
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {CODES: self.codes, DECODER: self.decoder}
@@ -87,44 +79,26 @@ class Factors:
             out[NORMS] = self.norms
         return out
 
-    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Factors":
-        def conv(t):
-            return None if t is None else t.to(device=device, dtype=dtype)
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Factors":
+        missing = [name for name in (CODES, DECODER) if name not in tensors]
+        if missing:
+            raise FactorsError(f"low-rank factors lack the tensor(s) {', '.join(missing)}")
+        return cls(tensors[CODES], tensors[DECODER], tensors.get(DECODER_BIAS), tensors.get(NORMS), meta)
 
-        return Factors(conv(self.codes), conv(self.decoder), conv(self.bias), conv(self.norms), dict(self.meta))
-
-    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
-        """Rebuilt rows ``index`` of the embedding, in float32."""
-        out = self.codes[index].float() @ self.decoder.float()
-        if self.bias is not None:
-            out = out + self.bias.float()
-        if self.norms is not None:
-            out = out * (self.norms[index].float() / out.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
+    @classmethod
+    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
+        out = tensors[CODES][index].float() @ tensors[DECODER].float()
+        bias, norms = tensors.get(DECODER_BIAS), tensors.get(NORMS)
+        if bias is not None:
+            out = out + bias.float()
+        if norms is not None:
+            out = out * (norms[index].float() / out.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
         return out
 
-    def reconstruct(self) -> torch.Tensor:
-        """The whole rebuilt V x d matrix, in float32."""
-        return torch.cat([self.rows(slice(i, i + _CHUNK_ROWS)) for i in range(0, self.vocab, _CHUNK_ROWS)])
-
-
-def reconstruction_metrics(embedding: torch.Tensor, factors: Factors) -> dict[str, float]:
-    """Mean cosine distance, RMSE and MAE between the embedding and its rebuilt rows (chunked)."""
-    if tuple(embedding.shape) != factors.shape:
-        raise FactorsError(f"factors rebuild a {factors.shape} matrix but the embedding is {tuple(embedding.shape)}")
-    cos_sum = sq_sum = abs_sum = 0.0
-    for i in range(0, factors.vocab, _CHUNK_ROWS):
-        x = embedding[i:i + _CHUNK_ROWS].float()
-        x_hat = factors.rows(slice(i, i + _CHUNK_ROWS)).to(x.device)
-        cos_sum += (1 - torch.nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12)).sum().item()
-        diff = x_hat - x
-        sq_sum += diff.pow(2).sum().item()
-        abs_sum += diff.abs().sum().item()
-    n = embedding.numel()
-    return {
-        "cosine_distance": cos_sum / factors.vocab,
-        "rmse": (sq_sum / n) ** 0.5,
-        "mae": abs_sum / n,
-    }
+    def num_params(self) -> int:
+        return factored_params(self.vocab, self.hidden, self.rank, bias=self.bias is not None,
+                               norms=self.norms is not None)
 
 
 def check_output_file(path: str | os.PathLike, force: bool) -> Path:
@@ -155,22 +129,31 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def save_factors(factors: Factors, path: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write factors to a safetensors file atomically; returns the path."""
+def save_factors(factors: Compressed, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write any compressed embedding to a safetensors file atomically; returns the path.
+
+    Refuses non-finite values (nothing is written)."""
     from safetensors.torch import save_file
 
     path = check_output_file(path, force)
+    factors.check_finite()
     meta = dict(factors.meta)
     meta.update(
         format=FORMAT_NAME,
         format_version=FORMAT_VERSION,
         embzip_version=__version__,
-        rank=factors.rank,
+        kind=factors.kind,
         shape=list(factors.shape),
         dtype=str(factors.dtype).removeprefix("torch."),
         params=factors.num_params(),
+        stored_bytes=factors.stored_bytes(),
+        bits_per_weight=factors.bits_per_weight(),
         compression_ratio=factors.compression_ratio(),
+        tensors={name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                 for name, t in factors.tensors().items()},
     )
+    if isinstance(factors, Factors):
+        meta["rank"] = factors.rank
     tensors = {name: t.detach().contiguous().cpu().clone() for name, t in factors.tensors().items()}
     header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), META_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -178,8 +161,47 @@ def save_factors(factors: Factors, path: str | os.PathLike, *, force: bool = Fal
     return path
 
 
-def load_factors(path: str | os.PathLike) -> Factors:
-    """Read a factors file, checking its format and version."""
+def _claims(path: Path, header: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """The format version and the metadata object a file claims, or a one-line error naming the problem."""
+    try:
+        version = int(header.get("format_version", ""))
+    except ValueError:
+        raise FactorsError(f"{path} has format_version {header.get('format_version')!r}, not an integer") from None
+    if version > FORMAT_VERSION:
+        raise FactorsError(
+            f"{path} has factors format version {version}; this embzip ({__version__}) reads up to "
+            f"version {FORMAT_VERSION}: upgrade embzip"
+        )
+    if version < 1:
+        raise FactorsError(f"{path} has factors format version {version}; versions start at 1")
+    try:
+        meta = json.loads(header[META_KEY])
+    except ValueError as exc:
+        raise FactorsError(f"{path}: its '{META_KEY}' metadata is not JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise FactorsError(f"{path}: its '{META_KEY}' metadata is a JSON {type(meta).__name__}, expected an object")
+    for key, kind in (("source", dict), ("settings", dict), ("metrics", dict)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise FactorsError(f"{path}: metadata {key!r} is a {type(meta[key]).__name__}, expected an object")
+    return version, meta
+
+
+def _check_claims(path: Path, meta: dict[str, Any], factors: Compressed) -> None:
+    """What the metadata says about shape, rank, kind and tensors must be what the tensors are."""
+    if "shape" in meta and list(meta["shape"]) != list(factors.shape):
+        raise FactorsError(f"{path} claims shape {meta['shape']} but its tensors rebuild {list(factors.shape)}")
+    if "rank" in meta and isinstance(factors, Factors) and meta["rank"] != factors.rank:
+        raise FactorsError(f"{path} claims rank {meta['rank']} but its codes have rank {factors.rank}")
+    for name, claim in (meta.get("tensors") or {}).items():
+        t = factors.tensors().get(name)
+        if t is None or list(t.shape) != list(claim.get("shape", [])) or \
+                str(t.dtype).removeprefix("torch.") != claim.get("dtype"):
+            raise FactorsError(f"{path} claims tensor {name!r} as {claim} but holds "
+                               f"{None if t is None else (list(t.shape), str(t.dtype).removeprefix('torch.'))}")
+
+
+def load_factors(path: str | os.PathLike) -> Compressed:
+    """Read a factors file (any kind; format 1 or 2), checking its format, version and claims."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
@@ -190,18 +212,15 @@ def load_factors(path: str | os.PathLike) -> Factors:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise FactorsError(f"{path} is not a safetensors file ({exc})") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise FactorsError(f"{path} is not a safetensors file or is damaged ({str(exc).splitlines()[0]})") from None
     if header.get("format") != FORMAT_NAME or META_KEY not in header:
         raise FactorsError(f"{path} is a safetensors file but not embzip factors (no '{FORMAT_NAME}' metadata)")
-    version = int(header.get("format_version", "0"))
-    if version > FORMAT_VERSION:
-        raise FactorsError(
-            f"{path} has factors format version {version}; this embzip ({__version__}) reads up to "
-            f"version {FORMAT_VERSION}: upgrade embzip"
-        )
-    missing = [name for name in (CODES, DECODER) if name not in tensors]
-    if missing:
-        raise FactorsError(f"{path} lacks the tensor(s) {', '.join(missing)}")
-    return Factors(tensors[CODES], tensors[DECODER], tensors.get(DECODER_BIAS), tensors.get(NORMS),
-                   json.loads(header[META_KEY]))
+    version, meta = _claims(path, header)
+    kind = meta.get("kind", "lowrank") if version >= 2 else "lowrank"
+    if not isinstance(kind, str):
+        raise FactorsError(f"{path}: metadata 'kind' is {kind!r}, expected a name")
+    factors = kind_class(kind).from_tensors(tensors, meta)
+    _check_claims(path, meta, factors)
+    factors.check_finite(str(path))
+    return factors

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .errors import FactorsError, ModelError, OutputError
-from .factors import Factors
+from .compressed import Compressed
 from .splice import HEADS, default_head, densify, splice
 
 WEIGHTS = "embzip.safetensors"
@@ -66,10 +66,17 @@ def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
 
 
 def param_stats(model: torch.nn.Module) -> dict[str, int]:
-    """Unique parameters and their bytes (shared tensors counted once)."""
+    """Unique stored numbers and their bytes: parameters (shared tensors counted once) and the buffers of
+    compressed embeddings (indices, packed integers, scales, codebooks)."""
+    from .splice import CompressedEmbedding
+
     seen: dict[int, torch.Tensor] = {}
     for p in model.parameters():
         seen.setdefault(id(p), p)
+    for module in model.modules():
+        if isinstance(module, CompressedEmbedding):
+            for t in module.stored().values():
+                seen.setdefault(id(t), t)
     return {"params": sum(p.numel() for p in seen.values()),
             "bytes": sum(p.numel() * p.element_size() for p in seen.values())}
 
@@ -101,7 +108,7 @@ def _copy_side_files(opened, tmp: Path) -> None:
         generation.save_pretrained(tmp)
 
 
-def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str | None = None, dense: bool = False,
+def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: str | None = None, dense: bool = False,
                   force: bool = False, command: str | None = None) -> dict[str, Any]:
     """Write a model directory using `factors`; reload it and check its logits. Returns a summary."""
     from safetensors.torch import save_model
@@ -112,6 +119,7 @@ def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str
     if head not in HEADS:
         raise FactorsError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     before, source = param_stats(model), opened.describe()
+    model_dtype = str(opened.embedding.dtype).removeprefix("torch.")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -132,10 +140,9 @@ def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str
                 "base_architecture": type(model).__name__,
                 "base_config": model.config.to_dict(),
                 "head": head,
-                "rank": factors.rank,
-                "bias": factors.bias is not None,
-                "norms": factors.norms is not None,
-                "dtype": str(model.get_input_embeddings().codes.dtype).removeprefix("torch."),
+                "kind": factors.kind,
+                "embedding_module": _module_name(model, model.get_input_embeddings()),
+                "dtype": model_dtype,
             }
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
             (tmp / REMOTE).write_text(_REMOTE_CODE)
@@ -147,7 +154,9 @@ def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str
             "out": str(out),
             "format": "dense" if dense else "factored",
             "head": head,
-            "rank": factors.rank,
+            "kind": factors.kind,
+            "rank": getattr(factors, "rank", None),
+            "bits_per_weight": factors.bits_per_weight(),
             "method": factors.meta.get("method"),
             "params_before": before["params"],
             "params_after": after["params"],
@@ -193,6 +202,32 @@ def _load_dense(directory: Path):
     return cls.from_pretrained(directory).eval()
 
 
+def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:
+    return next(name for name, module in model.named_modules() if module is target)
+
+
+def _stored_embedding(directory: str | os.PathLike, model: torch.nn.Module, config: dict[str, Any]):
+    """The compressed embedding held in a directory's weights file, as its kind's object.
+
+    Directories from before `kind` was recorded hold low-rank factors (codes, decoder, bias, norms)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .compressed import kind_class
+
+    prefix = config.get("embedding_module") or _module_name(model, model.get_input_embeddings())
+    prefix += "."
+    try:
+        with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
+            tensors = {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ModelError(f"{directory}: cannot read {WEIGHTS} ({str(exc).splitlines()[0]})") from None
+    kind = config.get("kind", "lowrank")
+    if kind == "lowrank":
+        names = {"codes": "codes", "decoder": "decoder", "bias": "decoder_bias", "norms": "norms"}
+        tensors = {names[k]: v for k, v in tensors.items() if k in names}
+    return kind_class(kind).from_tensors(tensors, {})
+
+
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     try:
@@ -225,11 +260,7 @@ def load_model(directory: str | os.PathLike, device: str = "cpu"):
     with no_init_weights():
         model = cls(base_config).to(getattr(torch, config.get("dtype", "float32")))
     model.tie_weights()  # as from_pretrained would; splice() then sees the tie the original had
-    vocab, hidden = model.get_input_embeddings().weight.shape
-    rank = config["rank"]
-    empty = Factors(torch.zeros(vocab, rank), torch.zeros(rank, hidden),
-                    torch.zeros(hidden) if config["bias"] else None, torch.ones(vocab) if config["norms"] else None)
-    splice(model, empty, config["head"])
+    splice(model, _stored_embedding(directory, model, config), config["head"])
     try:
         load_weights(model, str(Path(directory) / WEIGHTS), strict=True)
     except (RuntimeError, OSError) as exc:

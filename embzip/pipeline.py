@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from .errors import DataError
-from .factors import Factors, check_output_file, reconstruction_metrics, save_factors
+from .compressed import Compressed, reconstruction_metrics, storage_dtype
+from .factors import check_output_file, save_factors
 from .models import OpenedModel, open_model, resolve_device
-from .methods import Recipe, make_factors
+from .methods import Recipe, make_factors, resolve_size
 from .methods import recipe as make_recipe
-from .sizes import resolve_rank
 
 log = logging.getLogger("embzip")
 
@@ -28,32 +28,45 @@ def check_finite(embedding: torch.Tensor, name: str) -> None:
                         "fix the checkpoint before compressing it")
 
 
-def default_out(source: str, method: str, rank: int) -> Path:
+def size_label(size: int | float | None) -> str:
+    """r256 for a rank, 2b for bits per weight, '' for a method of fixed size."""
+    if size is None:
+        return ""
+    return f"r{size}" if isinstance(size, int) else f"{size:g}b"
+
+
+def default_out(source: str, method: str, size: int | float | None) -> Path:
     """A file name in the current directory such as gemma-3-270m.svd-r256.safetensors."""
     stem = Path(source.removeprefix("demo:").rstrip("/")).name.removesuffix(".gguf")
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem) or "model"
-    return Path(f"{stem}.{method}-r{rank}.safetensors")
+    label = size_label(size)
+    return Path(f"{stem}.{method}{'-' + label if label else ''}.safetensors")
 
 
-def factorize(opened: OpenedModel, rank: int, recipe: Recipe, *, device: str = "cpu", progress: bool = False,
-              cache: dict | None = None) -> Factors:
-    """Factors of `opened`'s embedding at the embedding's dtype, with the metadata a factors file records
-    (method, settings, source model, reconstruction metrics, seconds, device)."""
+def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, device: str = "cpu",
+              progress: bool = False, cache: dict | None = None) -> Compressed:
+    """The compressed embedding with float tensors at the stored dtype (compressed.storage_dtype), and the
+    metadata a factors file records (method, settings, source model, reconstruction metrics, seconds, device).
+    Non-finite results are refused."""
     embedding = opened.embedding.detach()
     start = time.perf_counter()
-    factors, details = make_factors(opened, rank, recipe, device=device, progress=progress, cache=cache)
+    compressed, details = make_factors(opened, size, recipe, device=device, progress=progress, cache=cache)
     seconds = time.perf_counter() - start
-    factors = factors.to(dtype=embedding.dtype)
-    factors.meta = {"method": recipe.name, **details, "source": opened.describe(),
-                    "metrics": reconstruction_metrics(embedding, factors), "seconds": seconds, "device": device}
-    return factors
+    compressed = compressed.to(dtype=storage_dtype(embedding.dtype), device="cpu")
+    compressed.check_finite(f"method {recipe.name}'s result")
+    compressed.meta = {"method": recipe.name, **details, "source": opened.describe(),
+                       "source_bits": torch.finfo(embedding.dtype).bits,
+                       "metrics": reconstruction_metrics(embedding, compressed), "seconds": seconds, "device": device}
+    return compressed
 
 
 def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, rank: int | None = None,
-             ratio: float | None = None, out: str | Path | None = None, force: bool = False, device: str = "cpu",
-             progress: bool = False, write: bool = True) -> tuple[Factors, dict[str, Any]]:
-    """Factorize a model's token embedding by `recipe` (a Recipe or a method name such as "svd",
-    "paper", "aware") and, unless write=False, save the factors.
+             ratio: float | None = None, bits: float | None = None, out: str | Path | None = None,
+             force: bool = False, device: str = "cpu", progress: bool = False,
+             write: bool = True) -> tuple[Compressed, dict[str, Any]]:
+    """Compress a model's token embedding by `recipe` (a Recipe or a method name such as "svd",
+    "aware", "int4", "codebook") at a size given by `rank`, `ratio` or `bits` and, unless
+    write=False, save it.
 
     Returns the factors and a summary dict (the --json output of `embzip svd` / `embzip fit`).
     """
@@ -65,12 +78,12 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     opened = model if isinstance(model, OpenedModel) else open_model(model, device=device)
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape
-    rank = resolve_rank(rank, ratio, vocab, hidden, bias=recipe.bias, norms=recipe.norms)
+    size = resolve_size(recipe, rank=rank, ratio=ratio, bits=bits, vocab=vocab, hidden=hidden, dtype=embedding.dtype)
     out_path = None
     if write:
-        out_path = check_output_file(out or default_out(opened.source, method, rank), force)
+        out_path = check_output_file(out or default_out(opened.source, method, size), force)
     check_finite(embedding, opened.embedding_name)
-    factors = factorize(opened, rank, recipe, device=device, progress=progress)
+    factors = factorize(opened, size, recipe, device=device, progress=progress)
     metrics, seconds = factors.meta["metrics"], factors.meta["seconds"]
     if write:
         save_factors(factors, out_path, force=force)
@@ -79,14 +92,16 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     summary = {
         "method": method,
         "model": opened.source,
-        "rank": rank,
+        "kind": factors.kind,
+        "rank": getattr(factors, "rank", None),
         "vocab_size": vocab,
         "hidden_size": hidden,
+        "bits_per_weight": factors.bits_per_weight(),
         "compression_ratio": factors.compression_ratio(),
         "params_before": params_before,
         "params_after": factors.num_params(),
         "bytes_before": params_before * embedding.element_size(),
-        "bytes_after": factors.num_params() * factors.codes.element_size(),
+        "bytes_after": factors.stored_bytes(),
         "dtype": str(factors.dtype).removeprefix("torch."),
         **metrics,
         "seconds": seconds,

@@ -7,12 +7,12 @@ from typing import Any
 from .benchmark import columns
 
 SHORT = {
-    "compression_ratio": "CR", "embedding_params": "emb params", "embedding_bytes": "emb MB", "model_params": "model params",
+    "bits_per_weight": "bpw", "compression_ratio": "CR", "embedding_params": "emb params", "embedding_bytes": "emb MB", "model_params": "model params",
     "model_bytes": "model MB", "cosine_distance": "cos dist", "perplexity_input": "ppl input",
     "perplexity_ratio_input": "x orig", "perplexity_tied": "ppl tied", "perplexity_ratio_tied": "x orig",
     "similarity_spearman": "sim rho", "fit_seconds": "fit s", "latency_ratio": "latency x", "peak_memory_bytes": "peak MB",
 }
-HIDDEN = {"cached"}
+HIDDEN = {"cached", "rank"}
 
 
 def _cell(key: str, value: Any) -> str:
@@ -25,6 +25,8 @@ def _cell(key: str, value: Any) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
+        if key == "bits_per_weight":
+            return f"{value:.3g}"
         if key.startswith("perplexity_ratio") or key == "latency_ratio":
             return f"{value:.2f}"
         if key.startswith("perplexity"):

@@ -1,12 +1,21 @@
-"""Factored modules and splicing them into a transformers model, in memory.
+"""Compressed modules and splicing them into a transformers model, in memory.
 
-`FactoredEmbedding` replaces the token embedding: a lookup in the codes, then the decoder
-(plus bias, and an exact per-row length when the factors keep norms). `FactoredHead` replaces an
-output head tied to the embedding without ever forming the V x d matrix:
+`FactoredEmbedding` replaces the token embedding with low-rank factors: a lookup in the codes,
+then the decoder (plus bias, and an exact per-row length when the factors keep norms).
+`FactoredHead` replaces an output head tied to the embedding without ever forming the V x d
+matrix:
 
     logits = (h @ D^T) @ C^T + h . b  (+ the head's own output bias)
 
-Both are ordinary trainable modules, so a spliced model can be fine-tuned.
+Both are ordinary trainable modules, so a spliced model can be fine-tuned (healing does).
+
+`CompressedEmbedding` holds any other kind (quantized, codebook) in its compact stored form as
+buffers (uint8 indices, packed int4, 16-bit scales and codebooks) and decodes only the rows that
+are looked up; `CompressedHead` computes a tied head's logits by decoding the matrix a chunk of
+rows at a time, so the V x d matrix never exists whole.
+
+Modules keep the tensors at their stored dtype and hand the model rows (or logits) in the dtype
+of the embedding they replace, so a spliced directory is as small as the factors file.
 """
 
 from __future__ import annotations
@@ -17,16 +26,23 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .compressed import Compressed
 from .errors import FactorsError
 from .factors import Factors
 
 HEADS = ("input", "tied")
+_HEAD_CHUNK_ROWS = 32768
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class FactoredEmbedding(nn.Module):
     """Token embedding rebuilt from low-rank factors: row i = codes[i] @ decoder + bias."""
 
-    def __init__(self, factors: Factors, *, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None):
+    def __init__(self, factors: Factors, *, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         self.codes = nn.Parameter(factors.codes.detach().clone())
         self.decoder = nn.Parameter(factors.decoder.detach().clone())
@@ -34,6 +50,7 @@ class FactoredEmbedding(nn.Module):
         self.norms = None if factors.norms is None else nn.Parameter(factors.norms.detach().clone())
         self.num_embeddings, self.embedding_dim = factors.shape
         self.padding_idx = padding_idx
+        self.out_dtype = dtype or factors.dtype
         # Some models (Gemma) scale the looked-up rows; keep that behaviour.
         if embed_scale is not None:
             self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
@@ -41,22 +58,26 @@ class FactoredEmbedding(nn.Module):
             self.embed_scale = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = nn.functional.embedding(input_ids, self.codes) @ self.decoder
+        dt = self.out_dtype
+        out = _as(nn.functional.embedding(input_ids, self.codes), dt) @ _as(self.decoder, dt)
         if self.bias is not None:
-            out = out + self.bias
+            out = out + _as(self.bias, dt)
         if self.norms is not None:
-            out = out * (self.norms[input_ids] / out.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
+            out = out * (_as(self.norms[input_ids], dt) / out.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
         if self.embed_scale is not None:
             out = out * self.embed_scale.to(out.dtype)
         return out
 
     def row_scale(self) -> torch.Tensor:
         """norms[i] / ||codes[i] @ decoder + bias||, for a head that must honour kept norms (V values)."""
-        gram = self.decoder @ self.decoder.T  # k x k: ||c D + b||^2 = c G c^T + 2 c (D b) + b.b
-        sq = ((self.codes @ gram) * self.codes).sum(-1)
+        dt = self.out_dtype
+        codes, decoder = _as(self.codes, dt), _as(self.decoder, dt)
+        gram = decoder @ decoder.T  # k x k: ||c D + b||^2 = c G c^T + 2 c (D b) + b.b
+        sq = ((codes @ gram) * codes).sum(-1)
         if self.bias is not None:
-            sq = sq + 2 * self.codes @ (self.decoder @ self.bias) + self.bias @ self.bias
-        return self.norms / sq.clamp_min(1e-24).sqrt()
+            bias = _as(self.bias, dt)
+            sq = sq + 2 * codes @ (decoder @ bias) + bias @ bias
+        return _as(self.norms, dt) / sq.clamp_min(1e-24).sqrt()
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.codes.shape[1]}, "
@@ -78,11 +99,12 @@ class FactoredHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
-        logits = (hidden @ emb.decoder.T) @ emb.codes.T
+        dt = hidden.dtype
+        logits = (hidden @ _as(emb.decoder, dt).T) @ _as(emb.codes, dt).T
         if emb.bias is not None:
-            logits = logits + (hidden @ emb.bias).unsqueeze(-1)
+            logits = logits + (hidden @ _as(emb.bias, dt)).unsqueeze(-1)
         if emb.norms is not None:
-            logits = logits * self._row_scale(emb)
+            logits = logits * _as(self._row_scale(emb), dt)
         if self.bias is not None:
             logits = logits + self.bias
         return logits
@@ -100,6 +122,74 @@ class FactoredHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the factored embedding"
+
+
+class CompressedEmbedding(nn.Module):
+    """Token embedding kept compressed (quantized or codebook): decodes only the looked-up rows."""
+
+    def __init__(self, compressed: Compressed, *, padding_idx: int | None = None,
+                 embed_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.kind = type(compressed)
+        self.names = tuple(compressed.tensors())
+        for name, t in compressed.tensors().items():
+            self.register_buffer(name, t.detach().clone())
+        self.meta = dict(compressed.meta)
+        self.num_embeddings, self.embedding_dim = compressed.shape
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype or compressed.dtype
+        if embed_scale is not None:
+            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+        else:
+            self.embed_scale = None
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.names}
+
+    def compressed(self) -> Compressed:
+        return self.kind.from_tensors(self.stored(), dict(self.meta))
+
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        return self.kind.decode(self.stored(), index)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.rows(input_ids.reshape(-1)).view(*input_ids.shape, self.embedding_dim).to(self.out_dtype)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind.kind}"
+
+
+class CompressedHead(nn.Module):
+    """An output head tied to a CompressedEmbedding: logits a chunk of decoded rows at a time."""
+
+    def __init__(self, embedding: CompressedEmbedding, bias: nn.Parameter | None = None):
+        super().__init__()
+        self._embedding = (embedding,)
+        self.bias = bias
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    @property
+    def embedding(self) -> CompressedEmbedding:
+        return self._embedding[0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        emb = self.embedding
+        logits = hidden.new_empty(*hidden.shape[:-1], self.out_features)
+        for i in range(0, self.out_features, _HEAD_CHUNK_ROWS):
+            block = emb.rows(slice(i, i + _HEAD_CHUNK_ROWS)).to(device=hidden.device, dtype=hidden.dtype)
+            logits[..., i:i + block.shape[0]] = hidden @ block.T
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, tied to the compressed embedding"
+
+
+EMBEDDINGS = (FactoredEmbedding, CompressedEmbedding)
 
 
 def _module_path(model: nn.Module, target: nn.Module) -> str:
@@ -120,9 +210,12 @@ def default_head(model: nn.Module) -> str:
     return "tied" if is_tied(model) else "input"
 
 
-def check_fits(model: nn.Module, factors: Factors) -> None:
+def check_fits(model: nn.Module, factors: Compressed) -> None:
     """Refuse factors whose shape is not the model's embedding shape, naming both."""
-    shape = tuple(model.get_input_embeddings().weight.shape)
+    emb = model.get_input_embeddings()
+    if isinstance(emb, EMBEDDINGS):
+        raise FactorsError("this model's embedding is already compressed; splice into the original model instead")
+    shape = tuple(emb.weight.shape)
     if factors.shape != shape:
         raise FactorsError(
             f"the factors rebuild a {factors.shape[0]} x {factors.shape[1]} embedding but the model's is "
@@ -130,7 +223,7 @@ def check_fits(model: nn.Module, factors: Factors) -> None:
         )
 
 
-def splice(model: nn.Module, factors: Factors, head: str | None = None):
+def splice(model: nn.Module, factors: Compressed, head: str | None = None):
     """Replace the embedding (and, with head='tied', the tied output head) by factored modules.
 
     Returns a `Swap`: calling it puts the original modules back.
@@ -148,13 +241,17 @@ def splice(model: nn.Module, factors: Factors, head: str | None = None):
     old_emb = model.get_input_embeddings()
     weight = old_emb.weight
     emb_path = _module_path(model, old_emb)
-    new_emb = FactoredEmbedding(factors.to(dtype=weight.dtype, device=weight.device),
-                                padding_idx=getattr(old_emb, "padding_idx", None),
-                                embed_scale=getattr(old_emb, "embed_scale", None))
+    common = dict(padding_idx=getattr(old_emb, "padding_idx", None), embed_scale=getattr(old_emb, "embed_scale", None),
+                  dtype=weight.dtype)
+    moved = factors.to(device=weight.device)
+    if isinstance(factors, Factors):
+        new_emb, head_cls = FactoredEmbedding(moved, **common), FactoredHead
+    else:
+        new_emb, head_cls = CompressedEmbedding(moved, **common), CompressedHead
     swaps = [(emb_path, old_emb, new_emb)]
     if head == "tied":
         old_head = model.get_output_embeddings()
-        swaps.append((_module_path(model, old_head), old_head, FactoredHead(new_emb, getattr(old_head, "bias", None))))
+        swaps.append((_module_path(model, old_head), old_head, head_cls(new_emb, getattr(old_head, "bias", None))))
     swap = Swap(model, swaps)
     swap.reapply()
     return swap
@@ -178,7 +275,7 @@ class Swap:
 
 
 @contextmanager
-def spliced(model: nn.Module, factors: Factors, head: str | None = None) -> Iterator[nn.Module]:
+def spliced(model: nn.Module, factors: Compressed, head: str | None = None) -> Iterator[nn.Module]:
     """Within the block, `model` uses the factors; the original modules come back on exit."""
     restore = splice(model, factors, head)
     try:
@@ -187,7 +284,7 @@ def spliced(model: nn.Module, factors: Factors, head: str | None = None) -> Iter
         restore()
 
 
-def densify(model: nn.Module, factors: Factors, head: str | None = None) -> None:
+def densify(model: nn.Module, factors: Compressed, head: str | None = None) -> None:
     """Write the rebuilt matrix into the model's own embedding (no size saving; any tool can load it).
 
     With head='input' on a tied model, the output head is untied and keeps the original matrix.

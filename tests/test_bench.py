@@ -104,3 +104,22 @@ def test_ctrl_c_keeps_finished_rows(tiny, text_file, tmp_path, monkeypatch):
     report = json.loads(result.stdout)
     assert report["interrupted"] and [r["rank"] for r in report["rows"]] == [None, 2]
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == report["rows"]
+
+
+def test_every_kind_side_by_side_with_bits_per_weight(tiny, text_file, tmp_path):
+    result = runner.invoke(app, ["bench", tiny("llama"), "--ranks", "4", "--bits", "12",
+                                 "--methods", "svd,int8,int4,codebook", "--weights-text", text_file,
+                                 "--out", str(tmp_path), "--text", text_file, "--max-tokens", "100", "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["method"] for r in rows] == ["original", "svd", "int8", "int4", "codebook"]
+    assert rows[0]["bits_per_weight"] == 32.0
+    by = {r["method"]: r for r in rows}
+    assert by["int4"]["bits_per_weight"] == pytest.approx(5.0) and by["int4"]["size"] == "int4g32"
+    assert by["int8"]["bits_per_weight"] == pytest.approx(8 + 16 / 32)
+    for r in rows[1:]:
+        assert r["embedding_bytes"] * 8 == pytest.approx(r["bits_per_weight"] * 112 * 32), r
+        assert r["perplexity_ratio_tied"] > 0 and r["latency_ratio"] > 0
+    # int8 is close to lossless; int4 loses more
+    assert abs(by["int8"]["perplexity_ratio_tied"] - 1) < abs(by["int4"]["perplexity_ratio_tied"] - 1) + 1e-3
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

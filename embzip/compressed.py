@@ -1,0 +1,147 @@
+"""A compressed V x d embedding: what every method produces and every command consumes.
+
+Three storage kinds share one small interface, so the factors file, the spliced modules, the
+sizes and the bench never branch on the method:
+
+- ``lowrank`` (factors.py): codes V x k and a decoder k x d (svd, paper, wsvd, aware);
+- ``quant`` (quant.py): integers per row or per group of a row, with scales (int8, int4);
+- ``codebook`` (codebook.py): small integer indices into learned codebooks.
+
+A kind is a subclass of `Compressed` registered under its name. It stores named tensors
+(`tensors()`, rebuilt by `from_tensors`), decodes any rows in float32 (`decode`, a classmethod
+over a dict of tensors so a module can call it on its own buffers), and its size is what it
+stores: `stored_bytes()` counts every tensor at its stored dtype, packed integers as stored, and
+`bits_per_weight()` divides by V x d.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import FactorsError
+
+_CHUNK_ROWS = 16384
+_KIND_MODULES = {"lowrank": "factors", "quant": "quant", "codebook": "codebook"}
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def storage_dtype(embedding_dtype: torch.dtype) -> torch.dtype:
+    """The float dtype compressed tensors are stored in: the embedding's own when it is 16-bit,
+    else float16 (32-bit scales and codebooks would add cost and no measurable accuracy)."""
+    return embedding_dtype if embedding_dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
+class Compressed:
+    """Base class of the storage kinds. Subclasses set `kind` and implement the abstract parts."""
+
+    kind: ClassVar[str] = ""
+    meta: dict[str, Any]
+
+    # -- what a kind implements ---------------------------------------------------------------
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Compressed":
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
+        """Rows `index` of the rebuilt embedding, in float32, from a dict of this kind's tensors."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def size_label(self) -> str:
+        """A short tag for file names: r256 for a rank, 2b for bits per weight."""
+        return f"{self.bits_per_weight():.3g}b"
+
+    # -- shared ---------------------------------------------------------------------------------
+    @property
+    def vocab(self) -> int:
+        return self.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        return self.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored float tensors (and of the rows a module hands the model)."""
+        floats = [t.dtype for t in self.tensors().values() if t.is_floating_point()]
+        return floats[0] if floats else torch.float32
+
+    def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        return self.decode(self.tensors(), index)
+
+    def reconstruct(self) -> torch.Tensor:
+        """The whole rebuilt V x d matrix, in float32."""
+        return torch.cat([self.rows(slice(i, i + _CHUNK_ROWS)) for i in range(0, self.vocab, _CHUNK_ROWS)])
+
+    def stored_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def bits_per_weight(self) -> float:
+        return 8 * self.stored_bytes() / (self.vocab * self.hidden)
+
+    def num_params(self) -> int:
+        """Stored numbers (a packed byte of two int4 values counts as two)."""
+        return sum(t.numel() for t in self.tensors().values())
+
+    def compression_ratio(self) -> float:
+        """Bytes of the embedding at the dtype the source model stored it, over the bytes stored here."""
+        bits = self.meta.get("source_bits") or torch.finfo(self.dtype).bits
+        return self.vocab * self.hidden * bits / 8 / self.stored_bytes()
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Compressed":
+        """The same compressed matrix with float tensors cast to `dtype` (integers keep theirs)."""
+        moved = {name: t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
+                 for name, t in self.tensors().items()}
+        return type(self).from_tensors(moved, dict(self.meta))
+
+    def check_finite(self, what: str = "the compressed embedding") -> None:
+        """Refuse NaN or Inf in any float tensor, naming the tensor."""
+        for name, t in self.tensors().items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                bad = (~torch.isfinite(t)).sum().item()
+                raise FactorsError(f"{what} has {bad} NaN or Inf value(s) in tensor {name!r}; "
+                                   "nothing was written (check the method's options)")
+
+
+def register(cls: type[Compressed]) -> type[Compressed]:
+    """Class decorator: the kind named by `cls.kind`."""
+    _KINDS[cls.kind] = cls
+    return cls
+
+
+_KINDS: dict[str, type[Compressed]] = {}
+
+
+def kind_class(kind: str) -> type[Compressed]:
+    if kind not in _KIND_MODULES:
+        raise FactorsError(f"unknown compressed kind {kind!r}; known: {', '.join(_KIND_MODULES)}")
+    if kind not in _KINDS:
+        importlib.import_module(f".{_KIND_MODULES[kind]}", __package__)
+    return _KINDS[kind]
+
+
+def reconstruction_metrics(embedding: torch.Tensor, compressed: Compressed) -> dict[str, float]:
+    """Mean cosine distance, RMSE and MAE between the embedding and its rebuilt rows (chunked)."""
+    if tuple(embedding.shape) != compressed.shape:
+        raise FactorsError(f"the compressed embedding rebuilds a {compressed.shape} matrix but the model's is "
+                           f"{tuple(embedding.shape)}")
+    cos_sum = sq_sum = abs_sum = 0.0
+    for i in range(0, compressed.vocab, _CHUNK_ROWS):
+        x = embedding[i:i + _CHUNK_ROWS].float()
+        x_hat = compressed.rows(slice(i, i + _CHUNK_ROWS)).to(x.device)
+        cos_sum += (1 - torch.nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12)).sum().item()
+        diff = x_hat - x
+        sq_sum += diff.pow(2).sum().item()
+        abs_sum += diff.abs().sum().item()
+    n = embedding.numel()
+    return {"cosine_distance": cos_sum / compressed.vocab, "rmse": (sq_sum / n) ** 0.5, "mae": abs_sum / n}

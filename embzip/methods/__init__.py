@@ -1,0 +1,181 @@
+"""Methods: how a compressed embedding is made. One module per method, behind one interface.
+
+| method   | kind     | sized by | what it does |
+|----------|----------|----------|--------------|
+| svd      | lowrank  | rank     | truncated SVD (the baseline) |
+| paper    | lowrank  | rank     | the paper's linear autoencoder, its exact recipe |
+| wsvd     | lowrank  | rank     | SVD weighted by token counts on a corpus |
+| aware    | lowrank  | rank     | weighted SVD in the metric of a tied head's hidden states |
+| int8     | quant    | fixed    | one absmax scale per row, round to nearest |
+| int4     | quant    | fixed    | groups of 32 with scale and offset, packed two per byte |
+| codebook | codebook | bits     | indices into learned codebooks (codebook.py) |
+
+Adding a method is one file here defining a `base.Method` and registering it, plus its tests.
+A `Recipe` holds the method's name and every setting; `make_factors` runs it; any low-rank
+method can be followed by healing (heal.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..autoencoder import FitConfig
+from ..aware import AwareConfig
+from ..codebook import CodebookConfig
+from ..compressed import storage_dtype
+from ..errors import RankError
+from ..heal import HealConfig
+from ..sizes import check_rank, max_useful_rank, rank_for_ratio
+from ..weights import WeightConfig
+from . import svd, paper, wsvd, aware, int8, int4, codebook  # noqa: F401,E402  (each registers itself)
+from .base import BITS, FIXED, RANK, REGISTRY, Inputs, Method, check_size
+
+METHODS = tuple(REGISTRY)
+DEFAULT_FIT_METHOD = "aware"
+
+
+@dataclass
+class Recipe:
+    """How to make a compressed embedding: the method, its settings, and the text data-aware parts read."""
+
+    method: str = DEFAULT_FIT_METHOD
+    fit: FitConfig = field(default_factory=FitConfig)  # method "paper"
+    weights: WeightConfig = field(default_factory=WeightConfig)  # token-count row weights
+    aware: AwareConfig = field(default_factory=AwareConfig)  # method "aware" (and keep_norms for wsvd)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)  # method "codebook"
+    group: int = 32  # method "int4": numbers per group
+    heal: HealConfig | None = None  # healing after a low-rank method; None: none
+    weighted_paper: bool = False  # method "paper": weight each row's loss by its token weight
+    weights_text: str | None = None  # a text file for token counts, the metric and healing
+    weights_dataset: str | None = None  # or a dataset NAME[:CONFIG[:SPLIT]]
+
+    def __post_init__(self) -> None:
+        if self.method not in REGISTRY:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(REGISTRY)}")
+        if self.heal is not None and self.spec.kind != "lowrank":
+            raise ValueError(f"healing trains low-rank factors; method {self.method} is not low-rank")
+
+    @property
+    def spec(self) -> Method:
+        return REGISTRY[self.method]
+
+    @property
+    def bias(self) -> bool:
+        return self.method == "paper"
+
+    @property
+    def norms(self) -> bool:
+        return self.method in ("wsvd", "aware") and self.aware.keep_norms
+
+    @property
+    def uses_text(self) -> bool:
+        return self.spec.uses_text or self.weighted_paper or self.heal is not None
+
+    @property
+    def name(self) -> str:
+        return self.method + ("+heal" if self.heal is not None else "")
+
+    def settings(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.method == "paper":
+            out["fit"] = self.fit.settings()
+            out["weighted_paper"] = self.weighted_paper
+        if self.spec.uses_text or self.weighted_paper:
+            out["weights"] = self.weights.settings()
+        if self.method == "aware":
+            out["aware"] = self.aware.settings()
+        if self.method == "wsvd":
+            out["keep_norms"] = self.aware.keep_norms
+        if self.method == "codebook":
+            out["codebook"] = self.codebook.settings()
+        if self.method == "int4":
+            out["group"] = self.group
+        if self.heal is not None:
+            out["heal"] = self.heal.settings()
+        if self.uses_text:
+            out["weights_text"] = self.weights_text or self.weights_dataset or "embzip sample weights.txt"
+        return out
+
+
+def recipe(name: str, **overrides) -> Recipe:
+    """A recipe from a bench method name: a method, or fit (the default of `embzip fit`), each with an
+    optional '+heal' suffix for low-rank methods (e.g. aware+heal)."""
+    base, _, extra = name.partition("+")
+    if extra not in ("", "heal"):
+        raise ValueError(f"unknown method suffix {'+' + extra!r} in {name!r}; only +heal exists")
+    method = DEFAULT_FIT_METHOD if base == "fit" else base
+    r = Recipe(method=method, **overrides)
+    if extra == "heal" and r.heal is None:
+        r = replace(r, heal=HealConfig())
+    return r
+
+
+def _bits_name(bits: float) -> str:
+    return f"{bits:.4g}"
+
+
+def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = None, bits: float | None = None,
+                 vocab: int, hidden: int, dtype: torch.dtype) -> int | float | None:
+    """The size to make: a rank (low-rank methods), bits per weight (codebook) or None (fixed size).
+
+    --ratio is bytes of the embedding at its dtype over bytes stored; --bits a budget in bits per
+    weight, everything stored counted. A size a method cannot reach is refused, naming what it can.
+    """
+    spec = r.spec
+    check_size(spec, rank=rank, ratio=ratio, bits=bits)
+    source_bits = torch.finfo(dtype).bits
+    stored_bits = torch.finfo(storage_dtype(dtype)).bits
+    if ratio is not None:
+        if not ratio > 1:
+            raise RankError(f"--ratio must be greater than 1, got {ratio}")
+        bits = source_bits / ratio
+    if bits is not None and not (0 < bits < source_bits):
+        raise RankError(f"--bits must be between 0 and {source_bits} (the embedding's own bits per weight), got {bits}")
+    if spec.sized_by == RANK:
+        kw = dict(bias=r.bias, norms=r.norms)
+        if rank is not None:
+            return check_rank(rank, vocab, hidden, **kw)
+        if bits is None:
+            raise RankError(f"method {spec.name} needs a size: give exactly one of --rank, --ratio and --bits")
+        if bits >= stored_bits:
+            return max_useful_rank(vocab, hidden, **kw) or check_rank(1, vocab, hidden, **kw)
+        try:
+            return rank_for_ratio(stored_bits / bits, vocab, hidden, **kw)
+        except RankError:
+            one = stored_bits * (vocab + hidden) / (vocab * hidden)
+            raise RankError(f"no rank of {spec.name} fits in {_bits_name(bits)} bits per weight for a {vocab} x "
+                            f"{hidden} embedding ({stored_bits}-bit factors): rank 1 takes {one:.3g}; "
+                            "use --method codebook for smaller sizes") from None
+    if spec.sized_by == FIXED:
+        own = spec.fixed_bits(vocab, hidden, dtype, r)
+        if bits is not None and bits < own:
+            raise RankError(f"method {spec.name} stores {own:.4g} bits per weight for this embedding and cannot "
+                            f"reach {_bits_name(bits)}; use --method codebook --bits {_bits_name(bits)}")
+        return None
+    budget = spec.default_bits if bits is None else bits
+    return spec.check_bits(budget, vocab, hidden, dtype) if hasattr(spec, "check_bits") else budget
+
+
+def make_factors(opened, size, recipe: Recipe, *, device: str = "cpu", progress: bool = False,
+                 cache: dict | None = None) -> tuple[Any, dict[str, Any]]:
+    """The compressed embedding of `opened` at `size` (a rank, bits, or None) by `recipe`, and the
+    details to record. `cache` (a dict) keeps token counts and statistics between calls on one model."""
+    inputs = Inputs(opened, recipe, device=device, progress=progress, cache=cache)
+    compressed, details = recipe.spec.make(inputs, size, recipe)
+    details = {"settings": recipe.settings(), "size": size, **inputs.details, **details}
+    if recipe.heal is not None:
+        from ..heal import heal
+
+        config = replace(recipe.heal, seq_len=min(recipe.heal.seq_len, opened.max_length or recipe.heal.seq_len))
+        compressed, history = heal(opened, compressed.to(dtype=inputs.embedding.dtype), inputs.text().lines, config,
+                                   progress=progress)
+        details["heal"] = {"val_loss": history["val_loss"], "best_step": history["best_step"],
+                           "train_loss_first": history["train_loss"][0], "train_loss_last": history["train_loss"][-1]}
+    return compressed, details
+
+
+__all__ = ["BITS", "DEFAULT_FIT_METHOD", "FIXED", "METHODS", "Method", "RANK", "REGISTRY", "Recipe", "make_factors",
+           "recipe", "resolve_size"]

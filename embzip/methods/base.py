@@ -1,0 +1,100 @@
+"""What a method is: a name, the storage kind it makes, how its size is given, and one function.
+
+A method module (one file per method in this package) defines a `Method` and registers it.
+`make(inputs, size, recipe)` returns the compressed embedding (float tensors in float32 or
+already at their stored dtype) and a dict of details to record. `Inputs` hands every method the
+embedding and, computed once and cached, the data-aware pieces: the weights text, token counts,
+row weights and the hidden-state metric of a tied head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..errors import ModelError, RankError
+
+RANK, BITS, FIXED = "rank", "bits", "fixed"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    kind: str  # storage kind (compressed.py): lowrank, quant, codebook
+    sized_by: str  # RANK (--rank/--ratio/--bits pick a rank), BITS (--bits/--ratio), FIXED (one size)
+    summary: str  # one line for --help
+    make: Callable[..., tuple[Any, dict[str, Any]]]
+    uses_text: bool = False  # reads the weights text (token counts)
+    needs_forward: bool = False  # runs the model (hidden-state metric); else the matrix alone suffices
+    options: tuple[str, ...] = ()  # names of `embzip fit` options that belong to this method
+    fixed_bits: Callable[..., float] | None = None  # FIXED: (vocab, hidden, dtype, recipe) -> bits per weight stored
+    default_bits: float | None = None  # BITS: the size when none is given
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    REGISTRY[method.name] = method
+    return method
+
+
+class Inputs:
+    """The embedding and, on first use, the data-aware pieces (cached in `cache` across calls)."""
+
+    def __init__(self, opened, recipe, *, device: str = "cpu", progress: bool = False, cache: dict | None = None):
+        self.opened, self.recipe, self.device, self.progress = opened, recipe, device, progress
+        self.cache = {} if cache is None else cache
+        self.embedding = opened.embedding.detach()
+        self.details: dict[str, Any] = {}
+
+    def _cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
+
+    @property
+    def _text_key(self) -> tuple:
+        return (self.recipe.weights_text, self.recipe.weights_dataset)
+
+    def text(self):
+        from ..texts import load_text
+
+        return self._cached(("text",) + self._text_key, lambda: load_text(
+            self.recipe.weights_text, self.recipe.weights_dataset, sample="weights"))
+
+    def weights(self) -> torch.Tensor:
+        """Row weights (mean 1) from token counts on the weights text."""
+        from ..weights import coverage, row_weights, token_counts
+
+        if self.opened.tokenizer is None:
+            raise ModelError(f"{self.opened.source} has no tokenizer, and method {self.recipe.name} needs one to "
+                             "count tokens; use a method that reads the matrix alone (svd, int8, int4)")
+        text = self.text()
+        counts = self._cached(("counts",) + self._text_key,
+                              lambda: token_counts(self.opened.tokenizer, text, self.opened.vocab_size))
+        self.details["weights_coverage"] = coverage(counts)
+        return row_weights(counts, self.recipe.weights)
+
+    def metric(self, gamma: float, tokens: int) -> torch.Tensor | None:
+        """M = I + gamma S / mean eig(S) for a tied head (None when untied or gamma is 0)."""
+        from ..aware import hidden_second_moment, normalised_metric
+
+        if not self.opened.tied or gamma <= 0:
+            return None
+        opened, text = self.opened, self.text()
+        moment = self._cached(("moment", tokens) + self._text_key, lambda: hidden_second_moment(
+            opened.model, opened.tokenizer, text.lines, tokens, seq_len=min(256, opened.max_length or 256)))
+        return normalised_metric(moment, gamma, self.embedding.shape[1])
+
+
+def check_size(method: Method, *, rank: int | None, ratio: float | None, bits: float | None) -> None:
+    """Refuse a size option the method cannot take, naming what it takes."""
+    given = [name for name, value in (("--rank", rank), ("--ratio", ratio), ("--bits", bits)) if value is not None]
+    if len(given) > 1:
+        raise RankError(f"give exactly one of --rank, --ratio and --bits, not {' and '.join(given)}")
+    if method.sized_by != RANK and rank is not None:
+        raise RankError(f"method {method.name} is not low-rank and takes no --rank; give --bits (bits per weight)"
+                        + (" or nothing" if method.sized_by == FIXED else ""))

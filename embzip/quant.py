@@ -1,0 +1,138 @@
+"""Plain quantization of the embedding: the baselines every codebook method must beat.
+
+- int8 (``q8``): each row scaled by its largest magnitude (one scale per row), rounded to the
+  nearest of the 255 levels -127..127. 8 bits per weight plus one 16-bit scale per row.
+- int4 (``q4``): each row cut into groups of `group` consecutive numbers; each group stores its
+  minimum (offset) and step (scale), and every number is rounded to the nearest of 16 levels
+  offset + scale * q, q = 0..15, packed two per byte (low nibble first). 4 bits per weight plus
+  two 16-bit numbers per group: 5.0 bits per weight at group 32.
+
+Scales and offsets are stored in the embedding's dtype when it is 16-bit, else float16
+(compressed.storage_dtype), and rounding uses the stored (rounded) scale and offset, so decoding
+gives exactly the nearest level of the grid that is stored. Work is done in row chunks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .compressed import Compressed, register, storage_dtype
+from .errors import FactorsError
+
+Q8, Q4, SCALE, OFFSET = "q8", "q4", "scale", "offset"
+_CHUNK_ROWS = 16384
+
+
+def _chunks(n: int):
+    return (slice(i, i + _CHUNK_ROWS) for i in range(0, n, _CHUNK_ROWS))
+
+
+def quantize_int8(embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+    """One absmax scale per row, int8 levels -127..127."""
+    dtype = storage_dtype(embedding.dtype)
+    qs, scales = [], []
+    for rows in _chunks(embedding.shape[0]):
+        x = embedding[rows].float()
+        scale = (x.abs().amax(dim=1) / 127).clamp_min(1e-30).to(dtype)
+        q = torch.round(x / scale.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        qs.append(q)
+        scales.append(scale)
+    return {Q8: torch.cat(qs), SCALE: torch.cat(scales)}
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Values 0..15 (last dim even) -> uint8 bytes, two per byte, low nibble first."""
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes -> values 0..15 (uint8), twice as many along the last dim."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+
+
+def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.Tensor]:
+    """Per group of `group` numbers: offset (min) and scale ((max - min) / 15), 16 levels."""
+    vocab, hidden = embedding.shape
+    check_group(hidden, group)
+    dtype = storage_dtype(embedding.dtype)
+    packed, scales, offsets = [], [], []
+    for rows in _chunks(vocab):
+        x = embedding[rows].float().view(-1, hidden // group, group)
+        low, high = x.amin(dim=2), x.amax(dim=2)
+        offset = low.to(dtype)
+        scale = ((high - offset.float()) / 15).clamp_min(1e-30).to(dtype)
+        q = torch.round((x - offset.float().unsqueeze(2)) / scale.float().unsqueeze(2)).clamp_(0, 15)
+        packed.append(pack_int4(q.view(x.shape[0], hidden)))
+        scales.append(scale)
+        offsets.append(offset)
+    return {Q4: torch.cat(packed), SCALE: torch.cat(scales), OFFSET: torch.cat(offsets)}
+
+
+def check_group(hidden: int, group: int) -> None:
+    if group < 2 or group % 2 or hidden % group:
+        sizes = [g for g in (16, 32, 64, 128) if hidden % g == 0]
+        raise FactorsError(f"int4 group size {group} does not divide the hidden size {hidden} into even groups; "
+                           f"use one of {', '.join(map(str, sizes)) or 'none (hidden size is odd)'}")
+
+
+@register
+class Quantized(Compressed):
+    """int8 rows or int4 groups; which one is told by the tensors it holds."""
+
+    kind = "quant"
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None):
+        self._tensors, self.meta = dict(tensors), {} if meta is None else meta
+        names = set(tensors)
+        if names == {Q8, SCALE}:
+            q, scale = tensors[Q8], tensors[SCALE]
+            ok = q.dtype == torch.int8 and q.ndim == 2 and tuple(scale.shape) == (q.shape[0],)
+            self._shape = tuple(q.shape)
+        elif names == {Q4, SCALE, OFFSET}:
+            q, scale, offset = tensors[Q4], tensors[SCALE], tensors[OFFSET]
+            ok = (q.dtype == torch.uint8 and q.ndim == 2 and scale.ndim == 2 and scale.shape == offset.shape
+                  and scale.shape[0] == q.shape[0] and scale.shape[1] >= 1 and (2 * q.shape[1]) % scale.shape[1] == 0)
+            self._shape = (q.shape[0], 2 * q.shape[1])
+        else:
+            raise FactorsError(f"quantized tensors must be {{q8, scale}} or {{q4, scale, offset}}, got {sorted(names)}")
+        if not ok or not all(t.is_floating_point() for n, t in tensors.items() if n in (SCALE, OFFSET)):
+            shapes = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()}
+            raise FactorsError(f"quantized tensors have inconsistent shapes or dtypes: {shapes}")
+        if self._shape[0] < 1 or self._shape[1] < 1:
+            raise FactorsError(f"quantized tensors describe an empty {self._shape} matrix")
+
+    @property
+    def scheme(self) -> str:
+        return "int8" if Q8 in self._tensors else "int4"
+
+    @property
+    def group(self) -> int | None:
+        return None if self.scheme == "int8" else self.hidden // self._tensors[SCALE].shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def size_label(self) -> str:
+        return self.scheme if self.scheme == "int8" else f"int4g{self.group}"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._tensors)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Quantized":
+        return cls(tensors, meta)
+
+    @classmethod
+    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
+        scale = tensors[SCALE][index].float()
+        if Q8 in tensors:
+            return tensors[Q8][index].float() * scale.unsqueeze(-1)
+        q = unpack_int4(tensors[Q4][index]).float()
+        groups = scale.shape[-1]
+        q = q.view(*q.shape[:-1], groups, -1)
+        out = q * scale.unsqueeze(-1) + tensors[OFFSET][index].float().unsqueeze(-1)
+        return out.flatten(-2)

@@ -1,0 +1,108 @@
+"""The methods package: one interface, sizes by rank or bits, and every kind spliced, applied and reloaded."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from embzip.cli import Method, app
+from embzip.errors import RankError
+from embzip.factors import load_factors
+from embzip.methods import REGISTRY, recipe, resolve_size
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_the_cli_offers_exactly_the_registered_methods():
+    assert {m.value for m in Method} == set(REGISTRY)
+
+
+@pytest.mark.parametrize("dtype,stored", [(torch.float32, 16), (torch.bfloat16, 16)])
+def test_bits_pick_the_largest_rank_that_fits(dtype, stored):
+    vocab, hidden = 1000, 64
+    rank = resolve_size(recipe("svd"), bits=4.0, vocab=vocab, hidden=hidden, dtype=dtype)
+    bpw = lambda k: stored * (vocab * k + k * hidden) / (vocab * hidden)  # noqa: E731
+    assert bpw(rank) <= 4.0 < bpw(rank + 1)
+
+
+@pytest.mark.parametrize("method,kwargs,fragment", [
+    ("int4", dict(bits=2.0), "stores 5 bits per weight for this embedding and cannot reach 2"),
+    ("int8", dict(bits=4.0), "cannot reach 4"),
+    ("codebook", dict(rank=8), "takes no --rank"),
+    ("int8", dict(rank=8), "takes no --rank"),
+    ("svd", dict(bits=0.001), "no rank of svd fits in 0.001 bits per weight"),
+    ("svd", dict(), "needs a size"),
+    ("svd", dict(rank=4, bits=2.0), "not --rank and --bits"),
+    ("codebook", dict(bits=40.0), "--bits must be between 0 and 32"),
+])
+def test_sizes_a_method_cannot_reach_are_refused(method, kwargs, fragment):
+    with pytest.raises(RankError, match=fragment):
+        resolve_size(recipe(method), vocab=1000, hidden=64, dtype=torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert-mlm"])
+@pytest.mark.parametrize("method", ["int8", "int4", "codebook"])
+def test_fit_then_apply_reloads_the_same_logits_and_shrinks(tiny, tmp_path, kind, method, text_file):
+    f = tmp_path / "f.safetensors"
+    extra = ["--bits", 6, "--weights-text", text_file] if method == "codebook" else []
+    result = run("fit", tiny(kind), "--method", method, "-o", f, "--json", "-q", *extra)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    factors = load_factors(f)
+    assert summary["bits_per_weight"] == pytest.approx(factors.bits_per_weight())
+    assert summary["bytes_after"] == factors.stored_bytes() < summary["bytes_before"]
+    out = tmp_path / "dir"
+    result = run("apply", tiny(kind), f, "--out", out, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    applied = json.loads(result.stdout)
+    assert applied["reload_max_abs_diff"] == 0.0
+    assert applied["weights_file_bytes_after"] < applied["weights_file_bytes_before"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "embzip.safetensors"), "pt") as st:
+        dtypes = {st.get_slice(k).get_dtype() for k in st.keys()}
+    assert ("I8" if method == "int8" else "U8") in dtypes  # the compact form is what is stored
+
+
+@pytest.mark.parametrize("method", ["int4", "codebook"])
+def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, method, text_file):
+    import embzip
+    from embzip.splice import spliced
+
+    opened = embzip.open_model(tiny("llama"))
+    r = recipe(method, weights_text=text_file)
+    size = resolve_size(r, bits=6.0 if method == "codebook" else None, vocab=opened.vocab_size,
+                        hidden=opened.hidden_size, dtype=torch.float32)
+    factors, _ = embzip.compress(opened, r, bits=6.0 if method == "codebook" else None, write=False)
+    ids = torch.tensor([[2, 5, 9, 11, 40]])
+    with torch.no_grad(), spliced(opened.model, factors, "tied"):
+        compressed = opened.model(input_ids=ids).logits
+    weight = opened.model.get_input_embeddings().weight
+    original = weight.detach().clone()
+    with torch.no_grad():
+        weight.copy_(factors.reconstruct())
+        dense = opened.model(input_ids=ids).logits
+        weight.copy_(original)
+        plain = opened.model(input_ids=ids).logits
+    assert size is None or size == 6.0
+    assert torch.allclose(compressed, dense, atol=1e-5)
+    assert not torch.allclose(compressed, plain, atol=1e-3)  # it really is compressed
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--method", "aware", "--epochs", "3"], "--epochs is an option of --method paper, not of aware"),
+    (["--method", "int8", "--weights-text", "x.txt"], "--weights-text is an option"),
+    (["--method", "codebook", "--group-size", "16"], "--group-size is an option of --method int4"),
+    (["--method", "codebook", "--heal-steps", "3"], "--heal-steps is an option of --method low-rank methods"),
+    (["--method", "svd", "--keep-norms"], "--keep-norms is an option of --method wsvd / aware"),
+])
+def test_options_of_another_method_are_refused(tiny, tmp_path, args, fragment):
+    result = run("fit", tiny("gpt2"), "--rank", 2, "-o", tmp_path / "f.safetensors", *args)
+    assert result.exit_code == 2
+    assert fragment in " ".join(result.output.split())
+    assert not (tmp_path / "f.safetensors").exists()

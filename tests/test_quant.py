@@ -1,0 +1,127 @@
+"""Quantized and codebook embeddings: the maths, the stored sizes, and the factors file round trip."""
+
+import json
+
+import pytest
+import torch
+
+from embzip.compressed import storage_dtype
+from embzip.errors import FactorsError
+from embzip.factors import Factors, load_factors, save_factors
+from embzip.quant import Quantized, pack_int4, quantize_int4, quantize_int8, unpack_int4
+
+
+def _matrix(dtype=torch.float32, vocab=300, hidden=64):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(vocab, hidden, generator=g) * torch.rand(vocab, 1, generator=g)).to(dtype)
+
+
+def test_int4_packing_round_trips_every_value():
+    q = torch.arange(16, dtype=torch.uint8).repeat(3, 2)
+    packed = pack_int4(q)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 16)
+    assert torch.equal(unpack_int4(packed), q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_rounds_to_the_nearest_stored_level(dtype):
+    e = _matrix(dtype)
+    q = Quantized(quantize_int8(e))
+    scale = q.tensors()["scale"].float()
+    assert q.tensors()["q8"].dtype == torch.int8 and scale.dtype == torch.float32
+    assert q.tensors()["scale"].dtype == storage_dtype(dtype)
+    error = (q.reconstruct() - e.float()).abs()
+    assert (error <= scale.unsqueeze(1) / 2 + 1e-6).all()  # never more than half a step
+    assert q.bits_per_weight() == pytest.approx(8 + 16 / 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_groups_have_scale_and_offset_and_five_bits(dtype):
+    e = _matrix(dtype)
+    q = Quantized(quantize_int4(e, group=32))
+    t = q.tensors()
+    assert t["q4"].shape == (300, 32) and t["scale"].shape == t["offset"].shape == (300, 2)
+    step = t["scale"].float().repeat_interleave(32, dim=1)
+    error = (q.reconstruct() - e.float()).abs()
+    assert (error <= step / 2 + 1e-5).all()
+    assert q.bits_per_weight() == pytest.approx(5.0) and q.group == 32
+    # fewer bits, more error than int8
+    assert error.mean() > (Quantized(quantize_int8(e)).reconstruct() - e.float()).abs().mean()
+
+
+def test_int4_refuses_a_group_that_does_not_divide_the_row():
+    with pytest.raises(FactorsError, match="does not divide the hidden size 64"):
+        quantize_int4(_matrix(), group=24)
+
+
+def test_decode_takes_any_index_shape():
+    q = Quantized(quantize_int4(_matrix()))
+    ids = torch.tensor([[3, 5, 7], [1, 1, 299]])
+    assert torch.equal(q.rows(ids), q.reconstruct()[ids])
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_quantized_file_round_trip_keeps_compact_dtypes(tmp_path, kind):
+    e = _matrix(torch.bfloat16)
+    q = Quantized(quantize_int8(e) if kind == "int8" else quantize_int4(e), {"method": kind})
+    path = save_factors(q, tmp_path / "q.safetensors")
+    back = load_factors(path)
+    assert type(back) is Quantized and back.kind == "quant"
+    for name, t in q.tensors().items():
+        assert torch.equal(t, back.tensors()[name]) and t.dtype == back.tensors()[name].dtype
+    assert back.meta["bits_per_weight"] == pytest.approx(q.bits_per_weight())
+    # the file is the stored bytes plus a small header
+    assert q.stored_bytes() < path.stat().st_size < q.stored_bytes() + 4096
+
+
+def test_version_1_files_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    f = Factors(torch.randn(10, 2), torch.randn(2, 4))
+    meta = {"method": "svd", "rank": 2, "shape": [10, 4]}
+    save_file(f.tensors(), tmp_path / "v1.safetensors",
+              metadata={"format": "embzip.factors", "format_version": "1", "embzip": json.dumps(meta)})
+    back = load_factors(tmp_path / "v1.safetensors")
+    assert isinstance(back, Factors) and torch.equal(back.codes, f.codes)
+
+
+def _rewrite(tmp_path, tensors, meta, version="2"):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "lie.safetensors"
+    save_file(tensors, path, metadata={"format": "embzip.factors", "format_version": version,
+                                       "embzip": meta if isinstance(meta, str) else json.dumps(meta)})
+    return path
+
+
+@pytest.mark.parametrize("tensors,meta,fragment", [
+    ({"codes": torch.zeros(10, 2, dtype=torch.int8), "decoder": torch.zeros(2, 4)}, {}, "expected a float dtype"),
+    ({"codes": torch.zeros(10, 2, dtype=torch.bool), "decoder": torch.zeros(2, 4)}, {}, "expected a float dtype"),
+    ({"codes": torch.zeros(10, 0), "decoder": torch.zeros(0, 4)}, {}, "rank must be at least 1"),
+    ({"codes": torch.zeros(10, 2), "decoder": torch.zeros(2, 4)}, {"rank": 3}, "claims rank 3"),
+    ({"codes": torch.zeros(10, 2), "decoder": torch.zeros(2, 4)}, {"shape": [11, 4]}, "claims shape"),
+    ({"codes": torch.zeros(10, 2), "decoder": torch.zeros(2, 4)}, {"kind": "quant"}, "quantized tensors must be"),
+    ({"codes": torch.zeros(10, 2), "decoder": torch.zeros(2, 4)}, {"kind": "zip"}, "unknown compressed kind"),
+    ({"codes": torch.full((10, 2), float("nan")), "decoder": torch.zeros(2, 4)}, {}, "NaN or Inf"),
+    ({"q8": torch.zeros(10, 4), "scale": torch.ones(10)}, {"kind": "quant"}, "inconsistent"),
+    ({"codes": torch.zeros(10, 2), "decoder": torch.zeros(2, 4)}, "[1, 2]", "a JSON list"),
+    ({"codes": torch.zeros(10, 2), "decoder": torch.zeros(2, 4)}, "{not json", "not JSON"),
+    ({"codes": torch.zeros(10, 2), "decoder": torch.zeros(2, 4)}, {"source": "x"}, "'source' is a str"),
+])
+def test_a_file_that_lies_is_refused_in_one_line(tmp_path, tensors, meta, fragment):
+    path = _rewrite(tmp_path, tensors, meta)
+    with pytest.raises(FactorsError, match=fragment):
+        load_factors(path)
+
+
+def test_a_non_integer_version_is_refused(tmp_path):
+    path = _rewrite(tmp_path, {"codes": torch.zeros(3, 1), "decoder": torch.zeros(1, 2)}, {}, version="1.0")
+    with pytest.raises(FactorsError, match="not an integer"):
+        load_factors(path)
+
+
+def test_non_finite_results_are_never_written(tmp_path):
+    q = Quantized({"q8": torch.zeros(4, 8, dtype=torch.int8), "scale": torch.tensor([1.0, float("inf"), 1, 1])})
+    with pytest.raises(FactorsError, match="NaN or Inf"):
+        save_factors(q, tmp_path / "q.safetensors")
+    assert not list(tmp_path.iterdir())
