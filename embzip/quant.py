@@ -131,8 +131,10 @@ class Quantized(Compressed):
         scale = tensors[SCALE][index].float()
         if Q8 in tensors:
             return tensors[Q8][index].float() * scale.unsqueeze(-1)
-        q = unpack_int4(tensors[Q4][index]).float()
-        groups = scale.shape[-1]
-        q = q.view(*q.shape[:-1], groups, -1)
-        out = q * scale.unsqueeze(-1) + tensors[OFFSET][index].float().unsqueeze(-1)
+        packed = tensors[Q4][index]
+        q = torch.empty(*packed.shape, 2, dtype=torch.float32, device=packed.device)  # unpacked straight to float
+        q[..., 0] = packed & 0x0F
+        q[..., 1] = packed >> 4
+        q = q.view(*scale.shape, -1)  # ... x groups x group
+        out = torch.addcmul(tensors[OFFSET][index].float().unsqueeze(-1), q, scale.unsqueeze(-1))
         return out.flatten(-2)

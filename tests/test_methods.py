@@ -62,6 +62,9 @@ def test_fit_then_apply_reloads_the_same_logits_and_shrinks(tiny, tmp_path, kind
     applied = json.loads(result.stdout)
     assert applied["reload_max_abs_diff"] == 0.0
     assert applied["weights_file_bytes_after"] < applied["weights_file_bytes_before"]
+    if kind == "llama":  # tied: the file shrinks by exactly the embedding's bytes less what is stored (+ header)
+        expected = applied["weights_file_bytes_before"] - summary["bytes_before"] + factors.stored_bytes()
+        assert abs(applied["weights_file_bytes_after"] - expected) < 4096
     from safetensors import safe_open
 
     with safe_open(str(out / "embzip.safetensors"), "pt") as st:
@@ -95,6 +98,8 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
 
 
 @pytest.mark.parametrize("args,fragment", [
+    (["--method", "int4", "--bits", "3"], "stores 5 bits per weight"),
+    (["--method", "codebook", "--rank", "3"], "takes no --rank"),
     (["--method", "aware", "--epochs", "3"], "--epochs is an option of --method paper, not of aware"),
     (["--method", "int8", "--weights-text", "x.txt"], "--weights-text is an option"),
     (["--method", "codebook", "--group-size", "16"], "--group-size is an option of --method int4"),
@@ -102,7 +107,8 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
     (["--method", "svd", "--keep-norms"], "--keep-norms is an option of --method wsvd / aware"),
 ])
 def test_options_of_another_method_are_refused(tiny, tmp_path, args, fragment):
-    result = run("fit", tiny("gpt2"), "--rank", 2, "-o", tmp_path / "f.safetensors", *args)
+    size = [] if "--bits" in args or "--rank" in args else ["--rank", 2]
+    result = run("fit", tiny("gpt2"), *size, "-o", tmp_path / "f.safetensors", *args)
     assert result.exit_code == 2
     assert fragment in " ".join(result.output.split())
     assert not (tmp_path / "f.safetensors").exists()
