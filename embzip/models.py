@@ -72,7 +72,9 @@ class OpenedModel:
         return min(limits) if limits else None
 
     def describe(self) -> dict[str, Any]:
-        n_params = sum(p.numel() for p in self.model.parameters())
+        from .modeldir import param_stats  # counts a compressed embedding's stored buffers too
+
+        n_params = param_stats(self.model)["params"]
         return {
             "model": self.source,
             "path": self.path,
@@ -262,13 +264,13 @@ def _open_compressed(source: str, path: str, device: str) -> OpenedModel:
     from transformers import AutoTokenizer
 
     from .modeldir import load_model, read_config
-    from .splice import FactoredHead
+    from .splice import CompressedHead, FactoredHead
 
     config = read_config(path)
     model = load_model(path, device=device)
     kind = kind_of([config["base_architecture"]])
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
-    tied = isinstance(model.get_output_embeddings(), FactoredHead)
+    tied = isinstance(model.get_output_embeddings(), (FactoredHead, CompressedHead))
     return OpenedModel(model, tokenizer, source, path, kind, tied, _embedding_name(model).removesuffix(".weight"),
                        revision=None)
 
