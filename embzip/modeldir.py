@@ -89,8 +89,13 @@ def _weights_bytes(directory: str | Path) -> int | None:
 
 
 def _probe_ids(model: torch.nn.Module) -> torch.Tensor:
+    """64 positions (fewer if the model takes fewer): a mismatch in position-dependent parts shows up."""
+    from .models import text_config
+
     vocab = model.get_input_embeddings().num_embeddings
-    return (torch.arange(1, 17) * 7919 % vocab).unsqueeze(0)
+    config = text_config(model)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 64
+    return (torch.arange(1, min(64, limit) + 1) * 7919 % vocab).unsqueeze(0)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -242,27 +247,78 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def load_model(directory: str | os.PathLike, device: str = "cpu"):
-    """Load a directory written by `embzip apply` as the spliced transformers model, exactly."""
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype(name: Any, directory: str | os.PathLike) -> torch.dtype:
+    name = str(name).removeprefix("torch.")
+    if name not in FLOAT_DTYPES:
+        raise ModelError(f"{directory}: dtype {name!r} is not one embzip loads ({', '.join(FLOAT_DTYPES)})")
+    return getattr(torch, name)
+
+
+def _match_file_dtypes(model: torch.nn.Module, weights: Path, written: torch.dtype, built: torch.dtype) -> None:
+    """Give each parameter and persistent buffer the dtype it was written in, as from_pretrained would.
+
+    A model may keep some modules in float32 (`_keep_in_fp32_modules`) while the rest is bfloat16: loading
+    the file into a model built all in bfloat16 would round them. Tensors written in the model's own dtype
+    (`written`) take the dtype the model is built in (`built`).
+    """
+    from safetensors import safe_open
+
+    names = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    with safe_open(str(weights), "pt") as f:
+        stored = {name: names.get(f.get_slice(name).get_dtype()) for name in f.keys()}
+    for name, dtype in stored.items():
+        module_path, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            continue  # the strict load names it
+        tensor = getattr(module, attr, None)
+        target = built if dtype == written else dtype
+        if dtype is None or not isinstance(tensor, torch.Tensor) or tensor.dtype == target:
+            continue
+        if isinstance(tensor, torch.nn.Parameter):
+            tensor.data = tensor.data.to(target)
+        elif tensor.is_floating_point():
+            setattr(module, attr, tensor.to(target))
+
+
+def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
+               attn_implementation: str | None = None):
+    """Load a directory written by `embzip apply` as the spliced transformers model, exactly.
+
+    The base architecture is built the way `from_pretrained` builds it in the dtype the model had (so
+    buffers such as rotary frequencies keep the precision they had), and every tensor gets the dtype it was
+    written in. `dtype` (None or "auto": as written) builds it in another dtype instead;
+    `attn_implementation` ("eager", "sdpa", ...) is passed on to transformers.
+    """
     import transformers
     from safetensors.torch import load_model as load_weights
 
     config = read_config(directory)
+    weights = Path(directory) / WEIGHTS
     base = dict(config["base_config"])
     config_cls = transformers.AutoConfig.for_model(base["model_type"]).__class__
     base_config = config_cls.from_dict(base)
     cls = getattr(transformers, config["base_architecture"])
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
-
-    with no_init_weights():
-        model = cls(base_config).to(getattr(torch, config.get("dtype", "float32")))
+    written = _dtype(base.get("dtype") or base.get("torch_dtype") or config.get("dtype", "float32"), directory)
+    built = written if dtype is None or dtype == "auto" else _dtype(dtype, "dtype")
+    # _from_config sets torch's default dtype while the model is built, as from_pretrained does; a plain
+    # cls(config).to(dtype) would also cast buffers computed in float32 (rotary inv_freq) to bf16/fp16.
+    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
+    extra = {"dtype" if version >= (4, 56) else "torch_dtype": built}  # renamed in transformers 4.56
+    if attn_implementation:
+        extra["attn_implementation"] = attn_implementation
+    # Weights are initialised too (a few seconds for 270M parameters): some buffers only get their values there,
+    # as in from_pretrained; everything initialised is then overwritten by the strict load.
+    model = cls._from_config(base_config, **extra)
     model.tie_weights()  # as from_pretrained would; splice() then sees the tie the original had
     splice(model, _stored_embedding(directory, model, config), config["head"])
     try:
-        load_weights(model, str(Path(directory) / WEIGHTS), strict=True)
+        _match_file_dtypes(model, weights, written, built)
+        load_weights(model, str(weights), strict=True)
     except (RuntimeError, OSError) as exc:
         raise ModelError(f"{directory} does not hold the weights its config describes: {str(exc).splitlines()[0]}") from None
     return model.eval().to(device)

@@ -86,6 +86,7 @@ class OpenedModel:
             "factored": not hasattr(self.model.get_input_embeddings(), "weight"),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
+            "dtype": str(next(self.model.get_input_embeddings().parameters()).dtype).removeprefix("torch."),
             "tokenizer_size": self.tokenizer_size,
             "model_params": n_params,
             "embedding_share": self.vocab_size * self.hidden_size / n_params,

@@ -46,8 +46,12 @@ def _tokenizer(kind: str):
                                    eos_token="</s>")
 
 
-def build_tiny(kind: str, path) -> str:
-    """Save a tiny model of `kind` (bert-mlm, bert-encoder, gpt2, llama) with its tokenizer to `path`."""
+def build_tiny(kind: str, path, dtype: str = "float32") -> str:
+    """Save a tiny model of `kind` (bert-mlm, bert-encoder, gpt2, llama) with its tokenizer to `path`.
+
+    The weights are made in float32 and saved in `dtype` (float32, bfloat16 or float16), as a checkpoint
+    published in that dtype would be.
+    """
     import torch
     import transformers as tf
 
@@ -73,20 +77,21 @@ def build_tiny(kind: str, path) -> str:
         emb = model.get_input_embeddings().weight
         basis = torch.randn(6, emb.shape[1])
         emb.copy_(torch.randn(emb.shape[0], 6) @ basis * 0.3 + 0.05 * torch.randn_like(emb))
-    model.save_pretrained(path)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
-    """tiny(kind) -> directory of a tiny saved model, built once per session."""
-    built: dict[str, str] = {}
+    """tiny(kind, dtype="float32") -> directory of a tiny saved model, built once per session."""
+    built: dict[tuple[str, str], str] = {}
 
-    def get(kind: str) -> str:
-        if kind not in built:
-            built[kind] = build_tiny(kind, tmp_path_factory.mktemp(kind))
-        return built[kind]
+    def get(kind: str, dtype: str = "float32") -> str:
+        if (kind, dtype) not in built:
+            name = kind if dtype == "float32" else f"{kind}-{dtype}"
+            built[kind, dtype] = build_tiny(kind, tmp_path_factory.mktemp(name), dtype)
+        return built[kind, dtype]
 
     return get
 

@@ -1,0 +1,128 @@
+"""float32, bfloat16 and float16 models through every command: files and sizes keep the model's dtype, and a
+directory written by `apply` rebuilds exactly the computation of the model it was written from."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from typer.testing import CliRunner
+
+from embzip.cli import app
+from embzip.factors import load_factors
+from embzip.modeldir import apply_factors, load_model
+from embzip.models import open_model
+from embzip.svd import svd_factors
+
+runner = CliRunner()
+DTYPES = ["float32", "bfloat16", "float16"]
+ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+SAFETENSORS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+# (kind, head): tied heads (BERT MLM, GPT-2, Llama) and untied ones (Llama input only, a BERT encoder)
+CASES = [("bert-mlm", "tied"), ("gpt2", "tied"), ("llama", "tied"), ("llama", "input"), ("bert-encoder", "input")]
+FAST_FIT = ["--method", "paper", "--epochs", "2", "--anneal-epochs", "1", "--batch-size", "16"]
+
+
+def run(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout) if "--json" in args else result
+
+
+def long_ids(model):
+    """60 positions: rotary frequencies rounded to bf16 change logits only some way into a sequence."""
+    vocab = model.get_input_embeddings().num_embeddings
+    return (torch.arange(60) * 37 % (vocab - 5) + 5).unsqueeze(0)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def file_dtypes(path):
+    with safe_open(str(path), "pt") as f:
+        return {f.get_slice(name).get_dtype() for name in f.keys()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind,head", CASES)
+def test_svd_and_apply_keep_the_dtype_and_reload_exactly(tiny, tmp_path, kind, head, dtype):
+    model = tiny(kind, dtype)
+    info = run("info", model, "--json", "-q")
+    assert info["dtype"] == dtype
+    summary = run("svd", model, "--rank", 3, "-o", tmp_path / "f.safetensors", "--json", "-q")
+    factors = load_factors(tmp_path / "f.safetensors")
+    assert summary["dtype"] == factors.meta["dtype"] == dtype and factors.codes.dtype == getattr(torch, dtype)
+    assert file_dtypes(tmp_path / "f.safetensors") == {SAFETENSORS[dtype]}
+    assert summary["bytes_after"] == summary["params_after"] * ITEMSIZE[dtype]
+    assert summary["bytes_before"] == summary["params_before"] * ITEMSIZE[dtype]
+
+    opened = open_model(model)
+    original = logits(opened.model, long_ids(opened.model))
+    applied = apply_factors(opened, factors, tmp_path / "out", head=head)
+    ids = long_ids(opened.model)
+    expected = logits(opened.model, ids)  # opened.model is spliced in place now
+    assert not torch.equal(expected, original)  # the factors really changed the model
+    reloaded = load_model(tmp_path / "out")
+    assert torch.equal(logits(reloaded, ids), expected)
+    assert applied["reload_max_abs_diff"] == 0.0
+    assert file_dtypes(tmp_path / "out" / "embzip.safetensors") == {SAFETENSORS[dtype]}
+    assert applied["bytes_after"] == applied["params_after"] * ITEMSIZE[dtype]
+    assert {p.dtype for p in reloaded.parameters()} == {getattr(torch, dtype)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["llama", "bert-mlm"])
+def test_reload_rebuilds_buffers_as_from_pretrained_does(tiny, tmp_path, kind, dtype):
+    """Buffers are not in the weights file: the reload must compute them as from_pretrained does in that dtype
+    (Llama's rotary inv_freq stays float32 in a bfloat16 model; casting the built model would round it)."""
+    opened = open_model(tiny(kind, dtype))
+    factors = svd_factors(opened.embedding.detach(), 3)
+    reference = dict(open_model(tiny(kind, dtype)).model.named_buffers())
+    apply_factors(opened, factors, tmp_path / "out")
+    buffers = dict(load_model(tmp_path / "out").named_buffers())
+    assert buffers.keys() == reference.keys()
+    for name, buffer in buffers.items():
+        assert buffer.dtype == reference[name].dtype, name
+        assert torch.equal(buffer, reference[name]), name
+    if kind == "llama":
+        assert buffers["model.rotary_emb.inv_freq"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dense_apply_keeps_the_dtype(tiny, tmp_path, dtype):
+    model = tiny("llama", dtype)
+    run("svd", model, "--rank", 3, "-o", tmp_path / "f.safetensors", "-q")
+    summary = run("apply", model, tmp_path / "f.safetensors", "--out", tmp_path / "dense", "--dense", "--json", "-q")
+    assert summary["reload_max_abs_diff"] == 0.0
+    assert file_dtypes(tmp_path / "dense" / "model.safetensors") == {SAFETENSORS[dtype]}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_fit_perplexity_and_bench_run_in_the_models_dtype(tiny, tmp_path, text_file, dtype):
+    model = tiny("llama", dtype)
+    for method, extra in (("aware", ["--method", "aware", "--weights-text", text_file, "--metric-tokens", 256]),
+                          ("paper", FAST_FIT)):
+        summary = run("fit", model, "--rank", 3, "-o", tmp_path / f"{method}.safetensors", "--json", "-q", *extra)
+        assert summary["dtype"] == dtype and file_dtypes(tmp_path / f"{method}.safetensors") == {SAFETENSORS[dtype]}
+    scored = run("perplexity", model, "--factors", tmp_path / "aware.safetensors", "--text", text_file, "--json", "-q")
+    assert 1 < scored["perplexity_original"] < float("inf") and 1 < scored["perplexity"] < float("inf")
+    run("apply", model, tmp_path / "aware.safetensors", "--out", tmp_path / "out", "-q")
+    reopened = run("perplexity", tmp_path / "out", "--text", text_file, "--json", "-q")
+    assert reopened["perplexity"] == pytest.approx(scored["perplexity"], rel=1e-6)
+    bench = run("bench", model, "--ranks", "2,3", "--methods", "svd", "--text", text_file, "--max-tokens", 128,
+                "--out", tmp_path / "bench", "--json", "-q")
+    assert bench["dtype"] == dtype
+    for row in bench["rows"]:
+        assert row["embedding_bytes"] == row["embedding_params"] * ITEMSIZE[dtype]
+        assert 1 < row["perplexity_input"] < float("inf")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_masked_lm_perplexity_in_the_models_dtype(tiny, tmp_path, text_file, dtype):
+    model = tiny("bert-mlm", dtype)
+    run("svd", model, "--rank", 3, "-o", tmp_path / "f.safetensors", "-q")
+    scored = run("perplexity", model, "--factors", tmp_path / "f.safetensors", "--text", text_file, "--json", "-q")
+    assert 1 < scored["perplexity_original"] < float("inf") and 1 < scored["perplexity"] < float("inf")
