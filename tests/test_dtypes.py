@@ -17,6 +17,7 @@ from embzip.svd import svd_factors
 runner = CliRunner()
 DTYPES = ["float32", "bfloat16", "float16"]
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
+STORED = {"float32": "float16", "bfloat16": "bfloat16", "float16": "float16"}
 SAFETENSORS = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
 # (kind, head): tied heads (BERT MLM, GPT-2, Llama) and untied ones (Llama input only, a BERT encoder)
 CASES = [("bert-mlm", "tied"), ("gpt2", "tied"), ("llama", "tied"), ("llama", "input"), ("bert-encoder", "input")]
@@ -54,9 +55,10 @@ def test_svd_and_apply_keep_the_dtype_and_reload_exactly(tiny, tmp_path, kind, h
     assert info["dtype"] == dtype
     summary = run("svd", model, "--rank", 3, "-o", tmp_path / "f.safetensors", "--json", "-q")
     factors = load_factors(tmp_path / "f.safetensors")
-    assert summary["dtype"] == factors.meta["dtype"] == dtype and factors.codes.dtype == getattr(torch, dtype)
-    assert file_dtypes(tmp_path / "f.safetensors") == {SAFETENSORS[dtype]}
-    assert summary["bytes_after"] == summary["params_after"] * ITEMSIZE[dtype]
+    stored = STORED[dtype]  # factors are stored at 16 bits: the model's dtype when it is 16-bit, else float16
+    assert summary["dtype"] == factors.meta["dtype"] == stored and factors.codes.dtype == getattr(torch, stored)
+    assert file_dtypes(tmp_path / "f.safetensors") == {SAFETENSORS[stored]}
+    assert summary["bytes_after"] == summary["params_after"] * ITEMSIZE[stored]
     assert summary["bytes_before"] == summary["params_before"] * ITEMSIZE[dtype]
 
     opened = open_model(model)
@@ -68,9 +70,11 @@ def test_svd_and_apply_keep_the_dtype_and_reload_exactly(tiny, tmp_path, kind, h
     reloaded = load_model(tmp_path / "out")
     assert torch.equal(logits(reloaded, ids), expected)
     assert applied["reload_max_abs_diff"] == 0.0
-    assert file_dtypes(tmp_path / "out" / "embzip.safetensors") == {SAFETENSORS[dtype]}
-    assert applied["bytes_after"] == applied["params_after"] * ITEMSIZE[dtype]
-    assert {p.dtype for p in reloaded.parameters()} == {getattr(torch, dtype)}
+    assert file_dtypes(tmp_path / "out" / "embzip.safetensors") == {SAFETENSORS[dtype], SAFETENSORS[stored]}
+    factor_bytes = factors.stored_bytes()
+    rest = applied["params_after"] - factors.num_params()
+    assert applied["bytes_after"] == rest * ITEMSIZE[dtype] + factor_bytes
+    assert {p.dtype for p in reloaded.parameters()} == {getattr(torch, dtype), getattr(torch, stored)}
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
