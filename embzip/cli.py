@@ -311,8 +311,8 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
     """Splice factors into MODEL and write a model directory that loads and runs.
 
     The directory is reloaded and its logits compared with the in-memory model before it is kept.
-    Load it with embzip.load_model(DIR), or AutoModelForCausalLM/AutoModelForMaskedLM/AutoModel
-    .from_pretrained(DIR, trust_remote_code=True) with embzip installed. With --dense, any
+    Load it with embzip.load_model(DIR), or after `import embzip` with AutoModelForCausalLM /
+    AutoModelForMaskedLM / AutoModel.from_pretrained(DIR); it holds no code. With --dense, any
     transformers tool loads it.
 
     Example: embzip apply bert-base-uncased bert.fit128.safetensors --out bert-fit128

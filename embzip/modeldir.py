@@ -1,11 +1,11 @@
 """Compressed model directories: write them (`embzip apply`) and load them back (`load_model`).
 
 A factored directory holds the spliced model's weights in `embzip.safetensors` and a
-`config.json` of model_type "embzip" that nests the original config. Plain transformers cannot
-load it by mistake: `AutoModel*.from_pretrained(DIR)` stops and asks for trust_remote_code (and
-with it, the small `embzip_remote.py` shim hands over to `embzip.load_model`), and a concrete
-class such as `BertModel.from_pretrained(DIR)` finds no weights file it knows and fails. See
-docs/format.md.
+`config.json` of model_type "embzip" that nests the original config; it holds no code. Plain
+transformers cannot load it by mistake: without embzip, `AutoModel*.from_pretrained(DIR)` does not
+know the model type and stops, and a concrete class such as `BertModel.from_pretrained(DIR)` finds
+no weights file it knows and fails. After `import embzip` the Auto classes hand it to `load_model`
+(embzip/hf.py). See docs/format.md.
 """
 
 from __future__ import annotations
@@ -27,28 +27,7 @@ from .splice import HEADS, default_head, densify, splice
 
 WEIGHTS = "embzip.safetensors"
 MANIFEST = "embzip.json"
-REMOTE = "embzip_remote.py"
 DIR_FORMAT_VERSION = 1
-_REMOTE_CODE = '''"""Hands `AutoModel*.from_pretrained(DIR, trust_remote_code=True)` over to embzip.load_model.
-
-This directory holds an embzip-compressed model (see embzip.json); `pip install embzip` to load it.
-"""
-from transformers import PretrainedConfig, PreTrainedModel
-
-
-class EmbzipConfig(PretrainedConfig):
-    model_type = "embzip"
-
-
-class EmbzipModel(PreTrainedModel):
-    config_class = EmbzipConfig
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        from embzip import load_model
-
-        return load_model(pretrained_model_name_or_path, device=kwargs.get("device_map") or "cpu")
-'''
 
 
 def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
@@ -138,9 +117,6 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             config = {
                 "model_type": "embzip",
                 "architectures": ["EmbzipModel"],
-                "auto_map": {name: "embzip_remote.EmbzipModel" for name in
-                             ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM")}
-                            | {"AutoConfig": "embzip_remote.EmbzipConfig"},
                 "embzip_format_version": DIR_FORMAT_VERSION,
                 "base_architecture": type(model).__name__,
                 "base_config": model.config.to_dict(),
@@ -150,7 +126,6 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
                 "dtype": model_dtype,
             }
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-            (tmp / REMOTE).write_text(_REMOTE_CODE)
             save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _copy_side_files(opened, tmp)
         after = param_stats(model)

@@ -270,7 +270,7 @@ def _open_compressed(source: str, path: str, device: str) -> OpenedModel:
     config = read_config(path)
     model = load_model(path, device=device)
     kind = kind_of([config["base_architecture"]])
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run a directory's code
     tied = isinstance(model.get_output_embeddings(), (FactoredHead, CompressedHead))
     return OpenedModel(model, tokenizer, source, path, kind, tied, _embedding_name(model).removesuffix(".weight"),
                        revision=None)

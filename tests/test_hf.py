@@ -1,0 +1,191 @@
+"""Plain transformers loading: after `import embzip`, `AutoModel*.from_pretrained(DIR)` gives load_model's model,
+without remote code; without embzip, transformers refuses the directory; no code in a directory is ever run."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+import embzip
+from embzip.hf import EmbzipConfig
+from embzip.modeldir import apply_factors, load_model
+from embzip.models import open_model
+from embzip.svd import svd_factors
+
+AUTO = {"bert-mlm": transformers.AutoModelForMaskedLM, "gpt2": transformers.AutoModelForCausalLM,
+        "llama": transformers.AutoModelForCausalLM, "bert-encoder": transformers.AutoModel}
+IDS = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
+REPO = Path(__file__).resolve().parents[1]
+# What an embzip 0.1 directory carried: a shim that transformers ran with trust_remote_code. This one also
+# writes a marker file, so a test sees whether anything imported it.
+HOSTILE_SHIM = '''from pathlib import Path
+Path({marker!r}).write_text("the directory's code ran")
+from transformers import PretrainedConfig, PreTrainedModel
+
+
+class EmbzipConfig(PretrainedConfig):
+    model_type = "embzip"
+
+
+class EmbzipModel(PreTrainedModel):
+    config_class = EmbzipConfig
+'''
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def write(tiny, path, kind, dtype="float32", head=None):
+    opened = open_model(tiny(kind, dtype))
+    apply_factors(opened, svd_factors(opened.embedding.detach(), 3), path, head=head)
+    return str(path)
+
+
+def old_style(directory, target, marker):
+    """A copy of `directory` as embzip 0.1 wrote it: an auto_map to embzip_remote.py, here a hostile one."""
+    shutil.copytree(directory, target)
+    config = json.loads((target / "config.json").read_text())
+    config["auto_map"] = {name: "embzip_remote.EmbzipModel" for name in
+                          ("AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM")}
+    config["auto_map"]["AutoConfig"] = "embzip_remote.EmbzipConfig"
+    (target / "config.json").write_text(json.dumps(config))
+    (target / "embzip_remote.py").write_text(HOSTILE_SHIM.format(marker=str(marker)))
+    return str(target)
+
+
+def python(code, *args, tmp_path):
+    """Run `code` in a fresh interpreter (its own imports), with the repository first on sys.path."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error",
+               HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("kind,head", [("bert-mlm", "tied"), ("gpt2", "tied"), ("llama", "tied"), ("llama", "input"),
+                                       ("bert-encoder", "input")])
+def test_auto_classes_give_load_models_model(tiny, tmp_path, kind, head):
+    directory = write(tiny, tmp_path / "out", kind, head=head)
+    expected = load_model(directory)
+    for auto in (AUTO[kind], transformers.AutoModel):
+        model = auto.from_pretrained(directory)
+        assert type(model) is type(expected) and not model.training
+        assert torch.equal(logits(model), logits(expected))
+    assert isinstance(transformers.AutoConfig.from_pretrained(directory), EmbzipConfig)
+    assert transformers.AutoTokenizer.from_pretrained(directory)("the water").input_ids
+
+
+def test_directory_holds_no_code(tiny, tmp_path):
+    directory = Path(write(tiny, tmp_path / "out", "llama"))
+    assert not list(directory.rglob("*.py"))
+    config = json.loads((directory / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] == "embzip"
+
+
+def test_from_pretrained_options(tiny, tmp_path):
+    directory = write(tiny, tmp_path / "out", "llama", "bfloat16")
+    as_written = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype="auto", device_map="cpu")
+    assert as_written.dtype == torch.bfloat16 and torch.equal(logits(as_written), logits(load_model(directory)))
+    wider = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert wider.dtype == torch.float32 and wider.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(logits(wider), logits(load_model(directory, dtype="float32")))
+    eager = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="not a masked-lm"):
+        transformers.AutoModelForMaskedLM.from_pretrained(directory)
+    with pytest.raises(ValueError, match="output_hidden_states are not supported"):
+        transformers.AutoModelForCausalLM.from_pretrained(directory, output_hidden_states=True)
+    with pytest.raises(ValueError, match="one device"):
+        transformers.AutoModelForCausalLM.from_pretrained(directory, device_map={"model": "cpu", "lm_head": "meta"})
+
+
+def test_old_directories_load_without_running_their_code(tiny, tmp_path):
+    marker = tmp_path / "marker"
+    old = old_style(Path(write(tiny, tmp_path / "new", "llama")), tmp_path / "old", marker)
+    expected = logits(load_model(tmp_path / "new"))
+    assert torch.equal(logits(load_model(old)), expected)
+    assert torch.equal(logits(embzip.open_model(old).model), expected)
+    for trust in (None, True):  # even asked to trust it, transformers takes embzip's registered classes
+        assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(old, trust_remote_code=trust)),
+                           expected)
+        assert transformers.AutoTokenizer.from_pretrained(old, trust_remote_code=trust)("the water").input_ids
+    assert not marker.exists()
+
+
+def test_register_is_idempotent(tiny, tmp_path):
+    directory = write(tiny, tmp_path / "out", "gpt2")
+    embzip.register()
+    embzip.register()
+    assert torch.equal(logits(transformers.AutoModelForCausalLM.from_pretrained(directory)),
+                       logits(load_model(directory)))
+
+
+REFUSED_WITHOUT_EMBZIP = """
+import json, sys, torch, transformers
+dirs = json.loads(sys.argv[1])
+autos = {"causal": transformers.AutoModelForCausalLM, "masked": transformers.AutoModelForMaskedLM,
+         "encoder": transformers.AutoModel}
+for kind, directory in dirs.items():
+    for auto in {autos[kind], transformers.AutoModel}:
+        try:
+            auto.from_pretrained(directory)
+        except ValueError as exc:
+            assert "model type `embzip`" in str(exc), exc
+        else:
+            raise SystemExit(f"{auto.__name__} loaded {directory} without embzip")
+assert "embzip" not in sys.modules
+import embzip  # after transformers and its auto classes: registers at once
+for kind, directory in dirs.items():
+    model = autos[kind].from_pretrained(directory)
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
+    got, want = model(input_ids=ids), embzip.load_model(directory)(input_ids=ids)
+    key = "logits" if kind != "encoder" else "last_hidden_state"
+    assert torch.equal(getattr(got, key), getattr(want, key)), kind
+print("ok")
+"""
+
+
+def test_plain_transformers_refuses_until_embzip_is_imported(tiny, tmp_path):
+    dirs = {"causal": write(tiny, tmp_path / "causal", "llama"), "masked": write(tiny, tmp_path / "masked", "bert-mlm"),
+            "encoder": write(tiny, tmp_path / "encoder", "bert-encoder")}
+    assert python(REFUSED_WITHOUT_EMBZIP, json.dumps(dirs), tmp_path=tmp_path).strip() == "ok"
+
+
+EMBZIP_FIRST = """
+import sys, time
+start = time.perf_counter()
+import embzip
+assert "transformers" not in sys.modules and "torch" not in sys.modules, "import embzip must stay light"
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+new, old, marker, modules = sys.argv[1:5]
+ids = torch.tensor([[2, 10, 11, 12, 13, 14, 3]])
+want = embzip.load_model(new)(input_ids=ids).logits
+for directory in (new, old):
+    for trust in (None, True):
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=trust)
+        assert torch.equal(model(input_ids=ids).logits, want)
+        AutoTokenizer.from_pretrained(directory, trust_remote_code=trust)
+embzip.open_model(old)
+from pathlib import Path
+assert not Path(marker).exists(), "a directory's code ran"
+assert not list(Path(modules).rglob("embzip_remote*")), "a directory's code was copied into the modules cache"
+print("ok")
+"""
+
+
+def test_embzip_first_then_transformers_and_no_code_copied(tiny, tmp_path):
+    marker = tmp_path / "marker"
+    new = write(tiny, tmp_path / "new", "llama")
+    old = old_style(Path(new), tmp_path / "old", marker)
+    assert python(EMBZIP_FIRST, new, old, marker, tmp_path / "modules", tmp_path=tmp_path).strip() == "ok"
