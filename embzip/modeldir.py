@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .errors import FactorsError, ModelError, OutputError
-from .compressed import Compressed
+from .compressed import Compressed, storage_dtype
 from .splice import HEADS, default_head, densify, splice
 
 WEIGHTS = "embzip.safetensors"
@@ -104,6 +104,8 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
         raise FactorsError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     before, source = param_stats(model), opened.describe()
     model_dtype = str(opened.embedding.dtype).removeprefix("torch.")
+    if not dense:  # stored at 16 bits, as factors files are
+        factors = factors.to(dtype=storage_dtype(opened.embedding.dtype))
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -27,8 +27,9 @@ def logits(model):
 
 
 def make(tiny, kind, rank=3):
+    """A tiny model and its rank-`rank` SVD factors at the dtype they are stored in (16-bit)."""
     opened = open_model(tiny(kind))
-    return opened, svd_factors(opened.embedding.detach(), rank)
+    return opened, svd_factors(opened.embedding.detach(), rank).to(dtype=torch.float16)
 
 
 @pytest.mark.parametrize("kind,head", [("bert-mlm", "tied"), ("bert-mlm", "input"), ("gpt2", "tied"),
