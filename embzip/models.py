@@ -251,7 +251,7 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
 
     errors = _LOAD_ERRORS + (SafetensorError, pickle.UnpicklingError)
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     source = spec or DEFAULT_MODEL
     path = resolve(spec)

@@ -269,6 +269,10 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
         raise ModelError(f"{opened.source} has no tokenizer; perplexity needs one to read the text")
     if pseudo and opened.kind == CAUSAL_LM:
         raise ModelError(f"pseudo-perplexity is for masked LMs; {opened.source} is a causal LM")
+    if factors is not None:
+        from .splice import check_fits
+
+        check_fits(model, factors)  # before the slow part: a compressed model, or factors of another shape
     started = time.perf_counter()
     if opened.kind == CAUSAL_LM:
         jobs, protocol, lines = _causal_jobs(opened, text, window=window, stride=stride, max_tokens=max_tokens)

@@ -206,3 +206,27 @@ def test_created_files_follow_the_umask(tiny, factors_file, tmp_path, monkeypatc
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == dir_mode
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert "embzip.safetensors" in modes and set(modes.values()) == {file_mode}, modes
+
+
+def test_sigterm_in_bench_keeps_finished_rows_and_exits_143(tiny, text_file, tmp_path, monkeypatch):
+    import json
+
+    import embzip.benchmark as benchmark
+
+    calls = {"n": 0}
+    real = benchmark.latency_ratio
+
+    def terminate_on_second_row(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal; the handler raises at the next bytecode
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "latency_ratio", terminate_on_second_row)
+    before = signal.getsignal(signal.SIGTERM)
+    result = runner.invoke(app, ["bench", tiny("gpt2"), "--ranks", "2,4", "--methods", "svd", "--out", str(tmp_path),
+                                 "--text", text_file, "--max-tokens", "100", "--json", "-q"])
+    assert result.exit_code == 143, result.output
+    report = json.loads(result.stdout)
+    assert report["interrupted"] and [r["rank"] for r in report["rows"]] == [None, 2]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed when the command ends
