@@ -83,7 +83,8 @@ def _check_inputs(given, real: Path, inputs: Sequence[str | os.PathLike | None],
             raise OutputError(f"output {given} is the input {source}, contains it or lies in it; write to a new name")
 
 
-def check_output_file(path: str | os.PathLike, force: bool, *, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+def check_output_file(path: str | os.PathLike, force: bool, *,
+                      inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Refuse an output file that exists (unless force), is a directory or an input, has a name too
     long for the file system, or whose directory is missing or read-only."""
     given = path
@@ -184,16 +185,17 @@ def remove_stale(path: str | os.PathLike) -> None:
     if os.name == "nt":  # os.kill(pid, 0) would end the process there
         return
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(partial-|old-)?(\d+)(-[0-9a-f]+)?(\.tmp)?")
+    name = re.escape(path.name)  # .NAME.partial-PID[-HEX], .NAME.old-PID-HEX, .NAME.PID-HEX.tmp
+    pattern = re.compile(rf"\.{name}\.(?:(partial|old)-(\d+)(?:-[0-9a-f]+)?|(\d+)-[0-9a-f]+\.tmp)")
     try:
         entries = list(path.parent.iterdir())
     except OSError:
         return
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or _alive(int(match.group(2))):
+        if match is None or _alive(int(match.group(2) or match.group(3))):
             continue
-        if match.group(1) == "old-" and not path.exists():
+        if match.group(1) == "old" and not (path.exists() or path.is_symlink()):
             os.rename(entry, path)
         elif entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -279,20 +281,37 @@ def swap_into_place(tmp: Path, out: Path, seen: tuple | None) -> None:
                               "written") from None
         return
     aside = out.with_name(f".{out.name}.old-{_token()}")
+    with _signals_held():  # no Ctrl-C or SIGTERM between the two renames
+        try:
+            os.rename(out, aside)
+        except FileNotFoundError:
+            raise OutputError(f"{out} was removed while embzip was writing it; nothing was written") from None
+        if identity(aside) != seen:
+            _put_back(aside, out)
+            raise OutputError(f"{out} was replaced while embzip was writing it (another run?); it was left as it "
+                              "is and nothing was written")
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            _put_back(aside, out)
+            raise OutputError(f"{out} appeared while embzip was writing it; it was left as it is") from None
+    if aside.is_symlink():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back (delivered on exit) where the OS allows it."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        os.rename(out, aside)
-    except FileNotFoundError:
-        raise OutputError(f"{out} was removed while embzip was writing it; nothing was written") from None
-    if identity(aside) != seen:
-        _put_back(aside, out)
-        raise OutputError(f"{out} was replaced while embzip was writing it (another run?); it was left as it is "
-                          "and nothing was written")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        _put_back(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _put_back(aside: Path, out: Path) -> None:
