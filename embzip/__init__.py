@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 import sys  # noqa: E402
 
-from .errors import DataError, EmbzipError, FactorsError, ModelError, OutputError, RankError  # noqa: E402
+from .errors import DataError, EmbzipError, FactorsError, ModelError, OptionError, OutputError, RankError  # noqa: E402
 from .models import DEFAULT_MODEL, DEMO_MODELS, OpenedModel, open_model  # noqa: E402
 from .sizes import compression_ratio, max_useful_rank, rank_for_ratio  # noqa: E402
 
@@ -21,7 +21,8 @@ _LAZY = {
     "Recipe": ("methods", "Recipe"), "make_factors": ("methods", "make_factors"),
     "aware_factors": ("aware", "aware_factors"),
 }
-__all__ = sorted(["DataError", "EmbzipError", "FactorsError", "ModelError", "OutputError", "RankError", "DEFAULT_MODEL",
+__all__ = sorted(["DataError", "EmbzipError", "FactorsError", "ModelError", "OptionError", "OutputError", "RankError",
+                  "DEFAULT_MODEL",
                   "DEMO_MODELS", "OpenedModel", "open_model", "compression_ratio", "max_useful_rank", "rank_for_ratio",
                   "register", *_LAZY])
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import options
+from .errors import OptionError
 from .factors import Factors
 from .progress import bar
 
@@ -42,17 +44,19 @@ class FitConfig:
     init: str = "random"  # "random" (PyTorch's default Linear init) or "svd" (start from truncated SVD)
 
     def __post_init__(self) -> None:
-        positive = {"epochs": self.epochs, "anneal_epochs": self.anneal_epochs, "batch_size": self.batch_size, "lr": self.lr,
-                    "lr_step": self.lr_step, "alpha_start": self.alpha_start, "alpha_end": self.alpha_end}
-        for name, value in positive.items():
-            if not value > 0:
-                raise ValueError(f"{name} must be positive, got {value}")
+        for name in ("epochs", "anneal_epochs", "batch_size", "lr_step"):
+            options.positive(name, getattr(self, name), integer=True)
+        for name in ("lr", "alpha_start", "alpha_end", "eps"):
+            options.positive(name, getattr(self, name))
+        for name in ("lr_gamma", "cos_weight", "l1_weight"):
+            options.finite(name, getattr(self, name))
+        options.seed("seed", self.seed)
         if self.anneal_epochs > self.epochs:
-            raise ValueError(f"anneal_epochs ({self.anneal_epochs}) cannot exceed epochs ({self.epochs})")
+            raise OptionError(f"anneal_epochs ({self.anneal_epochs}) cannot exceed epochs ({self.epochs})")
         if not 0 < self.lr_gamma <= 1:
-            raise ValueError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+            raise OptionError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if self.cos_weight < 0 or self.l1_weight < 0 or self.cos_weight + self.l1_weight == 0:
-            raise ValueError(f"loss weights must be >= 0 and not both 0, got {self.cos_weight}, {self.l1_weight}")
+            raise OptionError(f"loss weights must be >= 0 and not both 0, got {self.cos_weight}, {self.l1_weight}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import options
 from .factors import Factors
 from .svd import project, svd_factors, top_directions
 
@@ -35,10 +36,8 @@ class AwareConfig:
     metric_tokens: int = 8192  # tokens of the corpus (spread across it) used to estimate S
 
     def __post_init__(self) -> None:
-        if self.output_metric < 0:
-            raise ValueError(f"output_metric must be >= 0, got {self.output_metric}")
-        if self.metric_tokens < 1:
-            raise ValueError(f"metric_tokens must be positive, got {self.metric_tokens}")
+        options.non_negative("output_metric", self.output_metric)
+        options.positive("metric_tokens", self.metric_tokens, integer=True)
 
     def settings(self) -> dict:
         return asdict(self)

@@ -20,12 +20,14 @@ from typing import Any
 
 import torch
 
-from .errors import FactorsError
+from . import options
+from .errors import FactorsError, OptionError, OutputError
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
 from .models import ENCODER, OpenedModel
 from .methods import FIXED, RANK, Recipe, recipe, resolve_size
 from .modeldir import param_stats
+from .outputs import check_output_folder
 from .pipeline import check_finite, factorize, size_label
 from .progress import bar
 from .splice import spliced
@@ -50,15 +52,21 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if not self.methods:
-            raise ValueError("give at least one method")
+            raise OptionError("give at least one method")
+        options.distinct("methods", self.methods)
         for name in self.methods:
             recipe(name)  # raises ValueError naming the known methods
         if self.ranks is not None and self.ratios is not None:
-            raise ValueError("give ranks or ratios, not both")
+            raise OptionError("give ranks or ratios, not both")
         for name in ("ranks", "ratios", "bits"):
             values = getattr(self, name)
             if values is not None and (not values or len(set(values)) != len(values)):
-                raise ValueError(f"{name} must be a non-empty list without repeats, got {values}")
+                raise OptionError(f"{name} must be a non-empty list without repeats, got {values}")
+            for value in values or ():
+                options.positive(name, value, integer=name == "ranks")
+        for name in ("max_tokens", "sentences", "batch_size", "latency_repeats"):
+            options.positive(name, getattr(self, name), integer=True)
+        options.seed("seed", self.seed)
 
 
 DEFAULT_METHODS = ("svd", "aware", "int8", "int4", "codebook")
@@ -175,11 +183,8 @@ class _Quality:
 def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None,
           recipes: dict[str, Recipe] | None = None, progress: bool = False) -> dict[str, Any]:
     """Run the comparison; returns {"model", "text", "protocol", "rows", ...} and writes OUT files."""
-    out = Path(out) if out is not None else None
-    cache = None
-    if out is not None:
-        cache = out / "factors"
-        cache.mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(out) if out is not None else None
+    cache = out / "factors" if out is not None else None  # created when the first factors are saved
     model = opened.model
     embedding = opened.embedding.detach()
     check_finite(embedding, opened.embedding_name)
@@ -212,6 +217,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
                 if factors is None:
                     factors = factorize(opened, size, recipes[method], device=config.device, cache=data_cache)
                     if cache is not None:
+                        cache.mkdir(parents=True, exist_ok=True)
                         save_factors(factors, cache / _cache_name(method, size), force=True)
                 n = factors.num_params()
                 f_bytes = factors.stored_bytes()
@@ -244,7 +250,10 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         "seconds": time.perf_counter() - started, "interrupted": interrupted, "rows": rows,
     }
     if out is not None:
-        write_outputs(report, out)
+        try:
+            write_outputs(report, out)
+        except OSError as exc:
+            raise OutputError(f"could not write the bench results to {out}: {exc.strerror or exc}") from None
     return report
 
 

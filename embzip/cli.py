@@ -14,11 +14,55 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from .errors import EmbzipError
+from .errors import EmbzipError, Terminated
 from .progress import stderr
 
+
+def _error_line(label: str, message: str) -> None:
+    from rich.markup import escape
+
+    stderr.print(f"[bold red]{label}:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
+
+
+def _usage_errors() -> tuple[type, ...]:
+    """Typer's usage-error base class: its own (typer >= 0.20 vendors click) and click's."""
+    found = [getattr(typer, "TyperException", None)]
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(t for t in found if isinstance(t, type))
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors as one line on stderr with exit 2, like embzip's own errors (not typer's boxed panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _usage_errors() as exc:
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `embzip`: the help, as before
+                print(ctx.get_help())
+                sys.exit(getattr(exc, "exit_code", 2))
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+            _error_line("error", message + where)
+            sys.exit(getattr(exc, "exit_code", 2))
+        except typer.Abort:
+            _error_line("error", "aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="embzip",
     help="Compress the token embedding of a transformer model into low-rank factors, without retraining.\n\n"
          "MODEL is a hub id (bert-base-uncased), a local transformers directory, a .gguf file, or a demo "
@@ -69,7 +113,8 @@ BitsOpt = Annotated[Optional[float], typer.Option(
 OutFileOpt = Annotated[Optional[Path], typer.Option(
     "--out", "-o", help="Factors file to write (default: MODEL.METHOD-rK.safetensors in the current directory).", show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Overwrite an existing output.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (a directory only if embzip "
+                                                            "wrote it; never the input or the current directory).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
 HeadOpt = Annotated[Optional[Head], typer.Option(
@@ -83,7 +128,11 @@ DatasetOpt = Annotated[Optional[str], typer.Option(
                       "default test). Without --text or --dataset: a public-domain English sample shipped with "
                       "embzip (Alice in Wonderland, ch. I-IV).", show_default=False)]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result on CPU.")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result on CPU.", min=0,
+                                      max=2**64 - 1)]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run Python code that comes with the model (its config or tokenizer auto_map); "
+                                "off by default: only for models you trust.")]
 
 
 def _setup_logging(quiet: bool) -> None:
@@ -110,15 +159,21 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from .outputs import sigterm_as_interrupt
+
         _setup_logging(kwargs.get("quiet", False))
-        try:
-            return fn(*args, **kwargs)
-        except EmbzipError as exc:
-            stderr.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            stderr.print("[bold red]interrupted:[/] nothing was written", highlight=False)
-            raise typer.Exit(130) from None
+        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
+            try:
+                return fn(*args, **kwargs)
+            except EmbzipError as exc:
+                _error_line("error", str(exc))
+                raise typer.Exit(exc.exit_code) from None
+            except Terminated:
+                _error_line("terminated", "nothing was written")
+                raise typer.Exit(Terminated.exit_code) from None
+            except KeyboardInterrupt:
+                _error_line("interrupted", "nothing was written")
+                raise typer.Exit(130) from None
 
     return app.command()(wrapper)
 
@@ -158,18 +213,19 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
 
 
 @command
-def info(model: ModelArg = None, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def info(model: ModelArg = None, trust_remote_code: TrustOpt = False, as_json: JsonOpt = False,
+         quiet: QuietOpt = False) -> None:
     """Show a model's token embedding: shape, share of all parameters, tied output head, kind."""
     from .models import open_model
 
-    _emit(open_model(model).describe(), as_json, "model")
+    _emit(open_model(model, trust_remote_code=trust_remote_code).describe(), as_json, "model")
 
 
 @command
 def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, bits: BitsOpt = None,
         out: OutFileOpt = None,
-        device: DeviceOpt = Device.auto, force: ForceOpt = False, as_json: JsonOpt = False,
-        quiet: QuietOpt = False) -> None:
+        device: DeviceOpt = Device.auto, force: ForceOpt = False, trust_remote_code: TrustOpt = False,
+        as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Baseline: truncated SVD of the embedding, codes = U_k S_k, decoder = Vh_k (no bias).
 
     Example: embzip svd bert-base-uncased --rank 128 --out bert.svd128.safetensors
@@ -177,7 +233,7 @@ def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, bi
     from .pipeline import compress
 
     _, summary = compress(model, "svd", rank=rank, ratio=ratio, bits=bits, out=out, force=force, device=device.value,
-                          progress=not quiet)  # plain SVD; `embzip fit --method wsvd` weights it
+                          progress=not quiet, trust_remote_code=trust_remote_code)  # `fit --method wsvd` weights it
     _emit(summary, as_json, "embzip svd")
 
 
@@ -233,8 +289,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         alpha_end: Annotated[float, _opt(0.1, "L1 exponent from --anneal-epochs on.", PAPER)] = 0.1,
         init: Annotated[Init, _opt(Init.random, "Start from PyTorch's random init or from the truncated SVD.",
                                    PAPER)] = Init.random,
-        seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False, as_json: JsonOpt = False,
-        quiet: QuietOpt = False) -> None:
+        seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False,
+        trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Compress the embedding: data-aware SVD by default, codebooks for the best quality per byte, int8/int4
     quantization baselines, or the paper's autoencoder.
 
@@ -272,7 +328,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     _, summary = compress(model, recipe, rank=rank, ratio=ratio, bits=bits, out=out, force=force, device=device.value,
-                          progress=not quiet)
+                          progress=not quiet, trust_remote_code=trust_remote_code)
     _emit(summary, as_json, "embzip fit")
 
 
@@ -307,7 +363,8 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
           head: HeadOpt = None,
           dense: Annotated[bool, typer.Option(help="Write a plain transformers directory with the rebuilt matrix "
                                                    "(loads anywhere, saves no space).")] = False,
-          force: ForceOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+          force: ForceOpt = False, trust_remote_code: TrustOpt = False, as_json: JsonOpt = False,
+          quiet: QuietOpt = False) -> None:
     """Splice factors into MODEL and write a model directory that loads and runs.
 
     The directory is reloaded and its logits compared with the in-memory model before it is kept.
@@ -321,9 +378,9 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
     from .modeldir import apply_factors, check_output_dir
     from .models import open_model
 
-    check_output_dir(out, force)
+    check_output_dir(out, force, (model,))
     loaded = load_factors(factors)
-    opened = open_model(model)
+    opened = open_model(model, trust_remote_code=trust_remote_code)
     summary = apply_factors(opened, loaded, out, head=head.value if head else None, dense=dense, force=force,
                             command=_command_line(ctx))
     _emit(summary, as_json, "embzip apply")
@@ -344,7 +401,7 @@ def perplexity(model: ModelArg = None,
                stride: Annotated[Optional[int], typer.Option(
                    help="Causal LMs: new tokens scored per window (default: window / 2).", show_default=False)] = None,
                batch_size: BatchOpt = 8, seed: SeedOpt = 0, device: DeviceOpt = Device.auto,
-               as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+               trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Zero-shot perplexity, to see what compression cost.
 
     Masked LMs: the paper's protocol (line by line, lines under 20 tokens and = headings dropped, 15% whole-word masking with a fixed seed, exp of the mean masked-token loss), or --pseudo. Causal LMs: sliding window with stride, each token scored once, plus bits per byte. Encoders without an LM head have no perplexity: use `embzip bench`, which reports sentence-vector fidelity.
@@ -353,13 +410,14 @@ def perplexity(model: ModelArg = None,
     """
     from .factors import load_factors
     from .models import open_model, resolve_device
-    from .scoring import perplexity as run
+    from .scoring import check_options, perplexity as run
     from .texts import load_text
 
+    check_options(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
     loaded = load_factors(factors) if factors is not None else None
     source = load_text(text, dataset)
     device_name = resolve_device(device.value)
-    opened = open_model(model, device=device_name)
+    opened = open_model(model, device=device_name, trust_remote_code=trust_remote_code)
     summary = run(opened, source, factors=loaded, head=head.value if head else None, pseudo=pseudo, window=window,
                   stride=stride, max_tokens=max_tokens, batch_size=batch_size, seed=seed, device=device_name,
                   progress=not quiet)
@@ -400,7 +458,7 @@ def bench(model: ModelArg = None,
                                   "the next run with the same settings).", show_default=False)] = None,
           max_tokens: Annotated[int, typer.Option(help="Perplexity: tokens scored per evaluation.")] = 1024,
           batch_size: BatchOpt = 8, seed: SeedOpt = 0, device: DeviceOpt = Device.auto,
-          as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
+          trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Methods and sizes side by side: quality, size and speed, plus the original model.
 
     Per row: size (rank, bits per weight), bits per weight of everything stored, compression ratio, parameters and bytes of the embedding and the whole model, cosine distance and RMSE, quality (perplexity with --head input and tied for LMs, on the same masks or windows as the original; sentence-vector fidelity and similarity rank correlation for encoders), fitting seconds, and forward latency relative to the original measured in the same run. Ctrl-C keeps the finished rows. Default: svd and aware at ranks 128,256 (Gemma-size vocabularies) or 32,64,128, int8, int4 (groups of 32), and codebook at 1, 2 and 4 bits per weight. With --out, bench.png plots quality against bits per weight, a line per method.
@@ -409,6 +467,7 @@ def bench(model: ModelArg = None,
     """
     from .benchmark import BenchConfig, bench as run
     from .models import open_model, resolve_device
+    from .outputs import check_output_folder, received_sigterm
     from .texts import load_text
 
     rank_list, ratio_list = _numbers(ranks, int, "--ranks"), _numbers(ratios, float, "--ratios")
@@ -425,8 +484,10 @@ def bench(model: ModelArg = None,
         recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text)) for m in method_list}
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if out is not None:
+        check_output_folder(out)
     source = load_text(text, dataset)
-    opened = open_model(model, device=device_name)
+    opened = open_model(model, device=device_name, trust_remote_code=trust_remote_code)
     report = run(opened, source, config, out=out, recipes=recipes, progress=not quiet)
     if as_json:
         sys.stdout.write(json.dumps(report, default=str) + "\n")
@@ -435,7 +496,7 @@ def bench(model: ModelArg = None,
 
         table(report)
     if report["interrupted"]:
-        raise typer.Exit(130)
+        raise typer.Exit(143 if received_sigterm() else 130)
 
 
 def main() -> None:

@@ -33,3 +33,15 @@ class Interrupted(EmbzipError):
     """The user pressed Ctrl-C; nothing was written."""
 
     exit_code = 130
+
+
+class OptionError(EmbzipError, ValueError):
+    """An option value out of range: not finite, not positive, a duplicate, an empty list."""
+
+    exit_code = 2
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived; raised like Ctrl-C so the same cleanup runs. The CLI exits 143."""
+
+    exit_code = 143

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ import torch
 
 from . import __version__
 from .compressed import Compressed, kind_class, reconstruction_metrics, register  # noqa: F401 (re-exported)
-from .errors import FactorsError, OutputError
+from .errors import FactorsError
+from .outputs import atomic_write, check_output_file  # noqa: F401 (re-exported)
 from .sizes import factored_params
 
 FORMAT_NAME = "embzip.factors"
@@ -101,34 +101,6 @@ class Factors(Compressed):
                                norms=self.norms is not None)
 
 
-def check_output_file(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse an output path that exists (unless force) or whose directory is missing or read-only."""
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError(f"output {path} is a directory; give a file name such as {path / 'factors.safetensors'}")
-    if path.exists() and not force:
-        raise OutputError(f"output {path} already exists; pass --force to overwrite it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"output directory {parent} is not writable")
-    return path
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_factors(factors: Compressed, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write any compressed embedding to a safetensors file atomically; returns the path.
 
@@ -156,7 +128,7 @@ def save_factors(factors: Compressed, path: str | os.PathLike, *, force: bool = 
         meta["rank"] = factors.rank
     tensors = {name: t.detach().contiguous().cpu().clone() for name, t in factors.tensors().items()}
     header = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), META_KEY: json.dumps(meta, sort_keys=True)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header), replace=force)
     factors.meta = meta
     return path
 

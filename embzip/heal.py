@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import options
+from .errors import DataError
 from .factors import Factors
 from .models import ENCODER, outputs
 from .progress import bar
@@ -36,10 +38,9 @@ class HealConfig:
 
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "eval_every", "val_sequences"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"heal {name} must be positive, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"heal lr must be positive, got {self.lr}")
+            options.positive(f"heal {name}", getattr(self, name), integer=True)
+        options.positive("heal lr", self.lr)
+        options.seed("heal seed", self.seed)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -50,7 +51,8 @@ def _sequences(tokenizer, lines: list[str], seq_len: int, vocab: int) -> torch.T
     ids = ids[ids < vocab]
     n = len(ids) // seq_len
     if n < 2:
-        raise ValueError(f"the healing text has {len(ids)} tokens, fewer than two sequences of {seq_len}")
+        raise DataError(f"the healing text has {len(ids)} tokens, fewer than two sequences of {seq_len}; give a "
+                        "longer --weights-text")
     return ids[:n * seq_len].view(n, seq_len)
 
 

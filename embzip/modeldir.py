@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,8 +19,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .errors import FactorsError, ModelError, OutputError
+from . import __version__, outputs
+from .errors import FactorsError, ModelError
 from .compressed import Compressed, storage_dtype
 from .splice import HEADS, default_head, densify, splice
 
@@ -30,18 +29,9 @@ MANIFEST = "embzip.json"
 DIR_FORMAT_VERSION = 1
 
 
-def check_output_dir(path: str | os.PathLike, force: bool) -> Path:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"output {path} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not force:
-        raise OutputError(f"output directory {path} already exists and is not empty; pass --force to replace it")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"the parent directory {parent} of the output does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"the parent directory {parent} of the output is not writable")
-    return path
+def check_output_dir(path: str | os.PathLike, force: bool, inputs: tuple = ()) -> Path:
+    """Refuse an output --force may not replace (see outputs.check_output_dir); `inputs`: the model's paths."""
+    return outputs.check_output_dir(path, force, marker=MANIFEST, inputs=inputs)
 
 
 def param_stats(model: torch.nn.Module) -> dict[str, int]:
@@ -97,7 +87,8 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
     """Write a model directory using `factors`; reload it and check its logits. Returns a summary."""
     from safetensors.torch import save_model
 
-    out = check_output_dir(out, force)
+    out = check_output_dir(out, force, (opened.path, opened.source))
+    seen = outputs.identity(out)  # the swap replaces only this, or fails
     model = opened.model
     head = head or default_head(model)
     if head not in HEADS:
@@ -106,10 +97,7 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
     model_dtype = str(opened.embedding.dtype).removeprefix("torch.")
     if not dense:  # stored at 16 bits, as factors files are
         factors = factors.to(dtype=storage_dtype(opened.embedding.dtype))
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = outputs.partial_dir(out)
     try:
         if dense:
             densify(model, factors, head)
@@ -167,12 +155,9 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             raise ModelError(f"the written directory does not reproduce the model (max logit difference {diff:.3g}); "
                              "nothing was kept")
         summary["reload_max_abs_diff"] = diff
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        outputs.swap_into_place(tmp, out, seen)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        outputs.remove_partial(tmp)
     return summary
 
 
@@ -216,12 +201,32 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{directory} is not a model directory ({exc})") from None
-    if config.get("model_type") != "embzip":
+    if not isinstance(config, dict) or config.get("model_type") != "embzip":
         raise ModelError(f"{directory} is not an embzip-compressed directory; open it with transformers")
-    if config.get("embzip_format_version", 0) > DIR_FORMAT_VERSION:
-        raise ModelError(f"{directory} was written by a newer embzip (directory format "
-                         f"{config['embzip_format_version']}); upgrade embzip")
+    version = config.get("embzip_format_version", 0)
+    if isinstance(version, int) and version > DIR_FORMAT_VERSION:
+        raise ModelError(f"{directory} was written by a newer embzip (directory format {version}); upgrade embzip")
+    problem = _config_problem(config)
+    if problem:
+        raise ModelError(f"{path} is not a valid embzip config: {problem}; write the directory again with embzip apply")
     return config
+
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _config_problem(config: dict[str, Any]) -> str | None:
+    """What is wrong with the fields load_model reads, or None."""
+    base = config.get("base_config")
+    if not isinstance(base, dict) or not isinstance(base.get("model_type"), str):
+        return "no base_config with a model_type"
+    if not isinstance(config.get("base_architecture"), str):
+        return "no base_architecture"
+    if config.get("head") not in HEADS:
+        return f"head is {config.get('head')!r}, not one of {', '.join(HEADS)}"
+    if config.get("dtype", "float32") not in _DTYPES:
+        return f"dtype is {config.get('dtype')!r}, not one of {', '.join(_DTYPES)}"
+    return None
 
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -272,14 +277,20 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     `attn_implementation` ("eager", "sdpa", ...) is passed on to transformers.
     """
     import transformers
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as load_weights
 
     config = read_config(directory)
     weights = Path(directory) / WEIGHTS
     base = dict(config["base_config"])
-    config_cls = transformers.AutoConfig.for_model(base["model_type"]).__class__
-    base_config = config_cls.from_dict(base)
-    cls = getattr(transformers, config["base_architecture"])
+    cls = getattr(transformers, config["base_architecture"], None)
+    try:
+        if not isinstance(cls, type):
+            raise ValueError(f"transformers has no model class {config['base_architecture']}")
+        base_config = transformers.AutoConfig.for_model(base["model_type"]).__class__.from_dict(base)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ModelError(f"{directory}/config.json names a model transformers cannot build: "
+                         f"{str(exc).splitlines()[0]}") from None
     written = _dtype(base.get("dtype") or base.get("torch_dtype") or config.get("dtype", "float32"), directory)
     built = written if dtype is None or dtype == "auto" else _dtype(dtype, "dtype")
     # _from_config sets torch's default dtype while the model is built, as from_pretrained does; a plain
@@ -296,6 +307,6 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     try:
         _match_file_dtypes(model, weights, written, built)
         load_weights(model, str(weights), strict=True)
-    except (RuntimeError, OSError) as exc:
+    except (RuntimeError, OSError, SafetensorError) as exc:
         raise ModelError(f"{directory} does not hold the weights its config describes: {str(exc).splitlines()[0]}") from None
     return model.eval().to(device)

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ def _demo_path(name: str) -> str:
 
 def resolve(spec: str | None) -> str:
     """Turn MODEL as given (None, demo name, path or hub id) into a loadable path or hub id."""
+    if spec is not None and not spec.strip():
+        raise ModelError("MODEL is empty; give a hub id, a directory, a .gguf file or a demo name (or omit it for "
+                         f"{DEFAULT_MODEL})")
     if spec is None:
         try:
             return _demo_path(DEFAULT_MODEL)
@@ -138,6 +142,13 @@ def resolve(spec: str | None) -> str:
 def gguf_to_directory(gguf_path: str) -> str:
     """Convert a GGUF file to a transformers directory once and cache it; returns the directory."""
     gguf = Path(gguf_path).resolve()
+    try:
+        with open(gguf, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise ModelError(f"could not read {gguf_path}: {exc.strerror or exc}") from None
+    if magic != b"GGUF":
+        raise ModelError(f"{gguf_path} is not a GGUF file ({'it is empty' if not magic else 'no GGUF magic bytes'})")
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
@@ -209,11 +220,39 @@ def is_tied(model: Any) -> bool:
     return weight is not None and weight is model.get_input_embeddings().weight
 
 
+def _load_error(source: str, exc: BaseException, verb: str = "load") -> ModelError:
+    """One line for what transformers/torch/safetensors raised while loading `source`."""
+    text = str(exc).strip()
+    if "trust_remote_code" in text:
+        return ModelError(f"{source} needs to run Python code that comes with it; embzip does so only with "
+                          "--trust-remote-code (trust_remote_code=True): pass it if you trust that code")
+    if "weights_only" in text or "Weights only load failed" in text:
+        return ModelError(f"could not {verb} model {source!r}: its pytorch_model.bin holds a pickle that torch "
+                          "refuses to load safely (it may run code); use a safetensors checkpoint")
+    if "ignore_mismatched_sizes" in text:
+        return ModelError(f"could not {verb} model {source!r}: its weights do not have the shapes its config.json "
+                          "describes")
+    first = (text.splitlines() or [type(exc).__name__])[0]
+    return ModelError(f"could not {verb} model {source!r}: {first}")
+
+
+# What loading a broken checkpoint raises: a config that is a JSON list (AttributeError), weights of the
+# wrong shape (RuntimeError), a truncated safetensors file (SafetensorError), an unsafe pickle (UnpicklingError).
+_LOAD_ERRORS = (OSError, ValueError, TypeError, AttributeError, KeyError, RuntimeError, EOFError)
+
+
 def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str | None = None,
-               device: str = "cpu", revision: str | None = None) -> OpenedModel:
-    """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default)."""
+               device: str = "cpu", revision: str | None = None, trust_remote_code: bool = False) -> OpenedModel:
+    """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default).
+
+    Python code shipped with a model (config or tokenizer `auto_map`) runs only with trust_remote_code."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    errors = _LOAD_ERRORS + (SafetensorError, pickle.UnpicklingError)
     import torch
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     source = spec or DEFAULT_MODEL
     path = resolve(spec)
@@ -224,28 +263,39 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
             raise ModelError(f"{path} is an embzip-compressed model directory; load it with embzip.load_model()")
         raise ModelError(f"{path} is not a transformers model directory (no config.json)")
     if _is_factored_dir(path):
-        return _open_compressed(source, path, device)
+        return _open_compressed(source, path, device, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(path, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not open model {source!r}: {str(exc).splitlines()[0]}") from None
+        config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except errors as exc:
+        raise _load_error(source, exc, "open") from None
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
     auto, kind = _model_class(config, kind)
-    kwargs = {"revision": revision}
+    kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
     try:
-        model = auto.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from None
+        with warnings.catch_warnings():  # torch warns about the pickle it then refuses; the error says it all
+            warnings.simplefilter("ignore", UserWarning)
+            model = auto.from_pretrained(path, **kwargs)
+    except errors as exc:
+        raise _load_error(source, exc) from None
     model.eval().to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
+    tokenizer = _tokenizer(source, path, revision, trust_remote_code)
     revision = revision or getattr(config, "_commit_hash", None)
     return OpenedModel(model, tokenizer, source, path, kind, is_tied(model), _embedding_name(model), revision)
+
+
+def _tokenizer(source: str, path: str, revision: str | None, trust_remote_code: bool):
+    """The model's tokenizer, or None if it has none; one that needs its own code is refused without trust."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise _load_error(source, exc) from None
+        return None
 
 
 def _is_factored_dir(path: str) -> bool:
@@ -255,22 +305,24 @@ def _is_factored_dir(path: str) -> bool:
     import json
 
     try:
-        return json.loads(config.read_text()).get("model_type") == "embzip"
-    except ValueError:
-        return False
+        content = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config} is not valid JSON ({exc})") from None
+    if not isinstance(content, dict):
+        raise ModelError(f"{config} is not a JSON object (it holds a {type(content).__name__}); it is not a model "
+                         "config")
+    return content.get("model_type") == "embzip"
 
 
-def _open_compressed(source: str, path: str, device: str) -> OpenedModel:
+def _open_compressed(source: str, path: str, device: str, trust_remote_code: bool = False) -> OpenedModel:
     """A factored directory written by `embzip apply` (a --dense one is a plain transformers directory)."""
-    from transformers import AutoTokenizer
-
     from .modeldir import load_model, read_config
     from .splice import CompressedHead, FactoredHead
 
     config = read_config(path)
     model = load_model(path, device=device)
     kind = kind_of([config["base_architecture"]])
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)  # never run a directory's code
+    tokenizer = _tokenizer(source, path, None, trust_remote_code)
     tied = isinstance(model.get_output_embeddings(), (FactoredHead, CompressedHead))
     return OpenedModel(model, tokenizer, source, path, kind, tied, _embedding_name(model).removesuffix(".weight"),
                        revision=None)

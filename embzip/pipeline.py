@@ -63,7 +63,7 @@ def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, 
 def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, rank: int | None = None,
              ratio: float | None = None, bits: float | None = None, out: str | Path | None = None,
              force: bool = False, device: str = "cpu", progress: bool = False,
-             write: bool = True) -> tuple[Compressed, dict[str, Any]]:
+             write: bool = True, trust_remote_code: bool = False) -> tuple[Compressed, dict[str, Any]]:
     """Compress a model's token embedding by `recipe` (a Recipe or a method name such as "svd",
     "aware", "int4", "codebook") at a size given by `rank`, `ratio` or `bits` and, unless
     write=False, save it.
@@ -74,14 +74,16 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     method = recipe.name
     device = resolve_device(device)
     if write and out is not None:
-        check_output_file(out, force)  # fail before the slow part
-    opened = model if isinstance(model, OpenedModel) else open_model(model, device=device)
+        check_output_file(out, force, inputs=[model if isinstance(model, str) else None])  # before the slow part
+    opened = model if isinstance(model, OpenedModel) else open_model(model, device=device,
+                                                                      trust_remote_code=trust_remote_code)
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape
     size = resolve_size(recipe, rank=rank, ratio=ratio, bits=bits, vocab=vocab, hidden=hidden, dtype=embedding.dtype)
     out_path = None
     if write:
-        out_path = check_output_file(out or default_out(opened.source, method, size), force)
+        out_path = check_output_file(out or default_out(opened.source, method, size), force,
+                                     inputs=[opened.path, opened.source])
     check_finite(embedding, opened.embedding_name)
     factors = factorize(opened, size, recipe, device=device, progress=progress)
     metrics, seconds = factors.meta["metrics"], factors.meta["seconds"]

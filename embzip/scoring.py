@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from . import options
 from .errors import DataError, ModelError
 from .models import CAUSAL_LM, ENCODER, OpenedModel, text_config
 from .progress import bar
@@ -124,11 +125,11 @@ def _causal_jobs(opened: OpenedModel, text: Text, *, window: int | None, stride:
     if n < 2:
         raise DataError(f"the text {text.source} has {n} token(s); causal perplexity needs at least 2")
     limit = opened.max_length
-    window = window or min(limit or MAX_WINDOW, MAX_WINDOW)
+    window = window if window is not None else min(limit or MAX_WINDOW, MAX_WINDOW)
     if limit is not None and window > limit:
         raise ModelError(f"window {window} is longer than the {limit} positions {opened.source} can take; "
                          f"use --window {limit} or less")
-    stride = stride or max(1, window // 2)
+    stride = stride if stride is not None else max(1, window // 2)
     if not 1 <= stride <= window:
         raise DataError(f"stride {stride} must be between 1 and the window ({window})")
     # Positions 0..n-2 predict tokens 1..n-1; each window feeds ids[begin:end] and scores [prev, end).
@@ -239,6 +240,16 @@ def _score(model, jobs: list[_Job], *, batch_size: int, pad_id: int, chunk: int,
     return total
 
 
+def check_options(*, window: int | None = None, stride: int | None = None, max_tokens: int | None = None,
+                  batch_size: int = 8, seed: int = 0) -> None:
+    """Refuse option values perplexity cannot use (None means the default; 0 never does)."""
+    for name, value in (("window", window), ("stride", stride), ("max_tokens", max_tokens)):
+        if value is not None:
+            options.positive(name, value, integer=True)
+    options.positive("batch_size", batch_size, integer=True)
+    options.seed("seed", seed)
+
+
 def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | None = None, pseudo: bool = False,
                window: int | None = None, stride: int | None = None, max_tokens: int | None = None,
                min_tokens: int = MIN_TOKENS, batch_size: int = 8, seed: int = 0, device: str = "cpu",
@@ -249,6 +260,7 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     with the factors spliced in (`head`: "tied" or "input"; None picks "tied" for tied models).
     Returns the dict that `embzip perplexity --json` prints.
     """
+    check_options(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size, seed=seed)
     model = opened.model
     if opened.kind == ENCODER:
         raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined; "
@@ -257,8 +269,10 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
         raise ModelError(f"{opened.source} has no tokenizer; perplexity needs one to read the text")
     if pseudo and opened.kind == CAUSAL_LM:
         raise ModelError(f"pseudo-perplexity is for masked LMs; {opened.source} is a causal LM")
-    if batch_size < 1:
-        raise DataError(f"batch size {batch_size} must be at least 1")
+    if factors is not None:
+        from .splice import check_fits
+
+        check_fits(model, factors)  # before the slow part: a compressed model, or factors of another shape
     started = time.perf_counter()
     if opened.kind == CAUSAL_LM:
         jobs, protocol, lines = _causal_jobs(opened, text, window=window, stride=stride, max_tokens=max_tokens)

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from . import options
+from .errors import OptionError
 from .texts import Text
 
 
@@ -28,10 +30,10 @@ class WeightConfig:
     power: float = 1.0  # applied to count + floor
 
     def __post_init__(self) -> None:
+        options.finite("weight floor", self.floor)
         if not self.floor > 0:
-            raise ValueError(f"weight floor must be > 0 so unseen tokens keep some weight, got {self.floor}")
-        if not self.power >= 0:
-            raise ValueError(f"weight power must be >= 0, got {self.power}")
+            raise OptionError(f"weight floor must be > 0 so unseen tokens keep some weight, got {self.floor}")
+        options.non_negative("weight power", self.power)
 
     def settings(self) -> dict:
         return asdict(self)

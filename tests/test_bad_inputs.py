@@ -1,0 +1,289 @@
+"""Hostile and broken inputs: one line on stderr, the right exit code, nothing written, nothing removed.
+
+Every row runs the real CLI in a fresh working directory `work` (so default outputs would land
+there) beside shared inputs built once: broken model directories, broken factored directories,
+hostile directories whose code would write a marker file, a factors file. Before and after each
+row the whole tree (inputs and work directory, names, sizes and contents) is compared.
+"""
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from embzip.cli import app
+
+runner = CliRunner()
+LONG = "x" * 250
+MARKER = "MARKER-code-ran"
+
+
+class _Pickled:
+    """Unpickling this runs a shell command that writes the marker (torch must refuse it)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+EVIL_CODE = '''import pathlib
+pathlib.Path({marker!r}).write_text("ran")
+from transformers import PreTrainedTokenizerFast, PretrainedConfig
+
+
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+
+
+class EvilConfig(PretrainedConfig):
+    model_type = "evil"
+'''
+
+
+def _edit_json(path, change):
+    content = json.loads(path.read_text())
+    change(content)
+    path.write_text(json.dumps(content))
+
+
+def _plant_tokenizer_code(directory, marker):
+    (directory / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+
+    def change(c):
+        c["auto_map"] = {"AutoTokenizer": [None, "evil.EvilTokenizer"]}
+        c["tokenizer_class"] = "EvilTokenizer"
+
+    _edit_json(directory / "tokenizer_config.json", change)
+
+
+@pytest.fixture(scope="session")
+def world(tiny, tmp_path_factory):
+    """Inputs shared by every row, built once."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from embzip.modeldir import apply_factors
+    from embzip.models import open_model
+    from embzip.svd import svd_factors
+
+    root = tmp_path_factory.mktemp("world")
+    marker = root / MARKER
+    model = root / "model"
+    shutil.copytree(tiny("gpt2"), model)
+    opened = open_model(str(model))
+    factors = svd_factors(opened.embedding.detach(), 3)
+    from embzip.factors import save_factors
+
+    save_factors(factors, root / "f.safetensors")
+    apply_factors(opened, factors, root / "factored")
+
+    def copy(src, name):
+        shutil.copytree(src, root / name)
+        return root / name
+
+    _edit_json(copy(model, "hidden") / "config.json", lambda c: c.update(n_embd=48))
+    (copy(model, "listcfg") / "config.json").write_text("[1, 2]")
+    (copy(model, "badjson") / "config.json").write_text("{not json")
+    weights = load_file(model / "model.safetensors")
+    key = next(k for k in weights if "wte" in k)
+    weights[key] = torch.zeros(10, 32)
+    save_file(weights, copy(model, "shape") / "model.safetensors", metadata={"format": "pt"})
+    trunc = copy(model, "trunc") / "model.safetensors"
+    trunc.write_bytes(trunc.read_bytes()[:5000])
+    _edit_json(copy(model, "unknowntype") / "config.json", lambda c: c.update(model_type="nosuchmodel"))
+    pickled = copy(model, "pickle")
+    (pickled / "model.safetensors").unlink()
+    with open(pickled / "pytorch_model.bin", "wb") as f:
+        pickle.dump(_Pickled(marker), f)
+    (root / "garbage.gguf").write_bytes(b"NOTGGUF" + bytes(range(256)) * 4)
+    (root / "empty.gguf").write_bytes(b"")
+
+    factored = root / "factored"
+    _edit_json(copy(factored, "nobase") / "config.json", lambda c: c.pop("base_config"))
+    _edit_json(copy(factored, "baddtype") / "config.json", lambda c: c.update(dtype="float99"))
+    _edit_json(copy(factored, "badarch") / "config.json", lambda c: c.update(base_architecture="NoSuchModel"))
+    ftrunc = copy(factored, "facttrunc") / "embzip.safetensors"
+    ftrunc.write_bytes(ftrunc.read_bytes()[:3000])
+    _plant_tokenizer_code(copy(factored, "hostile-factored"), marker)
+    hostile = copy(model, "hostile-config")
+    (hostile / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
+    _edit_json(hostile / "config.json",
+               lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"}))
+    (root / "short.txt").write_text("the people said it was hot .\n")
+    (root / "user").mkdir()
+    (root / "user" / "notes.txt").write_text("a user's file")
+    (root / "file.txt").write_text("a user's file")
+    return root
+
+
+def snapshot(*roots):
+    """Every file and directory under the roots, with a hash of each file's content."""
+    seen = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            key = str(path)
+            seen[key] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+    return seen
+
+
+ROWS = [
+    # (arguments, exit code, message fragment). {w} is the shared input directory, {t} a fresh directory
+    # holding the working directory {t}/work (the current directory while the row runs).
+    # -- MODEL arguments that are empty, broken or hostile
+    (["info", ""], 1, "MODEL is empty"),
+    (["svd", "", "-k", "2"], 1, "MODEL is empty"),
+    (["info", "{w}/badjson"], 1, "config.json is not valid JSON"),
+    (["info", "{w}/listcfg"], 1, "config.json is not a JSON object"),
+    (["svd", "{w}/listcfg", "-k", "2"], 1, "config.json is not a JSON object"),
+    (["svd", "{w}/hidden", "-k", "2"], 1, "weights do not have the shapes its config.json describes"),
+    (["info", "{w}/shape"], 1, "weights do not have the shapes its config.json describes"),
+    (["info", "{w}/trunc"], 1, "Error while deserializing header"),
+    (["svd", "{w}/trunc", "-k", "2"], 1, "could not load model"),
+    (["info", "{w}/unknowntype"], 1, "does not recognize this architecture"),
+    (["info", "{w}/pickle"], 1, "holds a pickle that torch refuses to load safely"),
+    (["svd", "{w}/pickle", "-k", "2"], 1, "refuses to load safely"),
+    (["info", "{w}/garbage.gguf"], 1, "is not a GGUF file (no GGUF magic bytes)"),
+    (["svd", "{w}/empty.gguf", "-k", "2"], 1, "is not a GGUF file (it is empty)"),
+    (["info", "{w}/nobase"], 1, "no base_config"),
+    (["perplexity", "{w}/nobase"], 1, "no base_config"),
+    (["info", "{w}/baddtype"], 1, "dtype is 'float99'"),
+    (["perplexity", "{w}/baddtype"], 1, "dtype is 'float99'"),
+    (["info", "{w}/badarch"], 1, "no model class NoSuchModel"),
+    (["info", "{w}/facttrunc"], 1, "cannot read embzip.safetensors"),
+    (["perplexity", "{w}/facttrunc"], 1, "cannot read embzip.safetensors"),
+    (["apply", "{w}/factored", "{w}/f.safetensors", "-o", "out"], 1, "already compressed"),
+    (["perplexity", "{w}/factored", "--factors", "{w}/f.safetensors"], 1, "already compressed"),
+    (["bench", "{w}/factored", "--ranks", "2", "--out", "b"], 1, "already compressed"),
+    (["info", "{w}/hostile-factored"], 1, "--trust-remote-code"),
+    (["perplexity", "{w}/hostile-factored"], 1, "--trust-remote-code"),
+    (["svd", "{w}/hostile-config", "-k", "2"], 1, "--trust-remote-code"),
+    (["info", "{w}/hostile-config"], 1, "--trust-remote-code"),
+    # -- option values: finite, in range; zero or negative never means "default"
+    (["fit", "{w}/model", "-k", "2", "--method", "paper", "--cos-weight", "nan"], 2, "cos_weight must be a finite"),
+    (["fit", "{w}/model", "-k", "2", "--method", "paper", "--lr", "inf"], 2, "lr must be a finite number"),
+    (["fit", "{w}/model", "-k", "2", "--method", "paper", "--lr-gamma", "nan"], 2, "lr_gamma must be a finite"),
+    (["fit", "{w}/model", "-k", "2", "--method", "paper", "--alpha-end", "-inf"], 2, "alpha_end must be a finite"),
+    (["fit", "{w}/model", "-k", "2", "--method", "wsvd", "--weight-floor", "inf"], 2, "weight floor must be a finite"),
+    (["fit", "{w}/model", "-k", "2", "--weight-power", "nan"], 2, "weight power must be a finite"),
+    (["fit", "{w}/model", "-k", "2", "--output-metric", "inf"], 2, "output_metric must be a finite"),
+    (["fit", "{w}/model", "-k", "2", "--output-metric", "-1"], 2, "output_metric must be >= 0"),
+    (["fit", "{w}/model", "-k", "2", "--metric-tokens", "0"], 2, "metric_tokens must be positive"),
+    (["fit", "{w}/model", "-k", "2", "--heal-steps", "1", "--heal-lr", "nan"], 2, "heal lr must be a finite"),
+    (["fit", "{w}/model", "-k", "2", "--method", "paper", "--seed", str(2**64)], 2, "Invalid value for '--seed'"),
+    (["fit", "{w}/model", "-k", "2", "--seed", "-1"], 2, "Invalid value for '--seed'"),
+    (["fit", "{w}/model", "-k", "2", "--heal-steps", "2", "--weights-text", "{w}/short.txt"], 1,
+     "fewer than two sequences"),
+    (["svd", "{w}/model", "--ratio", "nan"], 2, "greater than 1"),
+    (["perplexity", "{w}/model", "--window", "0"], 2, "window must be positive"),
+    (["perplexity", "{w}/model", "--stride", "0"], 2, "stride must be positive"),
+    (["perplexity", "{w}/model", "--max-tokens", "-5"], 2, "max_tokens must be positive, got -5"),
+    (["perplexity", "{w}/model", "--max-tokens", "0"], 2, "max_tokens must be positive, got 0"),
+    (["perplexity", "{w}/model", "--batch-size", "0"], 2, "batch_size must be positive"),
+    (["perplexity", "{w}/model", "--seed", "99999999999999999999999"], 2, "Invalid value for '--seed'"),
+    (["bench", "{w}/model", "--ranks", "", "--out", "b"], 2, "ranks must be a non-empty list"),
+    (["bench", "{w}/model", "--ranks", "4,4", "--out", "b"], 2, "ranks must be a non-empty list without repeats"),
+    (["bench", "{w}/model", "--ranks", "0", "--out", "b"], 2, "ranks must be positive"),
+    (["bench", "{w}/model", "--ranks", "500", "--out", "b"], 2, "largest useful rank"),
+    (["bench", "{w}/model", "--batch-size", "0", "--out", "b"], 2, "batch_size must be positive"),
+    (["bench", "{w}/model", "--max-tokens", "0", "--out", "b"], 2, "max_tokens must be positive"),
+    (["bench", "{w}/model", "--methods", "svd,svd", "--out", "b"], 2, "methods lists svd more than once"),
+    (["bench", "{w}/model", "--ratios", "nan", "--out", "b"], 2, "ratios must be a finite number"),
+    (["bench", "{w}/model", "--seed", str(2**64), "--out", "b"], 2, "Invalid value for '--seed'"),
+    # -- usage errors: one line, exit 2, no boxed panel
+    (["svd", "{w}/model", "--rank", "2.5"], 2, "Invalid value for '--rank'"),
+    (["bench", "{w}/model", "--ranks", "abc"], 2, "--ranks takes comma-separated numbers, got 'abc'"),
+    (["bench", "{w}/model", "--methods", ","], 2, "give at least one method"),
+    (["svd", "{w}/model", "--rnak", "2"], 2, "No such option: --rnak"),
+    (["apply", "{w}/model"], 2, "Missing argument"),
+    (["nosuchcommand"], 2, "No such command"),
+    # -- outputs: never destroy what is not embzip's output
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "."], 1, "is the current directory or contains it"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", ".", "--force"], 1, "current directory or contains it"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "..", "--force"], 1, "current directory or contains it"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "{w}/model", "--force"], 1, "is the input"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "{w}", "--force"], 1, "contains it"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "{w}/user", "--force"], 1, "was not written by embzip"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "{w}/user"], 1, "already exists and is not empty"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "{w}/file.txt", "--force"], 1, "is not a directory"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", LONG], 1, "is too long"),
+    (["svd", "{w}/model", "-k", "2", "-o", LONG + ".safetensors"], 1, "is too long"),
+    (["bench", "{w}/model", "--ranks", "2", "--out", LONG], 1, "is too long"),
+    (["svd", "{w}/model", "-k", "2", "-o", "{w}/model/model.safetensors", "--force"], 1, "is the input"),
+    (["svd", "{w}/empty.gguf", "-k", "2", "-o", "{w}/empty.gguf", "--force"], 1, "is the input"),
+    (["bench", "{w}/model", "--ranks", "2", "--out", "{w}/file.txt"], 1, "exists and is not a directory"),
+    (["bench", "{w}/model", "--ranks", "2", "--out", "{w}/file.txt/b"], 1, "is not a directory"),
+]
+
+
+@pytest.mark.parametrize("args,code,fragment", ROWS, ids=[" ".join(r[0])[:60] for r in ROWS])
+def test_bad_input(world, tmp_path, monkeypatch, args, code, fragment):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = snapshot(world, tmp_path)
+    result = runner.invoke(app, [a.format(w=world, t=tmp_path) for a in args] + ["-q"])  # -q: no loading bars
+    assert result.exit_code == code, result.output
+    message = " ".join(result.stderr.split())
+    assert fragment in message, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line: no traceback, no panel
+    assert "converting" not in result.stderr
+    assert snapshot(world, tmp_path) == before  # nothing written, nothing removed, no code ran
+    assert not (world / MARKER).exists()
+
+
+def test_bench_on_a_read_only_directory_creates_nothing(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path) == str(tmp_path) else real(path, mode))
+    result = runner.invoke(app, ["bench", str(world / "model"), "--ranks", "2", "--out", "b"])
+    assert result.exit_code == 1 and "is not writable" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trust_remote_code_runs_the_code_only_when_asked(world, tmp_path):
+    """The hostile directories really run code with --trust-remote-code (so the rows above prove something)."""
+    hostile = tmp_path / "hostile"
+    shutil.copytree(world / "model", hostile)
+    marker = tmp_path / "ran"
+    _plant_tokenizer_code(hostile, marker)
+    plain = runner.invoke(app, ["info", str(hostile), "--json", "-q"])
+    assert plain.exit_code == 0, plain.output  # its tokenizer falls back to the built-in class
+    assert not marker.exists()
+    trusted = runner.invoke(app, ["info", str(hostile), "--json", "-q", "--trust-remote-code"])
+    assert trusted.exit_code == 0, trusted.output
+    assert marker.read_text() == "ran"
+
+
+def test_help_still_works():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "Usage" in result.output and "apply" in result.output
+    bare = runner.invoke(app, [])
+    assert "Usage" in bare.output and "Traceback" not in bare.output
+
+
+def test_config_values_are_checked_in_the_library():
+    from embzip import OptionError
+    from embzip.autoencoder import FitConfig
+    from embzip.aware import AwareConfig
+    from embzip.benchmark import BenchConfig
+    from embzip.heal import HealConfig
+    from embzip.weights import WeightConfig
+
+    bad = [lambda: FitConfig(lr=float("inf")), lambda: FitConfig(cos_weight=float("nan")),
+           lambda: FitConfig(epochs=2.5), lambda: FitConfig(seed=2**64), lambda: WeightConfig(floor=float("inf")),
+           lambda: WeightConfig(power=float("nan")), lambda: AwareConfig(output_metric=float("inf")),
+           lambda: AwareConfig(metric_tokens=0), lambda: HealConfig(lr=float("nan")), lambda: HealConfig(steps=0),
+           lambda: BenchConfig(ranks=[]), lambda: BenchConfig(ranks=[4, 4]), lambda: BenchConfig(ranks=[0]),
+           lambda: BenchConfig(ranks=[2], max_tokens=0), lambda: BenchConfig(ratios=[float("inf")]),
+           lambda: BenchConfig(methods=["svd", "svd"], ranks=[2])]
+    for make in bad:
+        with pytest.raises(OptionError):
+            make()
+    assert issubclass(OptionError, ValueError)
+    assert BenchConfig().ranks is None  # neither ranks nor ratios: bench picks default ranks from the vocabulary

@@ -1,0 +1,232 @@
+"""Outputs are written safely: --force replaces only embzip's own output and only once the new one is
+complete, concurrent runs never remove each other's or a user's data, SIGTERM leaves no debris, dead
+runs' leftovers are removed, and files get the modes the umask asks for."""
+
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import embzip
+from embzip import OutputError
+from embzip.cli import app
+from embzip.modeldir import apply_factors, load_model
+from embzip.models import open_model
+from embzip.svd import svd_factors
+
+runner = CliRunner()
+REPO = Path(embzip.__file__).resolve().parents[1]
+FAST_FIT = ["--method", "paper", "--epochs", "2", "--anneal-epochs", "1", "--batch-size", "16"]
+
+
+def tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def make(tiny, rank=3):
+    opened = open_model(tiny("gpt2"))
+    return opened, svd_factors(opened.embedding.detach(), rank)
+
+
+@pytest.fixture
+def factors_file(tiny, tmp_path_factory):
+    from embzip.factors import save_factors
+
+    path = tmp_path_factory.mktemp("factors") / "f.safetensors"
+    save_factors(make(tiny)[1], path)
+    return path
+
+
+def test_force_keeps_the_old_output_whole_when_the_new_one_fails(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    apply_factors(*make(tiny), out)
+    before = tree(tmp_path)
+    monkeypatch.setattr("embzip.modeldir.load_model", lambda directory: open_model(tiny("gpt2")).model)
+    with pytest.raises(embzip.ModelError, match="does not reproduce the model"):  # the reload check fails
+        apply_factors(*make(tiny, rank=2), out, force=True)
+    assert tree(tmp_path) == before  # the old output is whole and nothing else is left beside it
+    monkeypatch.undo()
+    summary = apply_factors(*make(tiny, rank=2), out, force=True)
+    assert summary["rank"] == 2 and load_model(out) is not None
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def _meanwhile(monkeypatch, action):
+    """Run `action` while apply is writing (after its checks, before the swap)."""
+    import embzip.modeldir as modeldir
+
+    real = modeldir._copy_side_files
+
+    def copy_then_act(opened, tmp):
+        real(opened, tmp)
+        action()
+
+    monkeypatch.setattr(modeldir, "_copy_side_files", copy_then_act)
+
+
+def test_a_directory_created_meanwhile_survives(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def user_creates_it():
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    _meanwhile(monkeypatch, user_creates_it)
+    with pytest.raises(OutputError, match="appeared while embzip was writing it"):
+        apply_factors(*make(tiny), out)
+    assert tree(tmp_path) == {"out": None, "out/notes.txt": b"mine"}
+
+
+def test_a_replaced_output_is_not_removed_by_force(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    apply_factors(*make(tiny), out)
+
+    def someone_replaces_it():
+        shutil.rmtree(out)
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+
+    _meanwhile(monkeypatch, someone_replaces_it)
+    with pytest.raises(OutputError, match="was replaced while embzip was writing it"):
+        apply_factors(*make(tiny, rank=2), out, force=True)
+    assert tree(tmp_path) == {"out": None, "out/notes.txt": b"mine"}
+
+
+def _embzip(*args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, "-m", "embzip", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def test_concurrent_applies_to_one_output_exactly_one_succeeds(tiny, factors_file, tmp_path):
+    out = tmp_path / "out"
+    runs = [_embzip("apply", tiny("gpt2"), factors_file, "--out", out, "-q") for _ in range(2)]
+    results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    loser = next(err for code, err in results if code == 1)
+    assert "appeared while embzip was writing it" in loser or "already exists" in loser
+    assert os.listdir(tmp_path) == ["out"] and load_model(out) is not None  # one whole output, no debris
+
+
+DRIVER = '''
+import pathlib, sys, time
+import embzip.outputs as outputs
+
+ready = pathlib.Path(sys.argv[1])
+real = outputs.set_modes
+
+
+def stall(path):  # called once everything is written, before the rename into place
+    ready.write_text(str(path))
+    time.sleep(300)
+    real(path)
+
+
+outputs.set_modes = stall
+sys.argv = ["embzip", *sys.argv[2:]]
+from embzip.cli import main
+
+main()
+'''
+
+
+def test_sigterm_while_writing_leaves_no_debris(tiny, factors_file, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    fit_dir, apply_dir = tmp_path / "fit", tmp_path / "apply"
+    fit_dir.mkdir(), apply_dir.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    commands = {
+        "fit": ["fit", tiny("gpt2"), "-k", "2", "--out", fit_dir / "f.safetensors", "-q", *FAST_FIT],
+        "apply": ["apply", tiny("gpt2"), factors_file, "--out", apply_dir / "out", "-q"],
+    }
+    runs = {name: subprocess.Popen([sys.executable, str(driver), str(tmp_path / f"{name}.ready"), *map(str, args)],
+                                   cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for name, args in commands.items()}
+    deadline = time.monotonic() + 300
+    for name, run in runs.items():
+        while not (tmp_path / f"{name}.ready").exists():
+            assert run.poll() is None, run.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        written = Path((tmp_path / f"{name}.ready").read_text())
+        assert written.exists() and written.name.startswith(".")  # the temporary output, complete
+        run.send_signal(signal.SIGTERM)
+    for name, run in runs.items():
+        assert run.wait(timeout=120) == 143, run.stderr.read()
+        assert "terminated: nothing was written" in run.stderr.read()
+    assert os.listdir(fit_dir) == [] and os.listdir(apply_dir) == []
+
+
+def test_later_runs_remove_what_dead_runs_left(tiny, factors_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [tmp_path / f".f.safetensors.{dead.pid}-0a1b2c.tmp", tmp_path / f".out.partial-{dead.pid}-0a1b2c"]
+    stale[0].write_bytes(b"half a file")
+    stale[1].mkdir()
+    (stale[1] / "embzip.safetensors").write_bytes(b"half a file")
+    alive = tmp_path / ".out.partial-1-0a1b2c"  # pid 1 is running: its partial output is kept
+    alive.mkdir()
+    assert runner.invoke(app, ["svd", tiny("gpt2"), "-k", "2", "-o", "f.safetensors", "-q"]).exit_code == 0
+    assert runner.invoke(app, ["apply", tiny("gpt2"), str(factors_file), "-o", "out", "-q"]).exit_code == 0
+    assert sorted(os.listdir(tmp_path)) == sorted([alive.name, "f.safetensors", "out"])
+
+
+def test_a_dead_runs_old_output_is_put_back(tiny, tmp_path):
+    out = tmp_path / "out"
+    apply_factors(*make(tiny), out)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    aside = tmp_path / f".out.old-{dead.pid}-0a1b2c"
+    os.rename(out, aside)  # as if killed between the two renames of a --force replace
+    with pytest.raises(OutputError, match="already exists"):
+        apply_factors(*make(tiny), out)
+    assert os.listdir(tmp_path) == ["out"] and load_model(out) is not None
+
+
+@pytest.mark.parametrize("mask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_created_files_follow_the_umask(tiny, factors_file, tmp_path, monkeypatch, mask, file_mode, dir_mode):
+    monkeypatch.chdir(tmp_path)
+    old = os.umask(mask)
+    try:
+        assert runner.invoke(app, ["svd", tiny("gpt2"), "-k", "2", "-o", "f.safetensors", "-q"]).exit_code == 0
+        assert runner.invoke(app, ["apply", tiny("gpt2"), str(factors_file), "-o", "out", "-q"]).exit_code == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "f.safetensors").stat().st_mode) == file_mode
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == dir_mode
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert "embzip.safetensors" in modes and set(modes.values()) == {file_mode}, modes
+
+
+def test_sigterm_in_bench_keeps_finished_rows_and_exits_143(tiny, text_file, tmp_path, monkeypatch):
+    import json
+
+    import embzip.benchmark as benchmark
+
+    calls = {"n": 0}
+    real = benchmark.latency_ratio
+
+    def terminate_on_second_row(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal; the handler raises at the next bytecode
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "latency_ratio", terminate_on_second_row)
+    before = signal.getsignal(signal.SIGTERM)
+    result = runner.invoke(app, ["bench", tiny("gpt2"), "--ranks", "2,4", "--methods", "svd", "--out", str(tmp_path),
+                                 "--text", text_file, "--max-tokens", "100", "--json", "-q"])
+    assert result.exit_code == 143, result.output
+    report = json.loads(result.stdout)
+    assert report["interrupted"] and [r["rank"] for r in report["rows"]] == [None, 2]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed when the command ends
