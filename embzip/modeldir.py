@@ -299,9 +299,13 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     extra = {"dtype" if version >= (4, 56) else "torch_dtype": built}  # renamed in transformers 4.56
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
-    # Weights are initialised too (a few seconds for 270M parameters): some buffers only get their values there,
-    # as in from_pretrained; everything initialised is then overwritten by the strict load.
-    model = cls._from_config(base_config, **extra)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():  # the strict load overwrites every weight; random init would cost seconds
+        model = cls._from_config(base_config, **extra)
     model.tie_weights()  # as from_pretrained would; splice() then sees the tie the original had
     splice(model, _stored_embedding(directory, model, config), config["head"])
     try:
