@@ -167,12 +167,23 @@ def gguf_to_directory(gguf_path: str) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
-    log.info("cached the converted model in %s", target)
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    try:  # each conversion writes its own directory; the first to finish renames it into place
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+            log.info("cached the converted model in %s", target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            log.info("another run cached %s meanwhile; using it", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
 
 
