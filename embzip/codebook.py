@@ -1,102 +1,347 @@
-"""Codebook compression (placeholder maths, to be replaced by the tuned algorithm).
+"""Codebook compression: rows of the embedding coded as small integer indices into learned codebooks.
 
-Rows are cut into m pieces of s numbers; each piece position has a codebook of K <= 256
-centroids learned by weighted k-means; a row is stored as m uint8 indices.
+Each row e (1 x d) is first moved into a space where plain squared error is the error that matters:
+
+    y = e A,   A = M^(1/2) R
+
+with M the metric of aware.py (the hidden states entering a tied head; I without one) and R the
+principal directions of the weighted rows e M^(1/2) (largest variance first). Then
+||(e - e_hat) M^(1/2)||^2 = ||y - y_hat||^2, so k-means in y space minimises the metric error.
+
+y is coded by S stages of product quantization (residual PQ): stage s cuts the d coordinates into
+m_s contiguous pieces and gives each piece a codebook of K <= 256 centroids; each row stores one
+uint8 index per piece. Stage 1 codes y, stage s codes what the earlier stages left. Piece sizes
+follow reverse water-filling on the weighted variance of each coordinate (more bits, i.e. smaller
+pieces, where the variance is large) or are equal. Optionally each row keeps a gain g (16 bits),
+the least-squares scale of its reconstruction. Decoding:
+
+    e_hat = g * (sum_s y_hat_s) A^(-1)
+
+Centroids are trained by weighted k-means (Lloyd) on a sample of rows drawn with probability
+proportional to the row weights (token counts), then every row is assigned once, and one last
+weighted centroid update runs on all rows. Distances ||x||^2 - 2 x.c + ||c||^2 are batched
+matmuls over pieces of equal size, in row chunks.
+
+Stored: `transform` (A^(-1), d x d, float16), per stage `stage{s}.codes` (V x m_s, uint8),
+`stage{s}.codebook` (K x d, float16: piece j owns its columns) and `stage{s}.sizes` (int32, m_s),
+and `gain` (V, float16) if used. `stored_bits` counts all of it; the budget bits * V * d is never
+exceeded.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
-from .compressed import Compressed, register, storage_dtype
-from .errors import FactorsError
-
-INDICES, CODEBOOKS = "indices", "codebooks"
+_STORE = torch.float16
+_BUFFER = 2**20  # distance entries per assignment chunk on the CPU (4 MiB; 1 GiB on a GPU)
 
 
 @dataclass
 class CodebookConfig:
-    bits: float = 2.0
-    iterations: int = 8
-    sample: int = 32768
+    """Settings of codebook compression."""
+
+    bits: float = 2.0  # budget in bits per weight of the V x d matrix, everything stored counted
+    min_piece_dim: float = 4.0  # a stage has at most d / min_piece_dim pieces; more pieces -> more stages
+    allocation: str = "variance"  # piece sizes: "variance" (reverse water-filling) or "equal"
+    gain: bool = True  # store a per-row 16-bit gain
+    centroids: int = 256  # K per piece: 16 (4-bit indices, packed two per byte) or up to 256 (uint8)
+    sample: int = 32768  # rows drawn (by weight) to train the centroids
+    iterations: int = 8  # Lloyd steps on the sample
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not (0 < self.bits < 16):
-            raise ValueError(f"codebook bits must be in (0, 16), got {self.bits}")
+        def bad(name, value, allowed):
+            raise ValueError(f"codebook {name} must be {allowed}, got {value!r}")
+        if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and 0 < self.bits <= 16):
+            bad("bits", self.bits, "a finite number in (0, 16]")
+        if not (math.isfinite(self.min_piece_dim) and self.min_piece_dim >= 1):
+            bad("min_piece_dim", self.min_piece_dim, ">= 1")
+        if self.allocation not in ("variance", "equal"):
+            bad("allocation", self.allocation, "'variance' or 'equal'")
+        if not 2 <= self.centroids <= 256:
+            bad("centroids", self.centroids, "between 2 and 256")
+        if self.sample < 1:
+            bad("sample", self.sample, "positive")
+        if self.iterations < 0:
+            bad("iterations", self.iterations, ">= 0")
 
     def settings(self) -> dict:
         return asdict(self)
 
 
-def fit_codebook(embedding, *, weights=None, metric=None, config: CodebookConfig, device="cpu", progress=False):
-    vocab, hidden = embedding.shape
-    piece = next((s for s in (1, 2, 4, 8, 16, 32) if hidden % s == 0 and 8 / s <= config.bits), None)
-    if piece is None:
-        raise FactorsError(f"no piece size reaches {config.bits} bits per weight for hidden size {hidden}")
-    m, k = hidden // piece, min(256, vocab)
-    x = embedding.float().view(vocab, m, piece).transpose(0, 1)  # m x V x s
-    g = torch.Generator().manual_seed(config.seed)
-    w = torch.ones(vocab) if weights is None else weights.float()
-    sample = torch.multinomial(w, min(config.sample, vocab), replacement=False, generator=g)
-    xs, ws = x[:, sample], w[sample]
-    cents = xs[:, torch.randperm(len(sample), generator=g)[:k]].clone()
-    for _ in range(config.iterations):
-        assign = _assign(xs, cents)
-        for j in range(m):
-            sums = torch.zeros(k, piece).index_add_(0, assign[j], xs[j] * ws.unsqueeze(1))
-            mass = torch.zeros(k).index_add_(0, assign[j], ws)
-            keep = mass > 0
-            cents[j, keep] = sums[keep] / mass[keep].unsqueeze(1)
-    dtype = storage_dtype(embedding.dtype)
-    cents = cents.to(dtype)
-    return {INDICES: _assign(x, cents.float()).T.contiguous().to(torch.uint8), CODEBOOKS: cents}
+def _bits_of(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size() * 8
 
 
-def _assign(x: torch.Tensor, cents: torch.Tensor, chunk: int = 32768) -> torch.Tensor:
-    out = []
-    for i in range(0, x.shape[1], chunk):
-        part = x[:, i:i + chunk]
-        d = (cents * cents).sum(-1).unsqueeze(1) - 2 * torch.bmm(part, cents.transpose(1, 2))
-        out.append(d.argmin(-1))
-    return torch.cat(out, dim=1)
+def stored_bits(tensors: dict[str, torch.Tensor], vocab: int | None = None, hidden: int | None = None) -> int:
+    """Bits of everything stored (vocab/hidden are accepted for a uniform interface)."""
+    return sum(_bits_of(t) for t in tensors.values())
 
 
-def decode_rows(tensors: dict[str, torch.Tensor], index) -> torch.Tensor:
-    idx = tensors[INDICES][index].long()  # n x m
-    cents = tensors[CODEBOOKS].float()  # m x K x s
-    m = cents.shape[0]
-    pieces = cents[torch.arange(m), idx]  # n x m x s
-    return pieces.flatten(-2)
+def _index_bits(centroids: int) -> int:
+    return 4 if centroids <= 16 else 8
+
+
+def pack(codes: torch.Tensor, centroids: int) -> torch.Tensor:
+    """uint8 indices (n x m); two per byte (low nibble first) when centroids <= 16."""
+    if _index_bits(centroids) == 8:
+        return codes
+    if codes.shape[1] % 2:
+        codes = torch.cat([codes, torch.zeros_like(codes[:, :1])], 1)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack(packed: torch.Tensor, centroids: int, pieces: int) -> torch.Tensor:
+    if _index_bits(centroids) == 8:
+        return packed
+    return torch.stack([packed & 15, packed >> 4], 2).reshape(packed.shape[0], -1)[:, :pieces]
+
+
+def plan(vocab: int, hidden: int, config: CodebookConfig, centroids: int) -> list[int]:
+    """Pieces per stage that fill the budget as fully as possible without exceeding it.
+
+    With 4-bit indices pieces come in pairs (one byte per row per pair)."""
+    budget = config.bits * vocab * hidden
+    fixed = 16 * hidden * hidden + (16 * vocab if config.gain else 0)
+    unit = 2 if _index_bits(centroids) == 4 else 1  # pieces per byte of each row
+    per_stage_max = max(unit, int(hidden // config.min_piece_dim) // unit * unit)
+    stages = 1
+    while True:
+        free = budget - fixed - stages * 16 * centroids * hidden
+        total = int(free // (8 * vocab + 32 * unit)) * unit
+        if total < stages * unit:
+            raise ValueError(f"{config.bits} bits per weight cannot hold one piece per row in each of {stages} "
+                             f"stage(s) for a {vocab} x {hidden} matrix with {centroids} centroids; give more bits")
+        need = math.ceil(total / per_stage_max)
+        if need <= stages:
+            break
+        stages = need
+    units, extra = divmod(total // unit, stages)
+    return [(units + (1 if s < extra else 0)) * unit for s in range(stages)]
+
+
+def _sizes(variance: torch.Tensor, pieces: int, allocation: str) -> list[int]:
+    """Contiguous piece sizes over the d coordinates (each >= 1, summing to d)."""
+    d = len(variance)
+    pieces = min(pieces, d)
+    if allocation == "equal":
+        base, extra = divmod(d, pieces)
+        return [base + (1 if j >= pieces - extra else 0) for j in range(pieces)]
+    lam = variance.double().clamp_min(1e-30)
+    lo, hi = math.log(lam.min().item()) - 60, math.log(lam.max().item())
+    rate = 8.0 * pieces
+    for _ in range(100):  # reverse water-filling: bits_j = max(0, log2(lam_j / theta) / 2), sum = rate
+        mid = (lo + hi) / 2
+        if (0.5 * (lam.log() - mid) / math.log(2)).clamp_min(0).sum() > rate:
+            lo = mid
+        else:
+            hi = mid
+    bits = (0.5 * (lam.log() - hi) / math.log(2)).clamp_min(0) + 1e-9
+    cum = torch.cumsum(bits, 0) / bits.sum() * pieces
+    sizes, start = [], 0
+    for j in range(1, pieces):
+        end = int(torch.searchsorted(cum, torch.tensor(float(j), dtype=cum.dtype)).item()) + 1
+        end = min(max(end, start + 1), d - (pieces - j))
+        sizes.append(end - start)
+        start = end
+    sizes.append(d - start)
+    return sizes
+
+
+def _groups(sizes: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For each piece size: (piece numbers, their coordinate columns as (m_g, size))."""
+    offsets = [0] + list(torch.cumsum(torch.tensor(sizes), 0).tolist())
+    out = {}
+    for size in sorted(set(sizes)):
+        idx = [j for j, s in enumerate(sizes) if s == size]
+        cols = torch.tensor([list(range(offsets[j], offsets[j] + size)) for j in idx])
+        out[size] = (torch.tensor(idx), cols)
+    return out
+
+
+def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """x (m, n, k), c (m, K, k) -> nearest centroid per piece and row (m, n)."""
+    m, n, _ = x.shape
+    cn = c.pow(2).sum(-1).unsqueeze(1)  # (m, 1, K)
+    ct = c.transpose(1, 2).contiguous()
+    out = torch.empty(m, n, dtype=torch.long, device=x.device)
+    rows = max(16, (_BUFFER if x.device.type == "cpu" else 2**28) // (m * c.shape[1]))
+    for i in range(0, n, rows):  # a distance buffer that stays in cache
+        out[:, i:i + rows] = torch.baddbmm(cn, x[:, i:i + rows], ct, alpha=-2).argmin(-1)
+    return out
+
+
+def _update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Weighted means of each centroid's rows; a centroid with no rows keeps its place."""
+    m, n, k = x.shape
+    K = c.shape[1]
+    flat = (codes + torch.arange(m, device=x.device).unsqueeze(1) * K).reshape(-1)
+    sums = torch.zeros(m * K, k, dtype=x.dtype, device=x.device).index_add_(0, flat, (x * w[:, None]).reshape(-1, k))
+    mass = torch.zeros(m * K, dtype=x.dtype, device=x.device).index_add_(0, flat, w.repeat(m))
+    new = sums / mass.clamp_min(1e-30).unsqueeze(1)
+    return torch.where(mass.unsqueeze(1) > 0, new, c.reshape(m * K, k)).view(m, K, k)
+
+
+def _stage(y: torch.Tensor, w: torch.Tensor, sample: torch.Tensor, sample_w: torch.Tensor, sizes: list[int],
+           K: int, iterations: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One PQ stage on y (V x d): (codes V x m uint8, codebook K x d float16)."""
+    V, d = y.shape
+    codes = torch.empty(V, len(sizes), dtype=torch.uint8)
+    book = torch.empty(K, d, dtype=y.dtype, device=y.device)
+    ys = y[sample]
+    start = torch.randperm(len(sample), generator=gen)[:K].to(y.device)
+    for size, (idx, cols) in _groups(sizes).items():
+        cols = cols.to(y.device)
+        xs = ys[:, cols].permute(1, 0, 2).contiguous()  # (m_g, n, size)
+        c = xs[:, start].clone()
+        for _ in range(iterations):
+            c = _update(xs, sample_w, _assign(xs, c), c)
+        xa = y[:, cols].permute(1, 0, 2).contiguous()
+        assigned = _assign(xa, c)
+        c = _update(xa, w, assigned, c).to(_STORE).to(y.dtype)  # one weighted update on all rows
+        codes[:, idx] = assigned.T.to(torch.uint8).cpu()
+        book[:, cols.reshape(-1)] = c.permute(1, 0, 2).reshape(K, -1)
+    return codes, book.to(_STORE)
+
+
+def _stage_decode(codes: torch.Tensor, book: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    piece_of_dim = torch.repeat_interleave(torch.arange(len(sizes)), sizes.long())
+    per_dim = codes.long()[:, piece_of_dim]  # (n, d)
+    return book.float()[per_dim, torch.arange(book.shape[1])]
+
+
+def _root(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    evals, evecs = torch.linalg.eigh(metric.double())
+    evals = evals.clamp_min(evals.max() * 1e-10)
+    return (evecs * evals.sqrt()) @ evecs.T, (evecs / evals.sqrt()) @ evecs.T
+
+
+def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None,
+                 metric: torch.Tensor | None = None, config: CodebookConfig | None = None, device: str = "cpu",
+                 progress: bool = False) -> dict[str, torch.Tensor]:
+    """Codebook tensors for `embedding` (V x d) minimising sum_i w_i ||(e_i - e_hat_i) M^(1/2)||^2."""
+    from .progress import bar
+
+    config = config or CodebookConfig()
+    V, d = embedding.shape
+    gen = torch.Generator().manual_seed(config.seed)
+    w = torch.ones(V, dtype=torch.float64) if weights is None else weights.double().clamp_min(0)
+    w = w / w.mean()
+    root, inv_root = _root(metric) if metric is not None else (torch.eye(d, dtype=torch.float64),) * 2
+    e = embedding.to(device=device, dtype=torch.float32)
+    x = e @ root.float().to(device)
+    mean = (w.to(device).float() @ x) / V
+    cov = ((x - mean) * w.to(device).float().unsqueeze(1)).T.double() @ (x - mean).double()
+    evals, evecs = torch.linalg.eigh(cov.cpu())
+    rot = evecs.flip(1)
+    rot = rot * torch.sign(rot.gather(0, rot.abs().argmax(0, keepdim=True)))
+    y = x @ rot.float().to(device)
+    transform = (rot.T @ inv_root).to(_STORE)
+    K = min(config.centroids, V)
+    pieces = plan(V, d, config, K)
+    n = min(config.sample, 64 * V)
+    drawn = torch.multinomial(w.float() if V < 2**24 else w.float().sqrt(), n, replacement=True, generator=gen)
+    sample, counts = torch.unique(drawn, return_counts=True)
+    if len(sample) < K:  # tiny matrices: train on every row
+        sample, counts = torch.arange(V), w.float() * (n / V)
+    sample_w = counts.to(device=device, dtype=torch.float32)
+    wd = w.to(device=device, dtype=torch.float32)
+    tensors = {"transform": transform.cpu().contiguous()}
+    recon = torch.zeros_like(y)
+    with bar("codebook stages", len(pieces), enabled=progress) as b:
+        for s, m in enumerate(pieces):
+            residual = y - recon
+            var = (wd @ residual.pow(2)) / V - ((wd @ residual) / V).pow(2)
+            sizes = _sizes(var.cpu(), m, config.allocation)
+            codes, book = _stage(residual, wd, sample.to(device), sample_w, sizes, K, config.iterations, gen)
+            size_t = torch.tensor(sizes, dtype=torch.int32)
+            recon += _stage_decode(codes, book.cpu(), size_t).to(device)
+            tensors[f"stage{s}.codes"] = pack(codes, K).contiguous()
+            tensors[f"stage{s}.codebook"] = book.cpu().contiguous()
+            tensors[f"stage{s}.sizes"] = size_t
+            b.advance()
+    if config.gain:
+        gain = (recon * y).sum(1) / recon.pow(2).sum(1).clamp_min(1e-30)
+        tensors["gain"] = gain.to(_STORE).cpu().contiguous()
+    return tensors
+
+
+def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """Rows `index` of the reconstructed embedding, float32."""
+    y = None
+    s = 0
+    while f"stage{s}.codes" in tensors:
+        book, sizes = tensors[f"stage{s}.codebook"], tensors[f"stage{s}.sizes"]
+        codes = unpack(tensors[f"stage{s}.codes"][index], book.shape[0], len(sizes))
+        part = _stage_decode(codes, book, sizes)
+        y = part if y is None else y + part
+        s += 1
+    if "gain" in tensors:
+        y = y * tensors["gain"][index].float().unsqueeze(1)
+    return y @ tensors["transform"].float()
+
+
+# -- the storage kind ------------------------------------------------------------------------------
+from typing import Any  # noqa: E402
+
+from .compressed import Compressed, register  # noqa: E402
+from .errors import FactorsError  # noqa: E402
+
+
+def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(V, d) of a codebook tensor set, or a one-line FactorsError naming what is inconsistent."""
+    transform = tensors.get("transform")
+    if transform is None or transform.ndim != 2 or transform.shape[0] != transform.shape[1] \
+            or not transform.is_floating_point():
+        raise FactorsError("codebook tensors need a square float 'transform'")
+    hidden, vocab, s = transform.shape[0], None, 0
+    while f"stage{s}.codes" in tensors:
+        codes, book, sizes = (tensors.get(f"stage{s}.{n}") for n in ("codes", "codebook", "sizes"))
+        if book is None or sizes is None or codes.dtype != torch.uint8 or codes.ndim != 2 \
+                or not book.is_floating_point() or book.ndim != 2 or book.shape[1] != hidden \
+                or sizes.dtype != torch.int32 or int(sizes.sum()) != hidden or (sizes < 1).any() \
+                or codes.shape[1] * (2 if book.shape[0] <= 16 else 1) < len(sizes):
+            raise FactorsError(f"codebook stage {s} is inconsistent (codes uint8 V x m, codebook K x {hidden} "
+                               f"float, sizes int32 summing to {hidden})")
+        if vocab is not None and codes.shape[0] != vocab:
+            raise FactorsError(f"codebook stage {s} codes {codes.shape[0]} rows, stage 0 {vocab}")
+        vocab, s = codes.shape[0], s + 1
+    if vocab is None or vocab < 1:
+        raise FactorsError("codebook tensors hold no stage")
+    gain = tensors.get("gain")
+    if gain is not None and (tuple(gain.shape) != (vocab,) or not gain.is_floating_point()):
+        raise FactorsError(f"codebook gain must be {vocab} floats")
+    return vocab, hidden
 
 
 @register
 class Codebook(Compressed):
-    """Rows as uint8 indices into learned codebooks."""
+    """Rows as uint8 indices into learned codebooks (residual product quantization, see above)."""
 
     kind = "codebook"
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None):
         self._tensors, self.meta = dict(tensors), {} if meta is None else meta
-        idx, cents = tensors.get(INDICES), tensors.get(CODEBOOKS)
-        if idx is None or cents is None or idx.dtype != torch.uint8 or cents.ndim != 3 or idx.shape[1] != cents.shape[0]:
-            raise FactorsError("codebook tensors are inconsistent")
-        self._shape = (idx.shape[0], cents.shape[0] * cents.shape[2])
+        self._shape = check_tensors(self._tensors)
 
     @property
     def shape(self) -> tuple[int, int]:
         return self._shape
 
+    @property
+    def stages(self) -> int:
+        return sum(1 for name in self._tensors if name.endswith(".codes"))
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self._tensors)
 
     @classmethod
-    def from_tensors(cls, tensors, meta):
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Codebook":
         return cls(tensors, meta)
 
     @classmethod
-    def decode(cls, tensors, index):
+    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
         return decode_rows(tensors, index)

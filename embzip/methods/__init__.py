@@ -156,7 +156,7 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
                             f"reach {_bits_name(bits)}; use --method codebook --bits {_bits_name(bits)}")
         return None
     budget = spec.default_bits if bits is None else bits
-    return spec.check_bits(budget, vocab, hidden, dtype) if hasattr(spec, "check_bits") else budget
+    return spec.check_bits(budget, vocab, hidden, dtype, r) if spec.check_bits else budget
 
 
 def make_factors(opened, size, recipe: Recipe, *, device: str = "cpu", progress: bool = False,

@@ -31,6 +31,7 @@ class Method:
     options: tuple[str, ...] = ()  # names of `embzip fit` options that belong to this method
     fixed_bits: Callable[..., float] | None = None  # FIXED: (vocab, hidden, dtype, recipe) -> bits per weight stored
     default_bits: float | None = None  # BITS: the size when none is given
+    check_bits: Callable[..., float] | None = None  # BITS: (bits, vocab, hidden, dtype, recipe) -> bits, or RankError
 
 
 REGISTRY: dict[str, Method] = {}

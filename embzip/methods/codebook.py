@@ -2,12 +2,34 @@
 
 from dataclasses import replace
 
-from ..codebook import Codebook, fit_codebook
+from ..codebook import Codebook, CodebookConfig, fit_codebook, plan
+from ..errors import RankError
 from .base import BITS, Method, register
 
 
-def make(inputs, bits, recipe):
+def fitting_config(bits: float, vocab: int, hidden: int, recipe) -> CodebookConfig:
+    """The recipe's codebook settings at `bits`, with fewer centroids (256, 128, ..., 4) when the codebooks of a
+    small vocabulary would not leave room for the indices; a RankError when no setting fits."""
     config = replace(recipe.codebook, bits=bits)
+    error = None
+    for centroids in (c for c in (256, 128, 64, 32, 16, 8, 4) if c <= config.centroids):
+        try:
+            plan(vocab, hidden, replace(config, centroids=centroids), min(centroids, vocab))
+            return replace(config, centroids=centroids)
+        except ValueError as exc:
+            error = error or exc
+    raise RankError(f"codebook: {error}")
+
+
+def check_bits(bits, vocab, hidden, dtype, recipe):
+    """Refuse a budget the codebooks cannot hold before any work is done."""
+    fitting_config(bits, vocab, hidden, recipe)
+    return bits
+
+
+def make(inputs, bits, recipe):
+    vocab, hidden = inputs.embedding.shape
+    config = fitting_config(bits, vocab, hidden, recipe)
     weights = inputs.weights()
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
@@ -17,5 +39,5 @@ def make(inputs, bits, recipe):
 
 METHOD = register(Method(
     "codebook", "codebook", BITS, "indices into learned codebooks, token-weighted, in the tied head's metric",
-    make, uses_text=True, needs_forward=True, default_bits=2.0,
+    make, uses_text=True, needs_forward=True, default_bits=2.0, check_bits=check_bits,
     options=("output_metric", "metric_tokens", "weight_power", "weight_floor")))

@@ -1,0 +1,118 @@
+"""Codebook compression: budget, decoding, objective, weights, metric, determinism, bad settings."""
+
+import pytest
+import torch
+
+from embzip.aware import normalised_metric
+from embzip.codebook import CodebookConfig, decode_rows, fit_codebook, pack, plan, stored_bits, unpack
+
+V, D = 2000, 32
+FAST = dict(centroids=16, sample=1024, iterations=3)
+
+
+def _matrix(v=V, d=D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(v, d, generator=g) @ torch.diag(torch.linspace(2, 0.2, d)) + 0.1
+
+
+def _weights(v=V, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(v, generator=g).pow(8) * 50 + 0.05  # a few rows weigh far more than most
+    return w / w.mean()
+
+
+def _error(e, tensors, w=None, metric=None):
+    diff = (e.double() - decode_rows(tensors).double())
+    if metric is not None:
+        diff = diff @ torch.linalg.cholesky(metric.double())
+    per_row = diff.pow(2).sum(1)
+    return (per_row if w is None else w.double() * per_row).sum().item()
+
+
+@pytest.mark.parametrize("bits, gain", [(1.5, False), (2.5, True), (3.3, False)])
+@pytest.mark.parametrize("centroids", [16, 64])
+def test_budget_is_met_and_nearly_filled(bits, gain, centroids):
+    config = CodebookConfig(bits=bits, gain=gain, **{**FAST, "centroids": centroids})
+    tensors = fit_codebook(_matrix(), config=config)
+    used = stored_bits(tensors, V, D)
+    assert used <= bits * V * D
+    index_bits = 4 if centroids <= 16 else 8
+    # what is left cannot pay for one more index column (a byte per row with packed 4-bit indices)
+    assert bits * V * D - used < 8 * V + 64 + 16 * centroids * D
+    assert used == sum(t.numel() * t.element_size() * 8 for t in tensors.values())
+    codes = [t for name, t in tensors.items() if name.endswith(".codes")]
+    assert all(t.dtype == torch.uint8 for t in codes)
+    assert sum(t.shape[1] for t in codes) * 8 == sum(plan(V, D, config, centroids)) * index_bits
+
+
+def test_decode_shape_dtype_and_row_subsets():
+    e = _matrix()
+    tensors = fit_codebook(e.double(), config=CodebookConfig(bits=2, **FAST))
+    full = decode_rows(tensors)
+    assert full.shape == e.shape and full.dtype == torch.float32
+    index = torch.tensor([5, 0, V - 1, 5])
+    # the same rows whatever else is decoded with them (up to float32 matmul blocking)
+    assert torch.allclose(decode_rows(tensors, index), full[index], rtol=0, atol=1e-5)
+    assert torch.allclose(decode_rows(tensors, slice(10, 20)), full[10:20], rtol=0, atol=1e-5)
+    assert not torch.equal(full, e)  # it is a lossy code, not a copy
+
+
+def test_pack_round_trip():
+    codes = torch.randint(0, 16, (7, 5), dtype=torch.uint8)
+    packed = pack(codes, 16)
+    assert packed.shape == (7, 3)
+    assert torch.equal(unpack(packed, 16, 5), codes)
+    assert pack(codes, 256) is codes
+
+
+def test_more_bits_lower_error():
+    e, w = _matrix(), _weights()
+    errors = [_error(e, fit_codebook(e, weights=w, config=CodebookConfig(bits=b, **FAST)), w) for b in (1.5, 2.5, 4)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_weighted_fit_beats_unweighted_on_weighted_objective():
+    e, w = _matrix(), _weights()
+    config = CodebookConfig(bits=2, **FAST)
+    weighted = _error(e, fit_codebook(e, weights=w, config=config), w)
+    plain = _error(e, fit_codebook(e, config=config), w)
+    assert weighted < plain
+
+
+def test_metric_is_respected():
+    e = _matrix()
+    s = torch.zeros(D, D, dtype=torch.float64)
+    s[-1, -1] = 1.0  # the head only looks along the last (smallest-variance) coordinate
+    metric = normalised_metric(s, 50.0, D)
+    config = CodebookConfig(bits=2, **FAST)
+    aware = fit_codebook(e, metric=metric, config=config)
+    plain = fit_codebook(e, config=config)
+    assert _error(e, aware, metric=metric) < _error(e, plain, metric=metric)
+    last = lambda t: (decode_rows(t)[:, -1] - e[:, -1]).pow(2).sum().item()  # noqa: E731
+    assert last(aware) < last(plain)
+
+
+def test_seeded_runs_repeat_exactly_and_seeds_differ():
+    e, w = _matrix(), _weights()
+    a = fit_codebook(e, weights=w, config=CodebookConfig(bits=2, seed=3, **FAST))
+    b = fit_codebook(e, weights=w, config=CodebookConfig(bits=2, seed=3, **FAST))
+    c = fit_codebook(e, weights=w, config=CodebookConfig(bits=2, seed=4, **FAST))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(decode_rows(a), decode_rows(c))
+
+
+def test_too_few_bits_are_refused():
+    with pytest.raises(ValueError, match="cannot hold"):
+        fit_codebook(_matrix(), config=CodebookConfig(bits=0.01, **FAST))
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("bits", 0, "bits"), ("bits", float("nan"), "bits"), ("bits", 17, "bits"), ("bits", float("inf"), "bits"),
+    ("min_piece_dim", 0.5, "min_piece_dim"), ("allocation", "random", "allocation"),
+    ("centroids", 1, "centroids"), ("centroids", 257, "centroids"), ("sample", 0, "sample"),
+    ("iterations", -1, "iterations"),
+])
+def test_bad_config_values_are_refused(field, value, fragment):
+    with pytest.raises(ValueError, match=fragment) as info:
+        CodebookConfig(**{field: value})
+    assert repr(value) in str(info.value) or str(value) in str(info.value)
