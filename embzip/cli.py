@@ -154,7 +154,7 @@ def info(model: ModelArg = None, as_json: JsonOpt = False, quiet: QuietOpt = Fal
     """Show a model's token embedding: shape, share of all parameters, tied output head, kind."""
     from .models import open_model
 
-    _emit(open_model(model).describe(), as_json, "model")
+    _emit(open_model(model, load="embedding").describe(), as_json, "model")
 
 
 @command

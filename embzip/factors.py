@@ -27,7 +27,7 @@ DECODER = "decoder"
 DECODER_BIAS = "decoder_bias"
 NORMS = "norms"
 META_KEY = "embzip"
-_CHUNK_ROWS = 16384
+_CHUNK_ROWS = 4096  # rows per chunk of reconstruct() and metrics: small transients for large V
 
 
 @dataclass

@@ -207,8 +207,12 @@ def is_tied(model: Any) -> bool:
 
 
 def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str | None = None,
-               device: str = "cpu", revision: str | None = None) -> OpenedModel:
-    """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default)."""
+               device: str = "cpu", revision: str | None = None, load: str = "full") -> OpenedModel:
+    """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default).
+
+    load="embedding" reads only the embedding tensor from the safetensors files when it can
+    (checkpoint.EmbeddingOnly: the rest of the model stays on the meta device); "full" loads everything.
+    """
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
@@ -229,6 +233,12 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
     auto, kind = _model_class(config, kind)
+    if load == "embedding" and dtype is None:
+        from .checkpoint import open_embedding
+
+        opened = open_embedding(source, path, config, auto, kind, revision)
+        if opened is not None:
+            return opened
     kwargs = {"revision": revision}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)

@@ -21,10 +21,15 @@ log = logging.getLogger("embzip")
 
 
 def check_finite(embedding: torch.Tensor, name: str) -> None:
-    """Refuse a matrix with NaN or Inf, naming how many rows and the first one."""
-    bad_rows = (~torch.isfinite(embedding)).any(dim=1).nonzero().flatten()
-    if len(bad_rows):
-        raise DataError(f"the embedding {name} has NaN or Inf in {len(bad_rows)} row(s), first row {bad_rows[0].item()}; "
+    """Refuse a matrix with NaN or Inf, naming how many rows and the first one (row chunks: no V x d mask)."""
+    count, first = 0, None
+    for i in range(0, embedding.shape[0], 4096):
+        bad = torch.isfinite(embedding[i:i + 4096]).all(dim=1).logical_not_()
+        if bad.any():
+            count += int(bad.sum())
+            first = i + int(bad.nonzero()[0]) if first is None else first
+    if count:
+        raise DataError(f"the embedding {name} has NaN or Inf in {count} row(s), first row {first}; "
                         "fix the checkpoint before compressing it")
 
 
@@ -33,6 +38,11 @@ def default_out(source: str, method: str, rank: int) -> Path:
     stem = Path(source.removeprefix("demo:").rstrip("/")).name.removesuffix(".gguf")
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem) or "model"
     return Path(f"{stem}.{method}-r{rank}.safetensors")
+
+
+def needs_model(recipe: Recipe) -> bool:
+    """Whether `recipe` runs the model (hidden-state metric, healing) or reads only the embedding matrix."""
+    return recipe.heal is not None or (recipe.method == "aware" and recipe.aware.output_metric > 0)
 
 
 def factorize(opened: OpenedModel, rank: int, recipe: Recipe, *, device: str = "cpu", progress: bool = False,
@@ -62,7 +72,8 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     device = resolve_device(device)
     if write and out is not None:
         check_output_file(out, force)  # fail before the slow part
-    opened = model if isinstance(model, OpenedModel) else open_model(model, device=device)
+    opened = model if isinstance(model, OpenedModel) else open_model(
+        model, device=device, load="full" if needs_model(recipe) else "embedding")
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape
     rank = resolve_rank(rank, ratio, vocab, hidden, bias=recipe.bias, norms=recipe.norms)
@@ -72,20 +83,23 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     check_finite(embedding, opened.embedding_name)
     factors = factorize(opened, rank, recipe, device=device, progress=progress)
     metrics, seconds = factors.meta["metrics"], factors.meta["seconds"]
+    source, element_size = opened.source, embedding.element_size()
+    if opened is not model:  # opened here: let go of the embedding (its mapped pages) before writing
+        del opened, embedding
     if write:
         save_factors(factors, out_path, force=force)
         log.info("wrote %s", out_path)
     params_before = vocab * hidden
     summary = {
         "method": method,
-        "model": opened.source,
+        "model": source,
         "rank": rank,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "compression_ratio": factors.compression_ratio(),
         "params_before": params_before,
         "params_after": factors.num_params(),
-        "bytes_before": params_before * embedding.element_size(),
+        "bytes_before": params_before * element_size,
         "bytes_after": factors.num_params() * factors.codes.element_size(),
         "dtype": str(factors.dtype).removeprefix("torch."),
         **metrics,
