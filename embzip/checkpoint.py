@@ -180,6 +180,7 @@ class EmbeddingOnly(OpenedModel):
     def __init__(self, *args, checkpoint: Checkpoint, embedding_key: str, tokenizer_size: int | None, **kwargs):
         super().__init__(*args, **kwargs)
         self.checkpoint, self.embedding_key, self._tokenizer_size = checkpoint, embedding_key, tokenizer_size
+        self.original_weight = self.model.get_input_embeddings().weight  # the mapped tensor, kept through splices
 
     @property
     def tokenizer(self):
@@ -245,3 +246,63 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
     revision = revision or getattr(config, "_commit_hash", None)
     return EmbeddingOnly(model, _NOT_LOADED, source, str(local), kind, tied, f"{emb_name}.weight", revision,
                          checkpoint=checkpoint, embedding_key=key, tokenizer_size=_tokenizer_size(local))
+
+
+def available_memory(device: str) -> dict[Any, int]:
+    """Bytes free for weights per device accelerate knows: each visible GPU for a cuda device, else the CPU."""
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        return {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    return {"cpu": psutil.virtual_memory().available}
+
+
+def device_map(path: str, config: Any, auto: Any, device: str, *, headroom: float = 0.8) -> dict[str, Any] | None:
+    """accelerate's big-model placement when the model does not fit on `device`, else None (load it there).
+
+    The layers are spread over every visible GPU, then the CPU, then disk (offload folder); the embedding
+    and the output head stay together on the first device, where factors are spliced in."""
+    import torch
+    from accelerate import infer_auto_device_map
+
+    checkpoint = find_checkpoint(path) if Path(path).is_dir() else None
+    if checkpoint is None:
+        return None
+    need = checkpoint.nbytes()
+    free = available_memory(device)
+    first = next(iter(free))
+    if need <= headroom * free[first]:
+        return None
+    budget = {k: int(headroom * v) for k, v in free.items()}
+    if device.startswith("cuda"):
+        budget["cpu"] = int(headroom * available_memory("cpu")["cpu"])
+    dtype = getattr(config, "dtype", None)
+    model = skeleton(config, auto, dtype if isinstance(dtype, torch.dtype) else None)
+    placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules,
+                                      dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    keep = [_module_name(model, model.get_input_embeddings())]
+    if model.get_output_embeddings() is not None:
+        keep.append(_module_name(model, model.get_output_embeddings()))
+    for name in keep:
+        _pin(placement, model, name, first)
+    log.info("the model (%.1f GB) does not fit on %s: spreading it with accelerate over %s", need / 1e9, device,
+             ", ".join(sorted({str(v) for v in placement.values()})))
+    return placement
+
+
+def _pin(placement: dict[str, Any], model: Any, target: str, device: Any) -> None:
+    """Put module `target` on `device` in a device map, splitting any entry that covers it into its children."""
+    while True:
+        parent = next((n for n in placement if n != target and (n == "" or target.startswith(n + "."))), None)
+        if parent is None:
+            break
+        where = placement.pop(parent)
+        module = model.get_submodule(parent)
+        for child, _ in module.named_children():
+            placement[f"{parent}.{child}" if parent else child] = where
+        for leaf, _ in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            placement[f"{parent}.{leaf}" if parent else leaf] = where
+    for name in [n for n in placement if n.startswith(target + ".")]:
+        del placement[name]
+    placement[target] = device

@@ -271,7 +271,7 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
 
     check_output_dir(out, force)
     loaded = load_factors(factors)
-    opened = open_model(model)
+    opened = open_model(model, load="stream")  # the embedding in memory; the rest is copied from disk
     summary = apply_factors(opened, loaded, out, head=head.value if head else None, dense=dense, force=force,
                             command=_command_line(ctx))
     _emit(summary, as_json, "embzip apply")

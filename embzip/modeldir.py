@@ -15,12 +15,13 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, stream
 from .errors import FactorsError, ModelError, OutputError
 from .factors import Factors
 from .splice import HEADS, default_head, densify, splice
@@ -87,10 +88,10 @@ def _probe_ids(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    from .models import outputs
+    from .models import input_device, outputs
 
     with torch.inference_mode():
-        return outputs(model, ids.to(next(model.parameters()).device)).float().cpu()
+        return outputs(model, ids.to(input_device(model))).float().cpu()
 
 
 def _copy_side_files(opened, tmp: Path) -> None:
@@ -106,7 +107,14 @@ def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str
     """Write a model directory using `factors`; reload it and check its logits. Returns a summary."""
     from safetensors.torch import save_model
 
+    from .checkpoint import EmbeddingOnly
+
     out = check_output_dir(out, force)
+    streamed = isinstance(opened, EmbeddingOnly)  # only the embedding is in memory: copy the rest from disk
+    if streamed and stream.plan(opened.model, opened.checkpoint, opened.original_weight) is None:
+        from .models import open_model  # the checkpoint names its tensors its own way: load the whole model
+
+        opened, streamed = replace(open_model(opened.path, revision=opened.revision), source=opened.source), False
     model = opened.model
     head = head or default_head(model)
     if head not in HEADS:
@@ -117,7 +125,10 @@ def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        if dense:
+        if dense and streamed:
+            stream.densify_skeleton(model, factors, head)
+            model.config.save_pretrained(tmp)
+        elif dense:
             densify(model, factors, head)
             model.save_pretrained(tmp)
         else:
@@ -139,8 +150,13 @@ def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str
             }
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
             (tmp / REMOTE).write_text(_REMOTE_CODE)
-            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        _copy_side_files(opened, tmp)
+            if not streamed:
+                save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if streamed:
+            check = stream.write_model(opened, tmp, "model" if dense else WEIGHTS.removesuffix(".safetensors"))
+            stream.copy_side_files(opened.path, tmp)
+        else:
+            _copy_side_files(opened, tmp)
         after = param_stats(model)
         summary = {
             "model": opened.source,
@@ -165,13 +181,14 @@ def apply_factors(opened, factors: Factors, out: str | os.PathLike, *, head: str
             **summary,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        # Reload what was written and compare with the in-memory model before handing it over.
-        ids = _probe_ids(model)
-        expected = _logits(model, ids)
-        reloaded = _load_dense(tmp) if dense else load_model(tmp)
-        got = _logits(reloaded, ids)
-        diff = (got - expected).abs().max().item()
-        scale = expected.abs().max().item() or 1.0
+        if streamed:  # files checked against their sources, the embedding module reloaded (docs/scale.md)
+            diff, scale = check["max_abs_diff"], 1.0
+        else:  # reload what was written and compare with the in-memory model before handing it over
+            ids = _probe_ids(model)
+            expected = _logits(model, ids)
+            reloaded = _load_dense(tmp) if dense else load_model(tmp)
+            diff = (_logits(reloaded, ids) - expected).abs().max().item()
+            scale = expected.abs().max().item() or 1.0
         if not diff <= 1e-4 * scale + 1e-5:
             raise ModelError(f"the written directory does not reproduce the model (max logit difference {diff:.3g}); "
                              "nothing was kept")
@@ -210,7 +227,6 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
 def load_model(directory: str | os.PathLike, device: str = "cpu"):
     """Load a directory written by `embzip apply` as the spliced transformers model, exactly."""
     import transformers
-    from safetensors.torch import load_model as load_weights
 
     config = read_config(directory)
     base = dict(config["base_config"])
@@ -231,7 +247,7 @@ def load_model(directory: str | os.PathLike, device: str = "cpu"):
                     torch.zeros(hidden) if config["bias"] else None, torch.ones(vocab) if config["norms"] else None)
     splice(model, empty, config["head"])
     try:
-        load_weights(model, str(Path(directory) / WEIGHTS), strict=True)
+        stream.load_weights(model, directory, WEIGHTS.removesuffix(".safetensors"))  # one file or shards
     except (RuntimeError, OSError) as exc:
         raise ModelError(f"{directory} does not hold the weights its config describes: {str(exc).splitlines()[0]}") from None
     return model.eval().to(device)

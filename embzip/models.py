@@ -200,6 +200,15 @@ def _embedding_name(model: Any) -> str:
     raise ModelError(f"could not locate the input embedding of {type(model).__name__}")
 
 
+def input_device(model: Any):
+    """Where to put input ids: the embedding's device (accelerate's hooks move them on from there)."""
+    weight = model.get_input_embeddings()
+    for p in weight.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
 def is_tied(model: Any) -> bool:
     out = model.get_output_embeddings()
     weight = getattr(out, "weight", None)
@@ -211,7 +220,8 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default).
 
     load="embedding" reads only the embedding tensor from the safetensors files when it can
-    (checkpoint.EmbeddingOnly: the rest of the model stays on the meta device); "full" loads everything.
+    (checkpoint.EmbeddingOnly: the rest of the model stays on the meta device); "stream" does the same
+    but fetches every shard of a hub model (for `apply`, which copies them); "full" loads everything.
     """
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -233,20 +243,27 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
     auto, kind = _model_class(config, kind)
-    if load == "embedding" and dtype is None:
+    if load in ("embedding", "stream") and dtype is None:
         from .checkpoint import open_embedding
 
-        opened = open_embedding(source, path, config, auto, kind, revision)
+        opened = open_embedding(source, path, config, auto, kind, revision, all_weights=load == "stream")
         if opened is not None:
             return opened
     kwargs = {"revision": revision}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
+    from .checkpoint import device_map
+
+    placement = device_map(path, config, auto, device)  # None: the model fits on `device`
+    if placement is not None:
+        kwargs.update(device_map=placement, offload_folder=str(cache_dir() / "offload"))
     try:
         model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"could not load model {source!r}: {str(exc).splitlines()[0]}") from None
-    model.eval().to(device)
+    model.eval()
+    if placement is None:
+        model.to(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError, TypeError):

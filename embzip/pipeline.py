@@ -12,6 +12,7 @@ import torch
 
 from .errors import DataError
 from .factors import Factors, check_output_file, reconstruction_metrics, save_factors
+from .checkpoint import EmbeddingOnly
 from .models import OpenedModel, open_model, resolve_device
 from .methods import Recipe, make_factors
 from .methods import recipe as make_recipe
@@ -41,7 +42,8 @@ def default_out(source: str, method: str, rank: int) -> Path:
 
 
 def needs_model(recipe: Recipe) -> bool:
-    """Whether `recipe` runs the model (hidden-state metric, healing) or reads only the embedding matrix."""
+    """Whether `recipe` runs the model (healing; aware's hidden-state metric, used for tied heads only) or
+    reads only the embedding matrix."""
     return recipe.heal is not None or (recipe.method == "aware" and recipe.aware.output_metric > 0)
 
 
@@ -73,7 +75,9 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     if write and out is not None:
         check_output_file(out, force)  # fail before the slow part
     opened = model if isinstance(model, OpenedModel) else open_model(
-        model, device=device, load="full" if needs_model(recipe) else "embedding")
+        model, device=device, load="full" if recipe.heal is not None else "embedding")
+    if opened is not model and opened.tied and needs_model(recipe) and isinstance(opened, EmbeddingOnly):
+        opened = open_model(model, device=device)  # the tied head's hidden-state metric needs forward passes
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape
     rank = resolve_rank(rank, ratio, vocab, hidden, bias=recipe.bias, norms=recipe.norms)
