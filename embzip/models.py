@@ -226,6 +226,8 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
+    if load not in ("full", "embedding", "stream"):
+        raise ValueError(f"load must be 'full', 'embedding' or 'stream', got {load!r}")
     source = spec or DEFAULT_MODEL
     path = resolve(spec)
     if path.endswith(".gguf"):
