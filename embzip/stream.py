@@ -260,7 +260,10 @@ def write_model(opened, out_dir: str | os.PathLike, stem: str, metadata: dict[st
     # The embedding module as it will be loaded: a copy filled from the written files, run on sampled ids.
     emb = model.get_input_embeddings()
     prefix = next(n for n, m in model.named_modules() if m is emb) + "."
-    fresh = copy.deepcopy(emb)
+    # Copy the module without its tensors (a rebuilt dense matrix would be copied whole): meta placeholders.
+    placeholders = {id(t): (torch.nn.Parameter if isinstance(t, torch.nn.Parameter) else torch.Tensor)(
+        torch.empty_like(t, device="meta")) for t in emb.state_dict(keep_vars=True).values()}
+    fresh = copy.deepcopy(emb, placeholders)
     from safetensors import safe_open
 
     state = {}
