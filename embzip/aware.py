@@ -61,11 +61,10 @@ def normalised_metric(second_moment: torch.Tensor | None, gamma: float, hidden: 
 def aware_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor | None = None,
                   metric: torch.Tensor | None = None, keep_norms: bool = False, device: str = "cpu") -> Factors:
     """Weighted, metric-aware truncated SVD of `embedding`; plain SVD when both are None."""
-    e = embedding.float()
-    norms = None
+    e, norms = embedding, None  # read in row chunks throughout: no float32 copy of a bf16 matrix
     if keep_norms:
-        norms = e.norm(dim=1)
-        e = e / norms.clamp_min(1e-12).unsqueeze(1)
+        norms = torch.cat([embedding[i:i + 16384].float().norm(dim=1) for i in range(0, embedding.shape[0], 16384)])
+        e = _Transformed(embedding, None, 1 / norms.clamp_min(1e-12))
     if metric is None:
         plain = svd_factors(e, rank, weights=weights, device=device)
         return Factors(plain.codes, plain.decoder, norms=norms)
@@ -77,13 +76,18 @@ def aware_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor |
 
 
 class _Transformed:
-    """E @ R, computed chunk by chunk on slicing (so the Gram pass never holds a transformed copy)."""
+    """Rows of E (as float32), each scaled by `scale` and multiplied by R, computed chunk by chunk on slicing
+    (so no pass ever holds a transformed copy of E)."""
 
-    def __init__(self, e: torch.Tensor, r: torch.Tensor):
-        self.e, self.r, self.shape = e, r, (e.shape[0], r.shape[1])
+    def __init__(self, e, r: torch.Tensor | None, scale: torch.Tensor | None = None):
+        self.e, self.r, self.scale = e, r, scale
+        self.shape = (e.shape[0], e.shape[1] if r is None else r.shape[1])
 
     def __getitem__(self, index) -> torch.Tensor:
-        return self.e[index] @ self.r
+        rows = self.e[index].float()
+        if self.scale is not None:
+            rows = rows * self.scale[index].unsqueeze(1)
+        return rows if self.r is None else rows @ self.r
 
 
 def spread_sample(lines: list[str], chars: int) -> list[str]:
@@ -119,7 +123,9 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
     chunks = ids[:n_seq * seq_len].view(n_seq, -1) if len(ids) >= seq_len else ids.view(1, -1)
     total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
     count = 0
-    device = next(model.parameters()).device
+    from .models import input_device
+
+    device = input_device(model)  # accelerate-dispatched models included
     with torch.inference_mode():
         for i in range(0, len(chunks), batch_size):
             ids = chunks[i:i + batch_size].to(device)

@@ -218,7 +218,7 @@ def info(model: ModelArg = None, trust_remote_code: TrustOpt = False, as_json: J
     """Show a model's token embedding: shape, share of all parameters, tied output head, kind."""
     from .models import open_model
 
-    _emit(open_model(model, trust_remote_code=trust_remote_code).describe(), as_json, "model")
+    _emit(open_model(model, load="embedding", trust_remote_code=trust_remote_code).describe(), as_json, "model")
 
 
 @command
@@ -380,7 +380,7 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
 
     check_output_dir(out, force, (model,))
     loaded = load_factors(factors)
-    opened = open_model(model, trust_remote_code=trust_remote_code)
+    opened = open_model(model, load="stream", trust_remote_code=trust_remote_code)  # the rest is copied from disk
     summary = apply_factors(opened, loaded, out, head=head.value if head else None, dense=dense, force=force,
                             command=_command_line(ctx))
     _emit(summary, as_json, "embzip apply")

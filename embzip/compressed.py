@@ -23,7 +23,7 @@ import torch
 
 from .errors import FactorsError
 
-_CHUNK_ROWS = 16384
+_CHUNK_ROWS = 4096  # rows per chunk of reconstruct() and metrics: small transients for large V
 _KIND_MODULES = {"lowrank": "factors", "quant": "quant", "codebook": "codebook"}
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

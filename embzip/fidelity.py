@@ -37,7 +37,9 @@ def sentences(text: Text, limit: int = 256) -> list[str]:
 
 def sentence_vectors(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
     """Mean-pooled last hidden states, one row per text (float32, CPU)."""
-    device = next(model.parameters()).device
+    from .models import input_device
+
+    device = input_device(model)  # accelerate-dispatched models included
     base = getattr(model, "base_model", model)
     rows = []
     with torch.inference_mode():

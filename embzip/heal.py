@@ -82,7 +82,9 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
     n_val = min(config.val_sequences, len(seqs) // 2)
     seqs, val = seqs[:-n_val], seqs[-n_val:]
     gen = torch.Generator().manual_seed(config.seed)
-    device = next(model.parameters()).device
+    from .models import input_device
+
+    device = input_device(model)  # accelerate-dispatched models included
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)

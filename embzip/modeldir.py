@@ -14,12 +14,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__, outputs
+from . import __version__, outputs, stream
 from .errors import FactorsError, ModelError
 from .compressed import Compressed, storage_dtype
 from .splice import HEADS, default_head, densify, splice
@@ -68,10 +69,10 @@ def _probe_ids(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    from .models import outputs
+    from .models import input_device, outputs
 
     with torch.inference_mode():
-        return outputs(model, ids.to(next(model.parameters()).device)).float().cpu()
+        return outputs(model, ids.to(input_device(model))).float().cpu()
 
 
 def _copy_side_files(opened, tmp: Path) -> None:
@@ -87,8 +88,15 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
     """Write a model directory using `factors`; reload it and check its logits. Returns a summary."""
     from safetensors.torch import save_model
 
+    from .checkpoint import EmbeddingOnly
+
     out = check_output_dir(out, force, (opened.path, opened.source))
     seen = outputs.identity(out)  # the swap replaces only this, or fails
+    streamed = isinstance(opened, EmbeddingOnly)  # only the embedding is in memory: copy the rest from disk
+    if streamed and stream.plan(opened.model, opened.checkpoint, opened.original_weight) is None:
+        from .models import open_model  # the checkpoint names its tensors its own way: load the whole model
+
+        opened, streamed = replace(open_model(opened.path, revision=opened.revision), source=opened.source), False
     model = opened.model
     head = head or default_head(model)
     if head not in HEADS:
@@ -99,7 +107,10 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
         factors = factors.to(dtype=storage_dtype(opened.embedding.dtype))
     tmp = outputs.partial_dir(out)
     try:
-        if dense:
+        if dense and streamed:
+            stream.densify_skeleton(model, factors, head)
+            model.config.save_pretrained(tmp)
+        elif dense:
             densify(model, factors, head)
             model.save_pretrained(tmp)
         else:
@@ -116,8 +127,13 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
                 "dtype": model_dtype,
             }
             (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
-            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        _copy_side_files(opened, tmp)
+            if not streamed:
+                save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if streamed:
+            check = stream.write_model(opened, tmp, "model" if dense else WEIGHTS.removesuffix(".safetensors"))
+            stream.copy_side_files(opened.path, tmp)
+        else:
+            _copy_side_files(opened, tmp)
         after = param_stats(model)
         summary = {
             "model": opened.source,
@@ -144,13 +160,14 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             **summary,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        # Reload what was written and compare with the in-memory model before handing it over.
-        ids = _probe_ids(model)
-        expected = _logits(model, ids)
-        reloaded = _load_dense(tmp) if dense else load_model(tmp)
-        got = _logits(reloaded, ids)
-        diff = (got - expected).abs().max().item()
-        scale = expected.abs().max().item() or 1.0
+        if streamed:  # files checked against their sources, the embedding module reloaded (docs/scale.md)
+            diff, scale = check["max_abs_diff"], 1.0
+        else:  # reload what was written and compare with the in-memory model before handing it over
+            ids = _probe_ids(model)
+            expected = _logits(model, ids)
+            reloaded = _load_dense(tmp) if dense else load_model(tmp)
+            diff = (_logits(reloaded, ids) - expected).abs().max().item()
+            scale = expected.abs().max().item() or 1.0
         if not diff <= 1e-4 * scale + 1e-5:
             raise ModelError(f"the written directory does not reproduce the model (max logit difference {diff:.3g}); "
                              "nothing was kept")
@@ -183,9 +200,11 @@ def _stored_embedding(directory: str | os.PathLike, model: torch.nn.Module, conf
 
     prefix = config.get("embedding_module") or _module_name(model, model.get_input_embeddings())
     prefix += "."
+    tensors = {}
     try:
-        with safe_open(str(Path(directory) / WEIGHTS), framework="pt") as f:
-            tensors = {key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)}
+        for file in stream.weight_files(directory, WEIGHTS.removesuffix(".safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                tensors.update({key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)})
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ModelError(f"{directory}: cannot read {WEIGHTS} ({str(exc).splitlines()[0]})") from None
     kind = config.get("kind", "lowrank")
@@ -239,7 +258,8 @@ def _dtype(name: Any, directory: str | os.PathLike) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _match_file_dtypes(model: torch.nn.Module, weights: Path, written: torch.dtype, built: torch.dtype) -> None:
+def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, written: torch.dtype,
+                      built: torch.dtype) -> None:
     """Give each parameter and persistent buffer the dtype it was written in, as from_pretrained would.
 
     A model may keep some modules in float32 (`_keep_in_fp32_modules`) while the rest is bfloat16: loading
@@ -249,8 +269,10 @@ def _match_file_dtypes(model: torch.nn.Module, weights: Path, written: torch.dty
     from safetensors import safe_open
 
     names = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-    with safe_open(str(weights), "pt") as f:
-        stored = {name: names.get(f.get_slice(name).get_dtype()) for name in f.keys()}
+    stored = {}
+    for file in stream.weight_files(directory, WEIGHTS.removesuffix(".safetensors")):
+        with safe_open(str(file), "pt") as f:
+            stored.update({name: names.get(f.get_slice(name).get_dtype()) for name in f.keys()})
     for name, dtype in stored.items():
         module_path, _, attr = name.rpartition(".")
         try:
@@ -278,10 +300,8 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     """
     import transformers
     from safetensors import SafetensorError
-    from safetensors.torch import load_model as load_weights
 
     config = read_config(directory)
-    weights = Path(directory) / WEIGHTS
     base = dict(config["base_config"])
     cls = getattr(transformers, config["base_architecture"], None)
     try:
@@ -309,8 +329,8 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     model.tie_weights()  # as from_pretrained would; splice() then sees the tie the original had
     splice(model, _stored_embedding(directory, model, config), config["head"])
     try:
-        _match_file_dtypes(model, weights, written, built)
-        load_weights(model, str(weights), strict=True)
+        _match_file_dtypes(model, directory, written, built)
+        stream.load_weights(model, directory, WEIGHTS.removesuffix(".safetensors"))  # one file or shards
     except (RuntimeError, OSError, SafetensorError) as exc:
         raise ModelError(f"{directory} does not hold the weights its config describes: {str(exc).splitlines()[0]}") from None
     return model.eval().to(device)

@@ -225,6 +225,15 @@ def _embedding_name(model: Any) -> str:
     raise ModelError(f"could not locate the input embedding of {type(model).__name__}")
 
 
+def input_device(model: Any):
+    """Where to put input ids: the embedding's device (accelerate's hooks move them on from there)."""
+    weight = model.get_input_embeddings()
+    for p in weight.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
 def is_tied(model: Any) -> bool:
     out = model.get_output_embeddings()
     weight = getattr(out, "weight", None)
@@ -253,10 +262,15 @@ _LOAD_ERRORS = (OSError, ValueError, TypeError, AttributeError, KeyError, Runtim
 
 
 def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str | None = None,
-               device: str = "cpu", revision: str | None = None, trust_remote_code: bool = False) -> OpenedModel:
+               device: str = "cpu", revision: str | None = None, trust_remote_code: bool = False,
+               load: str = "full") -> OpenedModel:
     """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default).
 
-    Python code shipped with a model (config or tokenizer `auto_map`) runs only with trust_remote_code."""
+    Python code shipped with a model (config or tokenizer `auto_map`) runs only with trust_remote_code.
+    load="embedding" reads only the embedding tensor from the safetensors files when it can
+    (checkpoint.EmbeddingOnly: the rest of the model stays on the meta device); "stream" does the same
+    but fetches every shard of a hub model (for `apply`, which copies them); "full" loads everything.
+    """
     import pickle
 
     from safetensors import SafetensorError
@@ -265,6 +279,8 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     import torch
     from transformers import AutoConfig
 
+    if load not in ("full", "embedding", "stream"):
+        raise ValueError(f"load must be 'full', 'embedding' or 'stream', got {load!r}")
     source = spec or DEFAULT_MODEL
     path = resolve(spec)
     if path.endswith(".gguf"):
@@ -282,16 +298,30 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
     auto, kind = _model_class(config, kind)
+    if load in ("embedding", "stream") and dtype is None:
+        from .checkpoint import open_embedding
+
+        opened = open_embedding(source, path, config, auto, kind, revision, all_weights=load == "stream")
+        if opened is not None:
+            opened.tokenizer = _tokenizer(source, path, revision, trust_remote_code)
+            return opened
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype)
+    from .checkpoint import device_map
+
+    placement = device_map(path, config, auto, device)  # None: the model fits on `device`
+    if placement is not None:
+        kwargs.update(device_map=placement, offload_folder=str(cache_dir() / "offload"))
     try:
         with warnings.catch_warnings():  # torch warns about the pickle it then refuses; the error says it all
             warnings.simplefilter("ignore", UserWarning)
             model = auto.from_pretrained(path, **kwargs)
     except errors as exc:
         raise _load_error(source, exc) from None
-    model.eval().to(device)
+    model.eval()
+    if placement is None:
+        model.to(device)
     tokenizer = _tokenizer(source, path, revision, trust_remote_code)
     revision = revision or getattr(config, "_commit_hash", None)
     return OpenedModel(model, tokenizer, source, path, kind, is_tied(model), _embedding_name(model), revision)

@@ -13,6 +13,7 @@ import torch
 from .errors import DataError
 from .compressed import Compressed, reconstruction_metrics, storage_dtype
 from .factors import check_output_file, save_factors
+from .checkpoint import EmbeddingOnly
 from .models import OpenedModel, open_model, resolve_device
 from .methods import Recipe, make_factors, resolve_size
 from .methods import recipe as make_recipe
@@ -21,10 +22,15 @@ log = logging.getLogger("embzip")
 
 
 def check_finite(embedding: torch.Tensor, name: str) -> None:
-    """Refuse a matrix with NaN or Inf, naming how many rows and the first one."""
-    bad_rows = (~torch.isfinite(embedding)).any(dim=1).nonzero().flatten()
-    if len(bad_rows):
-        raise DataError(f"the embedding {name} has NaN or Inf in {len(bad_rows)} row(s), first row {bad_rows[0].item()}; "
+    """Refuse a matrix with NaN or Inf, naming how many rows and the first one (row chunks: no V x d mask)."""
+    count, first = 0, None
+    for i in range(0, embedding.shape[0], 4096):
+        bad = torch.isfinite(embedding[i:i + 4096]).all(dim=1).logical_not_()
+        if bad.any():
+            count += int(bad.sum())
+            first = i + int(bad.nonzero()[0]) if first is None else first
+    if count:
+        raise DataError(f"the embedding {name} has NaN or Inf in {count} row(s), first row {first}; "
                         "fix the checkpoint before compressing it")
 
 
@@ -41,6 +47,11 @@ def default_out(source: str, method: str, size: int | float | None) -> Path:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem) or "model"
     label = size_label(size)
     return Path(f"{stem}.{method}{'-' + label if label else ''}.safetensors")
+
+
+def needs_model(recipe: Recipe) -> bool:
+    """Whether `recipe` runs the model (healing; a tied head's hidden-state metric) or reads only the matrix."""
+    return recipe.heal is not None or (recipe.spec.needs_forward and recipe.aware.output_metric > 0)
 
 
 def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, device: str = "cpu",
@@ -75,8 +86,11 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     device = resolve_device(device)
     if write and out is not None:
         check_output_file(out, force, inputs=[model if isinstance(model, str) else None])  # before the slow part
-    opened = model if isinstance(model, OpenedModel) else open_model(model, device=device,
-                                                                      trust_remote_code=trust_remote_code)
+    opened = model if isinstance(model, OpenedModel) else open_model(
+        model, device=device, load="full" if recipe.heal is not None else "embedding",
+        trust_remote_code=trust_remote_code)
+    if opened is not model and opened.tied and needs_model(recipe) and isinstance(opened, EmbeddingOnly):
+        opened = open_model(model, device=device, trust_remote_code=trust_remote_code)  # forward passes needed
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape
     size = resolve_size(recipe, rank=rank, ratio=ratio, bits=bits, vocab=vocab, hidden=hidden, dtype=embedding.dtype)
@@ -87,13 +101,16 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     check_finite(embedding, opened.embedding_name)
     factors = factorize(opened, size, recipe, device=device, progress=progress)
     metrics, seconds = factors.meta["metrics"], factors.meta["seconds"]
+    source, element_size = opened.source, embedding.element_size()
+    if opened is not model:  # opened here: let go of the embedding (its mapped pages) before writing
+        del opened, embedding
     if write:
         save_factors(factors, out_path, force=force)
         log.info("wrote %s", out_path)
     params_before = vocab * hidden
     summary = {
         "method": method,
-        "model": opened.source,
+        "model": source,
         "kind": factors.kind,
         "rank": getattr(factors, "rank", None),
         "vocab_size": vocab,
@@ -102,7 +119,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
         "compression_ratio": factors.compression_ratio(),
         "params_before": params_before,
         "params_after": factors.num_params(),
-        "bytes_before": params_before * embedding.element_size(),
+        "bytes_before": params_before * element_size,
         "bytes_after": factors.stored_bytes(),
         "dtype": str(factors.dtype).removeprefix("torch."),
         **metrics,

@@ -290,7 +290,9 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     settings = dict(batch_size=batch_size, pad_id=0 if pad_id is None else pad_id, device=device,
                     chunk=_chunk_rows(opened.vocab_size), progress=progress)
     was_training = model.training
-    model.eval().to(device)
+    model.eval()
+    if getattr(model, "hf_device_map", None) is None:  # accelerate placed it already (big models)
+        model.to(device)
     try:
         nll = _score(model, jobs, description="perplexity", **settings)
         result: dict[str, Any] = {}

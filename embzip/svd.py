@@ -16,16 +16,18 @@ import torch
 from .factors import Factors
 
 _CHUNK_ROWS = 32768
+_GRAM_CHUNK_BYTES = 32 << 20
 
 
 def gram(embedding: torch.Tensor, weights: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
     """E^T diag(w) E in float64, accumulated over row chunks."""
     d = embedding.shape[1]
     g = torch.zeros(d, d, dtype=torch.float64, device=device)
-    for i in range(0, embedding.shape[0], _CHUNK_ROWS):
-        x = embedding[i:i + _CHUNK_ROWS].to(device=device, dtype=torch.float64)
+    step = max(1, _GRAM_CHUNK_BYTES // (8 * d))  # float64 rows: a few tens of MB whatever d is
+    for i in range(0, embedding.shape[0], step):
+        x = embedding[i:i + step].to(device=device, dtype=torch.float64)
         if weights is not None:
-            g += (x * weights[i:i + _CHUNK_ROWS].to(device=device, dtype=torch.float64).unsqueeze(1)).T @ x
+            g += (x * weights[i:i + step].to(device=device, dtype=torch.float64).unsqueeze(1)).T @ x
         else:
             g += x.T @ x
     return g
@@ -45,10 +47,11 @@ def top_directions(embedding: torch.Tensor, rank: int, weights: torch.Tensor | N
 def project(embedding: torch.Tensor, directions: torch.Tensor, device: str = "cpu") -> torch.Tensor:
     """Codes E @ directions, row chunk by row chunk, in float32 on the CPU."""
     directions = directions.to(device)
-    return torch.cat([
-        (embedding[i:i + _CHUNK_ROWS].to(device=device, dtype=torch.float32) @ directions).cpu()
-        for i in range(0, embedding.shape[0], _CHUNK_ROWS)
-    ])
+    codes = torch.empty(embedding.shape[0], directions.shape[1])  # filled in place: no second copy
+    for i in range(0, embedding.shape[0], _CHUNK_ROWS):
+        codes[i:i + _CHUNK_ROWS] = (embedding[i:i + _CHUNK_ROWS].to(device=device, dtype=torch.float32)
+                                    @ directions).cpu()
+    return codes
 
 
 def svd_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor | None = None,
