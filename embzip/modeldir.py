@@ -231,9 +231,6 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-_DTYPES = ("float32", "float16", "bfloat16")
-
-
 def _config_problem(config: dict[str, Any]) -> str | None:
     """What is wrong with the fields load_model reads, or None."""
     base = config.get("base_config")
@@ -243,8 +240,10 @@ def _config_problem(config: dict[str, Any]) -> str | None:
         return "no base_architecture"
     if config.get("head") not in HEADS:
         return f"head is {config.get('head')!r}, not one of {', '.join(HEADS)}"
-    if config.get("dtype", "float32") not in _DTYPES:
-        return f"dtype is {config.get('dtype')!r}, not one of {', '.join(_DTYPES)}"
+    base_dtype = base.get("dtype") or base.get("torch_dtype")
+    for where, value in (("dtype", config.get("dtype")), ("base_config dtype", base_dtype)):
+        if value is not None and str(value).removeprefix("torch.") not in FLOAT_DTYPES:
+            return f"{where} is {value!r}, not one of {', '.join(FLOAT_DTYPES)}"
     return None
 
 

@@ -107,6 +107,7 @@ def world(tiny, tmp_path_factory):
     factored = root / "factored"
     _edit_json(copy(factored, "nobase") / "config.json", lambda c: c.pop("base_config"))
     _edit_json(copy(factored, "baddtype") / "config.json", lambda c: c.update(dtype="float99"))
+    _edit_json(copy(factored, "basedtype") / "config.json", lambda c: c["base_config"].update(dtype="float99"))
     _edit_json(copy(factored, "badarch") / "config.json", lambda c: c.update(base_architecture="NoSuchModel"))
     ftrunc = copy(factored, "facttrunc") / "embzip.safetensors"
     ftrunc.write_bytes(ftrunc.read_bytes()[:3000])
@@ -154,6 +155,7 @@ ROWS = [
     (["perplexity", "{w}/nobase"], 1, "no base_config"),
     (["info", "{w}/baddtype"], 1, "dtype is 'float99'"),
     (["perplexity", "{w}/baddtype"], 1, "dtype is 'float99'"),
+    (["info", "{w}/basedtype"], 1, "base_config dtype is 'float99'"),
     (["info", "{w}/badarch"], 1, "no model class NoSuchModel"),
     (["info", "{w}/facttrunc"], 1, "cannot read embzip.safetensors"),
     (["perplexity", "{w}/facttrunc"], 1, "cannot read embzip.safetensors"),
