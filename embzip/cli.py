@@ -248,11 +248,12 @@ def _opt(default, help: str, panel: str | None = None, **kw):
 @command
 def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None,
         bits: BitsOpt = None, out: OutFileOpt = None,
-        method: Annotated[Method, typer.Option(
+        method: Annotated[Optional[Method], typer.Option(
             help="aware: data-aware SVD (token-count row weights; for tied heads, errors measured in the metric of "
                  "the model's hidden states). codebook: rows as indices into learned codebooks, token-weighted, in "
                  "the same metric (sized by --bits). int8 / int4: plain quantization baselines. wsvd: SVD weighted "
-                 "by token counts. paper: the paper's autoencoder recipe. svd: as `embzip svd`.")] = Method.aware,
+                 "by token counts. paper: the paper's autoencoder recipe. svd: as `embzip svd`. Default: aware "
+                 "with --rank or --ratio, codebook otherwise (--bits, default 2).", show_default=False)] = None,
         weights_text: Annotated[Optional[Path], _opt(None, "Text whose token counts weight the rows and whose hidden "
                                                      "states give the metric (default: an English sample shipped "
                                                      "with embzip, distinct from the perplexity sample).", DATA,
@@ -291,14 +292,14 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                    PAPER)] = Init.random,
         seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False,
         trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
-    """Compress the embedding: data-aware SVD by default, codebooks for the best quality per byte, int8/int4
-    quantization baselines, or the paper's autoencoder.
+    """Compress the embedding: codebooks (best quality per byte), data-aware low rank, int8/int4 quantization
+    baselines, or the paper's autoencoder.
 
-    Size: --rank K, --ratio R or --bits B for low-rank methods (aware, wsvd, paper, svd); --bits B for codebook (default 2); int8 and int4 have one size each. Options of one method are grouped below and refused with another method.
+    Size: --bits B for codebook (default 2; bits per weight, everything stored counted); --rank K, --ratio R or --bits B for low-rank methods (aware, wsvd, paper, svd); int8 and int4 have one size each. Without --method, --rank/--ratio mean aware and anything else means codebook. Options of one method are grouped below and refused with another method.
 
     --method paper is the recipe of "Direction is what you need" (arXiv 2106.08181), exactly: a linear autoencoder with loss 0.1995 * cosine distance + 0.0025 * annealed L1 (exponent 1.0 -> 0.1 over 20 epochs, then 10 more), Adam lr 1e-3, StepLR(4, 0.5), batch 32, seed 1; codes = encoder(E), the decoder (with bias) is kept. See docs/method.md for how the methods compare, with the numbers.
 
-    Examples: embzip fit bert-base-uncased --rank 128 --json; embzip fit --method codebook --bits 2
+    Examples: embzip fit bert-base-uncased --rank 128 --json (aware); embzip fit --bits 4 (codebook)
     """
     from .aware import AwareConfig
     from .autoencoder import FitConfig
@@ -308,14 +309,16 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
     from .pipeline import compress
     from .weights import WeightConfig
 
-    _refuse_foreign_options(ctx, REGISTRY[method.value], heal_steps)
+    method_name = method.value if method is not None else ("aware" if rank is not None or ratio is not None
+                                                            else "codebook")
+    _refuse_foreign_options(ctx, REGISTRY[method_name], heal_steps)
     if weights_text is not None and weights_dataset is not None:
         raise typer.BadParameter("give --weights-text or --weights-dataset, not both")
     if heal_steps < 0:
         raise typer.BadParameter(f"--heal-steps must be >= 0, got {heal_steps}")
     try:
         recipe = Recipe(
-            method=method.value,
+            method=method_name,
             fit=FitConfig(epochs=epochs, anneal_epochs=anneal_epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                           lr_gamma=lr_gamma, cos_weight=cos_weight, l1_weight=l1_weight, alpha_start=alpha_start,
                           alpha_end=alpha_end, seed=seed, init=init.value),

@@ -208,6 +208,8 @@ def _stored_embedding(directory: str | os.PathLike, model: torch.nn.Module, conf
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ModelError(f"{directory}: cannot read {WEIGHTS} ({str(exc).splitlines()[0]})") from None
     kind = config.get("kind", "lowrank")
+    if kind != "lowrank":  # buffers named as splice.buffer_name wrote them
+        tensors = {name.replace("__", "."): t for name, t in tensors.items()}
     if kind == "lowrank":
         names = {"codes": "codes", "decoder": "decoder", "bias": "decoder_bias", "norms": "norms"}
         tensors = {names[k]: v for k, v in tensors.items() if k in names}

@@ -301,7 +301,10 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     if load in ("embedding", "stream") and dtype is None:
         from .checkpoint import open_embedding
 
-        opened = open_embedding(source, path, config, auto, kind, revision, all_weights=load == "stream")
+        try:
+            opened = open_embedding(source, path, config, auto, kind, revision, all_weights=load == "stream")
+        except errors as exc:
+            raise _load_error(source, exc) from None
         if opened is not None:
             opened.tokenizer = _tokenizer(source, path, revision, trust_remote_code)
             return opened

@@ -124,6 +124,11 @@ class FactoredHead(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the factored embedding"
 
 
+def buffer_name(tensor_name: str) -> str:
+    """The module buffer (and state-dict entry) that holds a compressed tensor."""
+    return tensor_name.replace(".", "__")
+
+
 class CompressedEmbedding(nn.Module):
     """Token embedding kept compressed (quantized or codebook): decodes only the looked-up rows."""
 
@@ -132,8 +137,8 @@ class CompressedEmbedding(nn.Module):
         super().__init__()
         self.kind = type(compressed)
         self.names = tuple(compressed.tensors())
-        for name, t in compressed.tensors().items():
-            self.register_buffer(name, t.detach().clone())
+        for name, t in compressed.tensors().items():  # buffer names cannot hold ".": stage0.codes -> stage0__codes
+            self.register_buffer(buffer_name(name), t.detach().clone())
         self.meta = dict(compressed.meta)
         self.num_embeddings, self.embedding_dim = compressed.shape
         self.padding_idx = padding_idx
@@ -144,7 +149,7 @@ class CompressedEmbedding(nn.Module):
             self.embed_scale = None
 
     def stored(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.names}
+        return {name: getattr(self, buffer_name(name)) for name in self.names}
 
     def compressed(self) -> Compressed:
         return self.kind.from_tensors(self.stored(), dict(self.meta))
