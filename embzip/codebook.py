@@ -285,9 +285,7 @@ def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = 
 
 
 # -- the storage kind ------------------------------------------------------------------------------
-from typing import Any  # noqa: E402
-
-from .compressed import Compressed, register  # noqa: E402
+from .compressed import TensorSet, register  # noqa: E402
 from .errors import FactorsError  # noqa: E402
 
 
@@ -318,29 +316,15 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
 
 
 @register
-class Codebook(Compressed):
+class Codebook(TensorSet):
     """Rows as uint8 indices into learned codebooks (residual product quantization, see above)."""
 
     kind = "codebook"
-
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None):
-        self._tensors, self.meta = dict(tensors), {} if meta is None else meta
-        self._shape = check_tensors(self._tensors)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._shape
+    check = staticmethod(check_tensors)
 
     @property
     def stages(self) -> int:
         return sum(1 for name in self._tensors if name.endswith(".codes"))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._tensors)
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Codebook":
-        return cls(tensors, meta)
 
     @classmethod
     def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:

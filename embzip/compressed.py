@@ -113,6 +113,30 @@ class Compressed:
                                    "nothing was written (check the method's options)")
 
 
+class TensorSet(Compressed):
+    """A kind that is exactly its dict of named tensors; subclasses give `check(tensors) -> (V, d)`, which
+    raises a FactorsError naming what is inconsistent."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None):
+        self._tensors, self.meta = dict(tensors), {} if meta is None else meta
+        self._shape = self.check(self._tensors)
+
+    @classmethod
+    def check(cls, tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._shape
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._tensors)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "TensorSet":
+        return cls(tensors, meta)
+
+
 def register(cls: type[Compressed]) -> type[Compressed]:
     """Class decorator: the kind named by `cls.kind`."""
     _KINDS[cls.kind] = cls

@@ -14,11 +14,9 @@ gives exactly the nearest level of the grid that is stored. Work is done in row 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .compressed import Compressed, register, storage_dtype
+from .compressed import TensorSet, register, storage_dtype
 from .errors import FactorsError
 
 Q8, Q4, SCALE, OFFSET = "q8", "q4", "scale", "offset"
@@ -79,30 +77,31 @@ def check_group(hidden: int, group: int) -> None:
 
 
 @register
-class Quantized(Compressed):
+class Quantized(TensorSet):
     """int8 rows or int4 groups; which one is told by the tensors it holds."""
 
     kind = "quant"
 
-    def __init__(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None):
-        self._tensors, self.meta = dict(tensors), {} if meta is None else meta
+    @classmethod
+    def check(cls, tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
         names = set(tensors)
         if names == {Q8, SCALE}:
             q, scale = tensors[Q8], tensors[SCALE]
             ok = q.dtype == torch.int8 and q.ndim == 2 and tuple(scale.shape) == (q.shape[0],)
-            self._shape = tuple(q.shape)
+            shape = tuple(q.shape)
         elif names == {Q4, SCALE, OFFSET}:
             q, scale, offset = tensors[Q4], tensors[SCALE], tensors[OFFSET]
             ok = (q.dtype == torch.uint8 and q.ndim == 2 and scale.ndim == 2 and scale.shape == offset.shape
                   and scale.shape[0] == q.shape[0] and scale.shape[1] >= 1 and (2 * q.shape[1]) % scale.shape[1] == 0)
-            self._shape = (q.shape[0], 2 * q.shape[1])
+            shape = (q.shape[0], 2 * q.shape[1])
         else:
             raise FactorsError(f"quantized tensors must be {{q8, scale}} or {{q4, scale, offset}}, got {sorted(names)}")
         if not ok or not all(t.is_floating_point() for n, t in tensors.items() if n in (SCALE, OFFSET)):
             shapes = {n: (tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors.items()}
             raise FactorsError(f"quantized tensors have inconsistent shapes or dtypes: {shapes}")
-        if self._shape[0] < 1 or self._shape[1] < 1:
-            raise FactorsError(f"quantized tensors describe an empty {self._shape} matrix")
+        if shape[0] < 1 or shape[1] < 1:
+            raise FactorsError(f"quantized tensors describe an empty {shape} matrix")
+        return shape
 
     @property
     def scheme(self) -> str:
@@ -112,19 +111,8 @@ class Quantized(Compressed):
     def group(self) -> int | None:
         return None if self.scheme == "int8" else self.hidden // self._tensors[SCALE].shape[1]
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self._shape
-
     def size_label(self) -> str:
         return self.scheme if self.scheme == "int8" else f"int4g{self.group}"
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self._tensors)
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> "Quantized":
-        return cls(tensors, meta)
 
     @classmethod
     def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
