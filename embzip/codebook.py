@@ -271,6 +271,11 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
 
 def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """Rows `index` of the reconstructed embedding, float32."""
+    return decode_transformed(tensors, index) @ tensors["transform"].float()
+
+
+def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """Rows `index` before the transform (gain included): decode_rows = decode_transformed @ transform."""
     y = None
     s = 0
     while f"stage{s}.codes" in tensors:
@@ -281,7 +286,7 @@ def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = 
         s += 1
     if "gain" in tensors:
         y = y * tensors["gain"][index].float().unsqueeze(1)
-    return y @ tensors["transform"].float()
+    return y
 
 
 # -- the storage kind ------------------------------------------------------------------------------
@@ -329,3 +334,8 @@ class Codebook(TensorSet):
     @classmethod
     def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
         return decode_rows(tensors, index)
+
+    @classmethod
+    def head_parts(cls, tensors: dict[str, torch.Tensor]):
+        """The transform goes to the hidden states (N x d x d) instead of every decoded row (V x d x d)."""
+        return tensors["transform"], lambda index: decode_transformed(tensors, index)

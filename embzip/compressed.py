@@ -53,6 +53,12 @@ class Compressed:
         """Rows `index` of the rebuilt embedding, in float32, from a dict of this kind's tensors."""
         raise NotImplementedError
 
+    @classmethod
+    def head_parts(cls, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
+        """For a tied head: (A, decode) such that rows = decode(index) @ A, so logits = (h @ A^T) @ decode(index)^T
+        applies A once to the hidden states instead of to every row. Default: A = None (decode gives the rows)."""
+        return None, lambda index: cls.decode(tensors, index)
+
     @property
     def shape(self) -> tuple[int, int]:
         raise NotImplementedError

@@ -182,9 +182,12 @@ class CompressedHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
+        transform, decode = emb.kind.head_parts(emb.stored())
+        if transform is not None:  # rows = decode @ transform: apply it once, to the hidden states
+            hidden = (hidden.float() @ transform.float().T).to(hidden.dtype)
         logits = hidden.new_empty(*hidden.shape[:-1], self.out_features)
         for i in range(0, self.out_features, _HEAD_CHUNK_ROWS):
-            block = emb.rows(slice(i, i + _HEAD_CHUNK_ROWS)).to(device=hidden.device, dtype=hidden.dtype)
+            block = decode(slice(i, i + _HEAD_CHUNK_ROWS)).to(device=hidden.device, dtype=hidden.dtype)
             logits[..., i:i + block.shape[0]] = hidden @ block.T
         if self.bias is not None:
             logits = logits + self.bias
