@@ -241,7 +241,8 @@ PAPER, DATA, CODEBOOK, QUANT, HEAL = ("Method paper", "Data-aware methods (aware
                                      "Method int4", "Healing (low-rank methods)")
 
 
-def _opt(default, help: str, panel: str | None = None, **kw):
+def _opt(help: str, panel: str | None = None, **kw):
+    """An option of `embzip fit` shown under `panel` in --help (its default is the parameter's)."""
     return typer.Option(help=help, rich_help_panel=panel, **kw)
 
 
@@ -254,41 +255,41 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                  "the same metric (sized by --bits). int8 / int4: plain quantization baselines. wsvd: SVD weighted "
                  "by token counts. paper: the paper's autoencoder recipe. svd: as `embzip svd`. Default: aware "
                  "with --rank or --ratio, codebook otherwise (--bits, default 2).", show_default=False)] = None,
-        weights_text: Annotated[Optional[Path], _opt(None, "Text whose token counts weight the rows and whose hidden "
+        weights_text: Annotated[Optional[Path], _opt("Text whose token counts weight the rows and whose hidden "
                                                      "states give the metric (default: an English sample shipped "
                                                      "with embzip, distinct from the perplexity sample).", DATA,
                                                      show_default=False)] = None,
-        weights_dataset: Annotated[Optional[str], _opt(None, "Or a datasets dataset NAME[:CONFIG[:SPLIT]] for the "
+        weights_dataset: Annotated[Optional[str], _opt("Or a datasets dataset NAME[:CONFIG[:SPLIT]] for the "
                                                        "token counts.", DATA, show_default=False)] = None,
-        weight_power: Annotated[float, _opt(1.0, "Row weight = (count + floor) ** power.", DATA)] = 1.0,
-        weight_floor: Annotated[float, _opt(1.0, "Added to every token count, so unseen tokens keep some weight.",
+        weight_power: Annotated[float, _opt("Row weight = (count + floor) ** power.", DATA)] = 1.0,
+        weight_floor: Annotated[float, _opt("Added to every token count, so unseen tokens keep some weight.",
                                             DATA)] = 1.0,
-        output_metric: Annotated[float, _opt(4.0, "aware, codebook: weight of the hidden-state metric for a tied "
+        output_metric: Annotated[float, _opt("aware, codebook: weight of the hidden-state metric for a tied "
                                                   "output head (0: plain Euclidean).", DATA)] = 4.0,
-        metric_tokens: Annotated[int, _opt(8192, "aware, codebook: tokens of the weights text used to measure the "
+        metric_tokens: Annotated[int, _opt("aware, codebook: tokens of the weights text used to measure the "
                                                  "hidden-state metric.", DATA)] = 8192,
-        keep_norms: Annotated[bool, _opt(False, "aware, wsvd: store each row's exact length (V more numbers, "
+        keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
                                                 "counted in the size); the factors code directions.", DATA)] = False,
-        group_size: Annotated[int, _opt(32, "int4: numbers per group, each with a scale and an offset.",
+        group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
                                         QUANT)] = 32,
-        heal_steps: Annotated[int, _opt(0, "After a low-rank method, distil the factors against the original model "
+        heal_steps: Annotated[int, _opt("After a low-rank method, distil the factors against the original model "
                                            "for this many steps on the weights text (0: no healing). Slow on CPU for "
                                            "large models.", HEAL)] = 0,
-        heal_lr: Annotated[float, _opt(1e-3, "Healing: Adam learning rate.", HEAL)] = 1e-3,
-        weighted: Annotated[bool, _opt(False, "Weight each row's loss by its token weight.", PAPER)] = False,
-        epochs: Annotated[int, _opt(30, "Passes over all embedding rows.", PAPER)] = 30,
-        anneal_epochs: Annotated[int, _opt(20, "First epochs, over which the L1 exponent falls from --alpha-start "
+        heal_lr: Annotated[float, _opt("Healing: Adam learning rate.", HEAL)] = 1e-3,
+        weighted: Annotated[bool, _opt("Weight each row's loss by its token weight.", PAPER)] = False,
+        epochs: Annotated[int, _opt("Passes over all embedding rows.", PAPER)] = 30,
+        anneal_epochs: Annotated[int, _opt("First epochs, over which the L1 exponent falls from --alpha-start "
                                                "to --alpha-end.", PAPER)] = 20,
-        batch_size: Annotated[int, _opt(32, "Rows per Adam step.", PAPER)] = 32,
-        lr: Annotated[float, _opt(1e-3, "Adam learning rate.", PAPER)] = 1e-3,
-        lr_step: Annotated[int, _opt(4, "Multiply the learning rate by --lr-gamma every this many epochs.",
+        batch_size: Annotated[int, _opt("Rows per Adam step.", PAPER)] = 32,
+        lr: Annotated[float, _opt("Adam learning rate.", PAPER)] = 1e-3,
+        lr_step: Annotated[int, _opt("Multiply the learning rate by --lr-gamma every this many epochs.",
                                      PAPER)] = 4,
-        lr_gamma: Annotated[float, _opt(0.5, "StepLR factor.", PAPER)] = 0.5,
-        cos_weight: Annotated[float, _opt(0.1995, "Weight of the mean cosine distance.", PAPER)] = 0.1995,
-        l1_weight: Annotated[float, _opt(0.0025, "Weight of the annealed L1 term.", PAPER)] = 0.0025,
-        alpha_start: Annotated[float, _opt(1.0, "L1 exponent at the first epoch.", PAPER)] = 1.0,
-        alpha_end: Annotated[float, _opt(0.1, "L1 exponent from --anneal-epochs on.", PAPER)] = 0.1,
-        init: Annotated[Init, _opt(Init.random, "Start from PyTorch's random init or from the truncated SVD.",
+        lr_gamma: Annotated[float, _opt("StepLR factor.", PAPER)] = 0.5,
+        cos_weight: Annotated[float, _opt("Weight of the mean cosine distance.", PAPER)] = 0.1995,
+        l1_weight: Annotated[float, _opt("Weight of the annealed L1 term.", PAPER)] = 0.0025,
+        alpha_start: Annotated[float, _opt("L1 exponent at the first epoch.", PAPER)] = 1.0,
+        alpha_end: Annotated[float, _opt("L1 exponent from --anneal-epochs on.", PAPER)] = 0.1,
+        init: Annotated[Init, _opt("Start from PyTorch's random init or from the truncated SVD.",
                                    PAPER)] = Init.random,
         seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False,
         trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
