@@ -24,7 +24,7 @@ from . import options
 from .errors import FactorsError, OptionError, OutputError
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
-from .models import ENCODER, OpenedModel
+from .models import ENCODER, OpenedModel, input_device
 from .methods import FIXED, RANK, Recipe, recipe, resolve_size
 from .modeldir import param_stats
 from .outputs import check_output_folder
@@ -120,7 +120,7 @@ def _latency_batch(opened: OpenedModel, text) -> torch.Tensor:
 
 def latency_ratio(model, factors: Compressed, head: str, batch: torch.Tensor, repeats: int) -> float:
     """Median forward time with the factors over median time without, alternating the two."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     batch = batch.to(device)
     times = {"original": [], "compressed": []}
 
@@ -258,7 +258,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
 
 
 def device_is_cuda(model) -> bool:
-    return next(model.parameters()).device.type == "cuda"
+    return input_device(model).type == "cuda"
 
 
 def _peak_memory(model, factors: Compressed, head: str, batch: torch.Tensor) -> int:

@@ -25,7 +25,6 @@ from .errors import FactorsError
 
 _CHUNK_ROWS = 4096  # rows per chunk of reconstruct() and metrics: small transients for large V
 _KIND_MODULES = {"lowrank": "factors", "quant": "quant", "codebook": "codebook"}
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def storage_dtype(embedding_dtype: torch.dtype) -> torch.dtype:

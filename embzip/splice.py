@@ -38,6 +38,14 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _keep_embed_scale(module: nn.Module, embed_scale: torch.Tensor | None) -> None:
+    """Some models (Gemma) scale the looked-up rows; the replacing module keeps that (not saved: it is derived)."""
+    if embed_scale is not None:
+        module.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+    else:
+        module.embed_scale = None
+
+
 class FactoredEmbedding(nn.Module):
     """Token embedding rebuilt from low-rank factors: row i = codes[i] @ decoder + bias."""
 
@@ -51,11 +59,7 @@ class FactoredEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = factors.shape
         self.padding_idx = padding_idx
         self.out_dtype = dtype or factors.dtype
-        # Some models (Gemma) scale the looked-up rows; keep that behaviour.
-        if embed_scale is not None:
-            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
-        else:
-            self.embed_scale = None
+        _keep_embed_scale(self, embed_scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         dt = self.out_dtype
@@ -84,18 +88,22 @@ class FactoredEmbedding(nn.Module):
                 f"bias={self.bias is not None}, norms={self.norms is not None}")
 
 
-class FactoredHead(nn.Module):
-    """An output head tied to a FactoredEmbedding: logits from the factors, never the V x d matrix."""
+class _TiedHead(nn.Module):
+    """An output head that reads the embedding module it is tied to (and keeps the old head's bias)."""
 
-    def __init__(self, embedding: FactoredEmbedding, bias: nn.Parameter | None = None):
+    def __init__(self, embedding: nn.Module, bias: nn.Parameter | None = None):
         super().__init__()
-        self._embedding = (embedding,)  # a tuple, so the shared parameters are not registered twice
+        self._embedding = (embedding,)  # a tuple, so the shared tensors are not registered twice
         self.bias = bias
         self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
 
     @property
-    def embedding(self) -> FactoredEmbedding:
+    def embedding(self):
         return self._embedding[0]
+
+
+class FactoredHead(_TiedHead):
+    """An output head tied to a FactoredEmbedding: logits from the factors, never the V x d matrix."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
@@ -143,10 +151,7 @@ class CompressedEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = compressed.shape
         self.padding_idx = padding_idx
         self.out_dtype = dtype or compressed.dtype
-        if embed_scale is not None:
-            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
-        else:
-            self.embed_scale = None
+        _keep_embed_scale(self, embed_scale)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, buffer_name(name)) for name in self.names}
@@ -167,18 +172,8 @@ class CompressedEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind.kind}"
 
 
-class CompressedHead(nn.Module):
+class CompressedHead(_TiedHead):
     """An output head tied to a CompressedEmbedding: logits a chunk of decoded rows at a time."""
-
-    def __init__(self, embedding: CompressedEmbedding, bias: nn.Parameter | None = None):
-        super().__init__()
-        self._embedding = (embedding,)
-        self.bias = bias
-        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
-
-    @property
-    def embedding(self) -> CompressedEmbedding:
-        return self._embedding[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
