@@ -208,9 +208,19 @@ def _stage(y: torch.Tensor, w: torch.Tensor, sample: torch.Tensor, sample_w: tor
 
 
 def _stage_decode(codes: torch.Tensor, book: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    piece_of_dim = torch.repeat_interleave(torch.arange(len(sizes)), sizes.long())
-    per_dim = codes.long()[:, piece_of_dim]  # (n, d)
-    return book.float()[per_dim, torch.arange(book.shape[1])]
+    """One stage's rows: for each piece size, a row gather from a (pieces x K, size) table.
+
+    Looking up whole pieces (F.embedding) touches n x pieces indices, not n x d as a per-coordinate
+    gather would: several times faster, which matters because a tied head decodes every row."""
+    K, d = book.shape
+    out = torch.empty(codes.shape[0], d, device=book.device)
+    book = book.float()
+    for size, (idx, cols) in _groups(sizes.tolist()).items():
+        idx, cols = idx.to(book.device), cols.to(book.device)
+        table = book[:, cols.reshape(-1)].view(K, len(idx), size).transpose(0, 1).reshape(-1, size)
+        rows = codes[:, idx].long() + torch.arange(len(idx), device=book.device) * K  # (n, m_g)
+        out[:, cols.reshape(-1)] = torch.nn.functional.embedding(rows, table).reshape(codes.shape[0], -1)
+    return out
 
 
 def _root(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

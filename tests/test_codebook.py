@@ -57,6 +57,29 @@ def test_decode_shape_dtype_and_row_subsets():
     assert not torch.equal(full, e)  # it is a lossy code, not a copy
 
 
+@pytest.mark.parametrize("centroids", [16, 64])
+def test_decode_is_the_sum_over_stages_of_each_pieces_centroid(centroids):
+    from embzip.codebook import decode_transformed
+
+    e = _matrix()
+    tensors = fit_codebook(e, config=CodebookConfig(bits=6, min_piece_dim=3, **{**FAST, "centroids": centroids}))
+    assert "stage1.codes" in tensors  # several stages, pieces of several sizes
+    expected = torch.zeros(V, D)
+    s = 0
+    while f"stage{s}.codes" in tensors:
+        book, sizes = tensors[f"stage{s}.codebook"].float(), tensors[f"stage{s}.sizes"].tolist()
+        codes = unpack(tensors[f"stage{s}.codes"], centroids, len(sizes))
+        for row in range(V):
+            start = 0
+            for piece, size in enumerate(sizes):
+                expected[row, start:start + size] += book[int(codes[row, piece]), start:start + size]
+                start += size
+        s += 1
+    expected *= tensors["gain"].float().unsqueeze(1)
+    assert torch.equal(decode_transformed(tensors), expected)
+    assert torch.allclose(decode_rows(tensors), expected @ tensors["transform"].float(), atol=1e-5)
+
+
 def test_pack_round_trip():
     codes = torch.randint(0, 16, (7, 5), dtype=torch.uint8)
     packed = pack(codes, 16)
