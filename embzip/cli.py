@@ -268,6 +268,11 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                                   "output head (0: plain Euclidean).", DATA)] = 4.0,
         metric_tokens: Annotated[int, _opt("aware, codebook: tokens of the weights text used to measure the "
                                                  "hidden-state metric.", DATA)] = 8192,
+        self_tokens: Annotated[int, _opt("aware, codebook on a causal LM: tokens the model samples from its start "
+                                         "token, whose predicted token distributions and hidden states join the "
+                                         "weights text's (a multilingual model writes many languages; the bundled "
+                                         "text is English). 0: the text alone. About 30 ms per token on 2 CPU "
+                                         "cores.", DATA)] = 4096,
         keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
                                                 "counted in the size); the factors code directions.", DATA)] = False,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
@@ -308,6 +313,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
     from .heal import HealConfig
     from .methods import REGISTRY, Recipe
     from .pipeline import compress
+    from .selfsample import SampleConfig
     from .weights import WeightConfig
 
     method_name = method.value if method is not None else ("aware" if rank is not None or ratio is not None
@@ -325,7 +331,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                           alpha_end=alpha_end, seed=seed, init=init.value),
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
-            codebook=CodebookConfig(seed=seed), group=group_size,
+            codebook=CodebookConfig(seed=seed), group=group_size, sample=SampleConfig(tokens=self_tokens, seed=seed),
             heal=HealConfig(steps=heal_steps, lr=heal_lr, seed=seed) if heal_steps > 0 else None,
             weighted_paper=weighted,
             weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset)
@@ -457,6 +463,9 @@ def bench(model: ModelArg = None,
           weights_text: Annotated[Optional[Path], typer.Option(
               help="Text for the data-aware methods' token counts and statistics (default: the English sample "
                    "shipped with embzip, distinct from the evaluation text).", show_default=False)] = None,
+          self_tokens: Annotated[int, typer.Option(
+              help="aware, codebook on a causal LM: tokens the model samples whose statistics join the weights "
+                   "text's (see `embzip fit --help`); sampled once per run. 0: the text alone.")] = 4096,
           out: Annotated[Optional[Path], typer.Option(
               "--out", "-o", help="Directory for bench.json, bench.csv, bench.png and the factor files (re-used by "
                                   "the next run with the same settings).", show_default=False)] = None,
@@ -485,7 +494,11 @@ def bench(model: ModelArg = None,
                              max_tokens=max_tokens, batch_size=batch_size, seed=seed, device=device_name)
         from .methods import recipe
 
-        recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text)) for m in method_list}
+        from .selfsample import SampleConfig
+
+        sample = SampleConfig(tokens=self_tokens)
+        recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text), sample=sample)
+                   for m in method_list}
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if out is not None:

@@ -28,6 +28,7 @@ from ..codebook import CodebookConfig
 from ..compressed import storage_dtype
 from ..errors import RankError
 from ..heal import HealConfig
+from ..selfsample import SampleConfig
 from ..sizes import check_rank, max_useful_rank, rank_for_ratio
 from ..weights import WeightConfig
 from . import svd, paper, wsvd, aware, int8, int4, codebook  # noqa: F401,E402  (each registers itself)
@@ -48,6 +49,7 @@ class Recipe:
     codebook: CodebookConfig = field(default_factory=CodebookConfig)  # method "codebook"
     group: int = 32  # method "int4": numbers per group
     heal: HealConfig | None = None  # healing after a low-rank method; None: none
+    sample: SampleConfig = field(default_factory=SampleConfig)  # the model's own samples (causal LMs, aware/codebook)
     weighted_paper: bool = False  # method "paper": weight each row's loss by its token weight
     weights_text: str | None = None  # a text file for token counts, the metric and healing
     weights_dataset: str | None = None  # or a dataset NAME[:CONFIG[:SPLIT]]
@@ -95,6 +97,8 @@ class Recipe:
             out["group"] = self.group
         if self.heal is not None:
             out["heal"] = self.heal.settings()
+        if self.spec.needs_forward:
+            out["self_sample"] = self.sample.settings()
         if self.uses_text:
             out["weights_text"] = self.weights_text or self.weights_dataset or "embzip sample weights.txt"
         return out

@@ -4,12 +4,13 @@ A method module (one file per method in this package) defines a `Method` and reg
 `make(inputs, size, recipe)` returns the compressed embedding (float tensors in float32 or
 already at their stored dtype) and a dict of details to record. `Inputs` hands every method the
 embedding and, computed once and cached, the data-aware pieces: the weights text, token counts,
-row weights and the hidden-state metric of a tied head.
+row weights and the hidden-state metric of a tied head; for causal LMs that a method runs anyway,
+the model's own samples join the text in both (selfsample.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -77,7 +78,33 @@ class Inputs:
         counts = self._cached(("counts",) + self._text_key,
                               lambda: token_counts(self.opened.tokenizer, text, self.opened.vocab_size))
         self.details["weights_coverage"] = coverage(counts)
+        sampled = self.sampled()
+        if sampled is not None:
+            from ..selfsample import combine_counts
+
+            counts = combine_counts(counts, sampled[0])
         return row_weights(counts, self.recipe.weights)
+
+    def samples_model(self) -> bool:
+        """Whether the model's own samples join the text: a causal LM the method runs anyway."""
+        from ..models import CAUSAL_LM
+
+        return (self.recipe.spec.needs_forward and self.recipe.sample.tokens > 0
+                and self.opened.kind == CAUSAL_LM and self.opened.model.get_output_embeddings() is not None)
+
+    def sampled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(expected token counts, head-input second moment) from the model's own samples, or None."""
+        if not self.samples_model():
+            return None
+        from ..selfsample import sample_statistics
+
+        config = self.recipe.sample
+        if self.opened.max_length:  # a sample never runs past the positions the model has
+            config = replace(config, length=min(config.length, self.opened.max_length))
+        out = self._cached(("sampled", config.tokens, config.length, config.seed), lambda: sample_statistics(
+            self.opened.model, self.opened.tokenizer, config, progress=self.progress))
+        self.details["self_sample"] = config.settings()
+        return out
 
     def metric(self, gamma: float, tokens: int) -> torch.Tensor | None:
         """M = I + gamma S / mean eig(S) for a tied head (None when untied or gamma is 0)."""
@@ -88,6 +115,11 @@ class Inputs:
         opened, text = self.opened, self.text()
         moment = self._cached(("moment", tokens) + self._text_key, lambda: hidden_second_moment(
             opened.model, opened.tokenizer, text.lines, tokens, seq_len=min(256, opened.max_length or 256)))
+        sampled = self.sampled()
+        if sampled is not None:
+            from ..selfsample import combine_moments
+
+            moment = combine_moments(moment, sampled[1])
         return normalised_metric(moment, gamma, self.embedding.shape[1])
 
 

@@ -1,0 +1,120 @@
+"""What the model itself writes: token statistics from text a causal LM samples from its start token.
+
+Data-aware methods need to know which rows matter and which directions of the output head's
+input space matter. A text corpus answers for its own language and domain only: embzip's bundled
+weights text is English, so rows used by other languages got the weight of unseen tokens and
+their quality collapsed at low bits. A causal LM sampled from its start token at temperature 1
+writes text drawn from its own training distribution (on Gemma-3-270M: English prose, code,
+Chinese, Ukrainian, Turkish, French, ...), with no corpus to ship or choose.
+
+Two statistics per sampled position, both exact expectations rather than counts of draws:
+- the next-token distribution p(. | context), summed over positions: expected token counts.
+  Every token the model would predict gets weight, not only the ones the sample happens to draw.
+- the hidden state entering the output head: its second moment E[h h^T], for the metric.
+
+`combine_counts` and `combine_moments` mix them with the text's statistics, each source
+normalised to the same total, so neither the text's length nor the sample's decides the mix.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import options
+from .errors import ModelError
+
+
+@dataclass
+class SampleConfig:
+    """How much the model samples: `tokens` positions in sequences of `length`."""
+
+    tokens: int = 4096  # 0: no sampling
+    length: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        options.non_negative("self-sample tokens", self.tokens, integer=True)
+        options.positive("self-sample length", self.length, integer=True)
+
+    def settings(self) -> dict:
+        return asdict(self)
+
+
+def start_token(model, tokenizer) -> int:
+    """The id a sample starts from: BOS, else the model's decoder start or EOS token."""
+    for source in (tokenizer, getattr(model, "generation_config", None), model.config):
+        for name in ("bos_token_id", "decoder_start_token_id", "eos_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int) and value >= 0:
+                return value
+    raise ModelError(f"{type(model).__name__} has no start (BOS) or EOS token to sample from; "
+                     "give --self-tokens 0 to count tokens on the weights text only")
+
+
+def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(expected token counts over the vocabulary, float64; E[h h^T] of the head's input, float64).
+
+    The model samples `config.tokens` positions (sequences of `config.length`, several at once)
+    with its KV cache, at temperature 1 and no truncation, seeded by `config.seed`.
+    """
+    from .models import input_device
+    from .progress import bar
+
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ModelError(f"{type(model).__name__} has no output head to sample with")
+    device = input_device(model)
+    gen = torch.Generator(device="cpu").manual_seed(config.seed)
+    vocab = model.get_input_embeddings().num_embeddings
+    counts = torch.zeros(vocab, dtype=torch.float64)
+    moment = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
+    seen: list[torch.Tensor] = []
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, -1]))
+    sequences = max(1, -(-config.tokens // config.length))
+    batch = min(sequences, 32)
+    start = start_token(model, tokenizer)
+    # transformers 5 names the KV cache `cache`; earlier versions `past_key_values`
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    steps = [(i, min(batch, sequences - i)) for i in range(0, sequences, batch)]
+    try:
+        with torch.inference_mode(), bar("sampling from the model", len(steps) * config.length,
+                                             enabled=progress) as shown:
+            for _, n in steps:
+                ids = torch.full((n, 1), start, dtype=torch.long)
+                past = None
+                for _ in range(config.length):
+                    seen.clear()
+                    out = model(input_ids=ids.to(device), use_cache=True, **{cache_arg: past})
+                    past = getattr(out, cache_arg)
+                    p = torch.softmax(out.logits[:, -1].float(), dim=-1).cpu()
+                    counts += p[:, :vocab].sum(0).double()
+                    h = seen[-1].double().cpu()
+                    moment += h.T @ h
+                    ids = torch.multinomial(p, 1, generator=gen)
+                    shown.advance()
+    finally:
+        handle.remove()
+    positions = sequences * config.length
+    return counts, moment / positions
+
+
+def combine_counts(text_counts: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+    """Text counts plus sampled expected counts, the sample scaled to the text's total."""
+    total = text_counts.sum()
+    if total <= 0:
+        return sampled / sampled.sum() * len(sampled)
+    return text_counts + sampled / sampled.sum().clamp_min(1e-300) * total
+
+
+def combine_moments(text_moment: torch.Tensor | None, sampled: torch.Tensor) -> torch.Tensor:
+    """The two second moments, each scaled to unit trace, averaged."""
+    sampled = sampled / sampled.trace().clamp_min(1e-300)
+    if text_moment is None:
+        return sampled
+    return (text_moment / text_moment.trace().clamp_min(1e-300) + sampled) / 2

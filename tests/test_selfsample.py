@@ -1,0 +1,105 @@
+"""The model's own samples: statistics, determinism, mixing with the text, where they are used, bad options."""
+
+import pytest
+import torch
+
+import embzip
+from typer.testing import CliRunner
+
+from embzip.cli import app
+from embzip.errors import OptionError
+from embzip.methods import Recipe, make_factors
+from embzip.methods.base import Inputs
+from embzip.selfsample import SampleConfig, combine_counts, combine_moments, sample_statistics
+
+
+@pytest.mark.parametrize("kind, dtype", [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float32")])
+def test_statistics_are_distributions_and_a_second_moment(tiny, kind, dtype):
+    opened = embzip.open_model(tiny(kind, dtype))
+    counts, moment = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=40, length=8))
+    assert counts.shape == (opened.vocab_size,) and counts.dtype == torch.float64
+    # each of the 5 x 8 positions adds one probability distribution over the vocabulary
+    assert counts.sum().item() == pytest.approx(40, rel=1e-4)
+    assert (counts > 0).all()  # every token the model can predict gets some weight, drawn or not
+    hidden = opened.model.get_output_embeddings().in_features
+    assert moment.shape == (hidden, hidden)
+    assert torch.allclose(moment, moment.T)
+    assert torch.linalg.eigvalsh(moment).min() > -1e-9 * moment.trace()
+
+
+def test_same_seed_same_statistics_other_seed_other_sample(tiny):
+    opened = embzip.open_model(tiny("gpt2"))  # the tiny llama puts nearly all its mass on one token
+    a = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=3))
+    b = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=3))
+    c = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=4))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_combine_gives_each_source_the_same_total():
+    text = torch.tensor([10.0, 0.0, 0.0, 30.0], dtype=torch.float64)
+    sampled = torch.tensor([0.5, 0.5, 1.0, 0.0], dtype=torch.float64)
+    mixed = combine_counts(text, sampled)
+    assert torch.allclose(mixed, torch.tensor([20.0, 10.0, 20.0, 30.0], dtype=torch.float64))
+    assert combine_counts(torch.zeros(4, dtype=torch.float64), sampled).sum().item() == pytest.approx(4)
+    a, b = torch.eye(3, dtype=torch.float64) * 5, torch.diag(torch.tensor([3.0, 0, 0], dtype=torch.float64))
+    m = combine_moments(a, b)
+    assert m.trace().item() == pytest.approx(1.0)
+    assert torch.allclose(m, (a / 15 + b / 3) / 2)
+    assert torch.allclose(combine_moments(None, b), b / 3)
+
+
+def test_sampled_tokens_raise_the_weight_of_tokens_the_text_lacks(tiny, text_file):
+    from embzip.texts import load_text
+    from embzip.weights import token_counts
+
+    opened = embzip.open_model(tiny("gpt2"))
+    plain = Inputs(opened, Recipe(method="codebook", weights_text=text_file,
+                                  sample=SampleConfig(tokens=0))).weights()
+    inputs = Inputs(opened, Recipe(method="codebook", weights_text=text_file, sample=SampleConfig(tokens=32, length=8)))
+    mixed = inputs.weights()
+    in_text = token_counts(opened.tokenizer, load_text(text_file), opened.vocab_size) > 0
+    predicted = inputs.sampled()[0]
+    absent = torch.where(~in_text, predicted, torch.zeros_like(predicted)).argmax()  # most predicted, never in the text
+    assert not in_text[absent] and predicted[absent] > 0.01
+    assert mixed[absent] > plain[absent]
+    assert inputs.details["self_sample"] == {"tokens": 32, "length": 8, "seed": 0}
+    assert not torch.equal(inputs.metric(4.0, 64), Inputs(opened, Recipe(
+        method="codebook", weights_text=text_file, sample=SampleConfig(tokens=0))).metric(4.0, 64))
+
+
+def test_only_causal_models_a_method_runs_are_sampled(tiny, text_file):
+    causal = embzip.open_model(tiny("gpt2"))
+    masked = embzip.open_model(tiny("bert-mlm"))
+    assert Inputs(causal, Recipe(method="codebook")).samples_model()
+    assert Inputs(causal, Recipe(method="aware")).samples_model()
+    assert not Inputs(causal, Recipe(method="wsvd")).samples_model()  # reads the matrix alone
+    assert not Inputs(causal, Recipe(method="codebook", sample=SampleConfig(tokens=0))).samples_model()
+    assert not Inputs(masked, Recipe(method="codebook")).samples_model()
+    _, details = make_factors(causal, 8.0, Recipe(method="codebook", weights_text=text_file,
+                                                  sample=SampleConfig(tokens=16, length=8)))
+    assert details["self_sample"]["tokens"] == 16
+    # the tiny gpt2 has 64 positions: a sample never runs past them
+    _, details = make_factors(causal, 8.0, Recipe(method="codebook", weights_text=text_file,
+                                                  sample=SampleConfig(tokens=130, length=128)))
+    assert details["self_sample"] == {"tokens": 130, "length": 64, "seed": 0}
+    _, details = make_factors(masked, 8.0, Recipe(method="codebook", weights_text=text_file))
+    assert "self_sample" not in details
+
+
+@pytest.mark.parametrize("field, value", [("tokens", -1), ("length", 0), ("tokens", 1.5)])
+def test_bad_sample_settings_are_refused(field, value):
+    with pytest.raises(OptionError):
+        SampleConfig(**{field: value})
+
+
+def test_cli_refuses_bad_and_foreign_self_tokens(tiny, tmp_path):
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    bad = run("fit", tiny("gpt2"), "--self-tokens", "-3", "-o", tmp_path / "a.safetensors")
+    assert bad.exit_code == 2 and "self-sample tokens" in bad.stderr and not (tmp_path / "a.safetensors").exists()
+    foreign = run("fit", tiny("gpt2"), "--method", "int8", "--self-tokens", "8", "-o", tmp_path / "b.safetensors")
+    assert foreign.exit_code == 2
+    assert "--self-tokens is an option of --method aware / codebook" in " ".join(foreign.stderr.split())
+    assert not (tmp_path / "b.safetensors").exists()
