@@ -271,8 +271,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         self_tokens: Annotated[int, _opt("aware, codebook on a causal LM: tokens the model samples from its start "
                                          "token, whose predicted token distributions and hidden states join the "
                                          "weights text's (a multilingual model writes many languages; the bundled "
-                                         "text is English). 0: the text alone. About 30 ms per token on 2 CPU "
-                                         "cores.", DATA)] = 4096,
+                                         "text is English). 0: the text alone. 4096 tokens take 1-2 minutes on "
+                                         "2 CPU cores.", DATA)] = 4096,
         keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
                                                 "counted in the size); the factors code directions.", DATA)] = False,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",

@@ -16,7 +16,10 @@ from embzip.selfsample import SampleConfig, combine_counts, combine_moments, sam
 @pytest.mark.parametrize("kind, dtype", [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float32")])
 def test_statistics_are_distributions_and_a_second_moment(tiny, kind, dtype):
     opened = embzip.open_model(tiny(kind, dtype))
+    before = {k: v.clone() for k, v in opened.model.state_dict().items()}
     counts, moment = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=40, length=8))
+    after = opened.model.state_dict()  # a 16-bit model samples through a float32 copy; the model is untouched
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
     assert counts.shape == (opened.vocab_size,) and counts.dtype == torch.float64
     # each of the 5 x 8 positions adds one probability distribution over the vocabulary
     assert counts.sum().item() == pytest.approx(40, rel=1e-4)
