@@ -219,6 +219,8 @@ ROWS = [
     (["svd", "{w}/model", "-k", "2", "-o", "{w}/model/model.safetensors", "--force"], 1, "is the input"),
     (["svd", "{w}/empty.gguf", "-k", "2", "-o", "{w}/empty.gguf", "--force"], 1, "is the input"),
     (["bench", "{w}/model", "--ranks", "2", "--out", "{w}/file.txt"], 1, "exists and is not a directory"),
+    (["bench", "{w}/model", "--self-tokens", "-1"], 2, "self-sample tokens must be"),
+    (["fit", "{w}/model", "--bits", "2", "--self-tokens", "nan"], 2, "Invalid value for '--self-tokens'"),
     (["bench", "{w}/model", "--ranks", "2", "--out", "{w}/file.txt/b"], 1, "is not a directory"),
 ]
 

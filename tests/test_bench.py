@@ -123,3 +123,23 @@ def test_every_kind_side_by_side_with_bits_per_weight(tiny, text_file, tmp_path)
     # int8 is close to lossless; int4 loses more
     assert abs(by["int8"]["perplexity_ratio_tied"] - 1) < abs(by["int4"]["perplexity_ratio_tied"] - 1) + 1e-3
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_self_tokens_are_recorded_and_a_change_refits(tiny, text_file, tmp_path):
+    from embzip.factors import load_factors
+
+    def run(tokens):
+        result = runner.invoke(app, ["bench", tiny("llama"), "--bits", "12", "--methods", "codebook",
+                                     "--weights-text", text_file, "--self-tokens", str(tokens), "--out", str(tmp_path),
+                                     "--text", text_file, "--max-tokens", "100", "--json", "-q"])
+        assert result.exit_code == 0, result.output
+        row = json.loads(result.stdout)["rows"][1]
+        (path,) = (tmp_path / "factors").glob("codebook-*.safetensors")
+        return row, load_factors(path).meta["settings"]["self_sample"]
+
+    row, recorded = run(0)
+    assert recorded["tokens"] == 0 and not row["cached"]
+    row, recorded = run(16)
+    assert recorded["tokens"] == 16 and not row["cached"]  # other settings: fitted again, not re-used
+    row, _ = run(16)
+    assert row["cached"]
