@@ -165,16 +165,20 @@ def _head_logits(model, head, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def head_input_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden states a head module was called with (a forward pre-hook's args), by position or keyword."""
+    return args[0] if args else next(iter(kwargs.values()))
+
+
 def head_inputs(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The hidden states entering the output head, running the head on an empty slice only."""
     captured: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
+        captured.append(head_input_of(args, kwargs))
         if args:
-            captured.append(args[0])
             return (args[0][..., :0, :],) + tuple(args[1:]), kwargs
         key = next(iter(kwargs))
-        captured.append(kwargs[key])
         return args, {**kwargs, key: kwargs[key][..., :0, :]}
 
     handle = head.register_forward_pre_hook(hook, with_kwargs=True)

@@ -66,6 +66,7 @@ def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     """
     from .models import input_device
     from .progress import bar
+    from .scoring import head_input_of
 
     if model.get_output_embeddings() is None:
         raise ModelError(f"{type(model).__name__} has no output head to sample with")
@@ -80,17 +81,18 @@ def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     counts = torch.zeros(vocab, dtype=torch.float64)
     moment = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
     seen: list[torch.Tensor] = []
-    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0][:, -1]))
+    handle = head.register_forward_pre_hook(  # by position or keyword, as scoring.head_inputs reads it
+        lambda module, args, kwargs: seen.append(head_input_of(args, kwargs)[:, -1]), with_kwargs=True)
     sequences = max(1, -(-config.tokens // config.length))
     batch = min(sequences, 32)
     start = start_token(model, tokenizer)
     # transformers 5 names the KV cache `cache`; earlier versions `past_key_values`
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    steps = [(i, min(batch, sequences - i)) for i in range(0, sequences, batch)]
+    batches = [min(batch, sequences - i) for i in range(0, sequences, batch)]  # sequences sampled together
     try:
-        with torch.inference_mode(), bar("sampling from the model", len(steps) * config.length,
+        with torch.inference_mode(), bar("sampling from the model", len(batches) * config.length,
                                              enabled=progress) as shown:
-            for _, n in steps:
+            for n in batches:
                 ids = torch.full((n, 1), start, dtype=torch.long)
                 past = None
                 for _ in range(config.length):

@@ -106,3 +106,17 @@ def test_cli_refuses_bad_and_foreign_self_tokens(tiny, tmp_path):
     assert foreign.exit_code == 2
     assert "--self-tokens is an option of --method aware / codebook" in " ".join(foreign.stderr.split())
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_a_head_called_by_keyword_is_read_too(tiny, monkeypatch):
+    opened = embzip.open_model(tiny("gpt2"))
+    head = opened.model.get_output_embeddings()
+    positional = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=16, length=8))
+    call = type(head).__call__
+
+    def by_keyword(self, *args, **kwargs):  # as if the model called its head as head(input=h)
+        return call(self, input=args[0]) if self is head and args else call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(head), "__call__", by_keyword)
+    keyword = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=16, length=8))
+    assert torch.equal(keyword[0], positional[0]) and torch.equal(keyword[1], positional[1])
