@@ -14,7 +14,7 @@ _LAZY = {
     "save_factors": ("factors", "save_factors"), "reconstruction_metrics": ("factors", "reconstruction_metrics"),
     "compress": ("pipeline", "compress"), "svd_factors": ("svd", "svd_factors"),
     "fit_autoencoder": ("autoencoder", "fit_autoencoder"), "FitConfig": ("autoencoder", "FitConfig"),
-    "spliced": ("splice", "spliced"),
+    "spliced": ("splice", "spliced"), "cache_decoded_head": ("splice", "cache_decoded_head"),
     "apply_factors": ("modeldir", "apply_factors"), "load_model": ("modeldir", "load_model"),
     "perplexity": ("scoring", "perplexity"), "load_text": ("texts", "load_text"),
     "bench": ("benchmark", "bench"), "BenchConfig": ("benchmark", "BenchConfig"),

@@ -30,7 +30,7 @@ from .modeldir import param_stats
 from .outputs import check_output_folder
 from .pipeline import check_finite, factorize, size_label
 from .progress import bar
-from .splice import spliced
+from .splice import cache_decoded_head, splice, spliced
 
 log = logging.getLogger("embzip")
 
@@ -118,11 +118,13 @@ def _latency_batch(opened: OpenedModel, text) -> torch.Tensor:
     return ids[:256].view(4, 64)
 
 
-def latency_ratio(model, factors: Compressed, head: str, batch: torch.Tensor, repeats: int) -> float:
-    """Median forward time with the factors over median time without, alternating the two."""
+def latency_ratios(model, factors: Compressed, head: str, batch: torch.Tensor, repeats: int) -> dict[str, float | None]:
+    """Median forward time with the factors over median time without, the runs alternated.
+
+    `latency_ratio`: the compact modules as `apply` writes them. `latency_ratio_cached`: a compressed tied
+    head that keeps its decoded matrix (splice.cache_decoded_head; None where there is no such head)."""
     device = input_device(model)
     batch = batch.to(device)
-    times = {"original": [], "compressed": []}
 
     def run() -> float:
         if device.type == "cuda":
@@ -134,12 +136,29 @@ def latency_ratio(model, factors: Compressed, head: str, batch: torch.Tensor, re
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    run()  # warm-up
-    for _ in range(repeats):
-        times["original"].append(run())
-        with spliced(model, factors, head):
-            times["compressed"].append(run())
-    return statistics.median(times["compressed"]) / statistics.median(times["original"])
+    swap = splice(model, factors, head)
+    try:
+        cached = cache_decoded_head(model, False)  # whether the model now has a compressed tied head to cache
+        variants = [False, True] if cached else [False]
+        times: dict[object, list[float]] = {v: [] for v in variants}
+        swap.restore()
+        times["original"] = []
+        run()  # warm-up
+        for _ in range(repeats):
+            swap.restore()
+            times["original"].append(run())
+            swap.reapply()
+            for variant in variants:
+                cache_decoded_head(model, variant)
+                if variant:
+                    run()  # the cached head decodes once, outside the timing
+                times[variant].append(run())
+        cache_decoded_head(model, False)
+    finally:
+        swap.restore()
+    base = statistics.median(times["original"])
+    return {"latency_ratio": statistics.median(times[False]) / base,
+            "latency_ratio_cached": statistics.median(times[True]) / base if cached else None}
 
 
 class _Quality:
@@ -203,7 +222,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         "compression_ratio": 1.0, "embedding_params": vocab * hidden, "embedding_bytes": emb_bytes,
         "model_params": whole["params"], "model_bytes": whole["bytes"],
         "cosine_distance": 0.0, "rmse": 0.0, **quality.original(heads),
-        "fit_seconds": None, "latency_ratio": 1.0, "cached": None,
+        "fit_seconds": None, "latency_ratio": 1.0, "latency_ratio_cached": None, "cached": None,
     }]
     batch = _latency_batch(opened, text)
     interrupted = False
@@ -235,7 +254,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
                 for head in heads:
                     with spliced(model, factors, head):
                         row.update(quality.score(head))
-                row["latency_ratio"] = latency_ratio(model, factors, main_head, batch, config.latency_repeats)
+                row.update(latency_ratios(model, factors, main_head, batch, config.latency_repeats))
                 if device_is_cuda(model):
                     row["peak_memory_bytes"] = _peak_memory(model, factors, main_head, batch)
                 rows.append(row)
@@ -271,7 +290,7 @@ def _peak_memory(model, factors: Compressed, head: str, batch: torch.Tensor) -> 
 COLUMNS = ["method", "size", "bits_per_weight", "compression_ratio", "embedding_params", "embedding_bytes", "model_params", "model_bytes",
            "cosine_distance", "rmse", "perplexity_input", "perplexity_ratio_input", "perplexity_tied",
            "perplexity_ratio_tied", "fidelity", "similarity_spearman", "fit_seconds", "latency_ratio",
-           "peak_memory_bytes", "cached"]
+           "latency_ratio_cached", "peak_memory_bytes", "cached"]
 
 
 def columns(report: dict[str, Any]) -> list[str]:

@@ -379,7 +379,9 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
 
     The directory is reloaded and its logits compared with the in-memory model before it is kept.
     Load it with embzip.load_model(DIR), or after `import embzip` with AutoModelForCausalLM /
-    AutoModelForMaskedLM / AutoModel.from_pretrained(DIR); it holds no code. With --dense, any
+    AutoModelForMaskedLM / AutoModel.from_pretrained(DIR); it holds no code. A compressed tied head stays
+    compact in memory and decodes its rows at each forward pass (slower, most when generating); pass
+    cache_head=True to either to decode it once and run at the original's speed. With --dense, any
     transformers tool loads it.
 
     Example: embzip apply bert-base-uncased bert.fit128.safetensors --out bert-fit128
@@ -474,7 +476,7 @@ def bench(model: ModelArg = None,
           trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Methods and sizes side by side: quality, size and speed, plus the original model.
 
-    Per row: size (rank, bits per weight), bits per weight of everything stored, compression ratio, parameters and bytes of the embedding and the whole model, cosine distance and RMSE, quality (perplexity with --head input and tied for LMs, on the same masks or windows as the original; sentence-vector fidelity and similarity rank correlation for encoders), fitting seconds, and forward latency relative to the original measured in the same run. Ctrl-C keeps the finished rows. Default: svd and aware at ranks 128,256 (Gemma-size vocabularies) or 32,64,128, int8, int4 (groups of 32), and codebook at 1, 2 and 4 bits per weight. With --out, bench.png plots quality against bits per weight, a line per method.
+    Per row: size (rank, bits per weight), bits per weight of everything stored, compression ratio, parameters and bytes of the embedding and the whole model, cosine distance and RMSE, quality (perplexity with --head input and tied for LMs, on the same masks or windows as the original; sentence-vector fidelity and similarity rank correlation for encoders), fitting seconds, and forward latency relative to the original measured in the same run (latency x: the compact modules; cached x: a compressed tied head that keeps its decoded matrix, as load_model(DIR, cache_head=True) gives). Ctrl-C keeps the finished rows. Default: svd and aware at ranks 128,256 (Gemma-size vocabularies) or 32,64,128, int8, int4 (groups of 32), and codebook at 1, 2 and 4 bits per weight. With --out, bench.png plots quality against bits per weight, a line per method.
 
     Example: embzip bench demo:minilm --methods svd,aware,int4,codebook --bits 1,2,4 --out bench-minilm
     """

@@ -60,6 +60,7 @@ class EmbzipModel:
         device, dtype = _device(kwargs.pop("device_map", None)), kwargs.pop("dtype", None)
         dtype = kwargs.pop("torch_dtype", None) if dtype is None else dtype
         attn = kwargs.pop("attn_implementation", None)
+        cache_head = bool(kwargs.pop("cache_head", False))
         config = read_config(directory)
         given = kwargs.pop("config", None)
         if isinstance(given, EmbzipConfig):  # the Auto classes fold options such as attn_implementation into it
@@ -68,13 +69,13 @@ class EmbzipModel:
         unknown = sorted(set(kwargs) - _IGNORED)
         if unknown:
             raise ValueError(f"from_pretrained option(s) {', '.join(unknown)} are not supported for the "
-                             f"embzip-compressed directory {directory}; only device_map, dtype and "
-                             "attn_implementation are")
+                             f"embzip-compressed directory {directory}; only device_map, dtype, "
+                             "attn_implementation and cache_head are")
         kind = kind_of([config.get("base_architecture", "")])
         if cls.kind is not None and kind != cls.kind:
             raise ValueError(f"{directory} holds a {config.get('base_architecture')} ({kind}), not a {cls.kind}; "
                              "load it with the matching Auto class, AutoModel or embzip.load_model")
-        return load_model(directory, device=device, dtype=dtype, attn_implementation=attn)
+        return load_model(directory, device=device, dtype=dtype, attn_implementation=attn, cache_head=cache_head)
 
     @classmethod
     def _from_config(cls, config, **kwargs):

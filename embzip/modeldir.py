@@ -23,7 +23,7 @@ import torch
 from . import __version__, outputs, stream
 from .errors import FactorsError, ModelError
 from .compressed import Compressed, storage_dtype
-from .splice import HEADS, default_head, densify, splice
+from .splice import HEADS, cache_decoded_head, default_head, densify, splice
 
 WEIGHTS = "embzip.safetensors"
 MANIFEST = "embzip.json"
@@ -291,13 +291,15 @@ def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, wri
 
 
 def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | torch.dtype | None = None,
-               attn_implementation: str | None = None):
+               attn_implementation: str | None = None, cache_head: bool = False):
     """Load a directory written by `embzip apply` as the spliced transformers model, exactly.
 
     The base architecture is built the way `from_pretrained` builds it in the dtype the model had (so
     buffers such as rotary frequencies keep the precision they had), and every tensor gets the dtype it was
     written in. `dtype` (None or "auto": as written) builds it in another dtype instead;
-    `attn_implementation` ("eager", "sdpa", ...) is passed on to transformers.
+    `attn_implementation` ("eager", "sdpa", ...) is passed on to transformers. `cache_head=True` makes a
+    compressed (codebook, int8, int4) tied head decode its matrix once and keep it: forward passes as fast
+    as the original's, memory larger by the decoded V x d matrix (splice.cache_decoded_head).
     """
     import transformers
     from safetensors import SafetensorError
@@ -334,4 +336,7 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
         stream.load_weights(model, directory, WEIGHTS.removesuffix(".safetensors"))  # one file or shards
     except (RuntimeError, OSError, SafetensorError) as exc:
         raise ModelError(f"{directory} does not hold the weights its config describes: {str(exc).splitlines()[0]}") from None
-    return model.eval().to(device)
+    model = model.eval().to(device)
+    if cache_head:
+        cache_decoded_head(model)
+    return model

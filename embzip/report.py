@@ -10,7 +10,8 @@ SHORT = {
     "bits_per_weight": "bpw", "compression_ratio": "CR", "embedding_params": "emb params", "embedding_bytes": "emb MB", "model_params": "model params",
     "model_bytes": "model MB", "cosine_distance": "cos dist", "perplexity_input": "ppl input",
     "perplexity_ratio_input": "x orig", "perplexity_tied": "ppl tied", "perplexity_ratio_tied": "x orig",
-    "similarity_spearman": "sim rho", "fit_seconds": "fit s", "latency_ratio": "latency x", "peak_memory_bytes": "peak MB",
+    "similarity_spearman": "sim rho", "fit_seconds": "fit s", "latency_ratio": "latency x",
+    "latency_ratio_cached": "cached x", "peak_memory_bytes": "peak MB",
 }
 HIDDEN = {"cached", "rank"}
 
@@ -27,7 +28,7 @@ def _cell(key: str, value: Any) -> str:
     if isinstance(value, float):
         if key == "bits_per_weight":
             return f"{value:.3g}"
-        if key.startswith("perplexity_ratio") or key == "latency_ratio":
+        if key.startswith(("perplexity_ratio", "latency_ratio")):
             return f"{value:.2f}"
         if key.startswith("perplexity"):
             return f"{value:,.2f}" if value < 1e5 else f"{value:.2e}"

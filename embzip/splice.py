@@ -12,7 +12,8 @@ Both are ordinary trainable modules, so a spliced model can be fine-tuned (heali
 `CompressedEmbedding` holds any other kind (quantized, codebook) in its compact stored form as
 buffers (uint8 indices, packed int4, 16-bit scales and codebooks) and decodes only the rows that
 are looked up; `CompressedHead` computes a tied head's logits by decoding the matrix a chunk of
-rows at a time, so the V x d matrix never exists whole.
+rows at a time, so the V x d matrix never exists whole, unless `cache_decoded_head` asks it to
+keep the decoded matrix (the original's speed for the original's memory).
 
 Modules keep the tensors at their stored dtype and hand the model rows (or logits) in the dtype
 of the embedding they replace, so a spliced directory is as small as the factors file.
@@ -173,9 +174,27 @@ class CompressedEmbedding(nn.Module):
 
 
 class CompressedHead(_TiedHead):
-    """An output head tied to a CompressedEmbedding: logits a chunk of decoded rows at a time."""
+    """An output head tied to a CompressedEmbedding: logits a chunk of decoded rows at a time.
+
+    Decoding all V rows on every forward pass is what makes a compact tied head slower than a dense
+    one. With `cache_decoded = True` the head decodes the matrix once (in the dtype of the hidden
+    states; again only when the stored tensors change, move or are replaced) and keeps it: forward
+    passes then cost what the original head's do, and memory grows by that V x d matrix. The cache is
+    a plain attribute, never part of the state dict, so a saved directory stays compact.
+    """
+
+    cache_decoded = False
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.cache_decoded:
+            logits = hidden @ self._decoded(hidden).T
+        else:
+            logits = self._chunked(hidden)
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits
+
+    def _chunked(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
         transform, decode = emb.kind.head_parts(emb.stored())
         if transform is not None:  # rows = decode @ transform: apply it once, to the hidden states
@@ -184,9 +203,19 @@ class CompressedHead(_TiedHead):
         for i in range(0, self.out_features, _HEAD_CHUNK_ROWS):
             block = decode(slice(i, i + _HEAD_CHUNK_ROWS)).to(device=hidden.device, dtype=hidden.dtype)
             logits[..., i:i + block.shape[0]] = hidden @ block.T
-        if self.bias is not None:
-            logits = logits + self.bias
         return logits
+
+    def _decoded(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The whole decoded matrix (V x d) in the hidden states' dtype and device, decoded when its key changes."""
+        stored = self.embedding.stored()
+        key = (hidden.dtype, hidden.device) + tuple((t.data_ptr(), t._version) for t in stored.values())
+        if getattr(self, "_decoded_key", None) != key:
+            self._matrix = None  # drop the old copy before decoding the new one
+            with torch.no_grad():
+                self._matrix = torch.cat([self.embedding.rows(slice(i, i + _HEAD_CHUNK_ROWS)).to(
+                    device=hidden.device, dtype=hidden.dtype) for i in range(0, self.out_features, _HEAD_CHUNK_ROWS)])
+            self._decoded_key = key
+        return self._matrix
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the compressed embedding"
@@ -205,6 +234,19 @@ def _module_path(model: nn.Module, target: nn.Module) -> str:
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def cache_decoded_head(model: nn.Module, on: bool = True) -> bool:
+    """Make a spliced model's compressed tied head keep its decoded matrix (see CompressedHead), or stop.
+
+    Returns whether the model has such a head; low-rank heads and untied models have nothing to cache."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, CompressedHead):
+        return False
+    head.cache_decoded = on
+    if not on:
+        head._matrix = head._decoded_key = None
+    return True
 
 
 def default_head(model: nn.Module) -> str:

@@ -89,7 +89,7 @@ def test_ctrl_c_keeps_finished_rows(tiny, text_file, tmp_path, monkeypatch):
     import embzip.benchmark as benchmark
 
     calls = {"n": 0}
-    real = benchmark.latency_ratio
+    real = benchmark.latency_ratios
 
     def interrupt_on_second_row(*args, **kwargs):
         calls["n"] += 1
@@ -97,7 +97,7 @@ def test_ctrl_c_keeps_finished_rows(tiny, text_file, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(benchmark, "latency_ratio", interrupt_on_second_row)
+    monkeypatch.setattr(benchmark, "latency_ratios", interrupt_on_second_row)
     result = runner.invoke(app, ["bench", tiny("gpt2"), "--ranks", "2,4", "--methods", "svd", "--out", str(tmp_path),
                                  "--text", text_file, "--max-tokens", "100", "--json", "-q"])
     assert result.exit_code == 130
@@ -120,6 +120,9 @@ def test_every_kind_side_by_side_with_bits_per_weight(tiny, text_file, tmp_path)
     for r in rows[1:]:
         assert r["embedding_bytes"] * 8 == pytest.approx(r["bits_per_weight"] * 112 * 32), r
         assert r["perplexity_ratio_tied"] > 0 and r["latency_ratio"] > 0
+        # a compact tied head can also keep its decoded matrix; low-rank heads have nothing to cache
+        assert (r["latency_ratio_cached"] is None) == (r["method"] == "svd"), r
+        assert r["latency_ratio_cached"] is None or r["latency_ratio_cached"] > 0
     # int8 is close to lossless; int4 loses more
     assert abs(by["int8"]["perplexity_ratio_tied"] - 1) < abs(by["int4"]["perplexity_ratio_tied"] - 1) + 1e-3
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -109,6 +109,19 @@ def test_from_pretrained_options(tiny, tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(directory, device_map={"model": "cpu", "lm_head": "meta"})
 
 
+def test_from_pretrained_can_cache_a_compressed_head(tiny, tmp_path):
+    import embzip
+    from embzip.methods import recipe
+
+    opened = open_model(tiny("llama"))
+    factors, _ = embzip.compress(opened, recipe("int8"), write=False)
+    apply_factors(opened, factors, tmp_path / "out")
+    compact = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    cached = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", cache_head=True)
+    assert not compact.get_output_embeddings().cache_decoded and cached.get_output_embeddings().cache_decoded
+    assert torch.allclose(logits(cached), logits(compact), atol=1e-5)
+
+
 def test_old_directories_load_without_running_their_code(tiny, tmp_path):
     marker = tmp_path / "marker"
     old = old_style(Path(write(tiny, tmp_path / "new", "llama")), tmp_path / "old", marker)

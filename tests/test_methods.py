@@ -97,6 +97,44 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
     assert not torch.allclose(compressed, plain, atol=1e-3)  # it really is compressed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ["int4", "codebook"])
+def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(tiny, method, dtype, text_file, tmp_path):
+    import embzip
+    from embzip.modeldir import apply_factors, load_model
+    from embzip.splice import cache_decoded_head
+
+    opened = embzip.open_model(tiny("llama"), dtype=str(dtype).removeprefix("torch."))
+    bits = 12.0 if method == "codebook" else None
+    factors, _ = embzip.compress(opened, recipe(method, weights_text=text_file), bits=bits, write=False)
+    apply_factors(opened, factors, tmp_path / "dir")
+    model = load_model(tmp_path / "dir")
+    ids = torch.tensor([[2, 5, 9, 11, 40]])
+    with torch.no_grad():
+        compact = model(input_ids=ids).logits
+        assert cache_decoded_head(model)
+        cached = model(input_ids=ids).logits
+        head = model.get_output_embeddings()
+        assert head._matrix.shape == (opened.vocab_size, opened.hidden_size) and head._matrix.dtype == dtype
+        assert not any(t is head._matrix for t in model.state_dict().values())  # never saved
+        # float32: the same numbers summed in another order; bf16: the compact head rounds the transformed hidden
+        # states to bf16, the cached one the decoded rows, so they agree to a few bf16 steps of the largest logit
+        tol = 1e-5 if dtype == torch.float32 else 2**-6 * compact.abs().max().item()
+        assert torch.allclose(cached, compact, atol=tol, rtol=tol)
+        # the stored tensors change: the cache decodes again instead of serving stale rows
+        stored = next(t for t in model.get_input_embeddings().stored().values() if t.is_floating_point())
+        stored.mul_(2)
+        changed_compact = (cache_decoded_head(model, False), model(input_ids=ids).logits)[1]
+        cache_decoded_head(model)
+        assert not torch.allclose(changed_compact, compact, atol=1e-3)
+        assert torch.allclose(model(input_ids=ids).logits, changed_compact, atol=tol, rtol=tol)
+    again = load_model(tmp_path / "dir", cache_head=True)
+    assert again.get_output_embeddings().cache_decoded
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, compact, atol=tol, rtol=tol)
+    assert not cache_decoded_head(embzip.open_model(tiny("llama")).model)  # a dense head: nothing to cache
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--method", "int4", "--bits", "3"], "stores 5 bits per weight"),
     (["--method", "codebook", "--rank", "3"], "takes no --rank"),

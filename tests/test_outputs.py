@@ -214,7 +214,7 @@ def test_sigterm_in_bench_keeps_finished_rows_and_exits_143(tiny, text_file, tmp
     import embzip.benchmark as benchmark
 
     calls = {"n": 0}
-    real = benchmark.latency_ratio
+    real = benchmark.latency_ratios
 
     def terminate_on_second_row(*args, **kwargs):
         calls["n"] += 1
@@ -222,7 +222,7 @@ def test_sigterm_in_bench_keeps_finished_rows_and_exits_143(tiny, text_file, tmp
             os.kill(os.getpid(), signal.SIGTERM)  # a real signal; the handler raises at the next bytecode
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(benchmark, "latency_ratio", terminate_on_second_row)
+    monkeypatch.setattr(benchmark, "latency_ratios", terminate_on_second_row)
     before = signal.getsignal(signal.SIGTERM)
     result = runner.invoke(app, ["bench", tiny("gpt2"), "--ranks", "2,4", "--methods", "svd", "--out", str(tmp_path),
                                  "--text", text_file, "--max-tokens", "100", "--json", "-q"])
