@@ -42,7 +42,10 @@ def test_budget_is_met_and_nearly_filled(bits, gain, centroids):
     assert used == sum(t.numel() * t.element_size() * 8 for t in tensors.values())
     codes = [t for name, t in tensors.items() if name.endswith(".codes")]
     assert all(t.dtype == torch.uint8 for t in codes)
-    assert sum(t.shape[1] for t in codes) * 8 == sum(plan(V, D, config, centroids)) * index_bits
+    coarse, pieces = plan(V, D, config, centroids)
+    # the PQ stages' pieces, plus each coarse stage's one index in a byte of its own
+    assert sum(t.shape[1] for t in codes) * 8 == sum(pieces) * index_bits + 8 * coarse
+    assert [tensors[f"stage{s}.sizes"].tolist() for s in range(coarse)] == [[D]] * coarse  # one piece, whole rows
 
 
 def test_decode_shape_dtype_and_row_subsets():
@@ -115,6 +118,18 @@ def test_metric_is_respected():
     assert last(aware) < last(plain)
 
 
+def test_a_coarse_stage_codes_clustered_rows_better_at_equal_bits():
+    g = torch.Generator().manual_seed(5)
+    centers = torch.randn(32, D, generator=g) * 3
+    e = centers[torch.randint(0, 32, (V,), generator=g)] + _matrix(seed=6) * 0.3  # rows gather round 32 points
+    config = dict(bits=3, **{**FAST, "centroids": 64})
+    with_coarse = fit_codebook(e, config=CodebookConfig(coarse=1, **config))
+    without = fit_codebook(e, config=CodebookConfig(coarse=0, **config))
+    assert with_coarse["stage0.sizes"].tolist() == [D] and without["stage0.sizes"].numel() > 1
+    assert stored_bits(with_coarse) <= 3 * V * D and stored_bits(without) <= 3 * V * D
+    assert _error(e, with_coarse) < 0.8 * _error(e, without)
+
+
 def test_seeded_runs_repeat_exactly_and_seeds_differ():
     e, w = _matrix(), _weights()
     a = fit_codebook(e, weights=w, config=CodebookConfig(bits=2, seed=3, **FAST))
@@ -122,6 +137,17 @@ def test_seeded_runs_repeat_exactly_and_seeds_differ():
     c = fit_codebook(e, weights=w, config=CodebookConfig(bits=2, seed=4, **FAST))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(decode_rows(a), decode_rows(c))
+
+
+def test_coarse_stages_the_budget_cannot_hold_are_left_out():
+    assert plan(V, D, CodebookConfig(bits=1.5, **FAST), 16)[0] == 0  # a 2000 x 32 matrix at 1.5 bits: no room
+    assert plan(V, D, CodebookConfig(bits=4, coarse=2, **FAST), 16)[0] == 2
+    # the default: one below 3 bits per weight where it costs at most 5% of the budget
+    assert plan(262144, 640, CodebookConfig(bits=2), 256)[0] == 1  # Gemma: 1.4%
+    assert plan(262144, 640, CodebookConfig(bits=4), 256)[0] == 0
+    assert plan(30522, 384, CodebookConfig(bits=2), 256)[0] == 0  # MiniLM: 7.7%
+    assert plan(V, D, CodebookConfig(bits=2.5, **FAST), 16)[0] == 0
+    assert plan(262144, 640, CodebookConfig(bits=1, coarse=2), 256)[0] == 2  # Gemma's shape
 
 
 def test_too_few_bits_are_refused():
@@ -133,7 +159,7 @@ def test_too_few_bits_are_refused():
     ("bits", 0, "bits"), ("bits", float("nan"), "bits"), ("bits", 17, "bits"), ("bits", float("inf"), "bits"),
     ("min_piece_dim", 0.5, "min_piece_dim"), ("allocation", "random", "allocation"),
     ("centroids", 1, "centroids"), ("centroids", 257, "centroids"), ("sample", 0, "sample"),
-    ("iterations", -1, "iterations"),
+    ("iterations", -1, "iterations"), ("coarse", -1, "coarse"), ("coarse", 1.5, "coarse"),
 ])
 def test_bad_config_values_are_refused(field, value, fragment):
     with pytest.raises(ValueError, match=fragment) as info:
