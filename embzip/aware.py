@@ -111,11 +111,13 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
     None when the model has no output head. The head runs on an empty slice (scoring.head_inputs),
     so no V-sized logits are computed.
     """
+    from .models import for_statistics, input_device
     from .scoring import head_inputs
 
-    head = model.get_output_embeddings()
-    if head is None:
+    if model.get_output_embeddings() is None:
         return None
+    model = for_statistics(model)  # a float32 copy of a 16-bit model on a CPU, where that is faster and fits
+    head = model.get_output_embeddings()
     ids = tokenizer("\n".join(spread_sample(lines, chars=tokens * 8)), add_special_tokens=False,
                     return_tensors="pt").input_ids[0]
     ids = ids[ids < model.get_input_embeddings().num_embeddings][:tokens]
@@ -123,8 +125,6 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
     chunks = ids[:n_seq * seq_len].view(n_seq, -1) if len(ids) >= seq_len else ids.view(1, -1)
     total = torch.zeros(head.in_features, head.in_features, dtype=torch.float64)
     count = 0
-    from .models import input_device
-
     device = input_device(model)  # accelerate-dispatched models included
     with torch.inference_mode():
         for i in range(0, len(chunks), batch_size):

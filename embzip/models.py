@@ -234,6 +234,37 @@ def input_device(model: Any):
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
+def _available_memory() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux
+        return None
+
+
+def for_statistics(model: Any) -> Any:
+    """The model to run forward passes on for statistics (hidden-state moments, the model's own samples).
+
+    A 16-bit model whose weights are all on the CPU runs through a float32 copy: CPUs without bf16
+    matrix units multiply 16-bit matrices several times slower (Gemma-3-270M sampling on this
+    project's machine: 1.1 s against 0.5 s a step), and upcasting is exact. The copy is made only when
+    it takes at most half the memory available, and never of a model accelerate has dispatched or
+    offloaded; otherwise (and on a GPU) the model itself is used. The caller drops the copy."""
+    import copy
+
+    import torch
+
+    params = list(model.parameters())
+    if not params or params[0].dtype not in (torch.bfloat16, torch.float16):
+        return model
+    if getattr(model, "hf_device_map", None) or any(p.device.type != "cpu" for p in params):
+        return model
+    need = 4 * sum(p.numel() for p in params)
+    available = _available_memory()
+    if available is None or need > available // 2:
+        return model
+    return copy.deepcopy(model).float()
+
+
 def is_tied(model: Any) -> bool:
     out = model.get_output_embeddings()
     weight = getattr(out, "weight", None)

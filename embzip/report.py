@@ -37,7 +37,8 @@ def _cell(key: str, value: Any) -> str:
 
 
 def rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    cols = [c for c in columns(report) if c not in HIDDEN]
+    # a column empty in every row (`cached x` where no head can cache) is left out of the table, not the CSV
+    cols = [c for c in columns(report) if c not in HIDDEN and any(r.get(c) is not None for r in report["rows"])]
     return [SHORT.get(c, c) for c in cols], [[_cell(c, r.get(c)) for c in cols] for r in report["rows"]]
 
 

@@ -18,7 +18,6 @@ normalised to the same total, so neither the text's length nor the sample's deci
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import asdict, dataclass
 
@@ -64,17 +63,14 @@ def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     The model samples `config.tokens` positions (sequences of `config.length`, several at once)
     with its KV cache, at temperature 1 and no truncation, seeded by `config.seed`.
     """
-    from .models import input_device
+    from .models import for_statistics, input_device
     from .progress import bar
     from .scoring import head_input_of
 
     if model.get_output_embeddings() is None:
         raise ModelError(f"{type(model).__name__} has no output head to sample with")
+    model = for_statistics(model)  # a float32 copy of a 16-bit model on a CPU, where that is faster and fits
     device = input_device(model)
-    if device.type == "cpu" and next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
-        # CPUs without bf16 matrix units multiply 16-bit matrices 10-30x slower than float32: sample with a
-        # float32 copy (upcasting is exact; the copy is dropped afterwards)
-        model = copy.deepcopy(model).float()
     head = model.get_output_embeddings()
     gen = torch.Generator(device="cpu").manual_seed(config.seed)
     vocab = model.get_input_embeddings().num_embeddings

@@ -146,3 +146,14 @@ def test_self_tokens_are_recorded_and_a_change_refits(tiny, text_file, tmp_path)
     assert recorded["tokens"] == 16 and not row["cached"]  # other settings: fitted again, not re-used
     row, _ = run(16)
     assert row["cached"]
+
+
+def test_the_table_leaves_out_columns_no_row_fills(gpt2_run):
+    from embzip.report import rows
+
+    out, report = gpt2_run
+    header, body = rows(report)
+    assert "latency x" in header and "cached x" not in header  # low-rank heads have no decoded matrix to cache
+    assert all(len(line) == len(header) for line in body)
+    with open(out / "bench.csv") as f:
+        assert "latency_ratio_cached" in f.readline()  # the CSV keeps every column

@@ -41,3 +41,31 @@ def test_open_model_describes_the_embedding(tiny):
     assert info["embedding"] == "model.embed_tokens.weight" and 0 < info["embedding_share"] < 1
     assert open_model(tiny("bert-encoder")).describe()["kind"] == "encoder"
     assert open_model(tiny("bert-mlm")).describe()["kind"] == "masked-lm"
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_statistics_run_on_a_float32_copy_of_a_16_bit_cpu_model_only_when_it_fits(tiny, dtype, monkeypatch):
+    import torch
+
+    import embzip.models as models
+
+    model = open_model(tiny("llama", dtype)).model
+    copy = models.for_statistics(model)
+    assert copy is not model and next(copy.parameters()).dtype == torch.float32
+    assert next(model.parameters()).dtype == getattr(torch, dtype)  # the model itself is left as it was
+    ids = torch.tensor([[2, 5, 9]])
+    with torch.no_grad():  # the copy is the same model, upcast
+        assert torch.allclose(copy(input_ids=ids).logits, model.float()(input_ids=ids).logits, atol=1e-5)
+    model = open_model(tiny("llama", dtype)).model
+    monkeypatch.setattr(models, "_available_memory", lambda: 4 * sum(p.numel() for p in model.parameters()))
+    assert models.for_statistics(model) is model  # a float32 copy would take all the memory there is
+    monkeypatch.undo()
+    model.hf_device_map = {"": "cpu"}  # accelerate placed it: never copied
+    assert models.for_statistics(model) is model
+
+
+def test_statistics_run_on_a_float32_model_itself(tiny):
+    from embzip.models import for_statistics
+
+    model = open_model(tiny("llama")).model
+    assert for_statistics(model) is model
