@@ -8,10 +8,10 @@ with M the metric of aware.py (the hidden states entering a tied head; I without
 principal directions of the weighted rows e M^(1/2) (largest variance first). Then
 ||(e - e_hat) M^(1/2)||^2 = ||y - y_hat||^2, so k-means in y space minimises the metric error.
 
-y is first coded whole by a coarse stage: one piece as wide as the row, K centroids (vector
-quantization of whole rows: it captures the clusters an embedding has, such as the tokens of
-one script, which pieces coded independently cannot see). What it leaves is coded by stages of
-product quantization (residual PQ): stage s cuts the d coordinates into
+y may first be coded whole by a coarse stage: one piece as wide as the row, K centroids (vector
+quantization of whole rows: it captures how rows cluster as whole vectors, which pieces coded
+one at a time cannot see; see CodebookConfig.coarse_stages for when). What it leaves is coded by
+stages of product quantization (residual PQ): stage s cuts the d coordinates into
 m_s contiguous pieces and gives each piece a codebook of K <= 256 centroids; each row stores one
 uint8 index per piece; each stage codes what the earlier stages left. Piece sizes
 follow reverse water-filling on the weighted variance of each coordinate (more bits, i.e. smaller
