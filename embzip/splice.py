@@ -39,6 +39,11 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _state_key(*tensors: torch.Tensor | None) -> tuple:
+    """Identifies the contents of `tensors` for a cache: storage and in-place version of each (None skipped)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+
+
 def _keep_embed_scale(module: nn.Module, embed_scale: torch.Tensor | None) -> None:
     """Some models (Gemma) scale the looked-up rows; the replacing module keeps that (not saved: it is derived)."""
     if embed_scale is not None:
@@ -122,7 +127,7 @@ class FactoredHead(_TiedHead):
         """row_scale() is V*k^2 work: cache it while the factors are unchanged (no grad, same versions)."""
         if torch.is_grad_enabled() and emb.codes.requires_grad:
             return emb.row_scale()
-        key = tuple((p.data_ptr(), p._version) for p in (emb.codes, emb.decoder, emb.bias, emb.norms) if p is not None)
+        key = _state_key(emb.codes, emb.decoder, emb.bias, emb.norms)
         if getattr(self, "_scale_key", None) != key:
             with torch.no_grad():
                 self._scale = emb.row_scale()
@@ -207,8 +212,7 @@ class CompressedHead(_TiedHead):
 
     def _decoded(self, hidden: torch.Tensor) -> torch.Tensor:
         """The whole decoded matrix (V x d) in the hidden states' dtype and device, decoded when its key changes."""
-        stored = self.embedding.stored()
-        key = (hidden.dtype, hidden.device) + tuple((t.data_ptr(), t._version) for t in stored.values())
+        key = (hidden.dtype, hidden.device) + _state_key(*self.embedding.stored().values())
         if getattr(self, "_decoded_key", None) != key:
             self._matrix = None  # drop the old copy before decoding the new one
             with torch.no_grad():
