@@ -4,7 +4,8 @@ One row per (method, rank) plus one for the original model. Quality is perplexit
 (`--head input`, and `--head tied` where the head is tied; same masks/windows as the original)
 and sentence-vector fidelity for encoders. Speed is the factorization time and the forward-pass
 latency of the compressed model relative to the original, measured in the same run by
-alternating the two on one fixed batch. Factor files are cached in OUT/factors and re-used.
+alternating the two on one fixed batch (and, for causal LMs, on one token: a generation step's
+head). Factor files are cached in OUT/factors and re-used.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from . import options
 from .errors import FactorsError, OptionError, OutputError
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
-from .models import ENCODER, OpenedModel, input_device
+from .models import CAUSAL_LM, ENCODER, OpenedModel, input_device
 from .methods import FIXED, RANK, Recipe, recipe, resolve_size
 from .modeldir import param_stats
 from .outputs import check_output_folder
@@ -118,20 +119,26 @@ def _latency_batch(opened: OpenedModel, text) -> torch.Tensor:
     return ids[:256].view(4, 64)
 
 
-def latency_ratios(model, factors: Compressed, head: str, batch: torch.Tensor, repeats: int) -> dict[str, float | None]:
+def latency_ratios(model, factors: Compressed, head: str, batch: torch.Tensor, repeats: int,
+                   step: torch.Tensor | None = None) -> dict[str, float | None]:
     """Median forward time with the factors over median time without, the runs alternated.
 
-    `latency_ratio`: the compact modules as `apply` writes them. `latency_ratio_cached`: a compressed tied
-    head that keeps its decoded matrix (splice.cache_decoded_head; None where there is no such head)."""
+    `latency_ratio`: the compact modules as `apply` writes them, on `batch`. `latency_ratio_cached`: a
+    compressed tied head that keeps its decoded matrix (splice.cache_decoded_head; None where there is no
+    such head). `latency_ratio_step`: the compact modules on `step`, a single token with no key-value cache:
+    a generation step's embedding and head work, next to a body lighter than a real step's, so the head
+    weighs more than it does in generation (None without `step`)."""
     device = input_device(model)
-    batch = batch.to(device)
+    inputs = {"batch": batch.to(device)}
+    if step is not None:
+        inputs["step"] = step.to(device)
 
-    def run() -> float:
+    def run(name: str) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
-            model(input_ids=batch)
+            model(input_ids=inputs[name])
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -139,29 +146,37 @@ def latency_ratios(model, factors: Compressed, head: str, batch: torch.Tensor, r
     swap = splice(model, factors, head)
     head_module = model.get_output_embeddings()
     cacheable = cache_decoded_head(model, False)  # whether the spliced model has a compressed tied head
-    variants = ("compact", "cached") if cacheable else ("compact",)
-    times: dict[str, list[float]] = {"original": [], "compact": [], "cached": []}
+    timed = [("compact", "batch")] + [("cached", "batch")] * cacheable + [("compact", "step")] * (step is not None)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in timed}
+    times.update({("original", name): [] for name in inputs})
     try:
-        run()  # warm-up, compressed
-        if cacheable:
-            head_module.cache_decoded = True
-            run()  # the cached head decodes once, outside the timing, and keeps the matrix for every repeat
+        for variant, name in timed:  # warm-up; the cached head decodes here, once, and keeps the matrix
+            if cacheable:
+                head_module.cache_decoded = variant == "cached"
+            run(name)
         swap.restore()
-        run()  # warm-up, original
+        for name in inputs:
+            run(name)  # warm-up, original
         for _ in range(repeats):
             swap.restore()
-            times["original"].append(run())
+            for name in inputs:
+                times[("original", name)].append(run(name))
             swap.reapply()
-            for variant in variants:
+            for variant, name in timed:
                 if cacheable:
                     head_module.cache_decoded = variant == "cached"
-                times[variant].append(run())
+                times[(variant, name)].append(run(name))
     finally:
         cache_decoded_head(model, False)  # frees the decoded matrix
         swap.restore()
-    base = statistics.median(times["original"])
-    return {"latency_ratio": statistics.median(times["compact"]) / base,
-            "latency_ratio_cached": statistics.median(times["cached"]) / base if cacheable else None}
+
+    def ratio(variant: str, name: str) -> float | None:
+        if (variant, name) not in timed:
+            return None
+        return statistics.median(times[(variant, name)]) / statistics.median(times[("original", name)])
+
+    return {"latency_ratio": ratio("compact", "batch"), "latency_ratio_cached": ratio("cached", "batch"),
+            "latency_ratio_step": ratio("compact", "step")}
 
 
 class _Quality:
@@ -225,9 +240,11 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         "compression_ratio": 1.0, "embedding_params": vocab * hidden, "embedding_bytes": emb_bytes,
         "model_params": whole["params"], "model_bytes": whole["bytes"],
         "cosine_distance": 0.0, "rmse": 0.0, **quality.original(heads),
-        "fit_seconds": None, "latency_ratio": 1.0, "latency_ratio_cached": None, "cached": None,
+        "fit_seconds": None, "latency_ratio": 1.0, "latency_ratio_cached": None,
+        "latency_ratio_step": 1.0 if opened.kind == CAUSAL_LM else None, "cached": None,
     }]
     batch = _latency_batch(opened, text)
+    step = batch[:1, :1] if opened.kind == CAUSAL_LM else None  # one generation step's new token
     interrupted = False
     try:
         with bar("bench", len(plan), enabled=progress, fields="{task.fields[row]}", row="") as pbar:
@@ -257,7 +274,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
                 for head in heads:
                     with spliced(model, factors, head):
                         row.update(quality.score(head))
-                row.update(latency_ratios(model, factors, main_head, batch, config.latency_repeats))
+                row.update(latency_ratios(model, factors, main_head, batch, config.latency_repeats, step))
                 if device_is_cuda(model):
                     row["peak_memory_bytes"] = _peak_memory(model, factors, main_head, batch)
                 rows.append(row)
@@ -293,7 +310,7 @@ def _peak_memory(model, factors: Compressed, head: str, batch: torch.Tensor) -> 
 COLUMNS = ["method", "size", "bits_per_weight", "compression_ratio", "embedding_params", "embedding_bytes", "model_params", "model_bytes",
            "cosine_distance", "rmse", "perplexity_input", "perplexity_ratio_input", "perplexity_tied",
            "perplexity_ratio_tied", "fidelity", "similarity_spearman", "fit_seconds", "latency_ratio",
-           "latency_ratio_cached", "peak_memory_bytes", "cached"]
+           "latency_ratio_cached", "latency_ratio_step", "peak_memory_bytes", "cached"]
 
 
 def columns(report: dict[str, Any]) -> list[str]:

@@ -58,6 +58,13 @@ class Compressed:
         applies A once to the hidden states instead of to every row. Default: A = None (decode gives the rows)."""
         return None, lambda index: cls.decode(tensors, index)
 
+    @classmethod
+    def lookup_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
+        """For a tied head: hidden @ rows^T (float32, hidden.shape[:-1] + (V,)) computed without decoding the
+        rows, where this kind can and it costs less than decoding them for this many hidden states; else None
+        (the default), and the head decodes."""
+        return None
+
     @property
     def shape(self) -> tuple[int, int]:
         raise NotImplementedError

@@ -11,7 +11,7 @@ SHORT = {
     "model_bytes": "model MB", "cosine_distance": "cos dist", "perplexity_input": "ppl input",
     "perplexity_ratio_input": "x orig", "perplexity_tied": "ppl tied", "perplexity_ratio_tied": "x orig",
     "similarity_spearman": "sim rho", "fit_seconds": "fit s", "latency_ratio": "latency x",
-    "latency_ratio_cached": "cached x", "peak_memory_bytes": "peak MB",
+    "latency_ratio_cached": "cached x", "latency_ratio_step": "step x", "peak_memory_bytes": "peak MB",
 }
 HIDDEN = {"cached", "rank"}
 

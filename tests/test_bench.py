@@ -74,6 +74,7 @@ def test_encoder_gets_fidelity_not_perplexity(tiny, text_file, tmp_path):
         assert -1 <= r["fidelity"] < 1 and -1 <= r["similarity_spearman"] <= 1
         assert "perplexity_input" not in r
     assert report["rows"][0]["fidelity"] == 1.0
+    assert all(r["latency_ratio_step"] is None for r in report["rows"])  # an encoder does not generate
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -123,6 +124,8 @@ def test_every_kind_side_by_side_with_bits_per_weight(tiny, text_file, tmp_path)
         # a compact tied head can also keep its decoded matrix; low-rank heads have nothing to cache
         assert (r["latency_ratio_cached"] is None) == (r["method"] == "svd"), r
         assert r["latency_ratio_cached"] is None or r["latency_ratio_cached"] > 0
+        assert r["latency_ratio_step"] > 0  # a causal LM: one token, as in a generation step
+    assert rows[0]["latency_ratio_step"] == 1.0
     # int8 is close to lossless; int4 loses more
     assert abs(by["int8"]["perplexity_ratio_tied"] - 1) < abs(by["int4"]["perplexity_ratio_tied"] - 1) + 1e-3
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG"

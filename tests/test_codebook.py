@@ -61,12 +61,18 @@ def test_decode_shape_dtype_and_row_subsets():
 
 
 @pytest.mark.parametrize("centroids", [16, 64])
-def test_decode_is_the_sum_over_stages_of_each_pieces_centroid(centroids):
+@pytest.mark.parametrize("allocation", ["variance", "equal"])
+def test_decode_is_the_sum_over_stages_of_each_pieces_centroid(centroids, allocation):
     from embzip.codebook import decode_transformed
 
     e = _matrix()
-    tensors = fit_codebook(e, config=CodebookConfig(bits=6, min_piece_dim=3, **{**FAST, "centroids": centroids}))
-    assert "stage1.codes" in tensors  # several stages, pieces of several sizes
+    config = CodebookConfig(bits=6, min_piece_dim=3, allocation=allocation, **{**FAST, "centroids": centroids})
+    tensors = fit_codebook(e, config=config)
+    assert "stage1.codes" in tensors  # several stages
+    stages = [t.tolist() for name, t in tensors.items() if name.endswith(".sizes")]
+    assert allocation == "equal" or any(len(set(sizes)) > 1 for sizes in stages)
+    # equal pieces: each size's pieces side by side (decoded as slices); water-filled: interleaved (indexed)
+    assert all(sizes == sorted(sizes) for sizes in stages) == (allocation == "equal")
     expected = torch.zeros(V, D)
     s = 0
     while f"stage{s}.codes" in tensors:
@@ -165,3 +171,30 @@ def test_bad_config_values_are_refused(field, value, fragment):
     with pytest.raises(ValueError, match=fragment) as info:
         CodebookConfig(**{field: value})
     assert repr(value) in str(info.value) or str(value) in str(info.value)
+
+
+@pytest.mark.parametrize("centroids, coarse", [(16, 0), (64, 1), (256, 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lookup_logits_equal_the_product_with_the_decoded_rows(centroids, coarse, dtype):
+    from embzip.codebook import lookup_logits
+
+    e = _matrix()
+    config = CodebookConfig(bits=6, min_piece_dim=3, coarse=coarse, **{**FAST, "centroids": centroids})
+    tensors = fit_codebook(e, config=config)
+    assert "stage1.codes" in tensors
+    hidden = torch.randn(2, 3, D).to(dtype)  # leading dimensions as a head sees them
+    expected = hidden.float() @ decode_rows(tensors).T
+    got = lookup_logits(tensors, hidden)
+    assert got.shape == (2, 3, V) and got.dtype == torch.float32
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
+    assert lookup_logits(tensors, hidden[:, :0]).shape == (2, 0, V)  # no hidden states, no logits
+
+
+def test_lookup_logits_leave_many_hidden_states_to_decoding(monkeypatch):
+    import embzip.codebook as codebook
+
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=2, **FAST))
+    pieces = sum(len(t) for name, t in tensors.items() if name.endswith(".sizes"))
+    monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 4 * pieces)
+    assert codebook.lookup_logits(tensors, torch.randn(4, D)) is not None
+    assert codebook.lookup_logits(tensors, torch.randn(5, D)) is None  # decoding the rows is cheaper there

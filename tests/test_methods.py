@@ -72,10 +72,18 @@ def test_fit_then_apply_reloads_the_same_logits_and_shrinks(tiny, tmp_path, kind
     assert ("I8" if method == "int8" else "U8") in dtypes  # the compact form is what is stored
 
 
-@pytest.mark.parametrize("method", ["int4", "codebook"])
-def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, method, text_file):
+@pytest.mark.parametrize("method, lookup", [("int4", None), ("codebook", True), ("codebook", False)])
+def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, method, lookup, text_file, monkeypatch):
     import embzip
+    import embzip.codebook
     from embzip.splice import spliced
+
+    if lookup is False:  # the codebook head decodes its rows instead of summing per-piece tables
+        monkeypatch.setattr(embzip.codebook, "_LOOKUP_LIMIT", 0)
+    looked = []
+    original_lookup = embzip.codebook.lookup_logits
+    monkeypatch.setattr(embzip.codebook, "lookup_logits",
+                        lambda *a: looked.append(original_lookup(*a)) or looked[-1])
 
     opened = embzip.open_model(tiny("llama"))
     r = recipe(method, weights_text=text_file)
@@ -93,6 +101,7 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
         weight.copy_(original)
         plain = opened.model(input_ids=ids).logits
     assert size is None or size == 12.0
+    assert bool(looked) == (method == "codebook") and all((t is not None) == lookup for t in looked)
     assert torch.allclose(compressed, dense, atol=1e-5)
     assert not torch.allclose(compressed, plain, atol=1e-3)  # it really is compressed
 
