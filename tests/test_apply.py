@@ -156,3 +156,22 @@ def test_compressed_directory_opens_and_scores_like_the_spliced_model(tiny, tmp_
     assert perplexity(reopened, text)["perplexity"] == pytest.approx(expected, rel=1e-6)
     with pytest.raises(ModelError, match="already compressed"):
         compress(reopened, "svd", rank=2, write=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_low_rank_head_converts_its_codes_in_blocks_to_the_same_logits(tiny, monkeypatch, dtype):
+    import embzip.splice as splice
+
+    opened = open_model(tiny("llama", "bfloat16" if dtype == torch.bfloat16 else "float32"))
+    factors = svd_factors(opened.embedding.detach().float(), 3).to(dtype=torch.float16)  # codes in another dtype
+    hidden = torch.randn(2, 5, factors.hidden).to(dtype)
+    with spliced(opened.model, factors, "tied"):
+        head = opened.model.get_output_embeddings()
+        with torch.no_grad():
+            whole = head(hidden)
+            monkeypatch.setattr(splice, "_HEAD_CHUNK_CPU", 3 * 10)  # blocks of 10 rows: several per head
+            blocked = head(hidden)
+        with_grad = head(hidden)  # training keeps the one product autograd sees whole
+    tol = 1e-5 * whole.abs().max().item()  # the same products, blocked differently by the matmul
+    assert blocked.dtype == dtype and torch.allclose(blocked.float(), whole.float(), rtol=0, atol=tol)
+    assert torch.allclose(with_grad.detach().float(), whole.float(), rtol=0, atol=tol)

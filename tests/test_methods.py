@@ -76,10 +76,12 @@ def test_fit_then_apply_reloads_the_same_logits_and_shrinks(tiny, tmp_path, kind
 def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, method, lookup, text_file, monkeypatch):
     import embzip
     import embzip.codebook
+    import embzip.splice
     from embzip.splice import spliced
 
     if lookup is False:  # the codebook head decodes its rows instead of summing per-piece tables
         monkeypatch.setattr(embzip.codebook, "_LOOKUP_LIMIT", 0)
+    monkeypatch.setattr(embzip.splice, "_HEAD_CHUNK_CPU", 10 * 32)  # decoding: blocks of 10 rows, several per head
     looked = []
     original_lookup = embzip.codebook.lookup_logits
     monkeypatch.setattr(embzip.codebook, "lookup_logits",
