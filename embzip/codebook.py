@@ -269,11 +269,12 @@ def _stage_decode(codes: torch.Tensor, book: torch.Tensor, sizes: torch.Tensor,
         flat = cols.reshape(-1)
         table = book[:, flat.to(device)].view(K, len(idx), size).transpose(0, 1).reshape(-1, size)
         offsets = torch.arange(len(idx), dtype=torch.int32, device=device) * K
-        groups.append((_span(idx), offsets, table, len(flat)))
+        pieces = _span(idx)
+        groups.append((pieces if isinstance(pieces, slice) else pieces.to(codes.device), offsets, table, len(flat)))
         order.append(flat)
     order = torch.cat(order)
     inverse = None if torch.equal(order, torch.arange(d)) else torch.argsort(order).to(device)
-    block = n if device.type != "cpu" else max(64, 2 * _BUFFER // d)
+    block = max(64, 2 * _BUFFER // d) if device.type == "cpu" else max(1024, 2**26 // d)  # 8 MiB; 256 MiB
     for i in range(0, n, block):
         dest = out[i:i + block]
         rows = dest.shape[0]
@@ -389,7 +390,7 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
         start += len(sizes) * book.shape[0]
     offsets = torch.cat(offsets)
     out = torch.empty(V, h.shape[0], device=device)
-    block = V if device.type != "cpu" else max(64, _BUFFER // (4 * pieces))  # a 1 MiB index per block
+    block = max(64, _BUFFER // (4 * pieces)) if device.type == "cpu" else max(1024, 2**26 // pieces)  # 1 MiB; 256 MiB of index
     for i in range(0, V, block):
         index = torch.cat([unpack(codes[i:i + block], book.shape[0], len(sizes)).to(device)
                            for codes, book, sizes in stages], 1).int() + offsets
