@@ -380,8 +380,9 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
     The directory is reloaded and its logits compared with the in-memory model before it is kept.
     Load it with embzip.load_model(DIR), or after `import embzip` with AutoModelForCausalLM /
     AutoModelForMaskedLM / AutoModel.from_pretrained(DIR); it holds no code. A compressed tied head stays
-    compact in memory and decodes its rows at each forward pass (slower, most when generating); pass
-    cache_head=True to either to decode it once and run at the original's speed. With --dense, any
+    compact in memory: a codebook head sums small per-piece tables for a generation step, otherwise it
+    decodes its rows at each forward pass (slower for long batches, at 4 bits per weight and for
+    int8/int4); pass cache_head=True to either to decode it once and run at the original's speed. With --dense, any
     transformers tool loads it.
 
     Example: embzip apply bert-base-uncased bert.fit128.safetensors --out bert-fit128
