@@ -245,8 +245,26 @@ def _span(index: torch.Tensor) -> slice | torch.Tensor:
     return slice(first, first + len(index)) if torch.equal(index, torch.arange(first, first + len(index))) else index
 
 
-def _stage_decode(codes: torch.Tensor, book: torch.Tensor, sizes: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+def _decode_plan(book: torch.Tensor, sizes: torch.Tensor, device: torch.device) -> tuple:
+    """What decoding one stage needs besides its codes: per piece size (pieces, index offsets, table, width),
+    and the column order to restore (None when the groups already sit in order). Built once per stage and
+    re-used for every block of rows (a tied head decodes V rows in ~160 blocks per forward pass)."""
+    K = book.shape[0]
+    book = book.to(device).float()
+    groups, order = [], []
+    for size, (idx, cols) in _groups(sizes.tolist()).items():
+        flat = cols.reshape(-1)
+        table = book[:, flat.to(device)].view(K, len(idx), size).transpose(0, 1).reshape(-1, size)
+        offsets = torch.arange(len(idx), dtype=torch.int32, device=device) * K
+        pieces = _span(idx)
+        groups.append((pieces if isinstance(pieces, slice) else pieces.to(device), offsets, table, len(flat)))
+        order.append(flat)
+    order = torch.cat(order)
+    inverse = None if torch.equal(order, torch.arange(len(order))) else torch.argsort(order).to(device)
+    return groups, inverse, len(order)
+
+
+def _stage_decode(codes: torch.Tensor, plan: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
     """One stage's rows (added into `out` when given): for each piece size, a row gather from a
     (pieces x K, size) table.
 
@@ -258,22 +276,11 @@ def _stage_decode(codes: torch.Tensor, book: torch.Tensor, sizes: torch.Tensor,
     through its column index took twice as long (a PQ stage on Gemma: 0.33-0.43 s against 1.0 s).
     Sorting the sizes would avoid the gather but cost about 1% of perplexity on the validation
     texts (docs/method.md), so they stay as water-filling gives them."""
-    K, d = book.shape
-    n, device = codes.shape[0], book.device
+    groups, inverse, d = plan
+    n, device = codes.shape[0], codes.device
     add = out is not None
     if out is None:
         out = torch.empty(n, d, device=device)
-    book = book.float()
-    groups, order = [], []
-    for size, (idx, cols) in _groups(sizes.tolist()).items():
-        flat = cols.reshape(-1)
-        table = book[:, flat.to(device)].view(K, len(idx), size).transpose(0, 1).reshape(-1, size)
-        offsets = torch.arange(len(idx), dtype=torch.int32, device=device) * K
-        pieces = _span(idx)
-        groups.append((pieces if isinstance(pieces, slice) else pieces.to(codes.device), offsets, table, len(flat)))
-        order.append(flat)
-    order = torch.cat(order)
-    inverse = None if torch.equal(order, torch.arange(d)) else torch.argsort(order).to(device)
     block = max(64, 2 * _BUFFER // d) if device.type == "cpu" else max(1024, 2**26 // d)  # 8 MiB; 256 MiB
     for i in range(0, n, block):
         dest = out[i:i + block]
@@ -290,6 +297,15 @@ def _stage_decode(codes: torch.Tensor, book: torch.Tensor, sizes: torch.Tensor,
             dest += grouped
         elif grouped is not dest:
             dest.copy_(grouped)
+    return out
+
+
+def _stages(tensors: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(codes as stored, codebook, sizes) of each stage, in order."""
+    out, s = [], 0
+    while f"stage{s}.codes" in tensors:
+        out.append((tensors[f"stage{s}.codes"], tensors[f"stage{s}.codebook"], tensors[f"stage{s}.sizes"]))
+        s += 1
     return out
 
 
@@ -339,7 +355,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
             sizes = _sizes(var.cpu(), m, config.allocation)
             codes, book = _stage(residual, wd, sample.to(device), sample_w, sizes, K, config.iterations, gen)
             size_t = torch.tensor(sizes, dtype=torch.int32)
-            recon += _stage_decode(codes, book.cpu(), size_t).to(device)
+            recon += _stage_decode(codes, _decode_plan(book, size_t, codes.device)).to(device)
             tensors[f"stage{s}.codes"] = pack(codes, K).contiguous()
             tensors[f"stage{s}.codebook"] = book.cpu().contiguous()
             tensors[f"stage{s}.sizes"] = size_t
@@ -362,10 +378,7 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
     the float32 original's own matrix product); they are used while states x pieces <= _LOOKUP_LIMIT."""
     d = tensors["transform"].shape[0]
     flat = hidden.reshape(-1, d)
-    stages, s = [], 0
-    while f"stage{s}.codes" in tensors:
-        stages.append((tensors[f"stage{s}.codes"], tensors[f"stage{s}.codebook"], tensors[f"stage{s}.sizes"]))
-        s += 1
+    stages = _stages(tensors)
     pieces = sum(len(sizes) for _, _, sizes in stages)
     if flat.shape[0] * pieces > _LOOKUP_LIMIT:
         return None
@@ -405,18 +418,23 @@ def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = 
     return decode_transformed(tensors, index) @ tensors["transform"].float()
 
 
-def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-    """Rows `index` before the transform (gain included): decode_rows = decode_transformed @ transform."""
+def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None),
+                       plans: list[tuple] | None = None) -> torch.Tensor:
+    """Rows `index` before the transform (gain included): decode_rows = decode_transformed @ transform.
+    `plans` (decode_plans) saves rebuilding each stage's tables when many blocks of rows are decoded."""
+    stages = _stages(tensors)
+    plans = plans or decode_plans(tensors)
     y = None
-    s = 0
-    while f"stage{s}.codes" in tensors:
-        book, sizes = tensors[f"stage{s}.codebook"], tensors[f"stage{s}.sizes"]
-        codes = unpack(tensors[f"stage{s}.codes"][index], book.shape[0], len(sizes))
-        y = _stage_decode(codes, book, sizes, y)
-        s += 1
+    for (codes, book, sizes), plan in zip(stages, plans):
+        y = _stage_decode(unpack(codes[index], book.shape[0], len(sizes)), plan, y)
     if "gain" in tensors:
         y *= tensors["gain"][index].float().unsqueeze(1)
     return y
+
+
+def decode_plans(tensors: dict[str, torch.Tensor]) -> list[tuple]:
+    """Each stage's decode plan, on the device its codes are on."""
+    return [_decode_plan(book, sizes, codes.device) for codes, book, sizes in _stages(tensors)]
 
 
 # -- the storage kind ------------------------------------------------------------------------------
@@ -471,5 +489,7 @@ class Codebook(TensorSet):
 
     @classmethod
     def head_parts(cls, tensors: dict[str, torch.Tensor]):
-        """The transform goes to the hidden states (N x d x d) instead of every decoded row (V x d x d)."""
-        return tensors["transform"], lambda index: decode_transformed(tensors, index)
+        """The transform goes to the hidden states (N x d x d) instead of every decoded row (V x d x d); the
+        stages' decode plans are built once for all the blocks a head decodes."""
+        plans = decode_plans(tensors)
+        return tensors["transform"], lambda index: decode_transformed(tensors, index, plans)
