@@ -275,6 +275,10 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                          "2 CPU cores.", DATA)] = 4096,
         keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
                                                 "counted in the size); the factors code directions.", DATA)] = False,
+        focus: Annotated[float, _opt("codebook: share of the budget for one more stage over only the rows whose "
+                                     "token-weighted error is largest (the frequent tokens'); 0 turns it off. Used "
+                                     "where its codebook costs at most a quarter of that share (not on small "
+                                     "vocabularies at low bits).", CODEBOOK)] = 0.1,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
                                         QUANT)] = 32,
         heal_steps: Annotated[int, _opt("After a low-rank method, distil the factors against the original model "
@@ -331,7 +335,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                           alpha_end=alpha_end, seed=seed, init=init.value),
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
-            codebook=CodebookConfig(seed=seed), group=group_size, sample=SampleConfig(tokens=self_tokens, seed=seed),
+            codebook=CodebookConfig(seed=seed, focus=focus), group=group_size, sample=SampleConfig(tokens=self_tokens, seed=seed),
             heal=HealConfig(steps=heal_steps, lr=heal_lr, seed=seed) if heal_steps > 0 else None,
             weighted_paper=weighted,
             weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset)

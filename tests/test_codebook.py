@@ -21,6 +21,13 @@ def _weights(v=V, seed=1):
     return w / w.mean()
 
 
+def _focus(tensors):
+    """(stage number, rows) of the focus stage: the last stage, the one that codes some rows only."""
+    names = [name for name in tensors if name.endswith(".rows")]
+    assert len(names) == 1 and names[0] == f"stage{sum(n.endswith('.codes') for n in tensors) - 1}.rows"
+    return int(names[0][5:names[0].index(".")]), tensors[names[0]]
+
+
 def _error(e, tensors, w=None, metric=None):
     diff = (e.double() - decode_rows(tensors).double())
     if metric is not None:
@@ -32,7 +39,7 @@ def _error(e, tensors, w=None, metric=None):
 @pytest.mark.parametrize("bits, gain", [(1.5, False), (2.5, True), (3.3, False)])
 @pytest.mark.parametrize("centroids", [16, 64])
 def test_budget_is_met_and_nearly_filled(bits, gain, centroids):
-    config = CodebookConfig(bits=bits, gain=gain, **{**FAST, "centroids": centroids})
+    config = CodebookConfig(bits=bits, gain=gain, focus=0, **{**FAST, "centroids": centroids})
     tensors = fit_codebook(_matrix(), config=config)
     used = stored_bits(tensors, V, D)
     assert used <= bits * V * D
@@ -50,13 +57,17 @@ def test_budget_is_met_and_nearly_filled(bits, gain, centroids):
 
 def test_decode_shape_dtype_and_row_subsets():
     e = _matrix()
-    tensors = fit_codebook(e.double(), config=CodebookConfig(bits=2, **FAST))
+    tensors = fit_codebook(e.double(), weights=_weights(), config=CodebookConfig(bits=2, focus=0.3, **FAST))
+    focus = _focus(tensors)[1]  # a focus stage codes some rows only: subsets must find them
     full = decode_rows(tensors)
     assert full.shape == e.shape and full.dtype == torch.float32
-    index = torch.tensor([5, 0, V - 1, 5])
+    inside, outside = int(focus[3]), next(r for r in range(V) if r not in set(focus.tolist()))
+    index = torch.tensor([5, 0, V - 1, 5, inside, outside, inside])
     # the same rows whatever else is decoded with them (up to float32 matmul blocking)
     assert torch.allclose(decode_rows(tensors, index), full[index], rtol=0, atol=1e-5)
-    assert torch.allclose(decode_rows(tensors, slice(10, 20)), full[10:20], rtol=0, atol=1e-5)
+    for rows in (slice(10, 20), slice(inside, inside + 1), slice(inside - 3, V), slice(0, 0), slice(0, V, 7)):
+        assert torch.allclose(decode_rows(tensors, rows), full[rows], rtol=0, atol=1e-5)
+    assert decode_rows(tensors, torch.tensor([], dtype=torch.long)).shape == (0, D)
     assert not torch.equal(full, e)  # it is a lossy code, not a copy
 
 
@@ -66,9 +77,12 @@ def test_decode_is_the_sum_over_stages_of_each_pieces_centroid(centroids, alloca
     from embzip.codebook import decode_transformed
 
     e = _matrix()
-    config = CodebookConfig(bits=6, min_piece_dim=3, allocation=allocation, **{**FAST, "centroids": centroids})
+    config = CodebookConfig(bits=6, min_piece_dim=3, allocation=allocation, focus=0.4,
+                            **{**FAST, "centroids": centroids})
     tensors = fit_codebook(e, config=config)
     assert "stage1.codes" in tensors  # several stages
+    last, focus = _focus(tensors)  # the last stage codes only these rows
+    focus = focus.tolist()
     stages = [t.tolist() for name, t in tensors.items() if name.endswith(".sizes")]
     assert allocation == "equal" or any(len(set(sizes)) > 1 for sizes in stages)
     # equal pieces: each size's pieces side by side (decoded as slices); water-filled: interleaved (indexed)
@@ -78,15 +92,71 @@ def test_decode_is_the_sum_over_stages_of_each_pieces_centroid(centroids, alloca
     while f"stage{s}.codes" in tensors:
         book, sizes = tensors[f"stage{s}.codebook"].float(), tensors[f"stage{s}.sizes"].tolist()
         codes = unpack(tensors[f"stage{s}.codes"], centroids, len(sizes))
-        for row in range(V):
+        rows = focus if s == last else range(V)
+        for at, row in enumerate(rows):
             start = 0
             for piece, size in enumerate(sizes):
-                expected[row, start:start + size] += book[int(codes[row, piece]), start:start + size]
+                expected[row, start:start + size] += book[int(codes[at, piece]), start:start + size]
                 start += size
         s += 1
     expected *= tensors["gain"].float().unsqueeze(1)
     assert torch.equal(decode_transformed(tensors), expected)
     assert torch.allclose(decode_rows(tensors), expected @ tensors["transform"].float(), atol=1e-5)
+
+
+def test_a_focus_stage_codes_the_rows_of_largest_weighted_error_and_pays_at_equal_bits():
+    from embzip.codebook import focus_rows
+
+    e, w = _matrix(), _weights()
+    config = CodebookConfig(bits=2, focus=0.3, **FAST)  # a share whose codebook is at most a quarter of it
+    focused = fit_codebook(e, weights=w, config=config)
+    flat = fit_codebook(e, weights=w, config=CodebookConfig(bits=2, focus=0, **FAST))
+    stage, rows = _focus(focused)
+    assert not any(name.endswith(".rows") for name in flat)
+    assert rows.dtype == torch.int32 and bool((rows[1:] > rows[:-1]).all()) and 16 <= len(rows) < V
+    assert len(rows) == focused[f"stage{stage}.codes"].shape[0]
+    used = stored_bits(focused)
+    # within the budget, filled up to less than one more focus row (4 bytes of packed indices, a row number)
+    assert 0 <= 2 * V * D - used < 4 * 8 + 32
+    free = 2 * V * D - (used - sum(focused[f"stage{stage}.{n}"].numel() * focused[f"stage{stage}.{n}"].element_size() * 8
+                                   for n in ("rows", "codes", "codebook", "sizes")))
+    assert len(rows) == focus_rows(free, D, config, 16)
+    # the heaviest rows are among them, and the weighted error is lower at equal bits
+    assert set(torch.topk(w, 10).indices.tolist()) <= set(rows.tolist())
+    assert _error(e, focused, w) < 0.9 * _error(e, flat, w)
+
+
+def test_no_focus_stage_where_its_codebook_would_take_more_than_a_quarter_of_its_share():
+    from embzip.codebook import split
+
+    # Gemma-3-270M's shape: 4-16% at 1-4 bpw; all-MiniLM-L6-v2's: 33-67% at 4-2 bpw, 13% only at 8
+    assert all(split(262144, 640, CodebookConfig(bits=b), 256)[1] for b in (1, 2, 4))
+    assert not any(split(30522, 384, CodebookConfig(bits=b), 256)[1] for b in (1, 2, 4))
+    base, focused = split(30522, 384, CodebookConfig(bits=8), 256)
+    assert focused and base.bits == pytest.approx(7.2)
+    assert split(262144, 640, CodebookConfig(bits=2, focus=0), 256) == (CodebookConfig(bits=2, focus=0), False)
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=2, **FAST))  # 16 x 32 x 16 bits > 12800 / 4
+    assert not any(name.endswith(".rows") for name in tensors)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda rows: rows.long(), "int32 'rows'"),
+    (lambda rows: rows.flip(0), "increasing"),
+    (lambda rows: rows + V, "within the vocabulary"),
+    (lambda rows: rows[1:], "one per code row"),
+])
+def test_a_focus_stage_with_bad_rows_is_refused(change, fragment):
+    from embzip.codebook import check_tensors
+    from embzip.errors import FactorsError
+
+    tensors = fit_codebook(_matrix(), weights=_weights(), config=CodebookConfig(bits=2, focus=0.3, **FAST))
+    stage, rows = _focus(tensors)
+    assert check_tensors(tensors) == (V, D)
+    with pytest.raises(FactorsError, match="focus stage") as info:
+        check_tensors({**tensors, f"stage{stage}.rows": change(rows)})
+    assert fragment.split()[0] in str(info.value)
+    with pytest.raises(FactorsError, match="after a stage that codes every row"):  # not as stage 0
+        check_tensors({**tensors, "stage0.rows": rows})
 
 
 def test_pack_round_trip():
@@ -166,6 +236,7 @@ def test_too_few_bits_are_refused():
     ("min_piece_dim", 0.5, "min_piece_dim"), ("allocation", "random", "allocation"),
     ("centroids", 1, "centroids"), ("centroids", 257, "centroids"), ("sample", 0, "sample"),
     ("iterations", -1, "iterations"), ("coarse", -1, "coarse"), ("coarse", 1.5, "coarse"),
+    ("focus", 1, "focus"), ("focus", -0.1, "focus"), ("focus", float("nan"), "focus"),
 ])
 def test_bad_config_values_are_refused(field, value, fragment):
     with pytest.raises(ValueError, match=fragment) as info:

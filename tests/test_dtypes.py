@@ -130,3 +130,24 @@ def test_masked_lm_perplexity_in_the_models_dtype(tiny, tmp_path, text_file, dty
     run("svd", model, "--rank", 3, "-o", tmp_path / "f.safetensors", "-q")
     scored = run("perplexity", model, "--factors", tmp_path / "f.safetensors", "--text", text_file, "--json", "-q")
     assert 1 < scored["perplexity_original"] < float("inf") and 1 < scored["perplexity"] < float("inf")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("head", ["tied", "input"])
+def test_a_codebook_focus_stage_goes_through_fit_and_apply_and_reloads_exactly(tiny, tmp_path, text_file, head,
+                                                                                dtype):
+    model = tiny("llama", dtype)
+    path = tmp_path / "f.safetensors"
+    # a fifth of the budget to the focus stage: on a 112-row vocabulary that pays for its codebook and ~100 rows
+    summary = run("fit", model, "--bits", 12, "--focus", 0.2, "--weights-text", text_file, "--metric-tokens", 256,
+                  "--self-tokens", 64, "-o", path, "--json", "-q")
+    factors = load_factors(path)
+    rows = [t for name, t in factors.tensors().items() if name.endswith(".rows")]
+    assert len(rows) == 1 and 0 < len(rows[0]) < factors.vocab and summary["bits_per_weight"] <= 12
+    assert factors.meta["settings"]["codebook"]["focus"] == 0.2
+    opened = open_model(model)
+    ids = long_ids(opened.model)
+    applied = apply_factors(opened, factors, tmp_path / "out", head=head)
+    expected = logits(opened.model, ids)  # spliced in place: the focus stage's rows included
+    assert torch.equal(logits(load_model(tmp_path / "out"), ids), expected)
+    assert applied["reload_max_abs_diff"] == 0.0

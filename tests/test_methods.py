@@ -88,10 +88,16 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
                         lambda *a: looked.append(original_lookup(*a)) or looked[-1])
 
     opened = embzip.open_model(tiny("llama"))
-    r = recipe(method, weights_text=text_file)
+    from embzip.codebook import CodebookConfig
+
+    # a fifth of the budget to the focus stage: on a 112-row vocabulary that pays for its codebook and ~100 rows
+    r = recipe(method, weights_text=text_file, **({"codebook": CodebookConfig(focus=0.2)} if method == "codebook" else {}))
     size = resolve_size(r, bits=12.0 if method == "codebook" else None, vocab=opened.vocab_size,
                         hidden=opened.hidden_size, dtype=torch.float32)
     factors, _ = embzip.compress(opened, r, bits=12.0 if method == "codebook" else None, write=False)
+    # a codebook's last stage codes some rows only (the focus stage): the head must add it to those rows alone
+    rows = [t for name, t in factors.tensors().items() if name.endswith(".rows")]
+    assert [0 < len(t) < opened.vocab_size for t in rows] == ([True] if method == "codebook" else [])
     ids = torch.tensor([[2, 5, 9, 11, 40]])
     with torch.no_grad(), spliced(opened.model, factors, "tied"):
         compressed = opened.model(input_ids=ids).logits
@@ -154,6 +160,9 @@ def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(ti
     (["--method", "codebook", "--group-size", "16"], "--group-size is an option of --method int4"),
     (["--method", "codebook", "--heal-steps", "3"], "--heal-steps is an option of --method low-rank methods"),
     (["--method", "svd", "--keep-norms"], "--keep-norms is an option of --method wsvd / aware"),
+    (["--method", "aware", "--focus", "0.2"], "--focus is an option of --method codebook, not of aware"),
+    (["--method", "codebook", "--bits", "2", "--focus", "1"], "focus must be a share of the budget in [0, 1), got 1"),
+    (["--method", "codebook", "--bits", "2", "--focus", "-0.5"], "focus must be a share of the budget"),
 ])
 def test_options_of_another_method_are_refused(tiny, tmp_path, args, fragment):
     size = [] if "--bits" in args or "--rank" in args else ["--rank", 2]

@@ -85,6 +85,27 @@ def test_version_1_files_still_load(tmp_path):
     assert isinstance(back, Factors) and torch.equal(back.codes, f.codes)
 
 
+def test_version_2_codebook_files_still_load_and_version_3_holds_the_focus_stage(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from embzip.codebook import Codebook, CodebookConfig, fit_codebook
+
+    e = _matrix(vocab=2000, hidden=32)
+    config = dict(bits=2, centroids=16, sample=1024, iterations=2)
+    written = Codebook(fit_codebook(e, config=CodebookConfig(focus=0.3, **config)))
+    focused = save_factors(written, tmp_path / "v3.safetensors")
+    with safe_open(str(focused), "pt") as f:
+        assert f.metadata()["format_version"] == "3" and any(k.endswith(".rows") for k in f.keys())
+    assert torch.equal(load_factors(focused).reconstruct(), written.reconstruct())
+    plain = save_factors(Codebook(fit_codebook(e, config=CodebookConfig(focus=0, **config))), tmp_path / "p.safetensors")
+    with safe_open(str(plain), "pt") as f:  # what embzip wrote before version 3: the same tensors, version 2
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, tmp_path / "v2.safetensors", metadata={**meta, "format_version": "2"})
+    back = load_factors(tmp_path / "v2.safetensors")
+    assert isinstance(back, Codebook) and torch.equal(back.reconstruct(), load_factors(plain).reconstruct())
+
+
 def _rewrite(tmp_path, tensors, meta, version="2"):
     from safetensors.torch import save_file
 
