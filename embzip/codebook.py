@@ -590,10 +590,6 @@ class Codebook(TensorSet):
     kind = "codebook"
     check = staticmethod(check_tensors)
 
-    @property
-    def stages(self) -> int:
-        return sum(1 for name in self._tensors if name.endswith(".codes"))
-
     @classmethod
     def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
         return decode_rows(tensors, index)
