@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from embzip.aware import normalised_metric
-from embzip.codebook import CodebookConfig, decode_rows, fit_codebook, pack, plan, stored_bits, unpack
+from embzip.codebook import CodebookConfig, _assign, decode_rows, fit_codebook, pack, plan, stored_bits, unpack
 
 V, D = 2000, 32
 FAST = dict(centroids=16, sample=1024, iterations=3)
@@ -49,7 +49,7 @@ def test_budget_is_met_and_nearly_filled(bits, gain, centroids):
     assert used == sum(t.numel() * t.element_size() * 8 for t in tensors.values())
     codes = [t for name, t in tensors.items() if name.endswith(".codes")]
     assert all(t.dtype == torch.uint8 for t in codes)
-    coarse, pieces = plan(V, D, config, centroids)
+    coarse, pieces, _ = plan(V, D, config, centroids)
     # the PQ stages' pieces, plus each coarse stage's one index in a byte of its own
     assert sum(t.shape[1] for t in codes) * 8 == sum(pieces) * index_bits + 8 * coarse
     assert [tensors[f"stage{s}.sizes"].tolist() for s in range(coarse)] == [[D]] * coarse  # one piece, whole rows
@@ -157,6 +157,23 @@ def test_a_focus_stage_with_bad_rows_is_refused(change, fragment):
     assert fragment.split()[0] in str(info.value)
     with pytest.raises(FactorsError, match="after a stage that codes every row"):  # not as stage 0
         check_tensors({**tensors, "stage0.rows": rows})
+
+
+@pytest.mark.parametrize("K", [2, 16, 256])
+def test_assignment_finds_the_nearest_centroid(K):
+    gen = torch.Generator().manual_seed(K)
+    x = torch.randn(3, 9000, 5, generator=gen) * 4  # more rows than one block of the assignment
+    c = torch.randn(3, K, 5, generator=gen) * 4
+    c[1, -1] = x[1, 7]  # a centroid on a row: distance 0, where rounding can go below zero
+    codes = _assign(x, c)
+    assert codes.shape == (3, 9000) and codes.dtype == torch.long
+    dist = torch.cdist(x.double(), c.double()).pow(2)  # (3, 9000, K)
+    chosen = dist.gather(2, codes.unsqueeze(2)).squeeze(2)
+    best = dist.min(2).values
+    # the nearest, up to ties in the last 8 of float32's 24 mantissa bits (and the rounding of |x|^2 + |c|^2)
+    assert torch.all(chosen - best <= 1e-4 * (x.double().pow(2).sum(2) + 16))
+    assert (codes == dist.argmin(2)).float().mean() > 0.999
+    assert codes[1, 7] == K - 1
 
 
 def test_pack_round_trip():
