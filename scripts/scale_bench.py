@@ -25,6 +25,7 @@ SHAPES = {
     # name: (vocab, hidden, layers, intermediate, heads, kv heads, tied)
     "llama3-8b": (128256, 4096, 32, 14336, 32, 8, False),
     "small": (32768, 512, 30, 3072, 8, 2, False),  # the test's: 32 MB embedding, ~10x more elsewhere
+    "tiny": (1024, 64, 2, 128, 4, 2, False),  # the test's baseline: the same commands with next to no data
 }
 WORDS = "the of and to a in is it you that he was for on are with as his they be at one have this from".split()
 
