@@ -133,9 +133,14 @@ def unpack(packed: torch.Tensor, centroids: int, pieces: int) -> torch.Tensor:
     return torch.stack([packed & 15, packed >> 4], 2).reshape(packed.shape[0], 2 * packed.shape[1])[:, :pieces]
 
 
+def _per_byte(centroids: int) -> int:
+    """Pieces whose indices share one byte of a row: 2 with 4-bit indices, else 1."""
+    return 8 // _index_bits(centroids)
+
+
 def _stage_pieces(hidden: int, config: CodebookConfig, centroids: int) -> int:
     """The most pieces one PQ stage has (d / min_piece_dim, in whole bytes of indices per row)."""
-    unit = 2 if _index_bits(centroids) == 4 else 1
+    unit = _per_byte(centroids)
     return max(unit, int(hidden // config.min_piece_dim) // unit * unit)
 
 
@@ -195,7 +200,7 @@ def _pq_plan(vocab: int, hidden: int, config: CodebookConfig, centroids: int, co
     fixed = 16 * hidden * hidden + (16 * vocab if config.gain else 0)
     # each coarse stage: one uint8 index (a padded byte with 4-bit indices) per row and a K x d codebook
     fixed += coarse * (8 * vocab + 16 * centroids * hidden)
-    unit = 2 if _index_bits(centroids) == 4 else 1  # pieces per byte of each row
+    unit = _per_byte(centroids)
     per_stage_max = _stage_pieces(hidden, config, centroids)
     stages = 1
     while True:
@@ -387,8 +392,8 @@ def _members(rows: torch.Tensor, index: torch.Tensor | slice, vocab: int) -> tup
     if isinstance(index, slice):
         start, stop, step = index.indices(vocab)
         if step == 1:
-            a, b = (int(torch.searchsorted(rows, torch.tensor(v, dtype=rows.dtype, device=rows.device)))
-                    for v in (start, max(start, stop)))
+            a, b = torch.searchsorted(rows, torch.tensor([start, max(start, stop)], dtype=rows.dtype,
+                                                         device=rows.device)).tolist()
             return (rows[a:b] - start).long(), slice(a, b)
         index = torch.arange(start, stop, step)
     index = index.to(rows.device)
@@ -431,8 +436,9 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     root, inv_root = _root(metric) if metric is not None else (torch.eye(d, dtype=torch.float64),) * 2
     e = embedding.to(device=device, dtype=torch.float32)
     x = e @ root.float().to(device)
-    mean = (w.to(device).float() @ x) / V
-    z = (x - mean) * w.to(device).float().sqrt().unsqueeze(1)
+    wd = w.to(device=device, dtype=torch.float32)
+    mean = (wd @ x) / V
+    z = (x - mean) * wd.sqrt().unsqueeze(1)
     cov = z.T @ z  # float32 products (relative error ~1e-6 on Gemma; float64 took 4x as long)
     del z
     evals, evecs = torch.linalg.eigh(cov.double().cpu())
@@ -444,14 +450,14 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     coarse, pq, focused = plan(V, d, config, K)
     pieces = [1] * coarse + pq  # coarse stages: one piece of width d
     sample, sample_w = _training_rows(w, config.sample, K, gen)
-    wd = w.to(device=device, dtype=torch.float32)
     tensors = {"transform": transform.cpu().contiguous()}
     recon = torch.zeros_like(y)
 
     def add_stage(s, rows, m):
         """Fit stage s on the residual of `rows` (None: all rows) with m pieces; store it, update recon."""
-        residual = y - recon if rows is None else (y - recon)[rows.to(device)]
-        ws = wd if rows is None else wd[rows.to(device)]
+        at = None if rows is None else rows.to(device)
+        residual = y - recon if at is None else y[at] - recon[at]
+        ws = wd if at is None else wd[at]
         var = (ws @ residual.pow(2)) / len(ws) - ((ws @ residual) / len(ws)).pow(2)
         sizes = _sizes(var.cpu(), m, config.allocation)
         drawn, drawn_w = (sample, sample_w) if rows is None else _training_rows(w[rows], config.sample, K, gen)
@@ -461,7 +467,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
         if rows is None:
             recon.add_(decoded)
         else:
-            recon.index_add_(0, rows.to(device), decoded)
+            recon.index_add_(0, at, decoded)
             tensors[f"stage{s}.rows"] = rows.to(torch.int32).contiguous()
         tensors[f"stage{s}.codes"] = pack(codes, K).contiguous()
         tensors[f"stage{s}.codebook"] = book.cpu().contiguous()
@@ -518,7 +524,7 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
 def _lookup(stages: list[tuple], h: torch.Tensor, n: int) -> torch.Tensor:
     """(n, N): for stages whose codes have n rows, each row's sum over pieces of h's piece . its centroid."""
     device = h.device
-    tables = []
+    tables, offsets, start = [], [], 0
     for _, book, sizes, _ in stages:
         K = book.shape[0]
         table = torch.empty(len(sizes), K, h.shape[0], device=device)
@@ -527,11 +533,9 @@ def _lookup(stages: list[tuple], h: torch.Tensor, n: int) -> torch.Tensor:
             cols = cols.to(device)
             table[idx.to(device)] = torch.einsum("nms,kms->mkn", h[:, cols], book[:, cols])
         tables.append(table.view(len(sizes) * K, h.shape[0]))
+        offsets.append(start + torch.arange(len(sizes), dtype=torch.int32, device=device) * K)
+        start += len(sizes) * K
     table = torch.cat(tables)  # (pieces x K, N): row p * K + k is piece p's centroid k
-    offsets, start = [], 0
-    for codes, book, sizes, _ in stages:
-        offsets.append(start + torch.arange(len(sizes), dtype=torch.int32, device=device) * book.shape[0])
-        start += len(sizes) * book.shape[0]
     offsets = torch.cat(offsets)
     pieces = len(offsets)
     out = torch.empty(n, h.shape[0], device=device)
@@ -593,7 +597,7 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
         if book is None or sizes is None or codes.dtype != torch.uint8 or codes.ndim != 2 \
                 or not book.is_floating_point() or book.ndim != 2 or book.shape[1] != hidden \
                 or sizes.dtype != torch.int32 or int(sizes.sum()) != hidden or (sizes < 1).any() \
-                or codes.shape[1] * (2 if book.shape[0] <= 16 else 1) < len(sizes):
+                or codes.shape[1] * _per_byte(book.shape[0]) < len(sizes):
             raise FactorsError(f"codebook stage {s} is inconsistent (codes uint8 V x m, codebook K x {hidden} "
                                f"float, sizes int32 summing to {hidden})")
         if rows is None:
