@@ -277,8 +277,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                                 "counted in the size); the factors code directions.", DATA)] = False,
         focus: Annotated[float, _opt("codebook: share of the budget for one more stage over only the rows whose "
                                      "token-weighted error is largest (the frequent tokens'); 0 turns it off. Used "
-                                     "where its codebook costs at most a quarter of that share (not on small "
-                                     "vocabularies at low bits).", CODEBOOK)] = 0.1,
+                                     "where that share pays for its codebook and at least as many rows.",
+                                     CODEBOOK)] = 0.1,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
                                         QUANT)] = 32,
         heal_steps: Annotated[int, _opt("After a low-rank method, distil the factors against the original model "

@@ -35,11 +35,14 @@ weighted centroid update runs on all rows. Distances ||x||^2 - 2 x.c + ||c||^2 a
 matmuls over pieces of equal size, in row chunks.
 
 The coarse stage is stored as stage 0 with a single piece (sizes [d]): the file format is the one
-residual PQ already had. Stored: `transform` (A^(-1), d x d, float16), per stage
-`stage{s}.codes` (V x m_s, uint8), `stage{s}.codebook` (K x d, float16: piece j owns its columns) and `stage{s}.sizes` (int32, m_s),
-for the focus stage `stage{s}.rows` (int32, n, increasing; its codes are n x m_s),
-and `gain` (V, float16) if used. `stored_bits` counts all of it; the budget bits * V * d is never
-exceeded.
+residual PQ already had. Stored: `transform` (A^(-1), d x d, int8 with `transform.scale`, a 16-bit
+scale per row), per stage `stage{s}.codes` (V x m_s, uint8), `stage{s}.codebook` (K x d, int8: piece j
+owns its columns) with `stage{s}.codebook.scale` (a 16-bit scale per column) and `stage{s}.sizes`
+(int32, m_s), for the focus stage `stage{s}.rows` (int32, n, increasing; its codes are n x m_s), and
+`gain` (V, float16) if used. `stored_bits` counts all of it; the budget bits * V * d is never
+exceeded. The tables in int8 take half the bits of 16-bit floats (which files of format 3 hold, and
+which still decode) and cost no measurable accuracy; the bits they free go to indices (on
+all-MiniLM-L6-v2 the tables were a sixth of a 2 bpw budget).
 """
 
 from __future__ import annotations
@@ -92,14 +95,14 @@ class CodebookConfig:
             bad("coarse", self.coarse, "None or a whole number >= 0")
 
     def coarse_stages(self, vocab: int, hidden: int, centroids: int) -> int:
-        """Coarse stages asked for. By default one when it costs at most 5% of the budget, below 3 bits per
-        weight. Measured on validation texts (docs/method.md): on Gemma-3-270M (1.4-2.8% of the budget at
+        """Coarse stages asked for. By default one when it costs at most 3% of the budget, below 3 bits per
+        weight. Measured on validation texts (docs/method.md): on Gemma-3-270M (1.0-2.0% of the budget at
         1-2 bpw) it lowered the perplexity cost at 1 and 2 bpw and raised it at 4; on all-MiniLM-L6-v2
-        (a 30522-row vocabulary: 8-15%) it bought no more than the bits it took."""
+        (a 30522-row vocabulary: 4.4-8.8%) it bought no more than the bits it took."""
         if self.coarse is not None:
             return self.coarse
-        share = (8 * vocab + 16 * centroids * hidden) / (self.bits * vocab * hidden)
-        return 1 if self.bits < 3 and share <= 0.05 else 0
+        share = (8 * vocab + _book_bits(centroids, hidden)) / (self.bits * vocab * hidden)
+        return 1 if self.bits < 3 and share <= 0.03 else 0
 
     def settings(self) -> dict:
         return asdict(self)
@@ -112,6 +115,30 @@ def _bits_of(t: torch.Tensor) -> int:
 def stored_bits(tensors: dict[str, torch.Tensor], vocab: int | None = None, hidden: int | None = None) -> int:
     """Bits of everything stored (vocab/hidden are accepted for a uniform interface)."""
     return sum(_bits_of(t) for t in tensors.values())
+
+
+def _book_bits(rows: int, hidden: int) -> int:
+    """Bits of a stored rows x d table (a codebook, or the d x d transform): int8 entries and a 16-bit scale per
+    column of a codebook (per row of the transform: both are d scales)."""
+    return 8 * rows * hidden + 16 * hidden
+
+
+def _round8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 levels -127..127, 16-bit absmax scale) of t, one scale per slice along `dim` (the scale keeps that
+    dim, size 1). Levels * scale.float() is what decoding will use."""
+    scale = (t.abs().amax(dim, keepdim=True) / 127).to(_STORE)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (t / scale.to(t.dtype)).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantized(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A stored table (`transform`, `stage{s}.codebook`) in float32: int8 levels times their scales (`NAME.scale`:
+    one per column of a codebook, per row of the transform), or the 16-bit floats of format 3 files."""
+    t = tensors[name]
+    if not t.is_floating_point():
+        scale = tensors[name + ".scale"].float()
+        return t.float() * (scale.unsqueeze(1) if name == "transform" else scale)
+    return t.float()
 
 
 def _index_bits(centroids: int) -> int:
@@ -149,19 +176,20 @@ def focus_rows(free: float, hidden: int, config: CodebookConfig, centroids: int)
     a 32-bit row number. 0 when that is fewer rows than centroids (too few to train them)."""
     pieces = _stage_pieces(hidden, config, centroids)
     per_row = 8 * math.ceil(pieces * _index_bits(centroids) / 8) + 32
-    rows = int((free - 16 * centroids * hidden - 32 * pieces) // per_row)
+    rows = int((free - _book_bits(centroids, hidden) - 32 * pieces) // per_row)
     return rows if rows >= centroids else 0
 
 
 def split(vocab: int, hidden: int, config: CodebookConfig, centroids: int) -> tuple[CodebookConfig, bool]:
     """(the settings of the stages every row has, whether a focus stage follows).
 
-    The focus stage takes `config.focus` of the budget when its K x d codebook costs at most a quarter of
-    that share (so it codes many rows: Gemma-3-270M 4-16% at 1-4 bpw; all-MiniLM-L6-v2, 30522 rows,
-    33-67% at 4-2 bpw, where it did not pay) and what is left still holds the other stages; else all of
-    the budget goes to the stages every row has."""
+    The focus stage takes `config.focus` of the budget when that share pays for its codebook and at least K
+    rows, and what is left still holds the other stages; else all of the budget goes to the stages every
+    row has. (With 16-bit codebooks it was left out where the codebook cost more than a quarter of the
+    share, because there, on all-MiniLM-L6-v2, it did not pay; with int8 codebooks it pays there too:
+    docs/method.md.)"""
     share = config.focus * config.bits * vocab * hidden
-    if config.focus > 0 and 16 * centroids * hidden <= share / 4 and focus_rows(share, hidden, config, centroids):
+    if config.focus > 0 and focus_rows(share, hidden, config, centroids):
         base = replace(config, bits=config.bits * (1 - config.focus))
         try:
             _pq_plan(vocab, hidden, base, centroids, 0)
@@ -197,14 +225,14 @@ def plan(vocab: int, hidden: int, config: CodebookConfig, centroids: int) -> Pla
 
 def _pq_plan(vocab: int, hidden: int, config: CodebookConfig, centroids: int, coarse: int) -> list[int]:
     budget = config.bits * vocab * hidden
-    fixed = 16 * hidden * hidden + (16 * vocab if config.gain else 0)
+    fixed = _book_bits(hidden, hidden) + (16 * vocab if config.gain else 0)  # the transform: a d x d table too
     # each coarse stage: one uint8 index (a padded byte with 4-bit indices) per row and a K x d codebook
-    fixed += coarse * (8 * vocab + 16 * centroids * hidden)
+    fixed += coarse * (8 * vocab + _book_bits(centroids, hidden))
     unit = _per_byte(centroids)
     per_stage_max = _stage_pieces(hidden, config, centroids)
     stages = 1
     while True:
-        free = budget - fixed - stages * 16 * centroids * hidden
+        free = budget - fixed - stages * _book_bits(centroids, hidden)
         total = int(free // (8 * vocab + 32 * unit)) * unit
         if total < stages * unit:
             raise ValueError(f"{config.bits} bits per weight cannot hold one piece per row in each of {stages} "
@@ -294,11 +322,13 @@ def _update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, c: torch.Tens
 
 
 def _stage(y: torch.Tensor, w: torch.Tensor, sample: torch.Tensor, sample_w: torch.Tensor, sizes: list[int],
-           K: int, iterations: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One PQ stage on y (V x d): (codes V x m uint8, codebook K x d float16)."""
+           K: int, iterations: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One PQ stage on y (V x d): (codes V x m uint8, codebook K x d int8, its scales d float16). Each piece's
+    centroids are rounded to int8 with a scale per column before the rows are coded against them for good."""
     V, d = y.shape
     codes = torch.empty(V, len(sizes), dtype=torch.uint8)
-    book = torch.empty(K, d, dtype=y.dtype, device=y.device)
+    book = torch.empty(K, d, dtype=torch.int8)
+    scales = torch.empty(d, dtype=_STORE)
     ys = y[sample]
     start = torch.randperm(len(sample), generator=gen)[:K].to(y.device)
     for size, (idx, cols) in _groups(sizes).items():
@@ -309,10 +339,12 @@ def _stage(y: torch.Tensor, w: torch.Tensor, sample: torch.Tensor, sample_w: tor
             c = _update(xs, sample_w, _assign(xs, c), c)
         xa = y[:, cols].permute(1, 0, 2).contiguous()
         assigned = _assign(xa, c)
-        c = _update(xa, w, assigned, c).to(_STORE).to(y.dtype)  # one weighted update on all rows
+        levels, scale = _round8(_update(xa, w, assigned, c), 1)  # one weighted update on all rows, then int8
         codes[:, idx] = assigned.T.to(torch.uint8).cpu()
-        book[:, cols.reshape(-1)] = c.permute(1, 0, 2).reshape(K, -1)
-    return codes, book.to(_STORE)
+        flat = cols.reshape(-1).cpu()
+        book[:, flat] = levels.permute(1, 0, 2).reshape(K, -1).cpu()
+        scales[flat] = scale.reshape(-1).cpu()
+    return codes, book, scales
 
 
 def _span(index: torch.Tensor) -> slice | torch.Tensor:
@@ -381,7 +413,8 @@ def _stages(tensors: dict[str, torch.Tensor]) -> list[tuple]:
     else the sorted row numbers a focus stage codes (its codes are in that order)."""
     out, s = [], 0
     while f"stage{s}.codes" in tensors:
-        out.append(tuple(tensors.get(f"stage{s}.{name}") for name in ("codes", "codebook", "sizes", "rows")))
+        out.append((tensors[f"stage{s}.codes"], dequantized(tensors, f"stage{s}.codebook"), tensors[f"stage{s}.sizes"],
+                    tensors.get(f"stage{s}.rows")))
         s += 1
     return out
 
@@ -444,13 +477,17 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     evals, evecs = torch.linalg.eigh(cov.double().cpu())
     rot = evecs.flip(1)
     rot = rot * torch.sign(rot.gather(0, rot.abs().argmax(0, keepdim=True)))
-    y = x @ rot.float().to(device)
-    transform = (rot.T @ inv_root).to(_STORE)
+    del x
+    # The transform A^(-1) is stored in int8 (a scale per row); y comes from the inverse of what is stored, so
+    # decoding y gives e back exactly and rounding the transform only tilts the metric a little (relative
+    # ~1/254), instead of adding its own error to every row.
+    levels, scale = _round8(rot.T @ inv_root, 1)
+    y = e @ torch.linalg.inv(levels.double() * scale.double()).float().to(device)
     K = min(config.centroids, V)
     coarse, pq, focused = plan(V, d, config, K)
     pieces = [1] * coarse + pq  # coarse stages: one piece of width d
     sample, sample_w = _training_rows(w, config.sample, K, gen)
-    tensors = {"transform": transform.cpu().contiguous()}
+    tensors = {"transform": levels.contiguous(), "transform.scale": scale.squeeze(1).contiguous()}
     recon = torch.zeros_like(y)
 
     def add_stage(s, rows, m):
@@ -461,16 +498,18 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
         var = (ws @ residual.pow(2)) / len(ws) - ((ws @ residual) / len(ws)).pow(2)
         sizes = _sizes(var.cpu(), m, config.allocation)
         drawn, drawn_w = (sample, sample_w) if rows is None else _training_rows(w[rows], config.sample, K, gen)
-        codes, book = _stage(residual, ws, drawn.to(device), drawn_w.to(device), sizes, K, config.iterations, gen)
+        codes, book, scales = _stage(residual, ws, drawn.to(device), drawn_w.to(device), sizes, K,
+                                     config.iterations, gen)
         size_t = torch.tensor(sizes, dtype=torch.int32)
-        decoded = _stage_decode(codes, _decode_plan(book, size_t, codes.device)).to(device)
+        decoded = _stage_decode(codes, _decode_plan(book.float() * scales.float(), size_t, codes.device)).to(device)
         if rows is None:
             recon.add_(decoded)
         else:
             recon.index_add_(0, at, decoded)
             tensors[f"stage{s}.rows"] = rows.to(torch.int32).contiguous()
         tensors[f"stage{s}.codes"] = pack(codes, K).contiguous()
-        tensors[f"stage{s}.codebook"] = book.cpu().contiguous()
+        tensors[f"stage{s}.codebook"] = book.contiguous()
+        tensors[f"stage{s}.codebook.scale"] = scales
         tensors[f"stage{s}.sizes"] = size_t
 
     with bar("codebook stages", len(pieces) + focused, enabled=progress) as b:
@@ -510,7 +549,7 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
     if flat.shape[0] == 0:
         return torch.zeros(*hidden.shape[:-1], V, device=hidden.device)
     device = flat.device
-    h = flat.float() @ tensors["transform"].to(device).float().T  # (N, d)
+    h = flat.float() @ dequantized(tensors, "transform").to(device).T  # (N, d)
     full = [stage for stage in stages if stage[3] is None]
     out = _lookup(full, h, V)
     for codes, book, sizes, rows in stages:  # focus stages add to their rows only
@@ -553,7 +592,7 @@ def _lookup(stages: list[tuple], h: torch.Tensor, n: int) -> torch.Tensor:
 
 def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """Rows `index` of the reconstructed embedding, float32."""
-    return decode_transformed(tensors, index) @ tensors["transform"].float()
+    return decode_transformed(tensors, index) @ dequantized(tensors, "transform").to(tensors["transform"].device)
 
 
 def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None),
@@ -585,21 +624,31 @@ from .compressed import TensorSet, register  # noqa: E402
 from .errors import FactorsError  # noqa: E402
 
 
+def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:
+    """A stored table is n x d: int8 with `NAME.scale` (d floats), or floats (format 3) without one."""
+    t, scale = tensors.get(name), tensors.get(name + ".scale")
+    if t is None or t.ndim != 2 or t.shape[1] != hidden:
+        return False
+    if t.is_floating_point():
+        return scale is None
+    return t.dtype == torch.int8 and scale is not None and scale.is_floating_point() and tuple(scale.shape) == (hidden,)
+
+
 def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(V, d) of a codebook tensor set, or a one-line FactorsError naming what is inconsistent."""
     transform = tensors.get("transform")
-    if transform is None or transform.ndim != 2 or transform.shape[0] != transform.shape[1] \
-            or not transform.is_floating_point():
-        raise FactorsError("codebook tensors need a square float 'transform'")
+    if transform is None or transform.ndim != 2 or not _table_ok(tensors, "transform", transform.shape[0]):
+        raise FactorsError("codebook tensors need a square 'transform': int8 with 'transform.scale' (one float per "
+                           "row), or floats")
     hidden, vocab, s = transform.shape[0], None, 0
     while f"stage{s}.codes" in tensors:
         codes, book, sizes, rows = (tensors.get(f"stage{s}.{n}") for n in ("codes", "codebook", "sizes", "rows"))
         if book is None or sizes is None or codes.dtype != torch.uint8 or codes.ndim != 2 \
-                or not book.is_floating_point() or book.ndim != 2 or book.shape[1] != hidden \
+                or not _table_ok(tensors, f"stage{s}.codebook", hidden) \
                 or sizes.dtype != torch.int32 or int(sizes.sum()) != hidden or (sizes < 1).any() \
                 or codes.shape[1] * _per_byte(book.shape[0]) < len(sizes):
             raise FactorsError(f"codebook stage {s} is inconsistent (codes uint8 V x m, codebook K x {hidden} "
-                               f"float, sizes int32 summing to {hidden})")
+                               f"int8 with {hidden} float scales or floats, sizes int32 summing to {hidden})")
         if rows is None:
             if vocab is not None and codes.shape[0] != vocab:
                 raise FactorsError(f"codebook stage {s} codes {codes.shape[0]} rows, stage 0 {vocab}")
@@ -637,4 +686,4 @@ class Codebook(TensorSet):
         """The transform goes to the hidden states (N x d x d) instead of every decoded row (V x d x d); the
         stages' decode plans are built once for all the blocks a head decodes."""
         plans = decode_plans(tensors)
-        return tensors["transform"], lambda index: decode_transformed(tensors, index, plans)
+        return dequantized(tensors, "transform"), lambda index: decode_transformed(tensors, index, plans)

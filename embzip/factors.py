@@ -4,11 +4,14 @@ Low-rank (kind ``lowrank``): row i of the embedding is rebuilt as ``codes[i] @ d
 decoder_bias``; when ``norms`` is present the rebuilt row is rescaled to length ``norms[i]``
 (direction from the factors, length stored exactly).
 
-The factors file is safetensors with a JSON metadata entry. Format version 3 (this one) stores
+The factors file is safetensors with a JSON metadata entry. Format version 4 (this one) stores
 any kind (compressed.py: lowrank, quant, codebook) with its tensors at their compact dtypes
-(uint8 indices, int4 packed two per byte, 16-bit floats); version 3 adds a codebook's focus stage
-(a stage over some rows only, `stage{s}.rows`), which version 2 readers would misread, so they are
-told to upgrade. Version 2 and version 1 files (low-rank only) keep loading. Loading checks what the file claims against what it holds. See docs/format.md.
+(uint8 indices, int4 packed two per byte, int8 tables with 16-bit scales, 16-bit floats). Version 3
+added a codebook's focus stage (a stage over some rows only, `stage{s}.rows`); version 4 stores a
+codebook's transform and codebooks as int8 with a 16-bit scale per row or column (`NAME.scale`),
+which older readers would refuse as malformed, so they are told to upgrade. Versions 1 to 3 keep
+loading (a codebook's tables as 16-bit floats). Loading checks what the file claims against what it
+holds. See docs/format.md.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from .outputs import atomic_write, check_output_file  # noqa: F401 (re-exported)
 from .sizes import factored_params
 
 FORMAT_NAME = "embzip.factors"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 CODES = "codes"
 DECODER = "decoder"
 DECODER_BIAS = "decoder_bias"
@@ -174,7 +177,7 @@ def _check_claims(path: Path, meta: dict[str, Any], factors: Compressed) -> None
 
 
 def load_factors(path: str | os.PathLike) -> Compressed:
-    """Read a factors file (any kind; format 1 to 3), checking its format, version and claims."""
+    """Read a factors file (any kind; format 1 to 4), checking its format, version and claims."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 

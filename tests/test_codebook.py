@@ -90,7 +90,9 @@ def test_decode_is_the_sum_over_stages_of_each_pieces_centroid(centroids, alloca
     expected = torch.zeros(V, D)
     s = 0
     while f"stage{s}.codes" in tensors:
-        book, sizes = tensors[f"stage{s}.codebook"].float(), tensors[f"stage{s}.sizes"].tolist()
+        levels, scale = tensors[f"stage{s}.codebook"], tensors[f"stage{s}.codebook.scale"]
+        assert levels.dtype == torch.int8 and int(levels.abs().max()) <= 127 and scale.dtype == torch.float16
+        book, sizes = levels.float() * scale.float(), tensors[f"stage{s}.sizes"].tolist()  # a scale per column
         codes = unpack(tensors[f"stage{s}.codes"], centroids, len(sizes))
         rows = focus if s == last else range(V)
         for at, row in enumerate(rows):
@@ -101,7 +103,10 @@ def test_decode_is_the_sum_over_stages_of_each_pieces_centroid(centroids, alloca
         s += 1
     expected *= tensors["gain"].float().unsqueeze(1)
     assert torch.equal(decode_transformed(tensors), expected)
-    assert torch.allclose(decode_rows(tensors), expected @ tensors["transform"].float(), atol=1e-5)
+    levels, scale = tensors["transform"], tensors["transform.scale"]
+    assert levels.dtype == torch.int8 and levels.shape == (D, D) and scale.shape == (D,)
+    transform = levels.float() * scale.float().unsqueeze(1)  # a scale per row
+    assert torch.allclose(decode_rows(tensors), expected @ transform, atol=1e-5)
 
 
 def test_a_focus_stage_codes_the_rows_of_largest_weighted_error_and_pays_at_equal_bits():
@@ -119,24 +124,27 @@ def test_a_focus_stage_codes_the_rows_of_largest_weighted_error_and_pays_at_equa
     # within the budget, filled up to less than one more focus row (4 bytes of packed indices, a row number)
     assert 0 <= 2 * V * D - used < 4 * 8 + 32
     free = 2 * V * D - (used - sum(focused[f"stage{stage}.{n}"].numel() * focused[f"stage{stage}.{n}"].element_size() * 8
-                                   for n in ("rows", "codes", "codebook", "sizes")))
+                                   for n in ("rows", "codes", "codebook", "codebook.scale", "sizes")))
     assert len(rows) == focus_rows(free, D, config, 16)
     # the heaviest rows are among them, and the weighted error is lower at equal bits
     assert set(torch.topk(w, 10).indices.tolist()) <= set(rows.tolist())
     assert _error(e, focused, w) < 0.9 * _error(e, flat, w)
 
 
-def test_no_focus_stage_where_its_codebook_would_take_more_than_a_quarter_of_its_share():
-    from embzip.codebook import split
+def test_a_focus_stage_where_its_share_pays_for_its_codebook_and_as_many_rows():
+    from embzip.codebook import focus_rows, split
 
-    # Gemma-3-270M's shape: 4-16% at 1-4 bpw; all-MiniLM-L6-v2's: 33-67% at 4-2 bpw, 13% only at 8
-    assert all(split(262144, 640, CodebookConfig(bits=b), 256)[1] for b in (1, 2, 4))
-    assert not any(split(30522, 384, CodebookConfig(bits=b), 256)[1] for b in (1, 2, 4))
-    base, focused = split(30522, 384, CodebookConfig(bits=8), 256)
-    assert focused and base.bits == pytest.approx(7.2)
+    # Gemma-3-270M's and all-MiniLM-L6-v2's shapes: the share holds the int8 codebook (2-68% of it) and many rows
+    for vocab, hidden in ((262144, 640), (30522, 384)):
+        for bits in (1, 2, 4):
+            base, focused = split(vocab, hidden, CodebookConfig(bits=bits), 256)
+            assert focused and base.bits == pytest.approx(0.9 * bits)
     assert split(262144, 640, CodebookConfig(bits=2, focus=0), 256) == (CodebookConfig(bits=2, focus=0), False)
-    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=2, **FAST))  # 16 x 32 x 16 bits > 12800 / 4
-    assert not any(name.endswith(".rows") for name in tensors)
+    # a 2000 x 32 matrix, 16 centroids: 2% of 2 bits per weight is 2560 bits, less than the 4608 of the codebook
+    config = CodebookConfig(bits=2, focus=0.02, **FAST)
+    assert focus_rows(0.02 * 2 * V * D, D, config, 16) == 0 and split(V, D, config, 16) == (config, False)
+    assert not any(name.endswith(".rows") for name in fit_codebook(_matrix(), config=config))
+    assert split(V, D, CodebookConfig(bits=2, focus=0.1, **FAST), 16)[1]  # 12800 bits: the codebook and 124 rows
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -235,10 +243,11 @@ def test_seeded_runs_repeat_exactly_and_seeds_differ():
 def test_coarse_stages_the_budget_cannot_hold_are_left_out():
     assert plan(V, D, CodebookConfig(bits=1.5, **FAST), 16)[0] == 0  # a 2000 x 32 matrix at 1.5 bits: no room
     assert plan(V, D, CodebookConfig(bits=4, coarse=2, **FAST), 16)[0] == 2
-    # the default: one below 3 bits per weight where it costs at most 5% of the budget
-    assert plan(262144, 640, CodebookConfig(bits=2), 256)[0] == 1  # Gemma: 1.4%
+    # the default: one below 3 bits per weight where it costs at most 3% of the budget
+    assert plan(262144, 640, CodebookConfig(bits=1), 256)[0] == 1  # Gemma: 2.0%
+    assert plan(262144, 640, CodebookConfig(bits=2), 256)[0] == 1  # 1.0%
     assert plan(262144, 640, CodebookConfig(bits=4), 256)[0] == 0
-    assert plan(30522, 384, CodebookConfig(bits=2), 256)[0] == 0  # MiniLM: 7.7%
+    assert plan(30522, 384, CodebookConfig(bits=2), 256)[0] == 0  # MiniLM: 4.4%
     assert plan(V, D, CodebookConfig(bits=2.5, **FAST), 16)[0] == 0
     assert plan(262144, 640, CodebookConfig(bits=1, coarse=2), 256)[0] == 2  # Gemma's shape
 

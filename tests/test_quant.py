@@ -85,25 +85,44 @@ def test_version_1_files_still_load(tmp_path):
     assert isinstance(back, Factors) and torch.equal(back.codes, f.codes)
 
 
-def test_version_2_codebook_files_still_load_and_version_3_holds_the_focus_stage(tmp_path):
+def _float_tables(path, out, version):
+    """A copy of a codebook factors file as versions 2 and 3 wrote it: the transform and codebooks as 16-bit
+    floats (no '.scale' tensors), the metadata's tensor claims to match."""
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from embzip.codebook import dequantized
+
+    with safe_open(str(path), "pt") as f:
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    old = {k: (dequantized(tensors, k).half() if k + ".scale" in tensors else t)
+           for k, t in tensors.items() if not k.endswith(".scale")}
+    meta = json.loads(header["embzip"])
+    meta["tensors"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in old.items()}
+    save_file(old, out, metadata={**header, "format_version": version, "embzip": json.dumps(meta)})
+    return out
+
+
+def test_codebook_files_of_versions_2_and_3_still_load_and_version_4_stores_int8_tables(tmp_path):
+    from safetensors import safe_open
 
     from embzip.codebook import Codebook, CodebookConfig, fit_codebook
 
     e = _matrix(vocab=2000, hidden=32)
     config = dict(bits=2, centroids=16, sample=1024, iterations=2)
     written = Codebook(fit_codebook(e, config=CodebookConfig(focus=0.3, **config)))
-    focused = save_factors(written, tmp_path / "v3.safetensors")
+    focused = save_factors(written, tmp_path / "v4.safetensors")
     with safe_open(str(focused), "pt") as f:
-        assert f.metadata()["format_version"] == "3" and any(k.endswith(".rows") for k in f.keys())
+        assert f.metadata()["format_version"] == "4" and any(k.endswith(".rows") for k in f.keys())
+        assert f.get_tensor("transform").dtype == torch.int8 and f.get_tensor("stage0.codebook").dtype == torch.int8
     assert torch.equal(load_factors(focused).reconstruct(), written.reconstruct())
+    # version 3 (a focus stage, 16-bit tables) and version 2 (no focus stage): the same rows up to float16 rounding
+    v3 = load_factors(_float_tables(focused, tmp_path / "v3.safetensors", "3"))
+    assert isinstance(v3, Codebook) and v3.tensors()["transform"].dtype == torch.float16
+    assert torch.allclose(v3.reconstruct(), written.reconstruct(), rtol=0, atol=2e-3 * e.abs().max().item())
     plain = save_factors(Codebook(fit_codebook(e, config=CodebookConfig(focus=0, **config))), tmp_path / "p.safetensors")
-    with safe_open(str(plain), "pt") as f:  # what embzip wrote before version 3: the same tensors, version 2
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    save_file(tensors, tmp_path / "v2.safetensors", metadata={**meta, "format_version": "2"})
-    back = load_factors(tmp_path / "v2.safetensors")
-    assert isinstance(back, Codebook) and torch.equal(back.reconstruct(), load_factors(plain).reconstruct())
+    v2 = load_factors(_float_tables(plain, tmp_path / "v2.safetensors", "2"))
+    assert torch.allclose(v2.reconstruct(), load_factors(plain).reconstruct(), rtol=0, atol=2e-3 * e.abs().max().item())
 
 
 def _rewrite(tmp_path, tensors, meta, version="2"):
