@@ -126,8 +126,11 @@ def _book_bits(rows: int, hidden: int) -> int:
 def _round8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 levels -127..127, 16-bit absmax scale) of t, one scale per slice along `dim` (the scale keeps that
     dim, size 1). Levels * scale.float() is what decoding will use."""
-    scale = (t.abs().amax(dim, keepdim=True) / 127).to(_STORE)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    amax = t.abs().amax(dim, keepdim=True)
+    scale = (amax / 127).to(_STORE)
+    # never below amax / 127 once rounded to 16 bits (else the largest values would clip), nor 0 (tiny columns)
+    scale = torch.where(scale.to(amax.dtype) * 127 < amax, torch.nextafter(scale, torch.full_like(scale, math.inf)),
+                        scale).clamp_min(2**-24)
     return (t / scale.to(t.dtype)).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
@@ -323,8 +326,9 @@ def _update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, c: torch.Tens
 
 def _stage(y: torch.Tensor, w: torch.Tensor, sample: torch.Tensor, sample_w: torch.Tensor, sizes: list[int],
            K: int, iterations: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One PQ stage on y (V x d): (codes V x m uint8, codebook K x d int8, its scales d float16). Each piece's
-    centroids are rounded to int8 with a scale per column before the rows are coded against them for good."""
+    """One PQ stage on y (V x d): (codes V x m uint8, codebook K x d int8, its scales d float16). Centroids are
+    rounded to int8 with a scale per column after their last update; each row keeps the centroid it was nearest
+    to before the rounding (which moves a centroid by at most half a level, 1/254 of its column's largest)."""
     V, d = y.shape
     codes = torch.empty(V, len(sizes), dtype=torch.uint8)
     book = torch.empty(K, d, dtype=torch.int8)
@@ -592,7 +596,7 @@ def _lookup(stages: list[tuple], h: torch.Tensor, n: int) -> torch.Tensor:
 
 def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """Rows `index` of the reconstructed embedding, float32."""
-    return decode_transformed(tensors, index) @ dequantized(tensors, "transform").to(tensors["transform"].device)
+    return decode_transformed(tensors, index) @ dequantized(tensors, "transform")
 
 
 def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None),

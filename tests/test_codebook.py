@@ -295,3 +295,19 @@ def test_lookup_logits_leave_many_hidden_states_to_decoding(monkeypatch):
     monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 4 * pieces)
     assert codebook.lookup_logits(tensors, torch.randn(4, D)) is not None
     assert codebook.lookup_logits(tensors, torch.randn(5, D)) is None  # decoding the rows is cheaper there
+
+
+@pytest.mark.parametrize("magnitude", [3e-6, 1e-3, 0.3, 40.0])
+def test_int8_tables_round_to_half_a_level_without_clipping(magnitude):
+    from embzip.codebook import _round8
+
+    t = torch.randn(256, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * magnitude
+    t[3] = -t.abs().amax(0) * 1.0001  # each column's largest value, where a scale rounded down would clip
+    levels, scale = _round8(t, 0)
+    assert levels.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (1, 7)
+    assert int(levels.abs().max()) <= 127
+    error = (levels.double() * scale.double() - t).abs()
+    assert torch.all(error <= scale.double() / 2 * (1 + 1e-6))  # half a level: nothing clipped
+    assert torch.all(scale.double() * 127 >= t.abs().amax(0))
+    # the scale is amax / 127 up to 16-bit rounding (one step of 2^-24 below float16's normal range)
+    assert torch.all(scale.double() <= t.abs().amax(0) / 127 * 1.002 + 2**-24)
