@@ -604,7 +604,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
     """Rows `index` before the transform (gain included): decode_rows = decode_transformed @ transform.
     `plans` (decode_plans) saves rebuilding each stage's tables when many blocks of rows are decoded."""
     stages = _stages(tensors)
-    plans = plans or decode_plans(tensors)
+    plans = plans or [_decode_plan(book, sizes, codes.device) for codes, book, sizes, _ in stages]  # not re-read
     y = None
     for (codes, book, sizes, rows), plan in zip(stages, plans):
         if rows is None:
