@@ -281,10 +281,12 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                      CODEBOOK)] = 0.1,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
                                         QUANT)] = 32,
-        heal_steps: Annotated[int, _opt("After a low-rank method, distil the factors against the original model "
-                                           "for this many steps on the weights text (0: no healing). Slow on CPU for "
-                                           "large models.", HEAL)] = 0,
-        heal_lr: Annotated[float, _opt("Healing: Adam learning rate.", HEAL)] = 1e-3,
+        heal_steps: Annotated[int, _opt("After a low-rank or codebook method, distil the factors against the "
+                                        "original model for this many steps on the weights text (0: no healing; "
+                                        "codebooks: the centroids train, the indices stay). Slow on CPU for large "
+                                        "models.", HEAL)] = 0,
+        heal_lr: Annotated[Optional[float], _opt("Healing: Adam learning rate [default: 1e-3; codebooks 5e-3, "
+                                                 "relative to each codebook's RMS].", HEAL)] = None,
         weighted: Annotated[bool, _opt("Weight each row's loss by its token weight.", PAPER)] = False,
         epochs: Annotated[int, _opt("Passes over all embedding rows.", PAPER)] = 30,
         anneal_epochs: Annotated[int, _opt("First epochs, over which the L1 exponent falls from --alpha-start "
@@ -352,20 +354,20 @@ _HEAL_OPTIONS = ("heal_steps", "heal_lr")
 
 def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int) -> None:
     """An option given on the command line that the chosen method does not read is an error, not a no-op."""
-    from .methods import REGISTRY
+    from .methods import HEALABLE, REGISTRY
 
     owned = {name for m in REGISTRY.values() for name in m.options} | set(_DATA_OPTIONS) | set(_HEAL_OPTIONS)
     mine = set(spec.options)
     if spec.uses_text or "weighted" in mine or heal_steps > 0:
         mine |= set(_DATA_OPTIONS)
-    if spec.kind == "lowrank":
+    if spec.kind in HEALABLE:
         mine |= set(_HEAL_OPTIONS)
     if "weighted" in mine:
         mine |= {"weight_power", "weight_floor"}
     for name in sorted(owned - mine):
         source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
         if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
-            users = [m.name for m in REGISTRY.values() if name in m.options] or ["low-rank methods"]
+            users = [m.name for m in REGISTRY.values() if name in m.options] or ["low-rank and codebook methods"]
             flag = "--" + name.replace("_", "-")
             raise typer.BadParameter(f"{flag} is an option of --method {' / '.join(users)}, not of {spec.name}")
 
@@ -464,7 +466,8 @@ def bench(model: ModelArg = None,
               help="Comma-separated methods: svd (baseline), paper (the paper's autoencoder recipe), wsvd (SVD "
                    "weighted by token counts), aware (embzip's data-aware SVD), int8 and int4 (quantization "
                    "baselines), codebook (learned codebooks), fit (the default of `embzip fit`); add +heal to a "
-                   "low-rank method for a short distillation after it, e.g. aware+heal.")
+                   "low-rank or codebook method for a short distillation after it, e.g. codebook+heal (slow on a CPU "
+                   "for large models).")
           ] = "svd,aware,int8,int4,codebook",
           text: TextOpt = None, dataset: DatasetOpt = None,
           weights_text: Annotated[Optional[Path], typer.Option(

@@ -123,7 +123,7 @@ def _book_bits(rows: int, hidden: int) -> int:
     return 8 * rows * hidden + 16 * hidden
 
 
-def _round8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def round8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 levels -127..127, 16-bit absmax scale) of t, one scale per slice along `dim` (the scale keeps that
     dim, size 1). Levels * scale.float() is what decoding will use."""
     amax = t.abs().amax(dim, keepdim=True)
@@ -343,7 +343,7 @@ def _stage(y: torch.Tensor, w: torch.Tensor, sample: torch.Tensor, sample_w: tor
             c = _update(xs, sample_w, _assign(xs, c), c)
         xa = y[:, cols].permute(1, 0, 2).contiguous()
         assigned = _assign(xa, c)
-        levels, scale = _round8(_update(xa, w, assigned, c), 1)  # one weighted update on all rows, then int8
+        levels, scale = round8(_update(xa, w, assigned, c), 1)  # one weighted update on all rows, then int8
         codes[:, idx] = assigned.T.to(torch.uint8).cpu()
         flat = cols.reshape(-1).cpu()
         book[:, flat] = levels.permute(1, 0, 2).reshape(K, -1).cpu()
@@ -485,7 +485,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     # The transform A^(-1) is stored in int8 (a scale per row); y comes from the inverse of what is stored, so
     # decoding y gives e back exactly and rounding the transform only tilts the metric a little (relative
     # ~1/254), instead of adding its own error to every row.
-    levels, scale = _round8(rot.T @ inv_root, 1)
+    levels, scale = round8(rot.T @ inv_root, 1)
     y = e @ torch.linalg.inv(levels.double() * scale.double()).float().to(device)
     K = min(config.centroids, V)
     coarse, pq, focused = plan(V, d, config, K)

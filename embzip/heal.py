@@ -1,35 +1,52 @@
 """Healing: a short distillation of the factors against the original model, everything else frozen.
 
-The factors are first made by a closed-form method; then only codes, decoder (and bias) are
-trained so that the compressed model reproduces the original model's own outputs on unlabeled
-text: the KL divergence of its next-token (or masked-token) distributions for LMs, the cosine
-distance of its last hidden states for encoders. No labels, no task: the original model is the
-teacher. Only rows of tokens that occur in the text (and the shared decoder) receive gradient.
+The factors are first made by a closed-form method or by k-means; then only they are trained:
+low-rank codes, decoder (and bias), or a codebook's centroids (its indices stay; the centroids are
+trained as floats and rounded back to int8 tables at the end), so that the compressed model
+reproduces the original model's own outputs on unlabeled text: the KL divergence of its next-token
+(or masked-token) distributions for LMs, the cosine distance of its last hidden states for
+encoders. No labels, no task: the original model is the teacher. Low rank: only rows of tokens
+that occur in the text (and the shared decoder) receive gradient. Codebooks: every row moves with
+the centroids it shares with the rows the text has.
 
-Early stopping: the last `val_sequences` sequences of the text are held out; the distillation
-loss on them is measured before training and every `eval_every` steps, and the factors with the
-lowest held-out loss are returned, so healing never returns factors that fit held-out text
-worse than the ones it started from.
+Sequences: for LMs, windows of `seq_len` tokens cut from the running text; for encoders, the
+text's sentences, each with the tokenizer's special tokens (as a sentence encoder is used), as
+many per step as hold batch_size x seq_len tokens.
+
+Early stopping: the last `val_sequences` sequences of the text (for encoders, sentences holding as
+many tokens) are held out; the distillation loss on them is measured before training and every
+`eval_every` steps, and the factors with the lowest held-out loss are returned, so healing never
+returns factors that fit held-out text worse than the ones it started from.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable, NamedTuple
 
 import torch
 
 from . import options
+from .codebook import Codebook, round8, dequantized
 from .errors import DataError
 from .factors import Factors
 from .models import ENCODER, outputs
 from .progress import bar
-from .splice import splice
+from .splice import buffer_name, splice
+
+
+LOWRANK_LR = 1e-3  # absolute
+CODEBOOK_LR = 5e-3  # relative to each codebook's RMS (chosen on en_val, docs/method.md)
+
+
+def default_lr(compressed_kind: str) -> float:
+    return CODEBOOK_LR if compressed_kind == "codebook" else LOWRANK_LR
 
 
 @dataclass
 class HealConfig:
     steps: int = 100  # optimizer steps
-    lr: float = 1e-3  # Adam learning rate (cosine decay to 0)
+    lr: float | None = None  # Adam learning rate, cosine decay to 0; None: LOWRANK_LR, or CODEBOOK_LR for codebooks
     seq_len: int = 128  # tokens per sequence
     batch_size: int = 8  # sequences per step
     seed: int = 0
@@ -39,7 +56,8 @@ class HealConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "seq_len", "batch_size", "eval_every", "val_sequences"):
             options.positive(f"heal {name}", getattr(self, name), integer=True)
-        options.positive("heal lr", self.lr)
+        if self.lr is not None:
+            options.positive("heal lr", self.lr)
         options.seed("heal seed", self.seed)
 
     def settings(self) -> dict:
@@ -56,31 +74,103 @@ def _sequences(tokenizer, lines: list[str], seq_len: int, vocab: int) -> torch.T
     return ids[:n * seq_len].view(n, seq_len)
 
 
-def _loss(opened, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+class _Sentences(NamedTuple):
+    ids: torch.Tensor  # (n, longest) with the tokenizer's special tokens, padded
+    mask: torch.Tensor  # (n, longest) attention mask
+    per_batch: int  # sentences per step: as many tokens as batch_size sequences of seq_len
+
+
+def _sentences(tokenizer, lines: list[str], config: HealConfig, vocab: int) -> _Sentences:
+    """An encoder is used on sentences, [CLS] ... [SEP], not on windows cut from running text: it heals on them."""
+    from .fidelity import sentences
+    from .texts import Text
+
+    found = sentences(Text(lines, "the healing text"), limit=2**31)
+    enc = tokenizer(found, padding=True, truncation=True, max_length=config.seq_len, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    ids = ids.masked_fill(ids >= vocab, tokenizer.unk_token_id or 0)
+    mean_len = max(1.0, mask.sum().item() / len(ids))
+    return _Sentences(ids, mask, max(1, round(config.batch_size * config.seq_len / mean_len)))
+
+
+def _run(model, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return outputs(model, ids)
+    width = int(mask.sum(1).max())
+    return outputs(model, ids[:, :width], mask[:, :width])
+
+
+def _loss(opened, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     if opened.kind == ENCODER:
-        return (1 - torch.nn.functional.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
+        cos = torch.nn.functional.cosine_similarity(student.float(), teacher.float(), dim=-1)
+        if mask is None:
+            return (1 - cos).mean()
+        mask = mask[:, :cos.shape[1]].to(cos.dtype)
+        return ((1 - cos) * mask).sum() / mask.sum()
     t = torch.log_softmax(teacher.float(), dim=-1)
     s = torch.log_softmax(student.float(), dim=-1)
     return torch.nn.functional.kl_div(s.flatten(0, -2), t.flatten(0, -2), log_target=True, reduction="batchmean")
 
 
-def _snapshot(emb) -> Factors:
-    return Factors(*(None if p is None else p.detach().clone().cpu()
-                     for p in (emb.codes, emb.decoder, emb.bias, emb.norms)))
+def _lowrank_parts(emb, lr: float) -> tuple[list[dict], Callable[[], Factors]]:
+    params = [p for p in (emb.codes, emb.decoder, emb.bias) if p is not None]
+    for p in params:
+        p.requires_grad_(True)
+
+    def snapshot() -> Factors:
+        return Factors(*(None if p is None else p.detach().clone().cpu()
+                         for p in (emb.codes, emb.decoder, emb.bias, emb.norms)))
+
+    return [{"params": params, "lr": lr}], snapshot
 
 
-def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None = None, *, head: str | None = None,
-         progress: bool = False) -> tuple[Factors, dict]:
-    """Distil `factors` against the original model on `lines`.
+def _codebook_parts(emb, lr: float, original: Codebook) -> tuple[list[dict], Callable[[], Codebook]]:
+    """Each stage's codebook becomes a float parameter of the spliced module (its int8 levels and scales leave
+    it, so decoding reads the floats); a snapshot rounds them back to int8 with fresh per-column scales."""
+    stored = original.tensors()
+    groups, names = [], []
+    for name in [n for n in emb.names if n.endswith(".codebook")]:
+        book = torch.nn.Parameter(dequantized(stored, name).to(getattr(emb, buffer_name(name)).device))
+        for n in (name, name + ".scale"):
+            delattr(emb, buffer_name(n))
+        emb.register_parameter(buffer_name(name), book)
+        groups.append({"params": [book], "lr": lr * book.detach().pow(2).mean().sqrt().clamp_min(1e-12).item()})
+        names.append(name)
+    emb.names = tuple(n for n in emb.names if not (n.endswith(".scale") and n[:-6] in names))
+
+    def snapshot() -> Codebook:
+        tensors = dict(stored)
+        for name in names:
+            levels, scale = round8(getattr(emb, buffer_name(name)).detach().float().cpu(), 0)
+            tensors[name], tensors[name + ".scale"] = levels, scale.reshape(-1).to(stored[name + ".scale"].dtype)
+        return Codebook(tensors, dict(original.meta))
+
+    return groups, snapshot
+
+
+def heal(opened, factors: Factors | Codebook, lines: list[str], config: HealConfig | None = None, *,
+         head: str | None = None, progress: bool = False) -> tuple[Factors | Codebook, dict]:
+    """Distil `factors` (low-rank factors or codebooks) against the original model on `lines`.
 
     Returns the factors with the lowest held-out loss and a history: the training loss per step,
     the held-out loss at each evaluation, and the step of the returned factors.
     """
     config = config or HealConfig()
+    if not isinstance(factors, (Factors, Codebook)):
+        raise TypeError(f"healing trains low-rank factors or codebooks, not {type(factors).__name__}")
+    kind = "codebook" if isinstance(factors, Codebook) else "lowrank"
+    lr = config.lr if config.lr is not None else default_lr(kind)
     model = opened.model
-    seqs = _sequences(opened.tokenizer, lines, config.seq_len, opened.vocab_size)
-    n_val = min(config.val_sequences, len(seqs) // 2)
+    if opened.kind == ENCODER:
+        found = _sentences(opened.tokenizer, lines, config, opened.vocab_size)
+        seqs, masks, per_batch = found.ids, found.mask, found.per_batch
+        n_val = min(config.val_sequences * per_batch // config.batch_size, len(seqs) // 2)
+    else:
+        seqs, per_batch = _sequences(opened.tokenizer, lines, config.seq_len, opened.vocab_size), config.batch_size
+        masks, n_val = None, min(config.val_sequences, len(seqs) // 2)
+    n_val = max(n_val, 1)
     seqs, val = seqs[:-n_val], seqs[-n_val:]
+    masks, val_masks = (None, None) if masks is None else (masks[:-n_val], masks[-n_val:])
     gen = torch.Generator().manual_seed(config.seed)
     from .models import input_device
 
@@ -90,10 +180,8 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
         p.requires_grad_(False)
     swap = splice(model, factors, head)
     emb = swap.swaps[0][2]
-    params = [p for p in (emb.codes, emb.decoder, emb.bias) if p is not None]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    groups, snapshot = _codebook_parts(emb, lr, factors) if kind == "codebook" else _lowrank_parts(emb, lr)
+    optimizer = torch.optim.Adam(groups)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     losses: list[float] = []
     history: dict = {"train_loss": losses, "val_loss": [], "best_step": 0}
@@ -102,13 +190,14 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
 
     def held_out() -> float:
         total = 0.0
-        for i in range(0, len(val), config.batch_size):
-            batch = val[i:i + config.batch_size].to(device)
+        for i in range(0, len(val), per_batch):
+            batch = val[i:i + per_batch].to(device)
+            mask = None if val_masks is None else val_masks[i:i + per_batch].to(device)
             with torch.no_grad():
                 swap.restore()
-                teacher = outputs(model, batch)
+                teacher = _run(model, batch, mask)
                 swap.reapply()
-                total += _loss(opened, outputs(model, batch), teacher).item() * len(batch)
+                total += _loss(opened, _run(model, batch, mask), teacher, mask).item() * len(batch)
         return total / len(val)
 
     def evaluate(step: int) -> None:
@@ -116,7 +205,7 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
         loss = held_out()
         history["val_loss"].append({"step": step, "loss": loss})
         if best is None or loss < min(v["loss"] for v in history["val_loss"][:-1]):
-            best = _snapshot(emb)
+            best = snapshot() if step else factors  # unchanged factors as given (a codebook is not rounded again)
             history["best_step"] = step
 
     best = None
@@ -124,12 +213,14 @@ def heal(opened, factors: Factors, lines: list[str], config: HealConfig | None =
         evaluate(0)
         with bar("heal", config.steps, enabled=progress, fields="loss {task.fields[loss]}", loss="-") as pbar:
             for _ in range(config.steps):
-                batch = seqs[torch.randint(len(seqs), (config.batch_size,), generator=gen)].to(device)
+                pick = torch.randint(len(seqs), (per_batch,), generator=gen)
+                batch = seqs[pick].to(device)
+                mask = None if masks is None else masks[pick].to(device)
                 swap.restore()
                 with torch.no_grad():
-                    teacher = outputs(model, batch)
+                    teacher = _run(model, batch, mask)
                 swap.reapply()
-                loss = _loss(opened, outputs(model, batch), teacher)
+                loss = _loss(opened, _run(model, batch, mask), teacher, mask)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -202,9 +202,10 @@ def text_config(model: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def outputs(model: Any, input_ids) -> Any:
+def outputs(model: Any, input_ids, attention_mask=None) -> Any:
     """Logits for LMs, last hidden states for encoders."""
-    out = model(input_ids=input_ids)
+    out = model(input_ids=input_ids) if attention_mask is None else model(input_ids=input_ids,
+                                                                         attention_mask=attention_mask)
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 

@@ -1,6 +1,7 @@
 """Data-aware methods: weighted SVD, the hidden-state metric, kept norms, token weights, healing."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from typer.testing import CliRunner
 from embzip.aware import aware_factors, hidden_second_moment, normalised_metric
 from embzip.cli import app
 from embzip.factors import load_factors
-from embzip.heal import HealConfig, heal
+from embzip.heal import CODEBOOK_LR, LOWRANK_LR, HealConfig, heal
 from embzip.methods import Recipe, make_factors, recipe
 from embzip.models import open_model
 from embzip.svd import svd_factors
@@ -131,6 +132,72 @@ def test_heal_stops_early_on_held_out_text(tiny):
     healed, history = heal(opened, start, TEXT.splitlines(), wild)
     assert history["best_step"] == 0 and torch.equal(healed.codes, start.codes)
     assert all(v["loss"] >= history["val_loss"][0]["loss"] for v in history["val_loss"])
+
+
+def _codebook(opened, text_file):
+    from embzip.aware import AwareConfig
+    from embzip.selfsample import SampleConfig
+
+    factors, _ = make_factors(opened, 8.0, Recipe(method="codebook", weights_text=text_file, aware=AwareConfig(
+        metric_tokens=256), sample=SampleConfig(tokens=64)))
+    return factors
+
+
+def _held_out(opened, factors, config):
+    """The held-out loss healing starts from: that of `factors` as given."""
+    _, history = heal(opened, factors, TEXT.splitlines(), replace(config, steps=1))
+    return history["val_loss"][0]["loss"]
+
+
+@pytest.mark.parametrize("kind, dtype", [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float32"),
+                                         ("bert-encoder", "float32")])
+def test_codebook_heal_trains_the_centroids_only_and_keeps_its_gain_once_rounded(tiny, text_file, kind, dtype):
+    opened = open_model(tiny(kind, dtype))  # llama: tied head; gpt2: its own head; bert-encoder: cosine loss
+    start = _codebook(opened, text_file)
+    config = HealConfig(steps=12, lr=0.05, seq_len=16, batch_size=4, eval_every=4)
+    before = [p.detach().clone() for p in opened.model.parameters()]
+    healed, history = heal(opened, start, TEXT.splitlines(), config)
+    assert type(healed).check(healed.tensors()) == start.shape
+    books = [name for name in start.tensors() if ".codebook" in name]
+    assert books and all(healed.tensors()[name].dtype == start.tensors()[name].dtype for name in books)
+    assert any(not torch.equal(healed.tensors()[name], start.tensors()[name]) for name in books)
+    assert all(torch.equal(t, start.tensors()[name]) for name, t in healed.tensors().items() if name not in books)
+    held_out = {v["step"]: v["loss"] for v in history["val_loss"]}
+    assert history["best_step"] > 0 and held_out[history["best_step"]] < held_out[0]
+    # the int8 tables the snapshot rounds to keep most of what training gained
+    assert _held_out(opened, healed, config) < held_out[0] - 0.5 * (held_out[0] - held_out[history["best_step"]])
+    assert all(torch.equal(x, y) for x, y in zip(before, opened.model.parameters()))
+    assert not any(p.requires_grad is False for p in opened.model.parameters())
+
+
+def test_codebook_heal_that_never_helps_returns_the_codebooks_as_given(tiny, text_file):
+    opened = open_model(tiny("llama"))
+    start = _codebook(opened, text_file)
+    healed, history = heal(opened, start, TEXT.splitlines(), HealConfig(steps=6, lr=50.0, seq_len=16, batch_size=4,
+                                                                        eval_every=2))
+    assert history["best_step"] == 0
+    assert all(torch.equal(t, start.tensors()[name]) for name, t in healed.tensors().items())
+
+
+def test_a_healed_codebook_stores_what_the_unhealed_one_does(tiny, text_file):
+    from embzip.aware import AwareConfig
+    from embzip.selfsample import SampleConfig
+
+    opened = open_model(tiny("bert-encoder"))  # float32: the 16-bit gains and scales stay 16-bit
+    kw = dict(method="codebook", weights_text=text_file, aware=AwareConfig(metric_tokens=256),
+              sample=SampleConfig(tokens=64))
+    plain, _ = make_factors(opened, 8.0, Recipe(**kw))
+    healed, details = make_factors(opened, 8.0, Recipe(**kw, heal=HealConfig(steps=3, seq_len=16, eval_every=1)))
+    assert details["heal"]["best_step"] > 0
+    assert {n: t.dtype for n, t in healed.tensors().items()} == {n: t.dtype for n, t in plain.tensors().items()}
+    assert healed.stored_bytes() == plain.stored_bytes()
+
+
+def test_healing_takes_low_rank_and_codebook_methods_only():
+    assert recipe("codebook+heal").heal.lr == CODEBOOK_LR and recipe("aware+heal").heal.lr == LOWRANK_LR
+    assert Recipe(method="codebook", heal=HealConfig(lr=0.2)).heal.lr == 0.2
+    with pytest.raises(ValueError, match="method int8 makes neither"):
+        recipe("int8+heal")
 
 
 def test_fit_cli_default_is_aware(tiny, text_file, tmp_path):

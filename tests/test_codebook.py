@@ -299,11 +299,11 @@ def test_lookup_logits_leave_many_hidden_states_to_decoding(monkeypatch):
 
 @pytest.mark.parametrize("magnitude", [3e-6, 1e-3, 0.3, 40.0])
 def test_int8_tables_round_to_half_a_level_without_clipping(magnitude):
-    from embzip.codebook import _round8
+    from embzip.codebook import round8
 
     t = torch.randn(256, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * magnitude
     t[3] = -t.abs().amax(0) * 1.0001  # each column's largest value, where a scale rounded down would clip
-    levels, scale = _round8(t, 0)
+    levels, scale = round8(t, 0)
     assert levels.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (1, 7)
     assert int(levels.abs().max()) <= 127
     error = (levels.double() * scale.double() - t).abs()

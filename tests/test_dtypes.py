@@ -152,3 +152,19 @@ def test_a_codebook_focus_stage_goes_through_fit_and_apply_and_reloads_exactly(t
     expected = logits(opened.model, ids)  # spliced in place: the focus stage's rows included
     assert torch.equal(logits(load_model(tmp_path / "out"), ids), expected)
     assert applied["reload_max_abs_diff"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_healed_codebook_goes_through_fit_and_apply_and_reloads_exactly(tiny, tmp_path, text_file, dtype):
+    model = tiny("llama", dtype)  # tied head
+    path = tmp_path / "f.safetensors"
+    summary = run("fit", model, "--bits", 8, "--heal-steps", 4, "--weights-text", text_file, "--metric-tokens", 256,
+                  "--self-tokens", 64, "-o", path, "--json", "-q")
+    factors = load_factors(path)
+    assert summary["method"] == "codebook+heal" and summary["bits_per_weight"] <= 8
+    assert factors.meta["settings"]["heal"]["steps"] == 4 and factors.meta["heal"]["best_step"] in (0, 4)
+    opened = open_model(model)
+    ids = long_ids(opened.model)
+    applied = apply_factors(opened, factors, tmp_path / "out")
+    assert torch.equal(logits(load_model(tmp_path / "out"), ids), logits(opened.model, ids))
+    assert applied["reload_max_abs_diff"] == 0.0

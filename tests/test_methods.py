@@ -160,7 +160,7 @@ def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(ti
     (["--method", "aware", "--epochs", "3"], "--epochs is an option of --method paper, not of aware"),
     (["--method", "int8", "--weights-text", "x.txt"], "--weights-text is an option"),
     (["--method", "codebook", "--group-size", "16"], "--group-size is an option of --method int4"),
-    (["--method", "codebook", "--heal-steps", "3"], "--heal-steps is an option of --method low-rank methods"),
+    (["--method", "int8", "--heal-steps", "3"], "--heal-steps is an option of --method low-rank and codebook methods, not of int8"),
     (["--method", "svd", "--keep-norms"], "--keep-norms is an option of --method wsvd / aware"),
     (["--method", "aware", "--focus", "0.2"], "--focus is an option of --method codebook, not of aware"),
     (["--method", "codebook", "--bits", "2", "--focus", "1"], "focus must be a share of the budget in [0, 1), got 1"),

@@ -12,7 +12,7 @@
 
 Adding a method is one file here defining a `base.Method` and registering it, plus its tests.
 A `Recipe` holds the method's name and every setting; `make_factors` runs it; any low-rank
-method can be followed by healing (heal.py).
+or codebook method can be followed by healing (heal.py).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from ..aware import AwareConfig
 from ..codebook import CodebookConfig
 from ..compressed import storage_dtype
 from ..errors import RankError
-from ..heal import HealConfig
+from ..heal import HealConfig, default_lr
 from ..selfsample import SampleConfig
 from ..sizes import check_rank, max_useful_rank, rank_for_ratio
 from ..weights import WeightConfig
@@ -35,6 +35,7 @@ from . import svd, paper, wsvd, aware, int8, int4, codebook  # noqa: F401,E402  
 from .base import BITS, FIXED, RANK, REGISTRY, Inputs, Method, check_size
 
 METHODS = tuple(REGISTRY)
+HEALABLE = ("lowrank", "codebook")  # storage kinds healing can train
 DEFAULT_FIT_METHOD = "aware"
 
 
@@ -48,7 +49,7 @@ class Recipe:
     aware: AwareConfig = field(default_factory=AwareConfig)  # method "aware" (and keep_norms for wsvd)
     codebook: CodebookConfig = field(default_factory=CodebookConfig)  # method "codebook"
     group: int = 32  # method "int4": numbers per group
-    heal: HealConfig | None = None  # healing after a low-rank method; None: none
+    heal: HealConfig | None = None  # healing after a low-rank or codebook method; None: none
     sample: SampleConfig = field(default_factory=SampleConfig)  # the model's own samples (causal LMs, aware/codebook)
     weighted_paper: bool = False  # method "paper": weight each row's loss by its token weight
     weights_text: str | None = None  # a text file for token counts, the metric and healing
@@ -57,8 +58,11 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.method not in REGISTRY:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(REGISTRY)}")
-        if self.heal is not None and self.spec.kind != "lowrank":
-            raise ValueError(f"healing trains low-rank factors; method {self.method} is not low-rank")
+        if self.heal is not None:
+            if self.spec.kind not in HEALABLE:
+                raise ValueError(f"healing trains low-rank factors or codebooks; method {self.method} makes neither")
+            if self.heal.lr is None:
+                self.heal = replace(self.heal, lr=default_lr(self.spec.kind))
 
     @property
     def spec(self) -> Method:
@@ -106,7 +110,7 @@ class Recipe:
 
 def recipe(name: str, **overrides) -> Recipe:
     """A recipe from a bench method name: a method, or fit (the default of `embzip fit`), each with an
-    optional '+heal' suffix for low-rank methods (e.g. aware+heal)."""
+    optional '+heal' suffix for low-rank and codebook methods (e.g. aware+heal, codebook+heal)."""
     base, _, extra = name.partition("+")
     if extra not in ("", "heal"):
         raise ValueError(f"unknown method suffix {'+' + extra!r} in {name!r}; only +heal exists")
@@ -174,8 +178,9 @@ def make_factors(opened, size, recipe: Recipe, *, device: str = "cpu", progress:
         from ..heal import heal
 
         config = replace(recipe.heal, seq_len=min(recipe.heal.seq_len, opened.max_length or recipe.heal.seq_len))
-        compressed, history = heal(opened, compressed.to(dtype=inputs.embedding.dtype), inputs.text().lines, config,
-                                   progress=progress)
+        if recipe.spec.kind == "lowrank":  # made in float32; a codebook's tables are already stored as they will be
+            compressed = compressed.to(dtype=inputs.embedding.dtype)
+        compressed, history = heal(opened, compressed, inputs.text().lines, config, progress=progress)
         details["heal"] = {"val_loss": history["val_loss"], "best_step": history["best_step"],
                            "train_loss_first": history["train_loss"][0], "train_loss_last": history["train_loss"][-1]}
     return compressed, details
