@@ -82,10 +82,14 @@ class _Sentences(NamedTuple):
 
 def _sentences(tokenizer, lines: list[str], config: HealConfig, vocab: int) -> _Sentences:
     """An encoder is used on sentences, [CLS] ... [SEP], not on windows cut from running text: it heals on them."""
-    from .fidelity import sentences
+    from .fidelity import MIN_WORDS, sentences
     from .texts import Text
 
-    found = sentences(Text(lines, "the healing text"), limit=2**31)
+    try:
+        found = sentences(Text(lines, "the healing text"), limit=2**31)
+    except DataError:
+        raise DataError(f"the healing text has fewer than two sentences of {MIN_WORDS}+ words for an encoder to heal "
+                        "on; give a longer --weights-text") from None
     enc = tokenizer(found, padding=True, truncation=True, max_length=config.seq_len, return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     ids = ids.masked_fill(ids >= vocab, tokenizer.unk_token_id or 0)

@@ -193,6 +193,15 @@ def test_a_healed_codebook_stores_what_the_unhealed_one_does(tiny, text_file):
     assert healed.stored_bytes() == plain.stored_bytes()
 
 
+def test_an_encoder_heals_on_sentences_and_refuses_a_text_without_two(tiny):
+    from embzip.errors import DataError
+
+    opened = open_model(tiny("bert-encoder"))
+    start = svd_factors(opened.embedding.detach(), 3)
+    with pytest.raises(DataError, match="fewer than two sentences of 5\\+ words for an encoder"):
+        heal(opened, start, ["too short to heal on ."], HealConfig(steps=2))
+
+
 def test_healing_takes_low_rank_and_codebook_methods_only():
     assert recipe("codebook+heal").heal.lr == CODEBOOK_LR and recipe("aware+heal").heal.lr == LOWRANK_LR
     assert Recipe(method="codebook", heal=HealConfig(lr=0.2)).heal.lr == 0.2
