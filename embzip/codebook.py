@@ -604,7 +604,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
     """Rows `index` before the transform (gain included): decode_rows = decode_transformed @ transform.
     `plans` (decode_plans) saves rebuilding each stage's tables when many blocks of rows are decoded."""
     stages = _stages(tensors)
-    plans = plans or [_decode_plan(book, sizes, codes.device) for codes, book, sizes, _ in stages]  # not re-read
+    plans = plans or _plans(stages)  # from the stages just read: the codebooks are dequantized once
     y = None
     for (codes, book, sizes, rows), plan in zip(stages, plans):
         if rows is None:
@@ -618,9 +618,13 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
     return y
 
 
+def _plans(stages: list[tuple]) -> list[tuple]:
+    return [_decode_plan(book, sizes, codes.device) for codes, book, sizes, _ in stages]
+
+
 def decode_plans(tensors: dict[str, torch.Tensor]) -> list[tuple]:
     """Each stage's decode plan, on the device its codes are on."""
-    return [_decode_plan(book, sizes, codes.device) for codes, book, sizes, _ in _stages(tensors)]
+    return _plans(_stages(tensors))
 
 
 # -- the storage kind ------------------------------------------------------------------------------

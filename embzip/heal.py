@@ -140,7 +140,7 @@ def _codebook_parts(emb, lr: float, original: Codebook) -> tuple[list[dict], Cal
         emb.register_parameter(buffer_name(name), book)
         groups.append({"params": [book], "lr": lr * book.detach().pow(2).mean().sqrt().clamp_min(1e-12).item()})
         names.append(name)
-    emb.names = tuple(n for n in emb.names if not (n.endswith(".scale") and n[:-6] in names))
+    emb.names = tuple(n for n in emb.names if n.removesuffix(".scale") not in names or n in names)
 
     def snapshot() -> Codebook:
         tensors = dict(stored)

@@ -204,8 +204,7 @@ def text_config(model: Any) -> Any:
 
 def outputs(model: Any, input_ids, attention_mask=None) -> Any:
     """Logits for LMs, last hidden states for encoders."""
-    out = model(input_ids=input_ids) if attention_mask is None else model(input_ids=input_ids,
-                                                                         attention_mask=attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask)  # None: every position attends
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
