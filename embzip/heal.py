@@ -11,7 +11,9 @@ the centroids it shares with the rows the text has.
 
 Sequences: for LMs, windows of `seq_len` tokens cut from the running text; for encoders, the
 text's sentences, each with the tokenizer's special tokens (as a sentence encoder is used), as
-many per step as hold batch_size x seq_len tokens.
+many per step as hold batch_size x seq_len tokens. A step's sentences are neighbours in the
+order of their lengths (from a random start, wrapping around), so a batch is padded to little more
+than its own length; every sentence is still drawn with the same probability.
 
 Early stopping: the last `val_sequences` sequences of the text (for encoders, sentences holding as
 many tokens) are held out; the distillation loss on them is measured before training and every
@@ -97,6 +99,19 @@ def _sentences(tokenizer, lines: list[str], config: HealConfig, vocab: int) -> _
     return _Sentences(ids, mask, max(1, round(config.batch_size * config.seq_len / mean_len)))
 
 
+def _by_length(mask: torch.Tensor) -> torch.Tensor:
+    """Sentence order by length: batches of neighbours need little padding."""
+    return torch.sort(mask.sum(1), stable=True).indices
+
+
+def _pick(n: int, per_batch: int, gen: torch.Generator, neighbours: bool) -> torch.Tensor:
+    """A step's sequences: drawn at random, or (sentences sorted by length) `per_batch` neighbours from a
+    random start, wrapping around. Either way every sequence is drawn with the same probability."""
+    if not neighbours:
+        return torch.randint(n, (per_batch,), generator=gen)
+    return (torch.randint(n, (1,), generator=gen) + torch.arange(per_batch)) % n
+
+
 def _run(model, ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return outputs(model, ids)
@@ -168,7 +183,9 @@ def heal(opened, factors: Factors | Codebook, lines: list[str], config: HealConf
     if opened.kind == ENCODER:
         found = _sentences(opened.tokenizer, lines, config, opened.vocab_size)
         seqs, masks, per_batch = found.ids, found.mask, found.per_batch
-        n_val = min(config.val_sequences * per_batch // config.batch_size, len(seqs) // 2)
+        n_val = max(1, min(config.val_sequences * per_batch // config.batch_size, len(seqs) // 2))
+        order = _by_length(masks[:-n_val]), len(seqs) - n_val + _by_length(masks[-n_val:])
+        seqs, masks = seqs[torch.cat(order)], masks[torch.cat(order)]
     else:
         seqs, per_batch = _sequences(opened.tokenizer, lines, config.seq_len, opened.vocab_size), config.batch_size
         masks, n_val = None, min(config.val_sequences, len(seqs) // 2)
@@ -192,8 +209,8 @@ def heal(opened, factors: Factors | Codebook, lines: list[str], config: HealConf
     was_training = model.training
     model.eval()  # no dropout: the student matches the teacher exactly where the factors are exact
 
-    def held_out() -> float:
-        total = 0.0
+    def held_out() -> float:  # the mean loss per held-out token
+        total = tokens = 0.0
         for i in range(0, len(val), per_batch):
             batch = val[i:i + per_batch].to(device)
             mask = None if val_masks is None else val_masks[i:i + per_batch].to(device)
@@ -201,8 +218,10 @@ def heal(opened, factors: Factors | Codebook, lines: list[str], config: HealConf
                 swap.restore()
                 teacher = _run(model, batch, mask)
                 swap.reapply()
-                total += _loss(opened, _run(model, batch, mask), teacher, mask).item() * len(batch)
-        return total / len(val)
+                n = batch.numel() if mask is None else mask.sum().item()
+                total += _loss(opened, _run(model, batch, mask), teacher, mask).item() * n
+                tokens += n
+        return total / tokens
 
     def evaluate(step: int) -> None:
         nonlocal best
@@ -217,7 +236,7 @@ def heal(opened, factors: Factors | Codebook, lines: list[str], config: HealConf
         evaluate(0)
         with bar("heal", config.steps, enabled=progress, fields="loss {task.fields[loss]}", loss="-") as pbar:
             for _ in range(config.steps):
-                pick = torch.randint(len(seqs), (per_batch,), generator=gen)
+                pick = _pick(len(seqs), per_batch, gen, neighbours=masks is not None)
                 batch = seqs[pick].to(device)
                 mask = None if masks is None else masks[pick].to(device)
                 swap.restore()

@@ -202,6 +202,28 @@ def test_an_encoder_heals_on_sentences_and_refuses_a_text_without_two(tiny):
         heal(opened, start, ["too short to heal on ."], HealConfig(steps=2))
 
 
+def test_encoder_batches_are_length_neighbours_and_every_sentence_is_equally_likely():
+    from embzip.heal import _by_length, _pick
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 120, (50,), generator=gen)
+    mask = (torch.arange(128) < lengths[:, None]).long()
+    order = _by_length(mask)
+    assert torch.equal(lengths[order], lengths.sort().values)
+    counts = torch.zeros(50)
+    padded = {True: 0, False: 0}
+    for _ in range(2000):
+        for neighbours in (True, False):
+            pick = _pick(50, 8, gen, neighbours)
+            sorted_lengths = lengths[order][pick]
+            padded[neighbours] += int(sorted_lengths.max()) * len(pick) - int(sorted_lengths.sum())
+            if neighbours:
+                counts[pick] += 1
+                assert ((pick.diff() == 1) | (pick.diff() == -49)).all()  # a run, wrapping around
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    assert padded[True] < 0.5 * padded[False]  # 0.33 here: 50 sentences, 8 a batch
+
+
 def test_healing_takes_low_rank_and_codebook_methods_only():
     assert recipe("codebook+heal").heal.lr == CODEBOOK_LR and recipe("aware+heal").heal.lr == LOWRANK_LR
     assert Recipe(method="codebook", heal=HealConfig(lr=0.2)).heal.lr == 0.2
