@@ -1,4 +1,4 @@
-"""embzip: compress the token embedding of transformer models into low-rank factors."""
+"""embzip: compress the token embedding of transformer models into codebooks, low-rank factors or packed integers."""
 
 __version__ = "0.1.0"
 

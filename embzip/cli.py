@@ -64,7 +64,7 @@ class _OneLineErrors(TyperGroup):
 app = typer.Typer(
     cls=_OneLineErrors,
     name="embzip",
-    help="Compress the token embedding of a transformer model into low-rank factors, without retraining.\n\n"
+    help="Compress the token embedding of a transformer model into codebooks, low-rank factors or packed integers, without retraining.\n\n"
          "MODEL is a hub id (bert-base-uncased), a local transformers directory, a .gguf file, or a demo "
          "name (demo:minilm, demo:gemma-3-270m). Omit it to use the default demo model, Gemma-3-270M.",
     no_args_is_help=True,
