@@ -183,15 +183,16 @@ def heal(opened, factors: Factors | Codebook, lines: list[str], config: HealConf
     if opened.kind == ENCODER:
         found = _sentences(opened.tokenizer, lines, config, opened.vocab_size)
         seqs, masks, per_batch = found.ids, found.mask, found.per_batch
-        n_val = max(1, min(config.val_sequences * per_batch // config.batch_size, len(seqs) // 2))
-        order = _by_length(masks[:-n_val]), len(seqs) - n_val + _by_length(masks[-n_val:])
-        seqs, masks = seqs[torch.cat(order)], masks[torch.cat(order)]
+        n_val = min(config.val_sequences * per_batch // config.batch_size, len(seqs) // 2)
     else:
         seqs, per_batch = _sequences(opened.tokenizer, lines, config.seq_len, opened.vocab_size), config.batch_size
         masks, n_val = None, min(config.val_sequences, len(seqs) // 2)
     n_val = max(n_val, 1)
     seqs, val = seqs[:-n_val], seqs[-n_val:]
     masks, val_masks = (None, None) if masks is None else (masks[:-n_val], masks[-n_val:])
+    if masks is not None:  # each part in the order of length, so that neighbours share a batch
+        order, val_order = _by_length(masks), _by_length(val_masks)
+        seqs, masks, val, val_masks = seqs[order], masks[order], val[val_order], val_masks[val_order]
     gen = torch.Generator().manual_seed(config.seed)
     from .models import input_device
 
