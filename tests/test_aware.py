@@ -150,7 +150,7 @@ def _held_out(opened, factors, config):
 
 
 @pytest.mark.parametrize("kind, dtype", [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float32"),
-                                         ("bert-encoder", "float32")])
+                                         ("bert-encoder", "float32"), ("bert-encoder", "bfloat16")])
 def test_codebook_heal_trains_the_centroids_only_and_keeps_its_gain_once_rounded(tiny, text_file, kind, dtype):
     opened = open_model(tiny(kind, dtype))  # llama: tied head; gpt2: its own head; bert-encoder: cosine loss
     start = _codebook(opened, text_file)
