@@ -130,6 +130,10 @@ DatasetOpt = Annotated[Optional[str], typer.Option(
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result on CPU.", min=0,
                                       max=2**64 - 1)]
+FitSeedOpt = Annotated[Optional[int], typer.Option(
+    help="Random seed; the same seed gives the same result on CPU. Default: each method's own, as `embzip bench` "
+         "and the library use (1 for --method paper, the paper's recipe; 0 for everything else).",
+    min=0, max=2**64 - 1, show_default=False)]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Run Python code that comes with the model (its config or tokenizer auto_map); "
                                 "off by default: only for models you trust.")]
@@ -285,8 +289,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                         "original model for this many steps on the weights text (0: no healing; "
                                         "codebooks: the centroids train, the indices stay). Slow on CPU for large "
                                         "models.", HEAL)] = 0,
-        heal_lr: Annotated[Optional[float], _opt("Healing: Adam learning rate [default: 1e-3; codebooks 5e-3, "
-                                                 "relative to each codebook's RMS].", HEAL)] = None,
+        heal_lr: Annotated[Optional[float], _opt("Healing: Adam learning rate (default 1e-3; codebooks 5e-3, "
+                                                 "relative to each codebook's RMS).", HEAL)] = None,
         weighted: Annotated[bool, _opt("Weight each row's loss by its token weight.", PAPER)] = False,
         epochs: Annotated[int, _opt("Passes over all embedding rows.", PAPER)] = 30,
         anneal_epochs: Annotated[int, _opt("First epochs, over which the L1 exponent falls from --alpha-start "
@@ -302,7 +306,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         alpha_end: Annotated[float, _opt("L1 exponent from --anneal-epochs on.", PAPER)] = 0.1,
         init: Annotated[Init, _opt("Start from PyTorch's random init or from the truncated SVD.",
                                    PAPER)] = Init.random,
-        seed: SeedOpt = 1, device: DeviceOpt = Device.auto, force: ForceOpt = False,
+        seed: FitSeedOpt = None, device: DeviceOpt = Device.auto, force: ForceOpt = False,
         trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Compress the embedding: codebooks (best quality per byte), data-aware low rank, int8/int4 quantization
     baselines, or the paper's autoencoder.
@@ -329,16 +333,18 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         raise typer.BadParameter("give --weights-text or --weights-dataset, not both")
     if heal_steps < 0:
         raise typer.BadParameter(f"--heal-steps must be >= 0, got {heal_steps}")
+    seeded = {} if seed is None else {"seed": seed}  # else each config's own default, as bench and the library use
     try:
         recipe = Recipe(
             method=method_name,
             fit=FitConfig(epochs=epochs, anneal_epochs=anneal_epochs, batch_size=batch_size, lr=lr, lr_step=lr_step,
                           lr_gamma=lr_gamma, cos_weight=cos_weight, l1_weight=l1_weight, alpha_start=alpha_start,
-                          alpha_end=alpha_end, seed=seed, init=init.value),
+                          alpha_end=alpha_end, init=init.value, **seeded),
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
-            codebook=CodebookConfig(seed=seed, focus=focus), group=group_size, sample=SampleConfig(tokens=self_tokens, seed=seed),
-            heal=HealConfig(steps=heal_steps, lr=heal_lr, seed=seed) if heal_steps > 0 else None,
+            codebook=CodebookConfig(focus=focus, **seeded), group=group_size,
+            sample=SampleConfig(tokens=self_tokens, **seeded),
+            heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,
             weighted_paper=weighted,
             weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset)
     except ValueError as exc:

@@ -141,6 +141,29 @@ def test_force_overwrites(tiny, tmp_path):
     assert result.exit_code == 0 and load_factors(out).rank == 2
 
 
+@pytest.mark.parametrize("method, args", [("codebook", ["--bits", 8, "--self-tokens", 64, "--metric-tokens", 256]),
+                                          ("paper", ["-k", 3, *FAST_FIT[2:]])])
+def test_fit_without_seed_uses_each_methods_own_default_as_bench_does(tiny, tmp_path, method, args):
+    from dataclasses import replace
+
+    from embzip.methods import recipe
+
+    out = tmp_path / "f.safetensors"
+    assert run("fit", tiny("llama"), "--method", method, *args, "-o", out, "-q").exit_code == 0
+    settings = load_factors(out).meta["settings"]
+    if method == "codebook":  # the seeds bench's recipe has: its cached factors are these
+        expected = recipe("codebook")
+        expected = replace(expected, sample=replace(expected.sample, tokens=64),
+                           aware=replace(expected.aware, metric_tokens=256))
+        assert settings == expected.settings()
+        assert settings["codebook"]["seed"] == settings["self_sample"]["seed"] == 0
+    else:
+        assert settings["fit"]["seed"] == 1  # the paper's recipe
+    assert run("fit", tiny("llama"), "--method", method, *args, "-o", out, "-q", "--force", "--seed", 5).exit_code == 0
+    settings = load_factors(out).meta["settings"]
+    assert settings["codebook" if method == "codebook" else "fit"]["seed"] == 5
+
+
 def test_seeded_fit_from_cli_repeats(tiny, tmp_path):
     for name in ("a", "b"):
         assert run("fit", tiny("bert-mlm"), "-k", 3, "-o", tmp_path / f"{name}.safetensors", "-q", "--seed", 7,

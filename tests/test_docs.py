@@ -39,3 +39,20 @@ def test_public_names_are_functions_not_submodules():
         importlib.import_module(f"embzip.{module}")  # importing submodules must not shadow the API
     for name in embzip.__all__:
         assert not isinstance(getattr(embzip, name), types.ModuleType), name
+
+
+def test_no_help_text_is_eaten_as_rich_markup():
+    """`--help` renders through rich, which drops anything like `[default: x]` as a style tag."""
+    import re
+
+    import typer.main
+
+    from embzip.cli import app
+
+    group = typer.main.get_command(app)
+    texts = [group.help or ""]
+    for command in group.commands.values():
+        texts.append(command.help or "")
+        texts += [getattr(param, "help", None) or "" for param in command.params]
+    assert len(texts) > 40
+    assert not [t for t in texts if re.search(r"\[[A-Za-z#/@]", t)]
