@@ -27,13 +27,15 @@ class WeightConfig:
     """How token counts become row weights."""
 
     floor: float = 1.0  # added to every count
-    power: float = 1.0  # applied to count + floor
+    power: float | None = None  # applied to count + floor; None: the method's default (1; a codebook on a tied head
+    # below 3 bits per weight: 0.5, CodebookConfig.weight_power)
 
     def __post_init__(self) -> None:
         options.finite("weight floor", self.floor)
         if not self.floor > 0:
             raise OptionError(f"weight floor must be > 0 so unseen tokens keep some weight, got {self.floor}")
-        options.non_negative("weight power", self.power)
+        if self.power is not None:
+            options.non_negative("weight power", self.power)
 
     def settings(self) -> dict:
         return asdict(self)
@@ -52,7 +54,8 @@ def token_counts(tokenizer, text: Text, vocab: int, batch_lines: int = 512) -> t
 def row_weights(counts: torch.Tensor, config: WeightConfig | None = None) -> torch.Tensor:
     """Weights with mean 1 from token counts."""
     config = config or WeightConfig()
-    w = (counts.double() + config.floor).pow(config.power)
+    power = 1.0 if config.power is None else config.power
+    w = (counts.double() + config.floor).pow(power)
     return (w / w.mean()).float()
 
 

@@ -74,6 +74,7 @@ def test_row_weights_floor_power_and_mean():
     w = row_weights(counts, WeightConfig(floor=1.0, power=1.0))
     assert torch.allclose(w, torch.tensor([1.0, 2.0, 4.0, 1.0]) / 2.0)
     assert torch.allclose(row_weights(counts, WeightConfig(power=0.0)), torch.ones(4))
+    assert torch.equal(row_weights(counts, WeightConfig()), w)  # no power given: 1
     with pytest.raises(ValueError, match="floor must be > 0"):
         WeightConfig(floor=0)
 
@@ -253,3 +254,28 @@ def test_spread_sample_covers_the_whole_text():
     assert spread_sample(lines, 10**6) == lines
     picked = spread_sample(lines, 300)
     assert 8 <= len(picked) <= 12 and picked[0] == lines[0] and picked[-1] in lines[85:]
+
+
+
+def test_codebook_on_a_tied_head_at_low_bits_weights_rows_by_the_square_root_of_counts(tiny, text_file):
+    """A tied head scores every row at every position, so below 3 bits per weight a codebook there flattens the
+    weights (power 0.5); elsewhere, and for the low-rank methods, power 1; a power the recipe gives is used as is."""
+    from embzip.codebook import CodebookConfig
+    from embzip.methods.base import Inputs
+    from embzip.selfsample import SampleConfig
+    from embzip.texts import load_text
+
+    assert CodebookConfig(bits=2).weight_power(tied=True) == CodebookConfig(bits=1).weight_power(tied=True) == 0.5
+    assert CodebookConfig(bits=4).weight_power(tied=True) == CodebookConfig(bits=2).weight_power(tied=False) == 1.0
+    tied = open_model(tiny("llama"))
+    counts = token_counts(tied.tokenizer, load_text(text_file), tied.vocab_size)
+    for given, default, used in ((None, 0.5, 0.5), (None, 1.0, 1.0), (0.75, 0.5, 0.75)):
+        inputs = Inputs(tied, Recipe(method="codebook", weights_text=text_file, sample=SampleConfig(tokens=0),
+                                     weights=WeightConfig(power=given)))
+        w = inputs.weights(default)
+        assert inputs.details["weight_power"] == used
+        assert torch.allclose(w, row_weights(counts, WeightConfig(power=used)))
+    for method, size in (("codebook", 8.0), ("aware", 4)):  # a tied head, but 8 bits; a low-rank method
+        _, details = make_factors(tied, size, Recipe(method=method, weights_text=text_file,
+                                                     sample=SampleConfig(tokens=0)))
+        assert details["weight_power"] == 1.0

@@ -67,8 +67,9 @@ class Inputs:
         return self._cached(("text",) + self._text_key, lambda: load_text(
             self.recipe.weights_text, self.recipe.weights_dataset, sample="weights"))
 
-    def weights(self) -> torch.Tensor:
-        """Row weights (mean 1) from token counts on the weights text."""
+    def weights(self, default_power: float = 1.0) -> torch.Tensor:
+        """Row weights (mean 1) from token counts on the weights text, with the recipe's power or, where it gives
+        none, `default_power` (the method's choice for this model and size)."""
         from ..weights import coverage, row_weights, token_counts
 
         if self.opened.tokenizer is None:
@@ -83,7 +84,11 @@ class Inputs:
             from ..selfsample import combine_counts
 
             counts = combine_counts(counts, sampled[0])
-        return row_weights(counts, self.recipe.weights)
+        config = self.recipe.weights
+        if config.power is None:
+            config = replace(config, power=default_power)
+        self.details["weight_power"] = config.power
+        return row_weights(counts, config)
 
     def samples_model(self) -> bool:
         """Whether the model's own samples join the text: a causal LM the method runs anyway."""

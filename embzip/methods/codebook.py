@@ -30,7 +30,7 @@ def check_bits(bits, vocab, hidden, dtype, recipe):
 def make(inputs, bits, recipe):
     vocab, hidden = inputs.embedding.shape
     config = fitting_config(bits, vocab, hidden, recipe)
-    weights = inputs.weights()
+    weights = inputs.weights(config.weight_power(inputs.opened.tied))
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress)
