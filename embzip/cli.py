@@ -17,6 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from .errors import EmbzipError, Terminated
+from .options import SELF_TOKENS
 from .progress import stderr
 
 
@@ -277,8 +278,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         self_tokens: Annotated[int, _opt("aware, codebook on a causal LM: tokens the model samples from its start "
                                          "token, whose predicted token distributions and hidden states join the "
                                          "weights text's (a multilingual model writes many languages; the bundled "
-                                         "text is English). 0: the text alone. 4096 tokens take 1-2 minutes on "
-                                         "2 CPU cores.", DATA)] = 4096,
+                                         "text is English). 0: the text alone. 8192 tokens take about 3 minutes "
+                                         "on 2 CPU cores.", DATA)] = SELF_TOKENS,
         keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
                                                 "counted in the size); the factors code directions.", DATA)] = False,
         focus: Annotated[float, _opt("codebook: share of the budget for one more stage over only the rows whose "
@@ -483,7 +484,7 @@ def bench(model: ModelArg = None,
                    "shipped with embzip, distinct from the evaluation text).", show_default=False)] = None,
           self_tokens: Annotated[int, typer.Option(
               help="aware, codebook on a causal LM: tokens the model samples whose statistics join the weights "
-                   "text's (see `embzip fit --help`); sampled once per run. 0: the text alone.")] = 4096,
+                   "text's (see `embzip fit --help`); sampled once per run. 0: the text alone.")] = SELF_TOKENS,
           out: Annotated[Optional[Path], typer.Option(
               "--out", "-o", help="Directory for bench.json, bench.csv, bench.png and the factor files (re-used by "
                                   "the next run with the same settings).", show_default=False)] = None,

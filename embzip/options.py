@@ -13,6 +13,7 @@ from numbers import Integral, Real
 from .errors import OptionError
 
 SEED_MAX = 2**64 - 1  # torch seeds are 64-bit
+SELF_TOKENS = 8192  # positions a causal LM samples for the data-aware statistics (selfsample.py); 0: none
 
 
 def _number(name: str, value, integer: bool) -> None:

@@ -31,7 +31,7 @@ from .errors import ModelError
 class SampleConfig:
     """How much the model samples: `tokens` positions in sequences of `length`."""
 
-    tokens: int = 4096  # 0: no sampling
+    tokens: int = options.SELF_TOKENS  # 0: no sampling
     length: int = 128
     seed: int = 0
 

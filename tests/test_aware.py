@@ -85,7 +85,22 @@ def test_token_counts_match_the_tokenizer(tiny):
     counts = token_counts(opened.tokenizer, text, opened.vocab_size)
     vocab = opened.tokenizer.get_vocab()
     assert counts[vocab["the"]] == 2 and counts[vocab["water"]] == 1 and counts[vocab["hot"]] == 1
-    assert counts.sum() == 4
+    assert counts[vocab["<s>"]] == 2  # each line is read as a sequence: its BOS counts too
+    assert counts.sum() == 6
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_counts_include_the_special_tokens_of_every_sequence(tiny, dtype):
+    """[CLS] and [SEP] are in every input of a BERT: counted once per line, their rows weigh like frequent words
+    instead of like tokens never seen."""
+    opened = open_model(tiny("bert-encoder", dtype))
+    text = Text(["the water the", "hot", "the"], "test")
+    counts = token_counts(opened.tokenizer, text, opened.vocab_size)
+    vocab = opened.tokenizer.get_vocab()
+    assert counts[vocab["[CLS]"]] == 3 and counts[vocab["[SEP]"]] == 3 and counts[vocab["the"]] == 3
+    assert counts[vocab["[PAD]"]] == 0 and counts.sum() == 5 + 6
+    w = row_weights(counts)
+    assert w[vocab["[CLS]"]] == w[vocab["the"]] > w[vocab["[PAD]"]]
 
 
 def test_hidden_second_moment_is_what_the_head_sees(tiny):
