@@ -278,7 +278,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         self_tokens: Annotated[int, _opt("aware, codebook on a causal LM: tokens the model samples from its start "
                                          "token, whose predicted token distributions and hidden states join the "
                                          "weights text's (a multilingual model writes many languages; the bundled "
-                                         "text is English). 0: the text alone. 8192 tokens take about 3 minutes "
+                                         "text is English). 0: the text alone. The default takes about 3 minutes "
                                          "on 2 CPU cores.", DATA)] = SELF_TOKENS,
         keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
                                                 "counted in the size); the factors code directions.", DATA)] = False,

@@ -20,8 +20,8 @@ from __future__ import annotations
 import argparse
 import ast
 import gettext
-import importlib.util
 import re
+import sysconfig
 from pathlib import Path
 
 MODULES = ("argparse", "json/__init__", "collections/__init__", "functools", "pathlib", "subprocess", "textwrap",
@@ -31,7 +31,7 @@ LOCALE = Path("/usr/share/locale")
 
 
 def docstrings(module: str) -> list[str]:
-    path = Path(importlib.util.find_spec("json").origin).parent.parent / f"{module}.py"
+    path = Path(sysconfig.get_paths()["stdlib"]) / f"{module}.py"
     tree = ast.parse(path.read_text(encoding="utf-8"))
     out = []
     for node in ast.walk(tree):
