@@ -278,8 +278,13 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         self_tokens: Annotated[int, _opt("aware, codebook on a causal LM: tokens the model samples from its start "
                                          "token, whose predicted token distributions and hidden states join the "
                                          "weights text's (a multilingual model writes many languages; the bundled "
-                                         "text is English). 0: the text alone. The default takes about 3 minutes "
+                                         "text is English). 0: the text alone. The default takes about 1.5 minutes "
                                          "on 2 CPU cores.", DATA)] = SELF_TOKENS,
+        sample_languages: Annotated[float, _opt("aware, codebook on a causal LM: share of the sampled sequences "
+                                                "that start from an opening in one of 32 other languages, so a "
+                                                "model whose own samples are mostly English also writes those. It "
+                                                "trades English quality for theirs (docs/method.md): 0.5 for a "
+                                                "model used mostly in other languages.", DATA)] = 0.0,
         keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
                                                 "counted in the size); the factors code directions.", DATA)] = False,
         focus: Annotated[float, _opt("codebook: share of the budget for one more stage over only the rows whose "
@@ -346,7 +351,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
             codebook=CodebookConfig(focus=focus, **seeded), group=group_size,
-            sample=SampleConfig(tokens=self_tokens, **seeded),
+            sample=SampleConfig(tokens=self_tokens, languages=sample_languages, **seeded),
             heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,
             weighted_paper=weighted,
             weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset)
@@ -485,6 +490,9 @@ def bench(model: ModelArg = None,
           self_tokens: Annotated[int, typer.Option(
               help="aware, codebook on a causal LM: tokens the model samples whose statistics join the weights "
                    "text's (see `embzip fit --help`); sampled once per run. 0: the text alone.")] = SELF_TOKENS,
+          sample_languages: Annotated[float, typer.Option(
+              help="Share of those sampled sequences that start in one of 32 other languages (see `embzip fit "
+                   "--help`).")] = 0.0,
           out: Annotated[Optional[Path], typer.Option(
               "--out", "-o", help="Directory for bench.json, bench.csv, bench.png and the factor files (re-used by "
                                   "the next run with the same settings).", show_default=False)] = None,
@@ -515,7 +523,7 @@ def bench(model: ModelArg = None,
 
         from .selfsample import SampleConfig
 
-        sample = SampleConfig(tokens=self_tokens)
+        sample = SampleConfig(tokens=self_tokens, languages=sample_languages)
         recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text), sample=sample)
                    for m in method_list}
     except ValueError as exc:

@@ -170,7 +170,7 @@ def _held_out(opened, factors, config):
 def test_codebook_heal_trains_the_centroids_only_and_keeps_its_gain_once_rounded(tiny, text_file, kind, dtype):
     opened = open_model(tiny(kind, dtype))  # llama: tied head; gpt2: its own head; bert-encoder: cosine loss
     start = _codebook(opened, text_file)
-    config = HealConfig(steps=12, lr=0.05, seq_len=16, batch_size=4, eval_every=4)
+    config = HealConfig(steps=12, lr=0.02, seq_len=16, batch_size=4, eval_every=4)
     before = [p.detach().clone() for p in opened.model.parameters()]
     healed, history = heal(opened, start, TEXT.splitlines(), config)
     assert type(healed).check(healed.tensors()) == start.shape

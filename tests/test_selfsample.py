@@ -66,7 +66,7 @@ def test_sampled_tokens_raise_the_weight_of_tokens_the_text_lacks(tiny, text_fil
     absent = torch.where(~in_text, predicted, torch.zeros_like(predicted)).argmax()  # most predicted, never in the text
     assert not in_text[absent] and predicted[absent] > 0.01
     assert mixed[absent] > plain[absent]
-    assert inputs.details["self_sample"] == {"tokens": 32, "length": 8, "seed": 0}
+    assert inputs.details["self_sample"] == {"tokens": 32, "length": 8, "seed": 0, "languages": 0.0}
     assert not torch.equal(inputs.metric(4.0, 64), Inputs(opened, Recipe(
         method="codebook", weights_text=text_file, sample=SampleConfig(tokens=0))).metric(4.0, 64))
 
@@ -85,12 +85,13 @@ def test_only_causal_models_a_method_runs_are_sampled(tiny, text_file):
     # the tiny gpt2 has 64 positions: a sample never runs past them
     _, details = make_factors(causal, 8.0, Recipe(method="codebook", weights_text=text_file,
                                                   sample=SampleConfig(tokens=130, length=128)))
-    assert details["self_sample"] == {"tokens": 130, "length": 64, "seed": 0}
+    assert details["self_sample"] == {"tokens": 130, "length": 64, "seed": 0, "languages": 0.0}
     _, details = make_factors(masked, 8.0, Recipe(method="codebook", weights_text=text_file))
     assert "self_sample" not in details
 
 
-@pytest.mark.parametrize("field, value", [("tokens", -1), ("length", 0), ("tokens", 1.5)])
+@pytest.mark.parametrize("field, value", [("tokens", -1), ("length", 0), ("tokens", 1.5), ("languages", -0.1),
+                                          ("languages", 1.5), ("languages", float("nan"))])
 def test_bad_sample_settings_are_refused(field, value):
     with pytest.raises(OptionError):
         SampleConfig(**{field: value})
@@ -120,3 +121,67 @@ def test_a_head_called_by_keyword_is_read_too(tiny, monkeypatch):
     monkeypatch.setattr(type(head), "__call__", by_keyword)
     keyword = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=16, length=8))
     assert torch.equal(keyword[0], positional[0]) and torch.equal(keyword[1], positional[1])
+
+
+def test_draw_follows_the_distribution_and_never_draws_an_impossible_token():
+    from embzip.selfsample import draw
+
+    p = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    gen = torch.Generator().manual_seed(0)
+    drawn = torch.cat([draw(p, gen) for _ in range(4000)], dim=1)  # 2 x 4000 draws
+    first = torch.bincount(drawn[0], minlength=5).double() / drawn.shape[1]
+    assert torch.allclose(first, p[0].double(), atol=0.03)
+    assert first[1] == 0 and first[4] == 0
+    assert (drawn[1] == 4).all()
+    # a seeded generator gives the same draws
+    assert torch.equal(draw(p, torch.Generator().manual_seed(5)), draw(p, torch.Generator().manual_seed(5)))
+
+
+def test_the_bundled_openings_are_32_languages():
+    from embzip.selfsample import openings
+
+    rows = openings()
+    assert len(rows) == 32 and len({code for code, _ in rows}) == 32
+    assert all(text.strip() == text and len(text) >= 5 for _, text in rows)
+    assert "en" not in {code for code, _ in rows}  # the model's free samples are English already
+
+
+@pytest.mark.parametrize("kind, dtype", [("gpt2", "float32"), ("llama", "bfloat16")])
+def test_a_share_of_sequences_is_fed_an_opening_after_the_start_token(tiny, kind, dtype):
+    from embzip.selfsample import _forced, start_token
+
+    opened = embzip.open_model(tiny(kind, dtype))
+    config = SampleConfig(tokens=48, length=8, languages=0.5, seed=2)
+    sequences = 6
+    forced = _forced(opened.tokenizer, config, sequences, opened.vocab_size, torch.Generator().manual_seed(2))
+    assert sum(1 for f in forced if f) == 3
+    fed: list[torch.Tensor] = []
+    emb = opened.model.get_input_embeddings()
+    handle = emb.register_forward_pre_hook(lambda module, args: fed.append(args[0][:, -1].clone()))
+    try:
+        counts, _ = sample_statistics(opened.model, opened.tokenizer, config)
+    finally:
+        handle.remove()
+    ids = torch.stack(fed, dim=1)  # sequences x steps: the token fed at each step
+    assert ids.shape == (sequences, 8)
+    assert (ids[:, 0] == start_token(opened.model, opened.tokenizer)).all()
+    for row, prompt in zip(ids, forced):
+        assert prompt == [] or row[1:1 + len(prompt)].tolist() == prompt[:7]
+    # every position still adds one distribution, forced ones included
+    assert counts.sum().item() == pytest.approx(48, rel=1e-4)
+    free = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=48, length=8, seed=2))
+    assert not torch.equal(counts, free[0])
+
+
+def test_cli_refuses_a_bad_or_foreign_languages_share(tiny, tmp_path):
+    def run(*args):
+        return CliRunner().invoke(app, [str(a) for a in args])
+
+    bad = run("fit", tiny("gpt2"), "--sample-languages", "1.5", "-o", tmp_path / "a.safetensors")
+    assert bad.exit_code == 2 and "languages share must be between 0 and 1" in " ".join(bad.stderr.split())
+    foreign = run("fit", tiny("gpt2"), "--method", "int4", "--sample-languages", "0.5", "-o", tmp_path / "b.safetensors")
+    assert foreign.exit_code == 2
+    assert "--sample-languages is an option of --method aware / codebook" in " ".join(foreign.stderr.split())
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+    bench = run("bench", tiny("gpt2"), "--sample-languages", "-1", "--out", tmp_path / "bench")
+    assert bench.exit_code == 2 and not (tmp_path / "bench").exists()

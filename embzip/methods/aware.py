@@ -15,4 +15,4 @@ def make(inputs, rank, recipe):
 METHOD = register(Method(
     "aware", "lowrank", RANK, "data-aware SVD: token-count row weights, hidden-state metric for tied heads", make,
     uses_text=True, needs_forward=True,
-    options=("output_metric", "metric_tokens", "self_tokens", "keep_norms", "weight_power", "weight_floor")))
+    options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "keep_norms", "weight_power", "weight_floor")))

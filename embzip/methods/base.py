@@ -106,8 +106,9 @@ class Inputs:
         config = self.recipe.sample
         if self.opened.max_length:  # a sample never runs past the positions the model has
             config = replace(config, length=min(config.length, self.opened.max_length))
-        out = self._cached(("sampled", config.tokens, config.length, config.seed), lambda: sample_statistics(
-            self.opened.model, self.opened.tokenizer, config, progress=self.progress))
+        key = ("sampled", config.tokens, config.length, config.seed, config.languages)
+        out = self._cached(key, lambda: sample_statistics(self.opened.model, self.opened.tokenizer, config,
+                                                          progress=self.progress))
         self.details["self_sample"] = config.settings()
         return out
 
