@@ -101,3 +101,11 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "text.txt"
     path.write_text(TEXT)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Each test its own embzip cache, outside its tmp_path (a cache is not an output: tests that check a failed
+    command wrote nothing look there): nothing is read from or written to the user's ~/.cache/embzip, and no test
+    sees samples another test cached."""
+    monkeypatch.setenv("EMBZIP_CACHE", str(tmp_path_factory.mktemp("embzip-cache")))

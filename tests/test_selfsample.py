@@ -185,3 +185,63 @@ def test_cli_refuses_a_bad_or_foreign_languages_share(tiny, tmp_path):
     assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
     bench = run("bench", tiny("gpt2"), "--sample-languages", "-1", "--out", tmp_path / "bench")
     assert bench.exit_code == 2 and not (tmp_path / "bench").exists()
+
+
+@pytest.mark.parametrize("kind, dtype", [("gpt2", "float32"), ("llama", "bfloat16")])
+def test_samples_are_cached_on_disk_by_everything_they_depend_on(tiny, kind, dtype, tmp_path, monkeypatch):
+    import embzip.selfsample as selfsample
+
+    opened = embzip.open_model(tiny(kind, dtype))
+    config = SampleConfig(tokens=24, length=6, seed=1)
+    first = selfsample.cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+    calls = []
+    real = selfsample.sample_statistics
+    monkeypatch.setattr(selfsample, "sample_statistics", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = selfsample.cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
+    assert calls == [] and torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    # other settings, or a model whose weights differ, sample again under another key
+    selfsample.cached_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=2),
+                                 directory=tmp_path)
+    selfsample.cached_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=1,
+                                                                              languages=0.5), directory=tmp_path)
+    assert len(calls) == 2
+    key = selfsample.fingerprint(opened.model, opened.tokenizer, config)
+    with torch.no_grad():
+        opened.model.get_input_embeddings().weight[3, 0] += 1
+    try:
+        assert selfsample.fingerprint(opened.model, opened.tokenizer, config) != key
+    finally:
+        with torch.no_grad():
+            opened.model.get_input_embeddings().weight[3, 0] -= 1
+    # an unreadable file is sampled again and replaced
+    files[0].write_bytes(b"not a safetensors file")
+    healed = selfsample.cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
+    assert len(calls) == 3 and torch.equal(healed[0], first[0])
+    assert selfsample.cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)[0].equal(first[0])
+    assert len(calls) == 3
+
+
+def test_a_fit_reads_the_samples_a_previous_fit_cached(tiny, text_file, monkeypatch):
+    import embzip.selfsample as selfsample
+
+    opened = embzip.open_model(tiny("gpt2"))
+    recipe = Recipe(method="codebook", weights_text=text_file, sample=SampleConfig(tokens=16, length=8))
+    first, _ = make_factors(opened, 8.0, recipe)
+    monkeypatch.setattr(selfsample, "sample_statistics", lambda *a, **k: pytest.fail("sampled again"))
+    second, _ = make_factors(embzip.open_model(tiny("gpt2")), 8.0, recipe)  # a new process would open it anew
+    assert all(torch.equal(second.tensors()[k], v) for k, v in first.tensors().items())
+
+
+def test_a_cache_that_cannot_be_written_is_reported_and_the_sample_returned(tiny, tmp_path, caplog):
+    from embzip.selfsample import cached_statistics
+
+    opened = embzip.open_model(tiny("gpt2"))
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    config = SampleConfig(tokens=16, length=8)
+    with caplog.at_level("WARNING", logger="embzip"):
+        counts, _ = cached_statistics(opened.model, opened.tokenizer, config, directory=blocked)
+    assert counts.sum().item() == pytest.approx(16, rel=1e-4)
+    assert "were not cached" in caplog.text and blocked.read_text() == "not a folder"

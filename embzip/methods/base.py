@@ -101,13 +101,13 @@ class Inputs:
         """(expected token counts, head-input second moment) from the model's own samples, or None."""
         if not self.samples_model():
             return None
-        from ..selfsample import sample_statistics
+        from ..selfsample import cached_statistics
 
         config = self.recipe.sample
         if self.opened.max_length:  # a sample never runs past the positions the model has
             config = replace(config, length=min(config.length, self.opened.max_length))
         key = ("sampled", config.tokens, config.length, config.seed, config.languages)
-        out = self._cached(key, lambda: sample_statistics(self.opened.model, self.opened.tokenizer, config,
+        out = self._cached(key, lambda: cached_statistics(self.opened.model, self.opened.tokenizer, config,
                                                           progress=self.progress))
         self.details["self_sample"] = config.settings()
         return out
