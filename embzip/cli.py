@@ -278,8 +278,9 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         self_tokens: Annotated[int, _opt("aware, codebook on a causal LM: tokens the model samples from its start "
                                          "token, whose predicted token distributions and hidden states join the "
                                          "weights text's (a multilingual model writes many languages; the bundled "
-                                         "text is English). 0: the text alone. The default takes about 1.5 minutes "
-                                         "on 2 CPU cores.", DATA)] = SELF_TOKENS,
+                                         "text is English). 0: the text alone. The default takes about 3 minutes "
+                                         "on 2 CPU cores, once: later fits of the same model and settings "
+                                         "read it from the cache ($EMBZIP_CACHE/samples).", DATA)] = SELF_TOKENS,
         sample_languages: Annotated[float, _opt("aware, codebook on a causal LM: share of the sampled sequences "
                                                 "that start from an opening in one of 32 other languages, so a "
                                                 "model whose own samples are mostly English also writes those. It "

@@ -18,10 +18,6 @@ words each, forced after the start token), so the model goes on in that language
 counted, forced ones too: what the model predicts there is its own distribution in a real text's
 context. It trades English for the other languages (docs/method.md), so it is off by default.
 
-Tokens are drawn by inverse transform (a cumulative sum and a binary search per sequence), the same
-distribution as torch.multinomial and 15 times faster on a 262144-token vocabulary, where
-multinomial took a third of each step.
-
 `cached_statistics` keeps each sample on disk (`$EMBZIP_CACHE/samples`, ~5 MB for Gemma-3-270M),
 keyed by everything the statistics depend on: the sampler's version, the settings, the start token,
 the openings' tokens, the device kind and every byte of the model's parameters. So a second `fit`
@@ -48,8 +44,8 @@ from . import options
 from .errors import ModelError, OptionError
 
 _OPENINGS = Path(__file__).parent / "data" / "openings.txt"
-_BATCH = 64  # sequences sampled together: on 2 CPU cores a step of 64 costs 1.4 times one of 32
-_VERSION = 2  # of what sample_statistics computes; cached statistics of another version are never read
+_BATCH = 32  # sequences sampled together
+_VERSION = 1  # of what sample_statistics computes; cached statistics of another version are never read
 log = logging.getLogger("embzip")
 
 
@@ -109,18 +105,6 @@ def _forced(tokenizer, config: SampleConfig, sequences: int, vocab: int, gen: to
     return forced
 
 
-def draw(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of the probabilities `p` (n x V, rows summing to 1), as torch.multinomial draws them:
-    the first index whose cumulative sum exceeds a uniform draw times the row's total."""
-    cumulative = p.cumsum(-1)
-    u = torch.rand(p.shape[0], 1, generator=gen) * cumulative[:, -1:]
-    out = torch.searchsorted(cumulative, u, right=True)
-    over = out[:, 0] >= p.shape[1]  # u rounded up to the total: rare; draw those rows the slow way
-    if over.any():
-        out[over] = torch.multinomial(p[over], 1, generator=gen)
-    return out
-
-
 def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(expected token counts over the vocabulary, float64; E[h h^T] of the head's input, float64).
@@ -166,7 +150,7 @@ def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
                     counts += p[:, :vocab].sum(0).double()
                     h = seen[-1].double().cpu()
                     moment += h.T @ h
-                    ids = draw(p, gen)
+                    ids = torch.multinomial(p, 1, generator=gen)
                     for j, prompt in enumerate(prompts):  # an opening's tokens replace what was drawn
                         if step < len(prompt):
                             ids[j, 0] = prompt[step]
