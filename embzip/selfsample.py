@@ -35,8 +35,8 @@ import inspect
 import json
 import logging
 import os
-from pathlib import Path
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
