@@ -84,8 +84,12 @@ def start_token(model, tokenizer) -> int:
 
 def openings() -> list[tuple[str, str]]:
     """(language code, opening) of each line of the bundled openings file."""
-    rows = [line.split("\t", 1) for line in _OPENINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(code, text) for code, text in rows]
+    return [tuple(line.split("\t", 1)) for line in _OPENINGS.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def opening_ids(tokenizer) -> list[list[int]]:
+    """The token ids of each opening, as the sampler forces them and the cache key records them."""
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in openings()]
 
 
 def _forced(tokenizer, config: SampleConfig, sequences: int, vocab: int, gen: torch.Generator) -> list[list[int]]:
@@ -95,13 +99,12 @@ def _forced(tokenizer, config: SampleConfig, sequences: int, vocab: int, gen: to
     chosen = round(sequences * config.languages)
     if chosen == 0:
         return [[] for _ in range(sequences)]
-    texts = [text for _, text in openings()]
-    order = torch.randperm(len(texts), generator=gen).tolist()
+    ids = opening_ids(tokenizer)
+    order = torch.randperm(len(ids), generator=gen).tolist()
     which = torch.randperm(sequences, generator=gen).tolist()[:chosen]
     forced: list[list[int]] = [[] for _ in range(sequences)]
     for k, i in enumerate(which):
-        ids = tokenizer(texts[order[k % len(texts)]], add_special_tokens=False)["input_ids"]
-        forced[i] = [t for t in ids if t < vocab]
+        forced[i] = [t for t in ids[order[k % len(ids)]] if t < vocab]
     return forced
 
 
@@ -169,15 +172,18 @@ def fingerprint(model, tokenizer, config: SampleConfig) -> str | None:
     state = model.state_dict()
     if any(t.device.type == "meta" for t in state.values()):
         return None
-    openings_ids = ([tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in openings()]
-                    if config.languages > 0 else [])
     h = hashlib.blake2b(digest_size=20)
     h.update(json.dumps({"version": _VERSION, "class": type(model).__name__, "settings": config.settings(),
-                         "start": start_token(model, tokenizer), "openings": openings_ids,
+                         "start": start_token(model, tokenizer),
+                         "openings": opening_ids(tokenizer) if config.languages > 0 else [],
                          "device": input_device(model).type}, sort_keys=True).encode())
+    hashed = set()  # a tied head's weight is the embedding's tensor: the same view's bytes are read once
     for name, t in state.items():
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        view = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        h.update(f"{name} {t.dtype} {tuple(t.shape)} {view in hashed}".encode())
+        if view not in hashed:
+            hashed.add(view)
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -106,7 +106,7 @@ class Inputs:
         config = self.recipe.sample
         if self.opened.max_length:  # a sample never runs past the positions the model has
             config = replace(config, length=min(config.length, self.opened.max_length))
-        key = ("sampled", config.tokens, config.length, config.seed, config.languages)
+        key = ("sampled", *config.settings().values())  # every setting, so a new one can never be left out
         out = self._cached(key, lambda: cached_statistics(self.opened.model, self.opened.tokenizer, config,
                                                           progress=self.progress))
         self.details["self_sample"] = config.settings()
