@@ -109,3 +109,18 @@ def _own_cache(tmp_path_factory, monkeypatch):
     command wrote nothing look there): nothing is read from or written to the user's ~/.cache/embzip, and no test
     sees samples another test cached."""
     monkeypatch.setenv("EMBZIP_CACHE", str(tmp_path_factory.mktemp("embzip-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logger():
+    """Each test starts with the "embzip" logger as the library leaves it: a CLI command run in-process gives it a
+    rich handler and stops it propagating, which would hide later tests' warnings from `caplog`."""
+    import logging
+
+    logger = logging.getLogger("embzip")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers[:], logger.propagate = [], True
+    logger.setLevel(logging.NOTSET)
+    yield
+    logger.handlers[:], logger.propagate = saved[0], saved[2]
+    logger.setLevel(saved[1])
