@@ -55,7 +55,10 @@ import torch
 
 _STORE = torch.float16
 _BUFFER = 2**20  # distance entries per assignment chunk on the CPU (4 MiB; 1 GiB on a GPU)
-_LOOKUP_LIMIT = 2**16  # a tied head uses lookup_logits while hidden states x pieces stay at most this
+_LOOKUP_LIMIT = 24000  # a tied head uses lookup_logits while hidden states x row_pieces stay at most this, else
+# stage_logits. On Gemma-3-270M (this 2-core CPU) they cost the same near 512, 128 and 90 states at 1, 2 and 4 bpw
+# (row_pieces 74, 154, 314): 38000, 20000, 28000
+_STAGE_BLOCK = 2**22  # entries (rows x (d + states)) of a block of rows in stage_logits on a CPU (16 MiB of float32)
 
 
 @dataclass
@@ -390,7 +393,7 @@ def _stage_decode(codes: torch.Tensor, plan: tuple, out: torch.Tensor | None = N
     (pieces x K, size) table.
 
     Looking up whole pieces (F.embedding) touches n x pieces indices, not n x d as a per-coordinate
-    gather would, and a tied head decodes every row, so this is its hot loop. On a CPU it runs a block
+    gather would. (A tied head does not decode its rows: stage_logits.) On a CPU it runs a block
     of rows at a time (int32 indices, a block that stays in cache). Each group of equal pieces is
     written side by side into the block, and one column gather puts the coordinates back in order:
     water-filled sizes interleave (3, 4, 3, 4 where the bits fall slowly), and writing each group
@@ -541,8 +544,16 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     return tensors
 
 
+def row_pieces(tensors: dict[str, torch.Tensor]) -> float:
+    """Pieces a row has on average: every piece of the stages all rows have, a focus stage's in proportion to
+    the rows it codes. lookup_logits costs hidden states x this many table sums per row."""
+    stages = _stages(tensors)
+    V = stages[0][0].shape[0]
+    return sum(len(sizes) * (1 if rows is None else len(rows) / V) for _, _, sizes, rows in stages)
+
+
 def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
-    """hidden @ decode_rows(tensors)^T without decoding a row, or None where decoding is cheaper.
+    """hidden @ decode_rows(tensors)^T without decoding a row, or None where stage_logits is cheaper.
 
     With h' = h A^T (A the stored transform), a row's logit is g_v * sum over stages and pieces of
     h'[piece] . codebook[code, piece]. Those products take one small table per piece (K values per
@@ -551,13 +562,12 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
     Decoding costs V x d writes whatever N is, so the tables win for few hidden states, as in a
     generation step (Gemma, one state: 0.018 / 0.034 / 0.068 s at 1 / 2 / 4 bpw against about 1 s to
     decode the rows, and 0.046 s for the float32 original's own matrix product); they are used while
-    states x pieces <= _LOOKUP_LIMIT."""
+    states x row_pieces <= _LOOKUP_LIMIT."""
     d = tensors["transform"].shape[0]
     flat = hidden.reshape(-1, d)
-    stages = _stages(tensors)
-    pieces = sum(len(sizes) for _, _, sizes, _ in stages)
-    if flat.shape[0] * pieces > _LOOKUP_LIMIT:
+    if flat.shape[0] * row_pieces(tensors) > _LOOKUP_LIMIT:
         return None
+    stages = _stages(tensors)
     V = stages[0][0].shape[0]
     if flat.shape[0] == 0:
         return torch.zeros(*hidden.shape[:-1], V, device=hidden.device)
@@ -603,17 +613,87 @@ def _lookup(stages: list[tuple], h: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def head_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """hidden @ decode_rows(tensors)^T (float32, hidden.shape[:-1] + (V,)): per-piece tables for few hidden
+    states (lookup_logits), else stage by stage without building a row (stage_logits)."""
+    looked = lookup_logits(tensors, hidden)
+    return looked if looked is not None else stage_logits(tensors, hidden)
+
+
+def stage_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """hidden @ decode_rows(tensors)^T for many hidden states, one stage's share at a time.
+
+    The logits are linear in the stages, so with h' = h A^T each stage adds h' . y_hat_s to every row it
+    codes, and no row is ever assembled. A stage of pieces gathers, a block of rows at a time, each group
+    of equal pieces into its own contiguous buffer (one index_select) and multiplies it with the matching
+    columns of h'. Decoding rows instead wrote every piece into the row, restored the column order with a
+    gather (water-filled sizes interleave) and added the stages together: Gemma-3-270M's forward pass on
+    4 x 64 tokens took 1.8x the original's that way at 2 bpw, and about 1.1x this way (docs/method.md).
+    A whole-row stage (the coarse one) is a table of K logits per state, gathered at each row's code; a
+    focus stage decodes its few rows; the gains scale the finished rows. Every stage of pieces costs a
+    product as large as the dense head's, so budgets of two such stages (4 bpw) stay slower (1.6x).
+    A block's logits are made rows first (the fast form of its products) and copied into the output
+    while they are in cache."""
+    d = tensors["transform"].shape[0]
+    flat = hidden.reshape(-1, d)
+    stages = _stages(tensors)
+    V, device, N = stages[0][0].shape[0], flat.device, flat.shape[0]
+    h = flat.float() @ dequantized(tensors, "transform").to(device).T  # (N, d)
+    full = []
+    for codes, book, sizes, rows in stages:
+        if rows is not None:
+            continue
+        K, book = book.shape[0], book.to(device).float()
+        if len(sizes) == 1:  # a whole-row stage: K logits per hidden state
+            full.append((codes, K, 1, [(None, None, (book @ h.T).contiguous(), None)]))
+            continue
+        groups = []
+        for size, (idx, cols) in _groups(sizes.tolist()).items():
+            flat_cols = cols.reshape(-1).to(device)
+            table = book[:, flat_cols].view(K, len(idx), size).transpose(0, 1).reshape(-1, size).contiguous()
+            offsets = torch.arange(len(idx), dtype=torch.int32, device=device) * K
+            at = _span(idx)
+            groups.append((at if isinstance(at, slice) else at.to(device), offsets, table,
+                           h[:, flat_cols].T.contiguous()))
+        full.append((codes, K, len(sizes), groups))
+    gain = tensors["gain"].to(device).float() if "gain" in tensors else None
+    out = torch.empty(N, V, device=device)
+    block = max(16, _STAGE_BLOCK // (d + N)) if device.type == "cpu" else max(1024, 2**26 // (d + N))
+    for i in range(0, V, block):
+        first = True
+        for codes, K, pieces, groups in full:
+            index = unpack(codes[i:i + block].to(device), K, pieces)
+            for at, offsets, table, columns in groups:
+                if offsets is None:  # a whole-row stage: each row's entry of the K logits per state
+                    part = table.index_select(0, index[:, 0].long())
+                    acc = part if first else acc.add_(part)
+                else:  # a group of equal pieces: its centroids side by side, times the matching columns of h'
+                    looked = table.index_select(0, (index[:, at].int() + offsets).view(-1)).view(len(index), -1)
+                    acc = looked @ columns if first else acc.addmm_(looked, columns)
+                first = False
+        if gain is not None:
+            acc *= gain[i:i + block].unsqueeze(1)
+        out[:, i:i + len(acc)] = acc.T
+    for codes, book, sizes, rows in stages:  # focus stages: their rows decoded, their logits added
+        if rows is not None and len(rows):
+            at = rows.to(device).long()
+            part = h @ _stage_decode(unpack(codes, book.shape[0], len(sizes)).to(device),
+                                     _decode_plan(book, sizes, device)).T
+            if gain is not None:
+                part *= gain[at]
+            out.index_add_(1, at, part)
+    return out.view(*hidden.shape[:-1], V)
+
+
 def decode_rows(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
     """Rows `index` of the reconstructed embedding, float32."""
     return decode_transformed(tensors, index) @ dequantized(tensors, "transform")
 
 
-def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None),
-                       plans: list[tuple] | None = None) -> torch.Tensor:
-    """Rows `index` before the transform (gain included): decode_rows = decode_transformed @ transform.
-    `plans` (decode_plans) saves rebuilding each stage's tables when many blocks of rows are decoded."""
+def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | slice = slice(None)) -> torch.Tensor:
+    """Rows `index` before the transform (gain included): decode_rows = decode_transformed @ transform."""
     stages = _stages(tensors)
-    plans = plans or _plans(stages)  # from the stages just read: the codebooks are dequantized once
+    plans = [_decode_plan(book, sizes, codes.device) for codes, book, sizes, _ in stages]
     y = None
     for (codes, book, sizes, rows), plan in zip(stages, plans):
         if rows is None:
@@ -625,15 +705,6 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
     if "gain" in tensors:
         y *= tensors["gain"][index].float().unsqueeze(1)
     return y
-
-
-def _plans(stages: list[tuple]) -> list[tuple]:
-    return [_decode_plan(book, sizes, codes.device) for codes, book, sizes, _ in stages]
-
-
-def decode_plans(tensors: dict[str, torch.Tensor]) -> list[tuple]:
-    """Each stage's decode plan, on the device its codes are on."""
-    return _plans(_stages(tensors))
 
 
 # -- the storage kind ------------------------------------------------------------------------------
@@ -695,12 +766,5 @@ class Codebook(TensorSet):
         return decode_rows(tensors, index)
 
     @classmethod
-    def lookup_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
-        return lookup_logits(tensors, hidden)
-
-    @classmethod
-    def head_parts(cls, tensors: dict[str, torch.Tensor]):
-        """The transform goes to the hidden states (N x d x d) instead of every decoded row (V x d x d); the
-        stages' decode plans are built once for all the blocks a head decodes."""
-        plans = decode_plans(tensors)
-        return dequantized(tensors, "transform"), lambda index: decode_transformed(tensors, index, plans)
+    def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
+        return head_logits(tensors, hidden)

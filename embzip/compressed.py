@@ -53,16 +53,10 @@ class Compressed:
         raise NotImplementedError
 
     @classmethod
-    def head_parts(cls, tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, Any]:
-        """For a tied head: (A, decode) such that rows = decode(index) @ A, so logits = (h @ A^T) @ decode(index)^T
-        applies A once to the hidden states instead of to every row. Default: A = None (decode gives the rows)."""
-        return None, lambda index: cls.decode(tensors, index)
-
-    @classmethod
-    def lookup_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
-        """For a tied head: hidden @ rows^T (float32, hidden.shape[:-1] + (V,)) computed without decoding the
-        rows, where this kind can and it costs less than decoding them for this many hidden states; else None
-        (the default), and the head decodes."""
+    def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
+        """For a tied head: hidden @ rows^T (float32, hidden.shape[:-1] + (V,)) computed this kind's own way,
+        without decoding whole rows (a codebook sums per-piece tables or multiplies stage by stage); else None
+        (the default), and the head decodes blocks of rows."""
         return None
 
     @property

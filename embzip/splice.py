@@ -195,11 +195,12 @@ class CompressedEmbedding(nn.Module):
 
 
 class CompressedHead(_TiedHead):
-    """An output head tied to a CompressedEmbedding: logits a chunk of decoded rows at a time.
+    """An output head tied to a CompressedEmbedding: the kind's own logits, or a chunk of decoded rows at a time.
 
     Decoding all V rows on every forward pass is what makes a compact tied head slower than a dense
-    one. For few hidden states the kind may compute the logits without decoding (`lookup_logits`:
-    a codebook sums per-piece tables), which makes a generation step as fast as the original's. With
+    one. A kind may compute the logits without decoding rows (`head_logits`: a codebook sums
+    per-piece tables for few hidden states, which makes a generation step as fast as the original's,
+    and multiplies stage by stage for many). With
     `cache_decoded = True` the head decodes the matrix once (in the dtype of the hidden
     states; again only when the stored tensors change, move or are replaced) and keeps it: forward
     passes then cost what the original head's do, and memory grows by that V x d matrix. The cache is
@@ -219,16 +220,13 @@ class CompressedHead(_TiedHead):
 
     def _chunked(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
-        looked = emb.kind.lookup_logits(emb.stored(), hidden)
-        if looked is not None:  # few hidden states: per-piece tables instead of decoding every row
-            return looked.to(hidden.dtype)
-        transform, decode = emb.kind.head_parts(emb.stored())
-        if transform is not None:  # rows = decode @ transform: apply it once, to the hidden states
-            hidden = (hidden.float() @ transform.float().T).to(hidden.dtype)
+        own = emb.kind.head_logits(emb.stored(), hidden)
+        if own is not None:  # the kind's way without decoding rows (a codebook: per-piece tables, stage by stage)
+            return own.to(hidden.dtype)
         logits = hidden.new_empty(*hidden.shape[:-1], self.out_features)
         rows = _block_rows(self.in_features, hidden.device)
         for i in range(0, self.out_features, rows):
-            block = decode(slice(i, i + rows)).to(device=hidden.device, dtype=hidden.dtype)
+            block = emb.rows(slice(i, i + rows)).to(device=hidden.device, dtype=hidden.dtype)
             logits[..., i:i + block.shape[0]] = hidden @ block.T
         return logits
 

@@ -272,29 +272,45 @@ def test_bad_config_values_are_refused(field, value, fragment):
 
 @pytest.mark.parametrize("centroids, coarse", [(16, 0), (64, 1), (256, 0)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lookup_logits_equal_the_product_with_the_decoded_rows(centroids, coarse, dtype):
-    from embzip.codebook import lookup_logits
+@pytest.mark.parametrize("way", ["lookup_logits", "stage_logits"])
+def test_head_logits_equal_the_product_with_the_decoded_rows(centroids, coarse, dtype, way, monkeypatch):
+    import embzip.codebook as codebook
 
     e = _matrix()
     config = CodebookConfig(bits=6, min_piece_dim=3, coarse=coarse, **{**FAST, "centroids": centroids})
     tensors = fit_codebook(e, config=config)
-    assert "stage1.codes" in tensors
+    assert "stage1.codes" in tensors and "gain" in tensors
+    monkeypatch.setattr(codebook, "_STAGE_BLOCK", 20 * D)  # stage by stage: several blocks of 20 rows
     hidden = torch.randn(2, 3, D).to(dtype)  # leading dimensions as a head sees them
     expected = hidden.float() @ decode_rows(tensors).T
-    got = lookup_logits(tensors, hidden)
+    got = getattr(codebook, way)(tensors, hidden)
     assert got.shape == (2, 3, V) and got.dtype == torch.float32
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
-    assert lookup_logits(tensors, hidden[:, :0]).shape == (2, 0, V)  # no hidden states, no logits
+    assert getattr(codebook, way)(tensors, hidden[:, :0]).shape == (2, 0, V)  # no hidden states, no logits
 
 
-def test_lookup_logits_leave_many_hidden_states_to_decoding(monkeypatch):
+def test_stage_logits_add_a_focus_stage_to_its_rows_only():
+    from embzip.codebook import stage_logits
+
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=4, focus=0.3, **FAST))
+    rows = [t for name, t in tensors.items() if name.endswith(".rows")]
+    assert len(rows) == 1 and 0 < len(rows[0]) < V
+    hidden = torch.randn(5, D)
+    expected = hidden @ decode_rows(tensors).T
+    assert torch.allclose(stage_logits(tensors, hidden), expected, atol=1e-4 * expected.abs().max().item())
+
+
+def test_lookup_logits_leave_many_hidden_states_to_the_stages(monkeypatch):
     import embzip.codebook as codebook
 
-    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=2, **FAST))
-    pieces = sum(len(t) for name, t in tensors.items() if name.endswith(".sizes"))
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=2, focus=0.3, **FAST))
+    pieces = codebook.row_pieces(tensors)
+    full = sum(len(t) for name, t in tensors.items() if name.endswith(".sizes") and name[:-5] + "rows" not in tensors)
+    assert full < pieces < sum(len(t) for name, t in tensors.items() if name.endswith(".sizes"))  # a focus stage
     monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 4 * pieces)
     assert codebook.lookup_logits(tensors, torch.randn(4, D)) is not None
-    assert codebook.lookup_logits(tensors, torch.randn(5, D)) is None  # decoding the rows is cheaper there
+    assert codebook.lookup_logits(tensors, torch.randn(5, D)) is None  # the stages are cheaper there
+    assert codebook.head_logits(tensors, torch.randn(5, D)).shape == (5, V)
 
 
 @pytest.mark.parametrize("magnitude", [3e-6, 1e-3, 0.3, 40.0])

@@ -79,13 +79,16 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
     import embzip.splice
     from embzip.splice import spliced
 
-    if lookup is False:  # the codebook head decodes its rows instead of summing per-piece tables
+    if lookup is False:  # the codebook head multiplies stage by stage instead of summing per-piece tables
         monkeypatch.setattr(embzip.codebook, "_LOOKUP_LIMIT", 0)
     monkeypatch.setattr(embzip.splice, "_HEAD_CHUNK_CPU", 10 * 32)  # decoding: blocks of 10 rows, several per head
-    looked = []
-    original_lookup = embzip.codebook.lookup_logits
+    monkeypatch.setattr(embzip.codebook, "_STAGE_BLOCK", 16 * 32)  # stage by stage: blocks of 16 rows
+    looked, staged = [], []
+    original_lookup, original_stages = embzip.codebook.lookup_logits, embzip.codebook.stage_logits
     monkeypatch.setattr(embzip.codebook, "lookup_logits",
                         lambda *a: looked.append(original_lookup(*a)) or looked[-1])
+    monkeypatch.setattr(embzip.codebook, "stage_logits",
+                        lambda *a: staged.append(original_stages(*a)) or staged[-1])
 
     opened = embzip.open_model(tiny("llama"))
     from embzip.codebook import CodebookConfig
@@ -112,6 +115,7 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
         plain = opened.model(input_ids=ids).logits
     assert size is None or size == 9.0
     assert bool(looked) == (method == "codebook") and all((t is not None) == lookup for t in looked)
+    assert bool(staged) == (lookup is False)
     assert torch.allclose(compressed, dense, atol=1e-5)
     assert not torch.allclose(compressed, plain, atol=1e-3)  # it really is compressed
 
