@@ -49,8 +49,10 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _state_key(*tensors: torch.Tensor | None) -> tuple:
-    """Identifies the contents of `tensors` for a cache: storage and in-place version of each (None skipped)."""
-    return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
+    """Identifies the contents of `tensors` for a cache: storage and in-place version of each (None skipped).
+    Tensors made under torch.inference_mode keep no version counter: their storage alone identifies them, so
+    an in-place change to one (possible only inside inference mode) is not seen."""
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors if t is not None)
 
 
 def _keep_embed_scale(module: nn.Module, embed_scale: torch.Tensor | None) -> None:

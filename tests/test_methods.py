@@ -140,8 +140,9 @@ def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(ti
         head = model.get_output_embeddings()
         assert head._matrix.shape == (opened.vocab_size, opened.hidden_size) and head._matrix.dtype == dtype
         assert not any(t is head._matrix for t in model.state_dict().values())  # never saved
-        # float32: the same numbers summed in another order; bf16: the compact head rounds the transformed hidden
-        # states to bf16, the cached one the decoded rows, so they agree to a few bf16 steps of the largest logit
+        # float32: the same numbers summed in another order; bf16: the compact codebook head works in float32 and
+        # rounds the logits, the cached one multiplies rows rounded to bf16, so they agree to a few bf16 steps of
+        # the largest logit
         tol = 1e-5 if dtype == torch.float32 else 2**-6 * compact.abs().max().item()
         assert torch.allclose(cached, compact, atol=tol, rtol=tol)
         # the stored tensors change: the cache decodes again instead of serving stale rows
@@ -156,6 +157,24 @@ def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(ti
     with torch.no_grad():
         assert torch.allclose(again(input_ids=ids).logits, compact, atol=tol, rtol=tol)
     assert not cache_decoded_head(embzip.open_model(tiny("llama")).model)  # a dense head: nothing to cache
+
+
+@pytest.mark.parametrize("method", ["int4", "codebook"])
+def test_a_cached_head_works_on_a_model_loaded_and_run_under_inference_mode(tiny, method, text_file, tmp_path):
+    import embzip
+    from embzip.modeldir import apply_factors, load_model
+
+    opened = embzip.open_model(tiny("llama"))
+    factors, _ = embzip.compress(opened, recipe(method, weights_text=text_file),
+                                 bits=12.0 if method == "codebook" else None, write=False)
+    apply_factors(opened, factors, tmp_path / "dir")
+    ids = torch.tensor([[2, 5, 9, 11, 40]])
+    with torch.no_grad():
+        expected = load_model(tmp_path / "dir")(input_ids=ids).logits
+    with torch.inference_mode():  # its tensors are inference tensors, which keep no version counter
+        model = load_model(tmp_path / "dir", cache_head=True)
+        first, second = model(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.allclose(first, expected, atol=1e-5) and torch.equal(first, second)
 
 
 @pytest.mark.parametrize("args,fragment", [
