@@ -186,6 +186,21 @@ def test_codebook_heal_trains_the_centroids_only_and_keeps_its_gain_once_rounded
     assert not any(p.requires_grad is False for p in opened.model.parameters())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_codebook_heal_trains_through_a_tied_head_that_multiplies_stage_by_stage(tiny, text_file, dtype, monkeypatch):
+    import embzip.codebook as codebook
+
+    opened = open_model(tiny("llama", dtype))
+    start = _codebook(opened, text_file)
+    monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 0)  # every forward pass of the head goes stage by stage
+    staged, original = [], codebook.stage_logits
+    monkeypatch.setattr(codebook, "stage_logits", lambda *a: staged.append(a[1].requires_grad) or original(*a))
+    healed, history = heal(opened, start, TEXT.splitlines(),
+                           HealConfig(steps=12, lr=0.02, seq_len=16, batch_size=4, eval_every=4))
+    held_out = {v["step"]: v["loss"] for v in history["val_loss"]}
+    assert any(staged) and history["best_step"] > 0 and held_out[history["best_step"]] < held_out[0]
+
+
 def test_codebook_heal_that_never_helps_returns_the_codebooks_as_given(tiny, text_file):
     opened = open_model(tiny("llama"))
     start = _codebook(opened, text_file)
