@@ -370,9 +370,9 @@ def _span(index: torch.Tensor) -> slice | torch.Tensor:
 
 
 def _decode_plan(book: torch.Tensor, sizes: torch.Tensor, device: torch.device) -> tuple:
-    """What decoding one stage needs besides its codes: per piece size (pieces, index offsets, table, width),
-    and the column order to restore (None when the groups already sit in order). Built once per stage and
-    re-used for every block of rows (a tied head decodes V rows in ~160 blocks per forward pass)."""
+    """What reading one stage needs besides its codes: per piece size (pieces, index offsets, table, the
+    coordinates the group covers side by side), and the column order to restore (None when the groups already
+    sit in order). Built once per stage and re-used for every block of rows, by decoding and by stage_logits."""
     K = book.shape[0]
     book = book.to(device).float()
     groups, order = [], []
@@ -381,7 +381,7 @@ def _decode_plan(book: torch.Tensor, sizes: torch.Tensor, device: torch.device) 
         table = book[:, flat.to(device)].view(K, len(idx), size).transpose(0, 1).reshape(-1, size)
         offsets = torch.arange(len(idx), dtype=torch.int32, device=device) * K
         pieces = _span(idx)
-        groups.append((pieces if isinstance(pieces, slice) else pieces.to(device), offsets, table, len(flat)))
+        groups.append((pieces if isinstance(pieces, slice) else pieces.to(device), offsets, table, flat.to(device)))
         order.append(flat)
     order = torch.cat(order)
     inverse = None if torch.equal(order, torch.arange(len(order))) else torch.argsort(order).to(device)
@@ -411,7 +411,8 @@ def _stage_decode(codes: torch.Tensor, plan: tuple, out: torch.Tensor | None = N
         rows = dest.shape[0]
         grouped = torch.empty(rows, d, device=device) if (add or inverse is not None) else dest
         start = 0
-        for pieces, offsets, table, width in groups:
+        for pieces, offsets, table, columns in groups:
+            width = len(columns)
             looked = torch.nn.functional.embedding(codes[i:i + block, pieces].int() + offsets, table)
             grouped[:, start:start + width] = looked.view(rows, width)
             start += width
@@ -546,10 +547,14 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
 
 def row_pieces(tensors: dict[str, torch.Tensor]) -> float:
     """Pieces a row has on average: every piece of the stages all rows have, a focus stage's in proportion to
-    the rows it codes. lookup_logits costs hidden states x this many table sums per row."""
-    stages = _stages(tensors)
-    V = stages[0][0].shape[0]
-    return sum(len(sizes) * (1 if rows is None else len(rows) / V) for _, _, sizes, rows in stages)
+    the rows it codes. lookup_logits costs hidden states x this many table sums per row. (Read from the stored
+    sizes and rows: nothing is dequantized.)"""
+    V, total, s = tensors["stage0.codes"].shape[0], 0.0, 0
+    while f"stage{s}.sizes" in tensors:
+        rows = tensors.get(f"stage{s}.rows")
+        total += len(tensors[f"stage{s}.sizes"]) * (1 if rows is None else len(rows) / V)
+        s += 1
+    return total
 
 
 def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
@@ -641,21 +646,13 @@ def stage_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torc
     h = flat.float() @ dequantized(tensors, "transform").to(device).T  # (N, d)
     full = []
     for codes, book, sizes, rows in stages:
-        if rows is not None:
-            continue
-        K, book = book.shape[0], book.to(device).float()
-        if len(sizes) == 1:  # a whole-row stage: K logits per hidden state
-            full.append((codes, K, 1, [(None, None, (book @ h.T).contiguous(), None)]))
-            continue
-        groups = []
-        for size, (idx, cols) in _groups(sizes.tolist()).items():
-            flat_cols = cols.reshape(-1).to(device)
-            table = book[:, flat_cols].view(K, len(idx), size).transpose(0, 1).reshape(-1, size).contiguous()
-            offsets = torch.arange(len(idx), dtype=torch.int32, device=device) * K
-            at = _span(idx)
-            groups.append((at if isinstance(at, slice) else at.to(device), offsets, table,
-                           h[:, flat_cols].T.contiguous()))
-        full.append((codes, K, len(sizes), groups))
+        if rows is None:
+            groups = _decode_plan(book, sizes, device)[0]
+            if len(sizes) == 1:  # a whole-row stage: K logits per hidden state
+                groups = [(None, None, groups[0][2] @ h[:, groups[0][3]].T, None)]
+            else:  # per group of equal pieces, the columns of h' its centroids meet
+                groups = [(at, offsets, table, h[:, columns].T.contiguous()) for at, offsets, table, columns in groups]
+            full.append((codes, book.shape[0], len(sizes), groups))
     gain = tensors["gain"].to(device).float() if "gain" in tensors else None
     out = torch.empty(N, V, device=device)
     block = max(16, _STAGE_BLOCK // (d + N)) if device.type == "cpu" else max(1024, 2**26 // (d + N))
