@@ -1,0 +1,99 @@
+"""How far a codebook factors file is from the best any quantizer could do at its size, if the rows were Gaussian.
+
+    python scripts/rate_gap.py MODEL FACTORS [FACTORS ...] [--synthetic]
+
+For each codebook file (fitted on MODEL with the default recipe) it prints:
+- bpw: bits per weight stored, everything counted;
+- err: the fit's objective as a share of the rows' weighted variance, sum_i w_i ||y_i - y_hat_i||^2 / sum_i w_i
+  ||y_i - mean||^2, in the coordinates y where the codebook measures error (the file's stored transform, so the
+  metric is the one the fit used) with the token weights the default recipe gives at that size;
+- bound: the Gaussian rate-distortion function of rows with the same weighted covariance at `bpw` bits per
+  coordinate (reverse water-filling over its eigenvalues): what an ideal quantizer reaches on Gaussian rows;
+- rate: the bits per coordinate at which that bound equals err. bpw - rate is what the quantizer loses.
+
+With --synthetic it also fits a codebook (no focus stage, uniform weights) to Gaussian rows with the same
+spectrum and the same budget, to separate the quantizer's own loss from what the real rows add.
+
+The weights come from the model's samples like a fit's (cached in ~/.cache/embzip after the first run). A
+Gaussian source is the hardest one for a given covariance, so the bound is what an ideal quantizer reaches on
+Gaussian rows, not a limit for every distribution: docs/method.md says why these rows behave like Gaussian ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import replace
+
+import torch
+
+import embzip
+from embzip import codebook as cb
+from embzip.factors import load_factors
+from embzip.methods import recipe
+from embzip.methods.base import Inputs
+
+
+def bound(evals: torch.Tensor, rate: float) -> float:
+    """Gaussian D(R) (summed over coordinates) at `rate` bits per coordinate, by reverse water-filling."""
+    lo, hi = float(evals.min()) * 1e-12, float(evals.max())  # rates up to about 20 bits per coordinate
+    for _ in range(100):
+        theta = math.sqrt(lo * hi)
+        bits = float((0.5 * torch.log2(evals / theta)).clamp_min(0).sum())
+        lo, hi = (theta, hi) if bits > rate * len(evals) else (lo, theta)
+    return float(evals.clamp_max(math.sqrt(lo * hi)).sum())
+
+
+def equivalent_rate(evals: torch.Tensor, err: float) -> float:
+    """The rate at which the Gaussian bound equals `err` (summed over coordinates)."""
+    lo, hi = 0.0, 32.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if bound(evals, mid) > err else (lo, mid)
+    return lo
+
+
+def report(name: str, y: torch.Tensor, w: torch.Tensor, recon: torch.Tensor, bits: float) -> torch.Tensor:
+    V = len(w)
+    mean = (w @ y) / V
+    z = (y - mean) * w.sqrt().unsqueeze(1)
+    evals = torch.linalg.eigvalsh(z.T @ z / V).clamp_min(1e-30)
+    err = float(w @ (y - recon).pow(2).sum(1)) / V
+    total = float(evals.sum())
+    print(f"{name}: bpw {bits:.3f}  err {err / total:.4g}  bound {bound(evals, bits) / total:.4g}  "
+          f"rate {equivalent_rate(evals, err):.3f}", flush=True)
+    return evals
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("factors", nargs="+")
+    parser.add_argument("--synthetic", action="store_true", help="also fit Gaussian rows with the same spectrum")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    opened = embzip.open_model(args.model)
+    embedding = opened.model.get_input_embeddings().weight.detach().double()
+    V, d = embedding.shape
+    r = recipe("codebook")
+    inputs = Inputs(opened, r)
+    for path in args.factors:
+        tensors = load_factors(path).tensors()
+        if "transform" not in tensors:
+            raise SystemExit(f"{path}: not a codebook factors file")
+        bits = cb.stored_bits(tensors) / (V * d)
+        w = inputs.weights(replace(r.codebook, bits=bits).weight_power(opened.tied)).double()
+        w = w / w.mean()
+        y = embedding @ torch.linalg.inv(cb.dequantized(tensors, "transform").double())
+        evals = report(path, y, w, cb.decode_transformed(tensors).double(), bits)
+        if args.synthetic:
+            gen = torch.Generator().manual_seed(0)
+            g = torch.randn(V, d, generator=gen, dtype=torch.float64) * evals.flip(0).sqrt()
+            fitted = cb.fit_codebook(g.float(), config=replace(r.codebook, bits=bits, focus=0.0))
+            gy = g @ torch.linalg.inv(cb.dequantized(fitted, "transform").double())
+            report("  Gaussian rows, same spectrum", gy, torch.ones(V, dtype=torch.float64),
+                   cb.decode_transformed(fitted).double(), cb.stored_bits(fitted) / (V * d))
+
+
+if __name__ == "__main__":
+    main()
