@@ -289,15 +289,21 @@ def test_head_logits_equal_the_product_with_the_decoded_rows(centroids, coarse, 
     assert getattr(codebook, way)(tensors, hidden[:, :0]).shape == (2, 0, V)  # no hidden states, no logits
 
 
-def test_stage_logits_add_a_focus_stage_to_its_rows_only():
-    from embzip.codebook import stage_logits
+@pytest.mark.parametrize("block_rows", [7, 20, V])
+def test_stage_logits_add_a_focus_stage_to_its_rows_only(block_rows, monkeypatch):
+    import embzip.codebook as codebook
 
     tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=4, focus=0.3, **FAST))
     rows = [t for name, t in tensors.items() if name.endswith(".rows")]
     assert len(rows) == 1 and 0 < len(rows[0]) < V
     hidden = torch.randn(5, D)
+    # blocks of a few rows: some hold focus rows, some none, and the focus rows cross block boundaries
+    monkeypatch.setattr(codebook, "_STAGE_BLOCK", block_rows * (D + len(hidden)))
+    blocks = {int(r) // block_rows for r in rows[0]}
+    assert block_rows != 7 or len(blocks) < -(-V // block_rows)  # with blocks of 7 rows, some hold none
     expected = hidden @ decode_rows(tensors).T
-    assert torch.allclose(stage_logits(tensors, hidden), expected, atol=1e-4 * expected.abs().max().item())
+    got = codebook.stage_logits(tensors, hidden)
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
 
 
 def test_lookup_logits_leave_many_hidden_states_to_the_stages(monkeypatch):
