@@ -608,8 +608,13 @@ def _lookup(stages: list[tuple], h: torch.Tensor, n: int) -> torch.Tensor:
     out = torch.empty(n, h.shape[0], device=device)
     # 8 MiB of int32 index per block on a CPU (1 MiB blocks took 1.4x as long on Gemma at 4 bpw), 256 MiB on a GPU
     block = max(64, 2 * _BUFFER // pieces) if device.type == "cpu" else max(1024, 2**26 // pieces)
+    # one index buffer for every block, unless a backward pass will need each block's indices (training
+    # through the head: healing, fine-tuning)
+    reuse = not (torch.is_grad_enabled() and table.requires_grad)
     index = torch.empty(min(block, n), pieces, dtype=torch.int32, device=device)
     for i in range(0, n, block):
+        if not reuse and i:
+            index = torch.empty(min(block, n - i), pieces, dtype=torch.int32, device=device)
         part, at = index[:min(block, n - i)], 0
         for codes, book, sizes, _ in stages:
             part[:, at:at + len(sizes)].copy_(unpack(codes[i:i + block], book.shape[0], len(sizes)))

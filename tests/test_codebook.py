@@ -306,6 +306,37 @@ def test_stage_logits_add_a_focus_stage_to_its_rows_only(block_rows, monkeypatch
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("way", ["lookup_logits", "stage_logits"])
+def test_head_logits_backpropagate_through_many_blocks_of_rows(way, monkeypatch):
+    """Healing trains the centroids through the head (and a fine-tuned model trains through it): gradients
+    of both ways equal those of the product with the decoded rows, when the rows take many blocks. The
+    tables' way used to re-use one index buffer for every block, which the backward pass still needed."""
+    import embzip.codebook as codebook
+
+    stored = fit_codebook(_matrix(), config=CodebookConfig(bits=4, focus=0.3, **FAST))
+    books = {n: torch.nn.Parameter(codebook.dequantized(stored, n)) for n in stored if n.endswith(".codebook")}
+    tensors = {**{n: t for n, t in stored.items() if not n.endswith(".codebook.scale")}, **books}
+    monkeypatch.setattr(codebook, "_BUFFER", 64)  # the tables' way: blocks of 64 rows
+    monkeypatch.setattr(codebook, "_STAGE_BLOCK", 20 * D)  # the stages' way: blocks of about 20 rows
+    monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 10**9 if way == "lookup_logits" else 0)
+    hidden = torch.randn(3, D, requires_grad=True)
+    weights = torch.randn(3, V)  # a loss that weighs every logit differently
+
+    def grads(logits):
+        (logits * weights).sum().backward()
+        out = [hidden.grad.clone()] + [b.grad.clone() for b in books.values()]
+        hidden.grad = None
+        for b in books.values():
+            b.grad = None
+        return out
+
+    got = grads(codebook.head_logits(tensors, hidden))
+    expected = grads(hidden @ decode_rows(tensors).T)
+    assert len(got) == len(expected) == 1 + len(books) >= 3
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, atol=1e-4 * e.abs().max().item())
+
+
 def test_lookup_logits_leave_many_hidden_states_to_the_stages(monkeypatch):
     import embzip.codebook as codebook
 
