@@ -306,8 +306,9 @@ def test_stage_logits_add_a_focus_stage_to_its_rows_only(block_rows, monkeypatch
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("way", ["lookup_logits", "stage_logits"])
-def test_head_logits_backpropagate_through_many_blocks_of_rows(way, monkeypatch):
+def test_head_logits_backpropagate_through_many_blocks_of_rows(way, dtype, monkeypatch):
     """Healing trains the centroids through the head (and a fine-tuned model trains through it): gradients
     of both ways equal those of the product with the decoded rows, when the rows take many blocks. The
     tables' way used to re-use one index buffer for every block, which the backward pass still needed."""
@@ -319,7 +320,7 @@ def test_head_logits_backpropagate_through_many_blocks_of_rows(way, monkeypatch)
     monkeypatch.setattr(codebook, "_BUFFER", 64)  # the tables' way: blocks of 64 rows
     monkeypatch.setattr(codebook, "_STAGE_BLOCK", 20 * D)  # the stages' way: blocks of about 20 rows
     monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 10**9 if way == "lookup_logits" else 0)
-    hidden = torch.randn(3, D, requires_grad=True)
+    hidden = torch.randn(3, D).to(dtype).requires_grad_()  # a bfloat16 model's head sees bfloat16 states
     weights = torch.randn(3, V)  # a loss that weighs every logit differently
 
     def grads(logits):
@@ -331,7 +332,7 @@ def test_head_logits_backpropagate_through_many_blocks_of_rows(way, monkeypatch)
         return out
 
     got = grads(codebook.head_logits(tensors, hidden))
-    expected = grads(hidden @ decode_rows(tensors).T)
+    expected = grads(hidden.float() @ decode_rows(tensors).T)
     assert len(got) == len(expected) == 1 + len(books) >= 3
     for g, e in zip(got, expected):
         assert torch.allclose(g, e, atol=1e-4 * e.abs().max().item())
