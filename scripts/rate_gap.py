@@ -71,7 +71,6 @@ def main() -> None:
     parser.add_argument("factors", nargs="+")
     parser.add_argument("--synthetic", action="store_true", help="also fit Gaussian rows with the same spectrum")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     opened = embzip.open_model(args.model)
     embedding = opened.model.get_input_embeddings().weight.detach().double()
     V, d = embedding.shape
