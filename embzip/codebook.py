@@ -665,12 +665,14 @@ def stage_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torc
     gain = tensors["gain"].to(device).float() if "gain" in tensors else None
     out = torch.empty(N, V, device=device)
     block = max(16, _STAGE_BLOCK // (d + N)) if device.type == "cpu" else max(1024, 2**26 // (d + N))
-    for i in range(0, V, block):
+    starts = torch.arange(0, V + block, block, device=device)
+    focus = [(*stage, torch.searchsorted(stage[4], starts).tolist()) for stage in focus]  # each block's share
+    for j, i in enumerate(range(0, V, block)):
         acc = None
         for codes, K, pieces, groups in full:
             acc = _stage_products(unpack(codes[i:i + block].to(device), K, pieces), groups, acc)
-        for codes, K, pieces, groups, rows in focus:  # the stage's rows in this block, added to their rows
-            a, b = torch.searchsorted(rows, torch.tensor([i, i + len(acc)], device=device)).tolist()
+        for codes, K, pieces, groups, rows, bounds in focus:  # the stage's rows in this block, added to their rows
+            a, b = bounds[j], bounds[j + 1]
             if b > a:
                 acc.index_add_(0, rows[a:b] - i, _stage_products(unpack(codes[a:b].to(device), K, pieces), groups))
         if gain is not None:

@@ -34,23 +34,28 @@ from embzip.methods import recipe
 from embzip.methods.base import Inputs
 
 
-def bound(evals: torch.Tensor, rate: float) -> float:
-    """Gaussian D(R) (summed over coordinates) at `rate` bits per coordinate, by reverse water-filling."""
+def _theta(evals: torch.Tensor, inside) -> float:
+    """The water level theta in (0, max eig] at which `inside(theta)` turns false (a bisection; both uses are
+    monotone in theta)."""
     lo, hi = float(evals.min()) * 1e-12, float(evals.max())  # rates up to about 20 bits per coordinate
     for _ in range(100):
         theta = math.sqrt(lo * hi)
-        bits = float((0.5 * torch.log2(evals / theta)).clamp_min(0).sum())
-        lo, hi = (theta, hi) if bits > rate * len(evals) else (lo, theta)
-    return float(evals.clamp_max(math.sqrt(lo * hi)).sum())
+        lo, hi = (theta, hi) if inside(theta) else (lo, theta)
+    return math.sqrt(lo * hi)
+
+
+def bound(evals: torch.Tensor, rate: float) -> float:
+    """Gaussian D(R) (summed over coordinates) at `rate` bits per coordinate, by reverse water-filling: the
+    level theta spends sum_j max(0, log2(eig_j / theta) / 2) = rate x coordinates, and D = sum_j min(eig_j, theta)."""
+    theta = _theta(evals, lambda t: float((0.5 * torch.log2(evals / t)).clamp_min(0).sum()) > rate * len(evals))
+    return float(evals.clamp_max(theta).sum())
 
 
 def equivalent_rate(evals: torch.Tensor, err: float) -> float:
-    """The rate at which the Gaussian bound equals `err` (summed over coordinates)."""
-    lo, hi = 0.0, 32.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if bound(evals, mid) > err else (lo, mid)
-    return lo
+    """The rate at which the Gaussian bound equals `err` (summed over coordinates): the level whose
+    distortion is err, then the bits it spends."""
+    theta = _theta(evals, lambda t: float(evals.clamp_max(t).sum()) < err)
+    return float((0.5 * torch.log2(evals / theta)).clamp_min(0).sum()) / len(evals)
 
 
 def report(name: str, y: torch.Tensor, w: torch.Tensor, recon: torch.Tensor, bits: float) -> torch.Tensor:
