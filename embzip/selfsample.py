@@ -44,9 +44,8 @@ from . import options
 from .errors import ModelError, OptionError
 
 _OPENINGS = Path(__file__).parent / "data" / "openings.txt"
-_BATCH = 64  # sequences sampled together (all of the default 8192 tokens in one pass)
-_BLOCK = 512  # tokens per block of the two-level draw
-_VERSION = 2  # of what sample_statistics computes; cached statistics of another version are never read
+_BATCH = 32  # sequences sampled together
+_VERSION = 1  # of what sample_statistics computes; cached statistics of another version are never read
 log = logging.getLogger("embzip")
 
 
@@ -109,36 +108,12 @@ def _forced(tokenizer, config: SampleConfig, sequences: int, vocab: int, gen: to
     return forced
 
 
-def draw(p: torch.Tensor, gen: torch.Generator, block: int = _BLOCK) -> torch.Tensor:
-    """One token per row of `p` (n x V, non-negative, rows not all zero), drawn with probability
-    proportional to p: an n x 1 long tensor.
-
-    Inverse transform in two levels, in float64: one uniform per row picks a block of `block` tokens by
-    the cumulative block sums, then a token inside it by that block's cumulative sum. A token of zero
-    probability is never drawn. `torch.multinomial` draws one random number per token instead, 262144
-    per row for Gemma: on a CPU that took as long as the head's matmul.
-    """
-    n, vocab = p.shape
-    blocks = torch.nn.functional.pad(p, (0, -vocab % block)).view(n, -1, block)
-    sums = blocks.sum(-1, dtype=torch.float64)
-    ends = sums.cumsum(-1)
-    starts = ends - sums
-    total = ends[:, -1:]
-    u = torch.minimum(torch.rand(n, 1, generator=gen, dtype=torch.float64) * total,
-                      torch.nextafter(total, torch.zeros_like(total)))
-    b = torch.searchsorted(ends, u, right=True)  # the first block whose end is past u: ends[b] > u >= ends[b-1]
-    inside = blocks[torch.arange(n), b[:, 0]].double().cumsum(-1)
-    left = torch.minimum((u - starts.gather(1, b)).clamp_min(0),
-                         torch.nextafter(inside[:, -1:], torch.zeros_like(u)))
-    return b * block + torch.searchsorted(inside, left, right=True)
-
-
 def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """(expected token counts over the vocabulary, float64; E[h h^T] of the head's input, float64).
 
     The model samples `config.tokens` positions (sequences of `config.length`, several at once)
-    with its KV cache, at temperature 1 and no truncation (`draw`), seeded by `config.seed`.
+    with its KV cache, at temperature 1 and no truncation, seeded by `config.seed`.
     """
     from .models import for_statistics, input_device
     from .progress import bar
@@ -178,7 +153,7 @@ def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
                     counts += p[:, :vocab].sum(0).double()
                     h = seen[-1].double().cpu()
                     moment += h.T @ h
-                    ids = draw(p, gen)
+                    ids = torch.multinomial(p, 1, generator=gen)
                     for j, prompt in enumerate(prompts):  # an opening's tokens replace what was drawn
                         if step < len(prompt):
                             ids[j, 0] = prompt[step]

@@ -10,7 +10,7 @@ from embzip.cli import app
 from embzip.errors import OptionError
 from embzip.methods import Recipe, make_factors
 from embzip.methods.base import Inputs
-from embzip.selfsample import SampleConfig, combine_counts, combine_moments, draw, sample_statistics
+from embzip.selfsample import SampleConfig, combine_counts, combine_moments, sample_statistics
 
 
 @pytest.mark.parametrize("kind, dtype", [("llama", "float32"), ("llama", "bfloat16"), ("gpt2", "float32")])
@@ -31,11 +31,10 @@ def test_statistics_are_distributions_and_a_second_moment(tiny, kind, dtype):
 
 
 def test_same_seed_same_statistics_other_seed_other_sample(tiny):
-    opened = embzip.open_model(tiny("gpt2"))  # the tiny llama puts nearly all its mass on one token, gpt2 3/4:
-    # 16 sequences, so that two seeds drawing the same tokens everywhere is unlikely
-    a = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=96, length=6, seed=3))
-    b = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=96, length=6, seed=3))
-    c = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=96, length=6, seed=4))
+    opened = embzip.open_model(tiny("gpt2"))  # the tiny llama puts nearly all its mass on one token
+    a = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=3))
+    b = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=3))
+    c = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=4))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
 
@@ -232,28 +231,3 @@ def test_a_cache_that_cannot_be_written_is_reported_and_the_sample_returned(tiny
         counts, _ = cached_statistics(opened.model, opened.tokenizer, config, directory=blocked)
     assert counts.sum().item() == pytest.approx(16, rel=1e-4)
     assert "were not cached" in caplog.text and blocked.read_text() == "not a folder"
-
-
-@pytest.mark.parametrize("block", [4, 512])
-def test_a_draw_follows_the_distribution_and_never_picks_a_zero(block):
-    probs = torch.tensor([0.0, 0.3, 0.0, 0.05, 0.0, 0.0, 0.25, 0.1, 0.0, 0.3])  # 10 tokens: blocks of 4, padded
-    rows = 40000
-    drawn = draw(probs.expand(rows, -1), torch.Generator().manual_seed(0), block=block)
-    assert drawn.shape == (rows, 1) and drawn.dtype == torch.long
-    freq = torch.bincount(drawn[:, 0], minlength=10).double()
-    assert freq[probs == 0].sum() == 0
-    expected = probs.double() * rows
-    sigma = (expected * (1 - probs.double())).sqrt()
-    assert ((freq - expected).abs() <= 5 * sigma).all(), (freq, expected)
-    again = draw(probs.expand(rows, -1), torch.Generator().manual_seed(0), block=block)
-    assert torch.equal(drawn, again)
-
-
-def test_a_draw_of_unnormalised_or_one_hot_rows():
-    gen = torch.Generator().manual_seed(1)
-    one_hot = torch.zeros(3, 1030)
-    one_hot[0, 0], one_hot[1, 513], one_hot[2, 1029] = 1.0, 7.0, 1e-30  # first, inside, last (padded block)
-    assert draw(one_hot, gen).flatten().tolist() == [0, 513, 1029]
-    weights = torch.tensor([[2.0, 6.0]]).expand(20000, -1)  # proportional to the row, not to 1
-    share = draw(weights, gen, block=1).double().mean().item()
-    assert share == pytest.approx(0.75, abs=0.02)
