@@ -58,6 +58,12 @@ def equivalent_rate(evals: torch.Tensor, err: float) -> float:
     return float((0.5 * torch.log2(evals / theta)).clamp_min(0).sum()) / len(evals)
 
 
+def coordinates(tensors: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (float64) in the coordinates a codebook file codes them in: times the inverse of its stored
+    transform, as the fit computes them."""
+    return rows.double() @ torch.linalg.inv(cb.dequantized(tensors, "transform").double())
+
+
 def report(name: str, y: torch.Tensor, w: torch.Tensor, recon: torch.Tensor, bits: float) -> torch.Tensor:
     V = len(w)
     mean = (w @ y) / V
@@ -88,14 +94,13 @@ def main() -> None:
         bits = cb.stored_bits(tensors) / (V * d)
         w = inputs.weights(replace(r.codebook, bits=bits).weight_power(opened.tied)).double()
         w = w / w.mean()
-        y = embedding @ torch.linalg.inv(cb.dequantized(tensors, "transform").double())
+        y = coordinates(tensors, embedding)
         evals = report(path, y, w, cb.decode_transformed(tensors).double(), bits)
         if args.synthetic:
             gen = torch.Generator().manual_seed(0)
             g = torch.randn(V, d, generator=gen, dtype=torch.float64) * evals.flip(0).sqrt()
             fitted = cb.fit_codebook(g.float(), config=replace(r.codebook, bits=bits, focus=0.0))
-            gy = g @ torch.linalg.inv(cb.dequantized(fitted, "transform").double())
-            report("  Gaussian rows, same spectrum", gy, torch.ones(V, dtype=torch.float64),
+            report("  Gaussian rows, same spectrum", coordinates(fitted, g), torch.ones(V, dtype=torch.float64),
                    cb.decode_transformed(fitted).double(), cb.stored_bits(fitted) / (V * d))
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from rate_gap import bound, equivalent_rate  # noqa: E402
+from rate_gap import bound, coordinates, equivalent_rate  # noqa: E402
 
 from embzip import codebook as cb  # noqa: E402
 
@@ -43,7 +43,7 @@ def test_a_codebook_on_gaussian_rows_stays_above_the_bound():
     rows = torch.randn(V, d, generator=gen, dtype=torch.float64) * evals.sqrt()
     tensors = cb.fit_codebook(rows.float(), config=replace(cb.CodebookConfig(), bits=2.0, focus=0.0))
     bits = cb.stored_bits(tensors) / (V * d)
-    y = rows @ torch.linalg.inv(cb.dequantized(tensors, "transform").double())
+    y = coordinates(tensors, rows)
     err = float((y - cb.decode_transformed(tensors).double()).pow(2).sum(1).mean())
     rate = equivalent_rate(evals, err)
     assert 0 < rate < bits
