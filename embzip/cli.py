@@ -292,6 +292,11 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                      "token-weighted error is largest (the frequent tokens'); 0 turns it off. Used "
                                      "where that share pays for its codebook and at least as many rows.",
                                      CODEBOOK)] = 0.1,
+        code_unreachable: Annotated[bool, _opt("codebook: also code the rows of tokens the tokenizer can never "
+                                               "produce (a WordPiece vocabulary's unused entries, ##!, ##. and the "
+                                               "like). By default a model without a tied head leaves them out (their "
+                                               "lookups return one shared fill row) and gives their bits to the "
+                                               "other rows.", CODEBOOK)] = False,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
                                         QUANT)] = 32,
         heal_steps: Annotated[int, _opt("After a low-rank or codebook method, distil the factors against the "
@@ -351,7 +356,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                           alpha_end=alpha_end, init=init.value, **seeded),
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
-            codebook=CodebookConfig(focus=focus, **seeded), group=group_size,
+            codebook=CodebookConfig(focus=focus, unreachable=code_unreachable, **seeded), group=group_size,
             sample=SampleConfig(tokens=self_tokens, languages=sample_languages, **seeded),
             heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,
             weighted_paper=weighted,

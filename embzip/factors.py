@@ -30,7 +30,7 @@ from .outputs import atomic_write, check_output_file  # noqa: F401 (re-exported)
 from .sizes import factored_params
 
 FORMAT_NAME = "embzip.factors"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 CODES = "codes"
 DECODER = "decoder"
 DECODER_BIAS = "decoder_bias"

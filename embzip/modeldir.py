@@ -27,7 +27,7 @@ from .splice import HEADS, cache_decoded_head, default_head, densify, splice
 
 WEIGHTS = "embzip.safetensors"
 MANIFEST = "embzip.json"
-DIR_FORMAT_VERSION = 3
+DIR_FORMAT_VERSION = 4
 
 
 def check_output_dir(path: str | os.PathLike, force: bool, inputs: tuple = ()) -> Path:

@@ -92,16 +92,20 @@ def main() -> None:
         if "transform" not in tensors:
             raise SystemExit(f"{path}: not a codebook factors file")
         bits = cb.stored_bits(tensors) / (V * d)
-        w = inputs.weights(replace(r.codebook, bits=bits).weight_power(opened.tied)).double()
+        coded = torch.ones(V, dtype=torch.bool)
+        if "absent" in tensors:  # rows the file leaves out (never read) are not measured
+            coded[tensors["absent"].long()] = False
+        w = inputs.weights(replace(r.codebook, bits=bits).weight_power(opened.tied)).double()[coded]
         w = w / w.mean()
-        y = coordinates(tensors, embedding)
+        y = coordinates(tensors, embedding[coded])
         evals = report(path, y, w, cb.decode_transformed(tensors).double(), bits)
         if args.synthetic:
+            n = len(y)
             gen = torch.Generator().manual_seed(0)
-            g = torch.randn(V, d, generator=gen, dtype=torch.float64) * evals.flip(0).sqrt()
+            g = torch.randn(n, d, generator=gen, dtype=torch.float64) * evals.flip(0).sqrt()
             fitted = cb.fit_codebook(g.float(), config=replace(r.codebook, bits=bits, focus=0.0))
-            report("  Gaussian rows, same spectrum", coordinates(fitted, g), torch.ones(V, dtype=torch.float64),
-                   cb.decode_transformed(fitted).double(), cb.stored_bits(fitted) / (V * d))
+            report("  Gaussian rows, same spectrum", coordinates(fitted, g), torch.ones(n, dtype=torch.float64),
+                   cb.decode_transformed(fitted).double(), cb.stored_bits(fitted) / (n * d))
 
 
 if __name__ == "__main__":

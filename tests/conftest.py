@@ -27,9 +27,35 @@ TEXT = (
 ) * 4
 
 
+# A WordPiece vocabulary (BERT's rules: lowercased, split at punctuation) with entries its tokenizer can never
+# produce: [unused0] and [unused1] (the brackets split them), ##! and ##. (punctuation never sits inside a
+# word), ... (split into three dots) and Hot (capitals are lowercased).
+NEVER = ["[unused0]", "[unused1]", "##!", "##.", "...", "Hot"]
+
+
+def wordpiece_tokenizer():
+    """A BERT-style WordPiece tokenizer over WORDS, a few ## pieces, and the entries of NEVER."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + NEVER[:2] + WORDS + ["##s", "##ed", "##ing"] + NEVER[2:])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
 def _tokenizer(kind: str):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
+    if kind == "wordpiece":
+        return wordpiece_tokenizer()
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if kind == "bert" else ["<pad>", "<unk>", "<s>", "</s>"]
     vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
@@ -47,7 +73,8 @@ def _tokenizer(kind: str):
 
 
 def build_tiny(kind: str, path, dtype: str = "float32") -> str:
-    """Save a tiny model of `kind` (bert-mlm, bert-encoder, gpt2, llama) with its tokenizer to `path`.
+    """Save a tiny model of `kind` (bert-mlm, bert-encoder, bert-wordpiece: an encoder whose WordPiece vocabulary
+    holds tokens it never produces, gpt2, llama) with its tokenizer to `path`.
 
     The weights are made in float32 and saved in `dtype` (float32, bfloat16 or float16), as a checkpoint
     published in that dtype would be.
@@ -56,12 +83,12 @@ def build_tiny(kind: str, path, dtype: str = "float32") -> str:
     import transformers as tf
 
     torch.manual_seed(0)
-    tokenizer = _tokenizer("bert" if kind.startswith("bert") else "causal")
+    tokenizer = _tokenizer("wordpiece" if kind == "bert-wordpiece" else "bert" if kind.startswith("bert") else "causal")
     n = len(tokenizer)
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     if kind == "bert-mlm":
         model = tf.BertForMaskedLM(tf.BertConfig(vocab_size=n, max_position_embeddings=64, **common))
-    elif kind == "bert-encoder":
+    elif kind in ("bert-encoder", "bert-wordpiece"):
         model = tf.BertModel(tf.BertConfig(vocab_size=n, max_position_embeddings=64, **common))
     elif kind == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=n, n_embd=32, n_layer=2, n_head=2, n_positions=64,

@@ -365,3 +365,67 @@ def test_int8_tables_round_to_half_a_level_without_clipping(magnitude):
     assert torch.all(scale.double() * 127 >= t.abs().amax(0))
     # the scale is amax / 127 up to 16-bit rounding (one step of 2^-24 below float16's normal range)
     assert torch.all(scale.double() <= t.abs().amax(0) / 127 * 1.002 + 2**-24)
+
+
+def _absent_fit(bits=2, focus=0.2):
+    e, w = _matrix(), _weights()
+    absent = torch.arange(3, V, 5)  # a fifth of the rows, never read
+    config = CodebookConfig(bits=bits, focus=focus, **FAST)
+    return e, w, absent, config, fit_codebook(e, weights=w, config=config, absent=absent)
+
+
+def test_absent_rows_are_not_coded_and_their_bits_go_to_the_others():
+    from dataclasses import replace
+
+    from embzip.codebook import check_tensors
+
+    e, w, absent, config, tensors = _absent_fit()
+    assert stored_bits(tensors) <= 2 * V * D and check_tensors(tensors) == (V, D)
+    assert tensors["absent"].dtype == torch.int32 and torch.equal(tensors["absent"].long(), absent)
+    coded = torch.ones(V, dtype=torch.bool)
+    coded[absent] = False
+    # the other rows are coded exactly as a fit of them alone, at the budget the absent rows leave
+    n = int(coded.sum())
+    alone = fit_codebook(e[coded], weights=w[coded],
+                         config=replace(config, bits=(2 * V * D - 32 * len(absent) - 16 * D) / (n * D)))
+    assert all(torch.equal(alone[name], tensors[name]) for name in alone)
+    every = fit_codebook(e, weights=w, config=config)
+    assert tensors["stage0.codes"].shape[1] > every["stage0.codes"].shape[1]  # more index columns per row
+    full = decode_rows(tensors)
+    assert torch.equal(full[coded], decode_rows(alone))
+    fill = e[absent].mean(0).half().float()
+    assert torch.equal(full[absent], fill.expand(len(absent), D))
+    index = torch.tensor([0, 3, 8, V - 1, 3, 1999 - 5])
+    assert torch.allclose(decode_rows(tensors, index), full[index], rtol=0, atol=1e-5)
+    assert torch.allclose(decode_rows(tensors, slice(5, 40)), full[5:40], rtol=0, atol=1e-5)
+    assert decode_rows(tensors, torch.tensor([], dtype=torch.long)).shape == (0, D)
+
+
+@pytest.mark.parametrize("way", ["lookup_logits", "stage_logits"])
+def test_head_logits_score_absent_rows_by_the_fill_row(way, monkeypatch):
+    import embzip.codebook as codebook
+
+    *_, tensors = _absent_fit(bits=4)
+    monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 10**9 if way == "lookup_logits" else 0)
+    monkeypatch.setattr(codebook, "_STAGE_BLOCK", 20 * D)
+    hidden = torch.randn(2, 3, D)
+    expected = hidden @ decode_rows(tensors).T
+    got = codebook.head_logits(tensors, hidden)
+    assert got.shape == (2, 3, V)
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
+
+
+def test_malformed_absent_rows_are_refused():
+    from embzip.codebook import check_tensors
+    from embzip.errors import FactorsError
+
+    *_, tensors = _absent_fit()
+    absent = tensors["absent"]
+    for change in ({"absent": absent.flip(0)}, {"absent": absent.long()}, {"absent": absent + V},
+                   {"absent.fill": tensors["absent.fill"][:-1]}, {"absent": None}, {"absent.fill": None}):
+        bad = {**tensors, **change}
+        bad = {k: v for k, v in bad.items() if v is not None}
+        with pytest.raises(FactorsError, match="absent"):
+            check_tensors(bad)
+    with pytest.raises(ValueError, match="increasing"):
+        fit_codebook(_matrix(), config=CodebookConfig(bits=2, **FAST), absent=torch.tensor([5, 3]))

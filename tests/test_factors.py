@@ -24,7 +24,7 @@ def test_round_trip_is_bit_exact(tmp_path, bias, norms, dtype):
     for name, t in f.tensors().items():
         assert torch.equal(t, g.tensors()[name]), name
     assert g.meta["method"] == "test" and g.meta["rank"] == 4 and g.meta["shape"] == [50, 16]
-    assert g.meta["dtype"] == str(dtype).removeprefix("torch.") and g.meta["format_version"] == 4
+    assert g.meta["dtype"] == str(dtype).removeprefix("torch.") and g.meta["format_version"] == 5
 
 
 def test_norms_are_exact_when_kept():

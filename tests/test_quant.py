@@ -103,19 +103,24 @@ def _float_tables(path, out, version):
     return out
 
 
-def test_codebook_files_of_versions_2_and_3_still_load_and_version_4_stores_int8_tables(tmp_path):
+def test_codebook_files_of_versions_2_to_4_still_load_and_version_5_stores_int8_tables(tmp_path):
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from embzip.codebook import Codebook, CodebookConfig, fit_codebook
 
     e = _matrix(vocab=2000, hidden=32)
     config = dict(bits=2, centroids=16, sample=1024, iterations=2)
     written = Codebook(fit_codebook(e, config=CodebookConfig(focus=0.3, **config)))
-    focused = save_factors(written, tmp_path / "v4.safetensors")
+    focused = save_factors(written, tmp_path / "v5.safetensors")
     with safe_open(str(focused), "pt") as f:
-        assert f.metadata()["format_version"] == "4" and any(k.endswith(".rows") for k in f.keys())
+        assert f.metadata()["format_version"] == "5" and any(k.endswith(".rows") for k in f.keys())
         assert f.get_tensor("transform").dtype == torch.int8 and f.get_tensor("stage0.codebook").dtype == torch.int8
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     assert torch.equal(load_factors(focused).reconstruct(), written.reconstruct())
+    # version 4 wrote the same tensors (version 5 adds 'absent' rows, which this fit has none of)
+    save_file(tensors, tmp_path / "v4.safetensors", metadata={**header, "format_version": "4"})
+    assert torch.equal(load_factors(tmp_path / "v4.safetensors").reconstruct(), written.reconstruct())
     # version 3 (a focus stage, 16-bit tables) and version 2 (no focus stage): the same rows up to float16 rounding
     v3 = load_factors(_float_tables(focused, tmp_path / "v3.safetensors", "3"))
     assert isinstance(v3, Codebook) and v3.tensors()["transform"].dtype == torch.float16

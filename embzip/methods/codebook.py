@@ -2,6 +2,8 @@
 
 from dataclasses import replace
 
+import torch
+
 from ..codebook import Codebook, CodebookConfig, fit_codebook, plan
 from ..errors import RankError
 from .base import BITS, Method, register
@@ -32,12 +34,26 @@ def make(inputs, bits, recipe):
     config = fitting_config(bits, vocab, hidden, recipe)
     weights = inputs.weights(config.weight_power(inputs.opened.tied))
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
+    absent = left_out(inputs.opened, config)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
-                           progress=inputs.progress)
-    return Codebook(tensors), {}
+                           progress=inputs.progress, absent=absent)
+    return Codebook(tensors), {"unreachable_rows": len(absent)}
+
+
+def left_out(opened, config: CodebookConfig) -> torch.Tensor:
+    """Rows to leave uncoded: those of tokens the tokenizer never produces (reach.py), on a model without a tied
+    head (a tied head scores every row), unless `config.unreachable` asks for every row. Never more than half
+    the rows: a tokenizer that seems to reach fewer is not one this test understands, and nothing is left out."""
+    from ..reach import unreachable_rows
+
+    vocab = opened.embedding.shape[0]
+    if config.unreachable or opened.tied or opened.tokenizer is None:
+        return torch.zeros(0, dtype=torch.long)
+    rows = unreachable_rows(opened.tokenizer, vocab)
+    return rows if 2 * len(rows) < vocab else torch.zeros(0, dtype=torch.long)
 
 
 METHOD = register(Method(
     "codebook", "codebook", BITS, "indices into learned codebooks, token-weighted, in the tied head's metric",
     make, uses_text=True, needs_forward=True, default_bits=2.0, check_bits=check_bits,
-    options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus")))
+    options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus", "code_unreachable")))
