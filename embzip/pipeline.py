@@ -121,6 +121,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
         "params_after": factors.num_params(),
         "bytes_before": params_before * element_size,
         "bytes_after": factors.stored_bytes(),
+        **({"unreachable_rows": factors.meta["unreachable_rows"]} if "unreachable_rows" in factors.meta else {}),
         "dtype": str(factors.dtype).removeprefix("torch."),
         **metrics,
         "seconds": seconds,

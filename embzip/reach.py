@@ -9,9 +9,10 @@ rows are never looked up, so a compressed embedding need not spend bits on them 
 
 The test uses the tokenizer's own normalizer and pre-tokenizer: a token is unreachable when
 normalizing its text and splitting that into words does not give the token back as one word (a
-`##` piece is tested behind a letter, as it would sit in a word). Both are properties of each character and
-of word boundaries, so a token that fails cannot appear in any normalized, split text. Special
-and added tokens are always reachable (they are matched before normalization). Other tokenizer
+`##` piece is tested behind a letter, as it would sit in a word). BERT's normalizer and
+pre-tokenizer act on each character and on word boundaries, so a token that fails cannot appear
+in any normalized, split text. Special and added tokens are always reachable (they are matched
+before normalization). Other tokenizer
 models (BPE, Unigram: Gemma, Llama, GPT-2) and slow tokenizers are left alone: no row is
 reported, so nothing is dropped where this cannot be decided from the rules above.
 """

@@ -56,4 +56,5 @@ def left_out(opened, config: CodebookConfig) -> torch.Tensor:
 METHOD = register(Method(
     "codebook", "codebook", BITS, "indices into learned codebooks, token-weighted, in the tied head's metric",
     make, uses_text=True, needs_forward=True, default_bits=2.0, check_bits=check_bits,
-    options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus", "code_unreachable")))
+    options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus",
+             "code_unreachable")))
