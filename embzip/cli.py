@@ -220,10 +220,17 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
 @command
 def info(model: ModelArg = None, trust_remote_code: TrustOpt = False, as_json: JsonOpt = False,
          quiet: QuietOpt = False) -> None:
-    """Show a model's token embedding: shape, share of all parameters, tied output head, kind."""
+    """Show a model's token embedding: shape, share of all parameters, tied output head, kind, and how many of
+    its rows belong to tokens the tokenizer can never produce (unreachable_rows: a codebook leaves them out
+    when the head is not tied)."""
     from .models import open_model
+    from .reach import unreachable_rows
 
-    _emit(open_model(model, load="embedding", trust_remote_code=trust_remote_code).describe(), as_json, "model")
+    opened = open_model(model, load="embedding", trust_remote_code=trust_remote_code)
+    described = opened.describe()
+    if opened.tokenizer is not None:
+        described["unreachable_rows"] = len(unreachable_rows(opened.tokenizer, described["vocab_size"]))
+    _emit(described, as_json, "model")
 
 
 @command

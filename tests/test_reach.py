@@ -102,3 +102,12 @@ def test_applied_directory_with_absent_rows_reloads_and_looks_up_the_same_vector
     with torch.no_grad():
         batch = opened.tokenizer(TEXT.splitlines()[:2], return_tensors="pt", padding=True)
         assert torch.isfinite(reloaded(**batch).last_hidden_state).all()
+
+
+def test_info_counts_the_unreachable_rows(tiny):
+    from embzip import cli
+
+    for kind, expected in (("bert-wordpiece", len(NEVER)), ("gpt2", 0)):
+        result = CliRunner().invoke(cli.app, ["info", tiny(kind), "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["unreachable_rows"] == expected
