@@ -111,3 +111,22 @@ def test_info_counts_the_unreachable_rows(tiny):
         result = CliRunner().invoke(cli.app, ["info", tiny(kind), "--json"])
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["unreachable_rows"] == expected
+
+
+def test_healing_trains_the_codebooks_and_keeps_the_absent_rows(tiny, text_file):
+    from dataclasses import replace
+
+    from embzip import compress
+    from embzip.methods import recipe
+
+    model = tiny("bert-wordpiece")
+    plain = compress(model, "codebook", bits=6, write=False)[0]
+    r = recipe("codebook+heal")
+    r = replace(r, heal=replace(r.heal, steps=3), weights_text=str(text_file))
+    healed = compress(model, r, bits=6, write=False)[0]
+    assert healed.meta["heal"]["best_step"] > 0  # it trained, and kept a step after the start
+    assert not torch.equal(healed.tensors()["stage0.codebook"], plain.tensors()["stage0.codebook"])
+    for name in ("absent", "absent.fill"):
+        assert torch.equal(healed.tensors()[name], plain.tensors()[name])
+    rows = healed.rows(healed.tensors()["absent"].long())
+    assert torch.equal(rows, plain.rows(plain.tensors()["absent"].long()))
