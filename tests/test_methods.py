@@ -186,6 +186,7 @@ def test_a_cached_head_works_on_a_model_loaded_and_run_under_inference_mode(tiny
     (["--method", "int8", "--heal-steps", "3"], "--heal-steps is an option of --method low-rank and codebook methods, not of int8"),
     (["--method", "svd", "--keep-norms"], "--keep-norms is an option of --method wsvd / aware"),
     (["--method", "aware", "--focus", "0.2"], "--focus is an option of --method codebook, not of aware"),
+    (["--method", "int4", "--code-unreachable"], "--code-unreachable is an option of --method codebook, not of int4"),
     (["--method", "codebook", "--bits", "2", "--focus", "1"], "focus must be a share of the budget in [0, 1), got 1"),
     (["--method", "codebook", "--bits", "2", "--focus", "-0.5"], "focus must be a share of the budget"),
 ])
