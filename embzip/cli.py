@@ -129,8 +129,10 @@ DatasetOpt = Annotated[Optional[str], typer.Option(
                       "default test). Without --text or --dataset: a public-domain English sample shipped with "
                       "embzip (Alice in Wonderland, ch. I-IV).", show_default=False)]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
-SeedOpt = Annotated[int, typer.Option(help="Random seed; the same seed gives the same result on CPU.", min=0,
-                                      max=2**64 - 1)]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the scoring: which tokens a masked LM's perplexity masks (causal "
+                                           "LMs and encoders draw nothing). The same seed gives the same result on "
+                                           "CPU. `bench` fits every method with its own seed, as `embzip fit` does "
+                                           "without --seed.", min=0, max=2**64 - 1)]
 FitSeedOpt = Annotated[Optional[int], typer.Option(
     help="Random seed; the same seed gives the same result on CPU. Default: each method's own, as `embzip bench` "
          "and the library use (1 for --method paper, the paper's recipe; 0 for everything else).",
