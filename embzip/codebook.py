@@ -564,7 +564,7 @@ def _fit_present(embedding: torch.Tensor, absent: torch.Tensor, *, weights: torc
     """fit_codebook of the rows not in `absent` at the budget they leave, plus `absent` and `absent.fill`."""
     V, d = embedding.shape
     absent = absent.long()
-    if (absent[1:] <= absent[:-1]).any() or int(absent[0]) < 0 or int(absent[-1]) >= V:
+    if not _increasing_within(absent, V):
         raise ValueError("absent rows must be increasing row numbers within the matrix")
     coded = torch.ones(V, dtype=torch.bool)
     coded[absent] = False
@@ -577,6 +577,11 @@ def _fit_present(embedding: torch.Tensor, absent: torch.Tensor, *, weights: torc
     tensors["absent"] = absent.to(torch.int32).contiguous()
     tensors["absent.fill"] = embedding[absent].float().mean(0).to(_STORE).contiguous()
     return tensors
+
+
+def _increasing_within(rows: torch.Tensor, n: int) -> bool:
+    """Whether `rows` are strictly increasing row numbers in [0, n) (a focus stage's rows, absent rows)."""
+    return not len(rows) or (int(rows[0]) >= 0 and int(rows[-1]) < n and bool((rows[1:] > rows[:-1]).all()))
 
 
 def _vocab(tensors: dict[str, torch.Tensor]) -> int:
@@ -825,7 +830,7 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
                 raise FactorsError(f"codebook stage {s} codes {codes.shape[0]} rows, stage 0 {vocab}")
             vocab = codes.shape[0]
         elif vocab is None or rows.dtype != torch.int32 or tuple(rows.shape) != (codes.shape[0],) \
-                or (len(rows) and (int(rows[0]) < 0 or int(rows[-1]) >= vocab or (rows[1:] <= rows[:-1]).any())):
+                or not _increasing_within(rows, vocab):
             raise FactorsError(f"codebook focus stage {s} needs int32 'rows', one per code row, increasing, "
                                "within the vocabulary, after a stage that codes every row")
         s += 1
@@ -839,8 +844,7 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
         return vocab, hidden
     whole = vocab + (0 if absent is None else len(absent))
     if absent is None or fill is None or absent.dtype != torch.int32 or absent.ndim != 1 \
-            or tuple(fill.shape) != (hidden,) or not fill.is_floating_point() \
-            or (len(absent) and (int(absent[0]) < 0 or int(absent[-1]) >= whole or (absent[1:] <= absent[:-1]).any())):
+            or tuple(fill.shape) != (hidden,) or not fill.is_floating_point() or not _increasing_within(absent, whole):
         raise FactorsError(f"codebook 'absent' needs int32 row numbers, increasing, within the {whole} rows, and "
                            f"'absent.fill': {hidden} floats")
     return whole, hidden
