@@ -39,7 +39,7 @@ def test_other_tokenizers_report_nothing(tiny):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_fit_leaves_unreachable_rows_out_and_gives_their_bits_to_the_others(tiny, tmp_path, dtype):
+def test_fit_leaves_unreachable_rows_out_unless_asked_to_code_them(tiny, tmp_path, dtype):
     from embzip import cli, load_factors, open_model
 
     model = tiny("bert-wordpiece", dtype)
