@@ -306,6 +306,11 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                                "like). By default a model without a tied head leaves them out (their "
                                                "lookups return one shared fill row) and gives their bits to the "
                                                "other rows.", CODEBOOK)] = False,
+        min_piece_dim: Annotated[Optional[float], _opt("codebook: a stage of pieces holds at most d / this many "
+                                                        "pieces; a larger budget adds stages (default: 2 with a tied "
+                                                        "head, whose compact head multiplies once per stage, so fewer "
+                                                        "stages run faster; 4 otherwise, a little better quality: "
+                                                        "docs/method.md).", CODEBOOK)] = None,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
                                         QUANT)] = 32,
         heal_steps: Annotated[int, _opt("After a low-rank or codebook method, distil the factors against the "
@@ -365,7 +370,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                           alpha_end=alpha_end, init=init.value, **seeded),
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
-            codebook=CodebookConfig(focus=focus, unreachable=code_unreachable, **seeded), group=group_size,
+            codebook=CodebookConfig(focus=focus, unreachable=code_unreachable, min_piece_dim=min_piece_dim,
+                                    **seeded), group=group_size,
             sample=SampleConfig(tokens=self_tokens, languages=sample_languages, **seeded),
             heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,
             weighted_paper=weighted,

@@ -61,8 +61,10 @@ import torch
 _STORE = torch.float16
 _BUFFER = 2**20  # distance entries per assignment chunk on the CPU (4 MiB; 1 GiB on a GPU)
 _LOOKUP_LIMIT = 24000  # a tied head uses lookup_logits while hidden states x row_pieces stay at most this, else
-# stage_logits. On Gemma-3-270M (this 2-core CPU) they cost the same near 512, 128 and 90 states at 1, 2 and 4 bpw
-# (row_pieces 74, 154, 314): 38000, 20000, 28000
+# stage_logits. On Gemma-3-270M (this 2-core CPU) they cost the same beyond 512, near 140 and near 50 states at 1, 2
+# and 4 bpw (row_pieces 74, 154, 314): over 38000, 21500, 15700 (90 states, 28000, at 4 bpw with two stages of
+# pieces; one is now the default there). Above the crossing the tables cost at most 10% more at 4 bpw.
+_FOCUS_PIECE_DIM = 4.0  # a focus stage has at most d / 4 pieces, whatever the other stages have (docs/method.md)
 _STAGE_BLOCK = 2**22  # entries (rows x (d + states)) of a block of rows in stage_logits on a CPU (16 MiB of float32)
 
 
@@ -71,7 +73,8 @@ class CodebookConfig:
     """Settings of codebook compression."""
 
     bits: float = 2.0  # budget in bits per weight of the V x d matrix, everything stored counted
-    min_piece_dim: float = 4.0  # a stage has at most d / min_piece_dim pieces; more pieces -> more stages
+    min_piece_dim: float | None = None  # a stage every row has holds at most d / min_piece_dim pieces; more pieces ->
+    # more stages. None: piece_dim(tied), 2 for a tied head, else 4. (A focus stage has at most d / 4.)
     allocation: str = "variance"  # piece sizes: "variance" (reverse water-filling) or "equal"
     gain: bool = True  # store a per-row 16-bit gain
     coarse: int | None = None  # first stages of one full-width piece each; None: 1 below 3 bits per weight, else 0
@@ -88,8 +91,9 @@ class CodebookConfig:
             raise ValueError(f"codebook {name} must be {allowed}, got {value!r}")
         if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and 0 < self.bits <= 16):
             bad("bits", self.bits, "a finite number in (0, 16]")
-        if not (math.isfinite(self.min_piece_dim) and self.min_piece_dim >= 1):
-            bad("min_piece_dim", self.min_piece_dim, ">= 1")
+        if self.min_piece_dim is not None and not (isinstance(self.min_piece_dim, (int, float))
+                                                   and math.isfinite(self.min_piece_dim) and self.min_piece_dim >= 1):
+            bad("min_piece_dim", self.min_piece_dim, "a number >= 1")
         if self.allocation not in ("variance", "equal"):
             bad("allocation", self.allocation, "'variance' or 'equal'")
         if not 2 <= self.centroids <= 256:
@@ -122,6 +126,17 @@ class CodebookConfig:
         English and on six other languages, at 1 bpw on the other languages (English equal); at 4 bpw it cost
         English 1-2% and gained on the other languages, so there 1 stays."""
         return 0.5 if tied and self.bits < 3 else 1.0
+
+    def piece_dim(self, tied: bool) -> float:
+        """`min_piece_dim`, or when that is None: 2 for a tied head, 4 otherwise (fit_codebook, which cannot tell,
+        takes 4). A tied head multiplies the hidden states with every stage of pieces, so at 4 bpw one stage of
+        d / 2 pieces instead of two of d / 4 took Gemma-3-270M's forward pass on 4 x 64 tokens from 1.69x to
+        1.23x the original's, for a perplexity cost 0.2% higher on English and 0.6% on six other languages
+        (validation texts, three seeds; on all-MiniLM-L6-v2, no head, one stage cost fidelity on both seeds
+        measured), docs/method.md. Below about 3.5 bpw one stage holds the budget either way."""
+        if self.min_piece_dim is not None:
+            return float(self.min_piece_dim)
+        return 2.0 if tied else 4.0
 
     def settings(self) -> dict:
         return asdict(self)
@@ -187,16 +202,16 @@ def _per_byte(centroids: int) -> int:
     return 8 // _index_bits(centroids)
 
 
-def _stage_pieces(hidden: int, config: CodebookConfig, centroids: int) -> int:
-    """The most pieces one PQ stage has (d / min_piece_dim, in whole bytes of indices per row)."""
+def _stage_pieces(hidden: int, piece_dim: float, centroids: int) -> int:
+    """The most pieces one PQ stage has (d / piece_dim, in whole bytes of indices per row)."""
     unit = _per_byte(centroids)
-    return max(unit, int(hidden // config.min_piece_dim) // unit * unit)
+    return max(unit, int(hidden // piece_dim) // unit * unit)
 
 
 def focus_rows(free: float, hidden: int, config: CodebookConfig, centroids: int) -> int:
     """Rows a focus stage can code in `free` bits: its K x d codebook, sizes, then per row its index bytes and
     a 32-bit row number. 0 when that is fewer rows than centroids (too few to train them)."""
-    pieces = _stage_pieces(hidden, config, centroids)
+    pieces = _stage_pieces(hidden, _FOCUS_PIECE_DIM, centroids)
     per_row = 8 * math.ceil(pieces * _index_bits(centroids) / 8) + 32
     rows = int((free - _book_bits(centroids, hidden) - 32 * pieces) // per_row)
     return rows if rows >= centroids else 0
@@ -251,7 +266,7 @@ def _pq_plan(vocab: int, hidden: int, config: CodebookConfig, centroids: int, co
     # each coarse stage: one uint8 index (a padded byte with 4-bit indices) per row and a K x d codebook
     fixed += coarse * (8 * vocab + _book_bits(centroids, hidden))
     unit = _per_byte(centroids)
-    per_stage_max = _stage_pieces(hidden, config, centroids)
+    per_stage_max = _stage_pieces(hidden, config.piece_dim(tied=False), centroids)
     stages = 1
     while True:
         free = budget - fixed - stages * _book_bits(centroids, hidden)
@@ -551,7 +566,8 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
             free = config.bits * V * d - stored_bits(tensors) - (16 * V if config.gain else 0)
             n = min(focus_rows(free, d, config, K), V)
             score = wd * (y - recon).pow(2).sum(1)  # each row's share of the objective
-            add_stage(len(pieces), torch.topk(score, n).indices.sort().values.cpu(), _stage_pieces(d, config, K))
+            add_stage(len(pieces), torch.topk(score, n).indices.sort().values.cpu(),
+                      _stage_pieces(d, _FOCUS_PIECE_DIM, K))
             b.advance()
     if config.gain:
         gain = (recon * y).sum(1) / recon.pow(2).sum(1).clamp_min(1e-30)
@@ -709,7 +725,8 @@ def stage_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torc
     A whole-row stage (the coarse one) is a table of K logits per state, gathered at each row's code; a
     focus stage's rows in the block are looked up the same way and their products added to their rows of the
     block; the gains scale the finished rows. Every stage of pieces costs a product as large as the dense
-    head's, so budgets of two such stages (4 bpw) stay slower (1.6x). A block's logits are made rows first
+    head's, which is why a tied head's stages hold up to d / 2 pieces (CodebookConfig.piece_dim): at 4 bpw two
+    stages of d / 4 made the forward pass 1.7x the original's, one stage of d / 2 1.2x. A block's logits are made rows first
     (the fast form of its products) and copied into the output while they are in cache. (A focus stage
     used to be decoded whole and its logits added column by column to the finished output: a fifth of
     the head's time at 2 bpw.)"""

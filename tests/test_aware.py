@@ -287,6 +287,20 @@ def test_spread_sample_covers_the_whole_text():
 
 
 
+def test_codebook_on_a_tied_head_gets_stages_of_up_to_d_over_2_pieces(tiny, text_file):
+    """A tied head multiplies with every stage of pieces, so there a stage may hold d / 2 pieces, elsewhere d / 4;
+    a min_piece_dim the recipe gives is used as is. The details record what was used, the settings what was given."""
+    from embzip.codebook import CodebookConfig
+    from embzip.selfsample import SampleConfig
+
+    for kind, given, used in (("llama", None, 2.0), ("bert-encoder", None, 4.0), ("llama", 3.0, 3.0)):
+        r = Recipe(method="codebook", weights_text=text_file, sample=SampleConfig(tokens=0),
+                   codebook=CodebookConfig(min_piece_dim=given))
+        factors, details = make_factors(open_model(tiny(kind)), 4.0, r)
+        assert details["min_piece_dim"] == used and details["settings"]["codebook"]["min_piece_dim"] == given
+        assert factors.bits_per_weight() <= 4.0
+
+
 def test_codebook_on_a_tied_head_at_low_bits_weights_rows_by_the_square_root_of_counts(tiny, text_file):
     """A tied head scores every row at every position, so below 3 bits per weight a codebook there flattens the
     weights (power 0.5); elsewhere, and for the low-rank methods, power 1; a power the recipe gives is used as is."""

@@ -252,6 +252,24 @@ def test_coarse_stages_the_budget_cannot_hold_are_left_out():
     assert plan(262144, 640, CodebookConfig(bits=1, coarse=2), 256)[0] == 2  # Gemma's shape
 
 
+def test_a_stage_holds_at_most_d_over_min_piece_dim_pieces_and_a_focus_stage_d_over_4():
+    """Fewer, wider stages for the same pieces when min_piece_dim is smaller; the focus stage keeps d / 4 pieces.
+    None means 4 to fit_codebook (the codebook method passes 2 for a tied head: test_aware)."""
+    assert CodebookConfig().piece_dim(tied=True) == 2 and CodebookConfig().piece_dim(tied=False) == 4
+    assert CodebookConfig(min_piece_dim=3).piece_dim(tied=True) == CodebookConfig(min_piece_dim=3).piece_dim(False) == 3
+    e, w = _matrix(), _weights()
+    stages = {}
+    for dim in (4, 2, None):
+        config = CodebookConfig(bits=6, min_piece_dim=dim, focus=0.3, **FAST)
+        _, pieces, focused = plan(V, D, config, 16)
+        assert focused and max(pieces) <= D / (dim or 4)
+        tensors = fit_codebook(e, weights=w, config=config)
+        s, rows = _focus(tensors)
+        assert len(tensors[f"stage{s}.sizes"]) <= D / 4 and stored_bits(tensors, V, D) <= 6 * V * D
+        stages[dim] = pieces
+    assert sum(stages[2]) == sum(stages[4]) and len(stages[2]) < len(stages[4]) and stages[None] == stages[4]
+
+
 def test_too_few_bits_are_refused():
     with pytest.raises(ValueError, match="cannot hold"):
         fit_codebook(_matrix(), config=CodebookConfig(bits=0.01, **FAST))
@@ -259,7 +277,8 @@ def test_too_few_bits_are_refused():
 
 @pytest.mark.parametrize("field, value, fragment", [
     ("bits", 0, "bits"), ("bits", float("nan"), "bits"), ("bits", 17, "bits"), ("bits", float("inf"), "bits"),
-    ("min_piece_dim", 0.5, "min_piece_dim"), ("allocation", "random", "allocation"),
+    ("min_piece_dim", 0.5, "min_piece_dim"), ("min_piece_dim", float("nan"), "min_piece_dim"),
+    ("min_piece_dim", "2", "min_piece_dim"), ("allocation", "random", "allocation"),
     ("centroids", 1, "centroids"), ("centroids", 257, "centroids"), ("sample", 0, "sample"),
     ("iterations", -1, "iterations"), ("coarse", -1, "coarse"), ("coarse", 1.5, "coarse"),
     ("focus", 1, "focus"), ("focus", -0.1, "focus"), ("focus", float("nan"), "focus"),

@@ -138,14 +138,15 @@ def test_a_codebook_focus_stage_goes_through_fit_and_apply_and_reloads_exactly(t
                                                                                 dtype):
     model = tiny("llama", dtype)
     path = tmp_path / "f.safetensors"
-    # a fifth of the budget to the focus stage: on a 112-row vocabulary (8 centroids) that pays for its codebook
-    # and every row (tests/test_codebook.py decodes focus stages over some rows only)
-    summary = run("fit", model, "--bits", 15, "--focus", 0.2, "--weights-text", text_file, "--metric-tokens", 256,
-                  "--self-tokens", 64, "-o", path, "--json", "-q")
+    # a fifth of the budget to the focus stage: on a 112-row vocabulary (8 centroids, with stages of up to d / 4
+    # pieces: with d / 2, 256 fit and leave no room for it) that pays for its codebook and every row
+    # (tests/test_codebook.py decodes focus stages over some rows only)
+    summary = run("fit", model, "--bits", 15, "--focus", 0.2, "--min-piece-dim", 4, "--weights-text", text_file,
+                  "--metric-tokens", 256, "--self-tokens", 64, "-o", path, "--json", "-q")
     factors = load_factors(path)
     rows = [t for name, t in factors.tensors().items() if name.endswith(".rows")]
     assert len(rows) == 1 and 0 < len(rows[0]) <= factors.vocab and summary["bits_per_weight"] <= 15
-    assert factors.meta["settings"]["codebook"]["focus"] == 0.2
+    assert factors.meta["settings"]["codebook"]["focus"] == 0.2 and factors.meta["min_piece_dim"] == 4
     opened = open_model(model)
     ids = long_ids(opened.model)
     applied = apply_factors(opened, factors, tmp_path / "out", head=head)

@@ -9,10 +9,11 @@ from ..errors import RankError
 from .base import BITS, Method, register
 
 
-def fitting_config(bits: float, vocab: int, hidden: int, recipe) -> CodebookConfig:
-    """The recipe's codebook settings at `bits`, with fewer centroids (256, 128, ..., 4) when the codebooks of a
-    small vocabulary would not leave room for the indices; a RankError when no setting fits."""
-    config = replace(recipe.codebook, bits=bits)
+def fitting_config(bits: float, vocab: int, hidden: int, recipe, tied: bool = False) -> CodebookConfig:
+    """The recipe's codebook settings at `bits` for a model with or without a tied head (CodebookConfig.piece_dim),
+    with fewer centroids (256, 128, ..., 4) when the codebooks of a small vocabulary would not leave room for the
+    indices; a RankError when no setting fits."""
+    config = replace(recipe.codebook, bits=bits, min_piece_dim=recipe.codebook.piece_dim(tied))
     error = None
     for centroids in (c for c in (256, 128, 64, 32, 16, 8, 4) if c <= config.centroids):
         try:
@@ -24,20 +25,22 @@ def fitting_config(bits: float, vocab: int, hidden: int, recipe) -> CodebookConf
 
 
 def check_bits(bits, vocab, hidden, dtype, recipe):
-    """Refuse a budget the codebooks cannot hold before any work is done."""
+    """Refuse a budget the codebooks cannot hold before any work is done. It plans as for a model without a tied
+    head (stages of d / 4 pieces unless the recipe says otherwise): a tied head's stages of d / 2 need no more
+    stages, so they fit wherever these do."""
     fitting_config(bits, vocab, hidden, recipe)
     return bits
 
 
 def make(inputs, bits, recipe):
     vocab, hidden = inputs.embedding.shape
-    config = fitting_config(bits, vocab, hidden, recipe)
+    config = fitting_config(bits, vocab, hidden, recipe, inputs.opened.tied)
     weights = inputs.weights(config.weight_power(inputs.opened.tied))
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
     absent = left_out(inputs.opened, config)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress, absent=absent)
-    return Codebook(tensors), {"unreachable_rows": len(absent)}
+    return Codebook(tensors), {"unreachable_rows": len(absent), "min_piece_dim": config.min_piece_dim}
 
 
 def left_out(opened, config: CodebookConfig) -> torch.Tensor:
@@ -57,4 +60,4 @@ METHOD = register(Method(
     "codebook", "codebook", BITS, "indices into learned codebooks, token-weighted, in the tied head's metric",
     make, uses_text=True, needs_forward=True, default_bits=2.0, check_bits=check_bits,
     options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus",
-             "code_unreachable")))
+             "code_unreachable", "min_piece_dim")))
