@@ -306,11 +306,12 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                                "like). By default a model without a tied head leaves them out (their "
                                                "lookups return one shared fill row) and gives their bits to the "
                                                "other rows.", CODEBOOK)] = False,
-        min_piece_dim: Annotated[Optional[float], _opt("codebook: a stage of pieces holds at most d / this many "
-                                                        "pieces; a larger budget adds stages (default: 2 with a tied "
-                                                        "head, whose compact head multiplies once per stage, so fewer "
-                                                        "stages run faster; 4 otherwise, a little better quality: "
-                                                        "docs/method.md).", CODEBOOK)] = None,
+        min_piece_dim: Annotated[Optional[float], _opt("codebook: N, the fewest coordinates a piece has on average "
+                                                        "in a stage every row has: a stage holds at most d / N pieces "
+                                                        "and larger budgets add stages. Default: 2 with a tied head "
+                                                        "(its compact head multiplies once per stage: fewer stages, "
+                                                        "faster), else 4 (a little better quality; docs/method.md).",
+                                                        CODEBOOK)] = None,
         group_size: Annotated[int, _opt("int4: numbers per group, each with a scale and an offset.",
                                         QUANT)] = 32,
         heal_steps: Annotated[int, _opt("After a low-rank or codebook method, distil the factors against the "

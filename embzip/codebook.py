@@ -91,8 +91,9 @@ class CodebookConfig:
             raise ValueError(f"codebook {name} must be {allowed}, got {value!r}")
         if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and 0 < self.bits <= 16):
             bad("bits", self.bits, "a finite number in (0, 16]")
-        if self.min_piece_dim is not None and not (isinstance(self.min_piece_dim, (int, float))
-                                                   and math.isfinite(self.min_piece_dim) and self.min_piece_dim >= 1):
+        if self.min_piece_dim is not None and (isinstance(self.min_piece_dim, bool)
+                                               or not isinstance(self.min_piece_dim, (int, float))
+                                               or not math.isfinite(self.min_piece_dim) or self.min_piece_dim < 1):
             bad("min_piece_dim", self.min_piece_dim, "a number >= 1")
         if self.allocation not in ("variance", "equal"):
             bad("allocation", self.allocation, "'variance' or 'equal'")
@@ -131,7 +132,7 @@ class CodebookConfig:
         """`min_piece_dim`, or when that is None: 2 for a tied head, 4 otherwise (fit_codebook, which cannot tell,
         takes 4). A tied head multiplies the hidden states with every stage of pieces, so at 4 bpw one stage of
         d / 2 pieces instead of two of d / 4 took Gemma-3-270M's forward pass on 4 x 64 tokens from 1.69x to
-        1.23x the original's, for a perplexity cost 0.2% higher on English and 0.6% on six other languages
+        1.23x the original's, for a perplexity cost 0.25% higher on English and 0.6% on six other languages
         (validation texts, three seeds; on all-MiniLM-L6-v2, no head, one stage cost fidelity on both seeds
         measured), docs/method.md. Below about 3.5 bpw one stage holds the budget either way."""
         if self.min_piece_dim is not None:
@@ -726,8 +727,8 @@ def stage_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torc
     focus stage's rows in the block are looked up the same way and their products added to their rows of the
     block; the gains scale the finished rows. Every stage of pieces costs a product as large as the dense
     head's, which is why a tied head's stages hold up to d / 2 pieces (CodebookConfig.piece_dim): at 4 bpw two
-    stages of d / 4 made the forward pass 1.7x the original's, one stage of d / 2 1.2x. A block's logits are made rows first
-    (the fast form of its products) and copied into the output while they are in cache. (A focus stage
+    stages of d / 4 made the forward pass 1.7x the original's, one stage of d / 2 1.2x. A block's logits are
+    made rows first (the fast form of its products) and copied into the output while they are in cache. (A focus stage
     used to be decoded whole and its logits added column by column to the finished output: a fifth of
     the head's time at 2 bpw.)"""
     d = tensors["transform"].shape[0]

@@ -278,7 +278,7 @@ def test_too_few_bits_are_refused():
 @pytest.mark.parametrize("field, value, fragment", [
     ("bits", 0, "bits"), ("bits", float("nan"), "bits"), ("bits", 17, "bits"), ("bits", float("inf"), "bits"),
     ("min_piece_dim", 0.5, "min_piece_dim"), ("min_piece_dim", float("nan"), "min_piece_dim"),
-    ("min_piece_dim", "2", "min_piece_dim"), ("allocation", "random", "allocation"),
+    ("min_piece_dim", "2", "min_piece_dim"), ("min_piece_dim", True, "min_piece_dim"), ("allocation", "random", "allocation"),
     ("centroids", 1, "centroids"), ("centroids", 257, "centroids"), ("sample", 0, "sample"),
     ("iterations", -1, "iterations"), ("coarse", -1, "coarse"), ("coarse", 1.5, "coarse"),
     ("focus", 1, "focus"), ("focus", -0.1, "focus"), ("focus", float("nan"), "focus"),
