@@ -273,8 +273,11 @@ def _pq_plan(vocab: int, hidden: int, config: CodebookConfig, centroids: int, co
         free = budget - fixed - stages * _book_bits(centroids, hidden)
         total = int(free // (8 * vocab + 32 * unit)) * unit
         if total < stages * unit:
+            advice = "give more bits" if stages == 1 else (
+                f"each stage holds at most {per_stage_max} pieces and brings its own codebook: give a smaller "
+                f"min_piece_dim (now {config.piece_dim(tied=False):g})")
             raise ValueError(f"{config.bits} bits per weight cannot hold one piece per row in each of {stages} "
-                             f"stage(s) for a {vocab} x {hidden} matrix with {centroids} centroids; give more bits")
+                             f"stage(s) for a {vocab} x {hidden} matrix with {centroids} centroids; {advice}")
         need = math.ceil(total / per_stage_max)
         if need <= stages:
             break

@@ -273,6 +273,14 @@ def test_a_stage_holds_at_most_d_over_min_piece_dim_pieces_and_a_focus_stage_d_o
 def test_too_few_bits_are_refused():
     with pytest.raises(ValueError, match="cannot hold"):
         fit_codebook(_matrix(), config=CodebookConfig(bits=0.01, **FAST))
+    with pytest.raises(ValueError, match="give more bits$"):  # one stage: only more bits help
+        plan(V, D, CodebookConfig(bits=0.01, **FAST), 16)
+    # one piece a stage, 256 centroids: the pieces 4 bits pay for need more stages than their codebooks leave room
+    # for (2 bits fit in one); the message names the option that helps
+    with pytest.raises(ValueError, match=r"at most 1 pieces and brings its own codebook: give a smaller "
+                                         r"min_piece_dim \(now 32\)"):
+        plan(V, D, CodebookConfig(bits=4, min_piece_dim=32, centroids=256), 256)
+    assert plan(V, D, CodebookConfig(bits=4, min_piece_dim=4, centroids=256), 256)
 
 
 @pytest.mark.parametrize("field, value, fragment", [
