@@ -1,6 +1,7 @@
 """Rows a tokenizer never produces (reach.py), and a codebook fit that leaves them out."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,18 +71,36 @@ def test_fit_leaves_unreachable_rows_out_unless_asked_to_code_them(tiny, tmp_pat
 
 def test_a_tied_head_keeps_every_row(tiny, monkeypatch):
     from embzip import compress
-    from embzip.methods import recipe
+    from embzip.methods import Inputs, recipe
     from embzip.methods.codebook import left_out
     from embzip.models import open_model
 
     opened = open_model(tiny("bert-wordpiece"))
-    assert len(left_out(opened, recipe("codebook").codebook)) == len(NEVER)
+    r = recipe("codebook")
+    assert len(left_out(Inputs(opened, r), r.codebook)) == len(NEVER)
     opened.tied = True  # a tied head scores every row, reachable or not
-    assert len(left_out(opened, recipe("codebook").codebook)) == 0
+    assert len(left_out(Inputs(opened, r), r.codebook)) == 0
     opened.tied = False
     monkeypatch.setattr("embzip.reach.unreachable_rows", lambda tok, vocab: torch.arange(vocab // 2 + 1))
-    assert len(left_out(opened, recipe("codebook").codebook)) == 0  # more than half: a tokenizer not understood
+    assert len(left_out(Inputs(opened, r), r.codebook)) == 0  # more than half: a tokenizer not understood
     assert compress(tiny("bert-mlm"), "codebook", bits=6, write=False)[0].meta["unreachable_rows"] == 0
+
+
+def test_unreachable_rows_are_found_once_per_model_and_cache(tiny, monkeypatch):
+    """`embzip bench` fits the codebook at several sizes from one cache: the tokenizer's vocabulary is read once."""
+    import embzip.reach
+    from embzip.methods import make_factors, recipe
+    from embzip.models import open_model
+    from embzip.selfsample import SampleConfig
+
+    calls, found = [], embzip.reach.unreachable_rows
+    monkeypatch.setattr(embzip.reach, "unreachable_rows", lambda *a: calls.append(a) or found(*a))
+    opened, cache = open_model(tiny("bert-wordpiece")), {}
+    r = replace(recipe("codebook"), sample=SampleConfig(tokens=0))
+    for bits in (4.0, 6.0):
+        _, details = make_factors(opened, bits, r, cache=cache)
+        assert details["unreachable_rows"] == len(NEVER)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

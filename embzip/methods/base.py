@@ -67,6 +67,16 @@ class Inputs:
         return self._cached(("text",) + self._text_key, lambda: load_text(
             self.recipe.weights_text, self.recipe.weights_dataset, sample="weights"))
 
+    def unreachable_rows(self) -> torch.Tensor:
+        """Sorted rows of the tokens the tokenizer never produces (reach.py; none without a tokenizer), found once
+        per model: `embzip bench` fits the codebook at several sizes from one cache."""
+        from .. import reach
+
+        if self.opened.tokenizer is None:
+            return torch.zeros(0, dtype=torch.long)
+        return self._cached(("unreachable",), lambda: reach.unreachable_rows(self.opened.tokenizer,
+                                                                             self.embedding.shape[0]))
+
     def weights(self, default_power: float = 1.0) -> torch.Tensor:
         """Row weights (mean 1) from token counts on the weights text, with the recipe's power or, where it gives
         none, `default_power` (the method's choice for this model and size)."""

@@ -37,23 +37,20 @@ def make(inputs, bits, recipe):
     config = fitting_config(bits, vocab, hidden, recipe, inputs.opened.tied)
     weights = inputs.weights(config.weight_power(inputs.opened.tied))
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
-    absent = left_out(inputs.opened, config)
+    absent = left_out(inputs, config)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress, absent=absent)
     return Codebook(tensors), {"unreachable_rows": len(absent), "min_piece_dim": config.min_piece_dim}
 
 
-def left_out(opened, config: CodebookConfig) -> torch.Tensor:
+def left_out(inputs, config: CodebookConfig) -> torch.Tensor:
     """Rows to leave uncoded: those of tokens the tokenizer never produces (reach.py), on a model without a tied
     head (a tied head scores every row), unless `config.unreachable` asks for every row. Never more than half
     the rows: a tokenizer that seems to reach fewer is not one this test understands, and nothing is left out."""
-    from ..reach import unreachable_rows
-
-    vocab = opened.embedding.shape[0]
-    if config.unreachable or opened.tied or opened.tokenizer is None:
+    if config.unreachable or inputs.opened.tied:
         return torch.zeros(0, dtype=torch.long)
-    rows = unreachable_rows(opened.tokenizer, vocab)
-    return rows if 2 * len(rows) < vocab else torch.zeros(0, dtype=torch.long)
+    rows = inputs.unreachable_rows()
+    return rows if 2 * len(rows) < inputs.embedding.shape[0] else torch.zeros(0, dtype=torch.long)
 
 
 METHOD = register(Method(
