@@ -883,5 +883,6 @@ class Codebook(TensorSet):
         return decode_rows(tensors, index)
 
     @classmethod
-    def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
+    def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
+                    derived: dict | None = None) -> torch.Tensor | None:
         return head_logits(tensors, hidden)

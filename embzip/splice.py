@@ -13,7 +13,8 @@ Both are ordinary trainable modules, so a spliced model can be fine-tuned (heali
 buffers (uint8 indices, packed int4, 16-bit scales and codebooks) and decodes only the rows that
 are looked up; `CompressedHead` computes a tied head's logits by decoding the matrix a chunk of
 rows at a time, so the V x d matrix never exists whole, or, for few hidden states (a generation
-step) where the kind can (codebook), from per-piece lookup tables without decoding a row; unless
+step) where the kind can, without decoding a row (codebook: per-piece lookup tables; int8 and int4 on a
+CPU: torch's fused weight-only kernels); unless
 `cache_decoded_head` asks it to keep the decoded matrix (the original's speed for the original's
 memory).
 
@@ -202,7 +203,8 @@ class CompressedHead(_TiedHead):
     Decoding all V rows on every forward pass is what makes a compact tied head slower than a dense
     one. A kind may compute the logits without decoding rows (`head_logits`: a codebook sums
     per-piece tables for few hidden states, which makes a generation step as fast as the original's,
-    and multiplies stage by stage for many). With
+    and multiplies stage by stage for many; int8 and int4 hand few states on a CPU to torch's fused
+    kernels, the int4 one reading a layout of its own that the head derives once). With
     `cache_decoded = True` the head decodes the matrix once (in the dtype of the hidden
     states; again only when the stored tensors change, move or are replaced) and keeps it: forward
     passes then cost what the original head's do, and memory grows by that V x d matrix. The cache is
@@ -222,15 +224,23 @@ class CompressedHead(_TiedHead):
 
     def _chunked(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
-        own = emb.kind.head_logits(emb.stored(), hidden)
-        if own is not None:  # the kind's way without decoding rows (a codebook: per-piece tables, stage by stage)
-            return own.to(hidden.dtype)
+        own = emb.kind.head_logits(emb.stored(), hidden, self._derived())
+        if own is not None:  # the kind's way without decoding rows (a codebook: per-piece tables, stage by stage;
+            return own.to(hidden.dtype)  # int8 and int4: a fused kernel for few states)
         logits = hidden.new_empty(*hidden.shape[:-1], self.out_features)
         rows = _block_rows(self.in_features, hidden.device)
         for i in range(0, self.out_features, rows):
             block = emb.rows(slice(i, i + rows)).to(device=hidden.device, dtype=hidden.dtype)
             logits[..., i:i + block.shape[0]] = hidden @ block.T
         return logits
+
+    def _derived(self) -> dict:
+        """What the kind derived from the stored tensors for its head_logits (the int4 kernel's layout), kept
+        until those tensors change, move or are replaced; like the decoded matrix, never in the state dict."""
+        key = _state_key(*self.embedding.stored().values())
+        if getattr(self, "_derived_key", None) != key:
+            self._derived_tensors, self._derived_key = {}, key
+        return self._derived_tensors
 
     def _decoded(self, hidden: torch.Tensor) -> torch.Tensor:
         """The whole decoded matrix (V x d) in the hidden states' dtype and device, decoded when its key changes."""

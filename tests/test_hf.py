@@ -119,7 +119,9 @@ def test_from_pretrained_can_cache_a_compressed_head(tiny, tmp_path):
     compact = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     cached = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", cache_head=True)
     assert not compact.get_output_embeddings().cache_decoded and cached.get_output_embeddings().cache_decoded
-    assert torch.allclose(logits(cached), logits(compact), atol=1e-5)
+    # the compact head hands these few states to int8's fused bf16 kernel: a bf16 step of the largest logit apart
+    expected = logits(cached)
+    assert torch.allclose(logits(compact), expected, atol=2**-7 * expected.abs().max().item())
 
 
 def test_old_directories_load_without_running_their_code(tiny, tmp_path):

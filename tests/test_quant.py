@@ -170,3 +170,66 @@ def test_non_finite_results_are_never_written(tmp_path):
     with pytest.raises(FactorsError, match="NaN or Inf"):
         save_factors(q, tmp_path / "q.safetensors")
     assert not list(tmp_path.iterdir())
+
+
+def _head(tensors, dtype=torch.float32):
+    from embzip.splice import CompressedEmbedding, CompressedHead
+
+    return CompressedHead(CompressedEmbedding(Quantized(tensors), dtype=dtype), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme, vocab, group", [("int8", 100, None), ("int4", 112, 32), ("int4", 100, 64)])
+def test_few_states_go_through_a_fused_kernel_that_agrees_with_decoding(scheme, vocab, group, dtype):
+    """Few hidden states on a CPU: torch's fused kernel (bf16 in and out), within a bf16 step of the largest
+    logit of the float32 product with the decoded rows; a vocabulary not a multiple of 16 is padded for the int4
+    kernel and the padding dropped."""
+    import embzip.quant as quant
+
+    e = _matrix(dtype, vocab=vocab, hidden=128)
+    tensors = quantize_int8(e) if scheme == "int8" else quantize_int4(e, group=group)
+    hidden = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = hidden.float() @ Quantized.decode(tensors, slice(None)).T
+    got = Quantized.head_logits(tensors, hidden)
+    assert got is not None and got.shape == (2, 3, vocab) and got.dtype == torch.float32
+    tol = 2**-7 * expected.abs().max().item()
+    assert torch.allclose(got, expected, atol=tol)
+    assert not torch.allclose(got, hidden.float() @ e.float().T, atol=tol / 8)  # the stored integers, not the matrix
+    # through the head module, in the model's dtype
+    assert torch.allclose(_head(tensors, dtype)(hidden).float(), expected, atol=2 * tol)
+    # many states: decoding blocks of rows is faster there, and the head does that
+    many = torch.randn(quant._FUSED_STATES[scheme] + 1, 128).to(dtype)
+    assert Quantized.head_logits(tensors, many) is None
+
+
+def test_the_fused_kernels_are_not_used_where_they_cannot_serve():
+    e = _matrix(hidden=128)
+    hidden = torch.randn(3, 128)
+    assert Quantized.head_logits(quantize_int4(e, group=16), hidden) is None  # a group size the kernel lacks
+    wants_grad = hidden.clone().requires_grad_()
+    assert Quantized.head_logits(quantize_int8(e), wants_grad) is None  # the kernels have no backward
+    # the head then decodes rows, and gradients flow
+    head, tensors = _head(quantize_int8(e)), quantize_int8(e)
+    head(wants_grad).sum().backward()
+    assert torch.allclose(wants_grad.grad, Quantized.decode(tensors, slice(None)).sum(0).expand(3, -1), atol=1e-5)
+    with torch.no_grad():
+        assert Quantized.head_logits(quantize_int8(e), wants_grad) is not None
+
+
+def test_the_int4_kernel_layout_is_derived_once_per_head_and_again_when_its_tensors_change(monkeypatch):
+    import embzip.quant as quant
+
+    made = []
+    original = quant.int4_kernel_operands
+    monkeypatch.setattr(quant, "int4_kernel_operands", lambda t: made.append(1) or original(t))
+    head = _head(quantize_int4(_matrix(hidden=64), group=32))
+    hidden = torch.randn(4, 64)
+    with torch.no_grad():
+        first = head(hidden)
+        assert torch.equal(head(hidden), first) and len(made) == 1
+        head.embedding.scale.mul_(2)  # the stored scales change in place: derived again, never stale
+        doubled = head(hidden)
+    assert len(made) == 2
+    offsets = hidden @ head.embedding.offset.float().repeat_interleave(32, dim=1).T
+    assert torch.allclose(doubled, 2 * first - offsets, atol=2**-6 * doubled.abs().max().item())
+    assert not any(name.startswith("_derived") for name in head.state_dict())
