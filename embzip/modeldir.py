@@ -85,7 +85,11 @@ def _copy_side_files(opened, tmp: Path) -> None:
 
 def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: str | None = None, dense: bool = False,
                   force: bool = False, command: str | None = None) -> dict[str, Any]:
-    """Write a model directory using `factors`; reload it and check its logits. Returns a summary."""
+    """Write a model directory using `factors`; reload it and check its logits. Returns a summary.
+
+    `opened.model` is left as written, compressed modules spliced in (or the rebuilt matrix written into it with
+    `dense`), so it runs as the directory does; open the model again for the original (compressing it again is
+    refused: its embedding is already compressed)."""
     from safetensors.torch import save_model
 
     from .checkpoint import EmbeddingOnly
