@@ -12,7 +12,8 @@ Scales and offsets are stored in the embedding's dtype when it is 16-bit, else f
 gives exactly the nearest level of the grid that is stored. Work is done in row chunks.
 
 A tied head kept in this form decodes blocks of rows and multiplies (splice.CompressedHead), except
-for few hidden states on a CPU (a generation step): there `head_logits` hands the stored integers to
+on a CPU for few float32 hidden states (a generation step) or any number of 16-bit ones: there
+`head_logits` hands the stored integers to
 torch's fused weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which read
 each integer once and never build a float row. They take bfloat16 hidden states and return bfloat16
 logits, so a float32 model's step loses a little precision there (docs/method.md); the int4 kernel
@@ -28,9 +29,11 @@ from .errors import FactorsError
 
 Q8, Q4, SCALE, OFFSET = "q8", "q4", "scale", "offset"
 _CHUNK_ROWS = 16384
-# Most hidden states the fused kernels take: beyond, decoding blocks of rows and one float32 product is faster
-# (Gemma-3-270M on the 2-core CPU, the head alone: int8 32 states 0.19 s fused against 0.24 s, 64 states 0.37 s
-# against 0.31 s; int4 64 states 0.33 s against 0.50 s)
+# Most float32 hidden states the fused kernels take: beyond, decoding blocks of rows and one float32 product is
+# faster (Gemma-3-270M on the 2-core CPU, the head alone: int8 32 states 0.19 s fused against 0.24 s, 64 states
+# 0.37 s against 0.31 s; int4 64 states 0.33 s against 0.50 s). 16-bit hidden states take them at any count: a
+# 16-bit product is slow on a CPU without 16-bit arithmetic, as this AVX2 one (256 bf16 states: int8 fused 1.47 s,
+# decoding rows 6.0 s, the dense bf16 product 5.8 s; int4 1.37 s)
 _FUSED_STATES = {"int8": 32, "int4": 64}
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
 _INT4_KERNEL_ROWS = 16  # and its rows come in multiples of this
@@ -143,11 +146,14 @@ class Quantized(TensorSet):
     @classmethod
     def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
                     derived: dict | None = None) -> torch.Tensor | None:
-        """Few hidden states on a CPU: the fused kernel's logits (float32, hidden.shape[:-1] + (V,)), else None."""
+        """On a CPU, few float32 hidden states or any 16-bit ones: the fused kernel's logits (float32,
+        hidden.shape[:-1] + (V,)); else None."""
         if not _fused(tensors, hidden):
             return None
         flat = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
-        if Q8 in tensors:  # unit scales in the kernel, the stored ones applied in float32 after
+        if Q8 in tensors and tensors[SCALE].dtype == torch.bfloat16:  # the stored scales, as the kernel takes them
+            out = torch.ops.aten._weight_int8pack_mm(flat, tensors[Q8], tensors[SCALE]).float()
+        elif Q8 in tensors:  # unit scales in the kernel, the stored (float16) ones applied in float32 after
             q8 = tensors[Q8]
             out = torch.ops.aten._weight_int8pack_mm(flat, q8, torch.ones(q8.shape[0], dtype=torch.bfloat16))
             out = out.float().mul_(tensors[SCALE].float())
@@ -163,12 +169,13 @@ class Quantized(TensorSet):
 
 
 def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
-    """Whether Quantized.head_logits takes `hidden` through a fused kernel: on a CPU, few states, no gradient
-    wanted (the kernels have no backward), and a kernel this torch has for this layout."""
+    """Whether Quantized.head_logits takes `hidden` through a fused kernel: on a CPU, 16-bit states or few
+    float32 ones, no gradient wanted (the kernels have no backward), and a kernel this torch has for this
+    layout."""
     int8 = Q8 in tensors
     states = hidden.numel() // max(1, hidden.shape[-1])
-    if (hidden.device.type != "cpu" or states > _FUSED_STATES["int8" if int8 else "int4"]
-            or (torch.is_grad_enabled() and hidden.requires_grad)):
+    many = hidden.dtype not in (torch.bfloat16, torch.float16) and states > _FUSED_STATES["int8" if int8 else "int4"]
+    if hidden.device.type != "cpu" or many or (torch.is_grad_enabled() and hidden.requires_grad):
         return False
     if int8:
         return hasattr(torch.ops.aten, "_weight_int8pack_mm")
