@@ -55,7 +55,8 @@ class Compressed:
     @classmethod
     def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
                     derived: dict | None = None) -> torch.Tensor | None:
-        """For a tied head: hidden @ rows^T (float32, hidden.shape[:-1] + (V,)) computed this kind's own way,
+        """For a tied head: hidden @ rows^T (hidden.shape[:-1] + (V,); float32, or the hidden states' dtype where
+        the kind computes in it: int8 and int4 with 16-bit states) computed this kind's own way,
         without decoding whole rows (a codebook sums per-piece tables or multiplies stage by stage; int8 and
         int4 hand few states to a fused kernel); else None (the default), and the head decodes blocks of rows.
         `derived`: a dict the caller keeps while `tensors` stay the same, where a kind may keep what it derives

@@ -146,25 +146,28 @@ class Quantized(TensorSet):
     @classmethod
     def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
                     derived: dict | None = None) -> torch.Tensor | None:
-        """On a CPU, few float32 hidden states or any 16-bit ones: the fused kernel's logits (float32,
-        hidden.shape[:-1] + (V,)); else None."""
+        """On a CPU, few float32 hidden states or any 16-bit ones: the fused kernel's logits (hidden.shape[:-1] +
+        (V,); float32, or the hidden states' own dtype when it is 16-bit, so a long 16-bit batch's logits are
+        never held in float32 as well); else None."""
         if not _fused(tensors, hidden):
             return None
         flat = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
-        if Q8 in tensors and tensors[SCALE].dtype == torch.bfloat16:  # the stored scales, as the kernel takes them
-            out = torch.ops.aten._weight_int8pack_mm(flat, tensors[Q8], tensors[SCALE]).float()
-        elif Q8 in tensors:  # unit scales in the kernel, the stored (float16) ones applied in float32 after
-            q8 = tensors[Q8]
-            out = torch.ops.aten._weight_int8pack_mm(flat, q8, torch.ones(q8.shape[0], dtype=torch.bfloat16))
-            out = out.float().mul_(tensors[SCALE].float())
+        dtype = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        if Q8 in tensors:
+            q8, scale = tensors[Q8], tensors[SCALE]
+            if dtype == torch.float32 and scale.dtype != torch.bfloat16:  # unit scales in the kernel, the stored
+                ones = torch.ones(q8.shape[0], dtype=torch.bfloat16)  # float16 ones applied in float32 after
+                out = torch.ops.aten._weight_int8pack_mm(flat, q8, ones).float().mul_(scale.float())
+            else:  # the scales in the kernel, in bfloat16 (a 16-bit model's logits are no finer)
+                out = torch.ops.aten._weight_int8pack_mm(flat, q8, scale.to(torch.bfloat16)).to(dtype)
         else:
             derived = {} if derived is None else derived
             if "int4pack" not in derived:
                 derived["int4pack"] = int4_kernel_operands(tensors)
             packed, scales_zeros = derived["int4pack"]
             group = hidden.shape[-1] // tensors[SCALE].shape[1]
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scales_zeros).float()
-            out = out[:, :tensors[Q4].shape[0]]  # the kernel's padding rows dropped
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scales_zeros)
+            out = out[:, :tensors[Q4].shape[0]].to(dtype)  # the kernel's padding rows dropped
         return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
 

@@ -178,7 +178,7 @@ def _head(tensors, dtype=torch.float32):
     return CompressedHead(CompressedEmbedding(Quantized(tensors), dtype=dtype), None)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scheme, vocab, group", [("int8", 100, None), ("int4", 112, 32), ("int4", 100, 64)])
 def test_few_states_go_through_a_fused_kernel_that_agrees_with_decoding(scheme, vocab, group, dtype):
     """Few float32 hidden states or any 16-bit ones on a CPU: torch's fused kernel (bf16 in and out), within a
@@ -191,7 +191,9 @@ def test_few_states_go_through_a_fused_kernel_that_agrees_with_decoding(scheme, 
     hidden = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
     expected = hidden.float() @ Quantized.decode(tensors, slice(None)).T
     got = Quantized.head_logits(tensors, hidden)
-    assert got is not None and got.shape == (2, 3, vocab) and got.dtype == torch.float32
+    # float32 states get float32 logits, 16-bit ones logits in their own dtype (never a float32 copy as well)
+    assert got is not None and got.shape == (2, 3, vocab) and got.dtype == dtype
+    got = got.float()
     tol = 2**-7 * expected.abs().max().item()
     assert torch.allclose(got, expected, atol=tol)
     assert not torch.allclose(got, hidden.float() @ e.float().T, atol=tol / 8)  # the stored integers, not the matrix
