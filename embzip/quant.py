@@ -125,7 +125,7 @@ class Quantized(TensorSet):
 
     @property
     def group(self) -> int | None:
-        return None if self.scheme == "int8" else self.hidden // self._tensors[SCALE].shape[1]
+        return None if self.scheme == "int8" else int4_group(self._tensors)
 
     def size_label(self) -> str:
         return self.scheme if self.scheme == "int8" else f"int4g{self.group}"
@@ -165,10 +165,14 @@ class Quantized(TensorSet):
             if "int4pack" not in derived:
                 derived["int4pack"] = int4_kernel_operands(tensors)
             packed, scales_zeros = derived["int4pack"]
-            group = hidden.shape[-1] // tensors[SCALE].shape[1]
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scales_zeros)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, int4_group(tensors), scales_zeros)
             out = out[:, :tensors[Q4].shape[0]].to(dtype)  # the kernel's padding rows dropped
         return out.reshape(*hidden.shape[:-1], out.shape[-1])
+
+
+def int4_group(tensors: dict[str, torch.Tensor]) -> int:
+    """Numbers per group of stored int4 tensors: two per packed byte, over the groups per row."""
+    return 2 * tensors[Q4].shape[1] // tensors[SCALE].shape[1]
 
 
 def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
@@ -182,8 +186,7 @@ def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
         return False
     if int8:
         return hasattr(torch.ops.aten, "_weight_int8pack_mm")
-    group = 2 * tensors[Q4].shape[1] // tensors[SCALE].shape[1]
-    return group in _INT4_KERNEL_GROUPS and all(hasattr(torch.ops.aten, name) for name in (
+    return int4_group(tensors) in _INT4_KERNEL_GROUPS and all(hasattr(torch.ops.aten, name) for name in (
         "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))
 
 
