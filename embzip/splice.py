@@ -25,7 +25,7 @@ of the embedding they replace, so a spliced directory is as small as the factors
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -54,6 +54,22 @@ def _state_key(*tensors: torch.Tensor | None) -> tuple:
     Tensors made under torch.inference_mode keep no version counter: their storage alone identifies them, so
     an in-place change to one (possible only inside inference mode) is not seen."""
     return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors if t is not None)
+
+
+def _kept(module: nn.Module, name: str, key: tuple, make: Callable[[], Any]) -> Any:
+    """A value a head derives from its tensors (`make()`), kept on `module` under `name` until `key` (_state_key
+    and whatever else it depends on) changes. The old value is dropped before the new one is made, so two never
+    take memory at once. Kept as a plain attribute: never in the state dict."""
+    kept = module.__dict__.setdefault("_kept_values", {})
+    if name not in kept or kept[name][0] != key:
+        kept.pop(name, None)
+        with torch.no_grad():
+            kept[name] = (key, make())
+    return kept[name][1]
+
+
+def _forget(module: nn.Module, name: str) -> None:
+    module.__dict__.get("_kept_values", {}).pop(name, None)
 
 
 def _keep_embed_scale(module: nn.Module, embed_scale: torch.Tensor | None) -> None:
@@ -146,12 +162,7 @@ class FactoredHead(_TiedHead):
         """row_scale() is V*k^2 work: cache it while the factors are unchanged (no grad, same versions)."""
         if torch.is_grad_enabled() and emb.codes.requires_grad:
             return emb.row_scale()
-        key = _state_key(emb.codes, emb.decoder, emb.bias, emb.norms)
-        if getattr(self, "_scale_key", None) != key:
-            with torch.no_grad():
-                self._scale = emb.row_scale()
-            self._scale_key = key
-        return self._scale
+        return _kept(self, "row_scale", _state_key(emb.codes, emb.decoder, emb.bias, emb.norms), emb.row_scale)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the factored embedding"
@@ -237,21 +248,19 @@ class CompressedHead(_TiedHead):
     def _derived(self) -> dict:
         """What the kind derived from the stored tensors for its head_logits (the int4 kernel's layout), kept
         until those tensors change, move or are replaced; like the decoded matrix, never in the state dict."""
-        key = _state_key(*self.embedding.stored().values())
-        if getattr(self, "_derived_key", None) != key:
-            self._derived_tensors, self._derived_key = {}, key
-        return self._derived_tensors
+        return _kept(self, "derived", _state_key(*self.embedding.stored().values()), dict)
 
     def _decoded(self, hidden: torch.Tensor) -> torch.Tensor:
         """The whole decoded matrix (V x d) in the hidden states' dtype and device, decoded when its key changes."""
         key = (hidden.dtype, hidden.device) + _state_key(*self.embedding.stored().values())
-        if getattr(self, "_decoded_key", None) != key:
-            self._matrix = None  # drop the old copy before decoding the new one
-            with torch.no_grad():
-                self._matrix = torch.cat([self.embedding.rows(slice(i, i + _HEAD_CHUNK_ROWS)).to(
-                    device=hidden.device, dtype=hidden.dtype) for i in range(0, self.out_features, _HEAD_CHUNK_ROWS)])
-            self._decoded_key = key
-        return self._matrix
+        return _kept(self, "decoded", key, lambda: torch.cat([
+            self.embedding.rows(slice(i, i + _HEAD_CHUNK_ROWS)).to(device=hidden.device, dtype=hidden.dtype)
+            for i in range(0, self.out_features, _HEAD_CHUNK_ROWS)]))
+
+    @property
+    def cached_matrix(self) -> torch.Tensor | None:
+        """The decoded matrix a `cache_decoded` head keeps (None before its first forward pass, or when off)."""
+        return self.__dict__.get("_kept_values", {}).get("decoded", (None, None))[1]
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, tied to the compressed embedding"
@@ -281,7 +290,7 @@ def cache_decoded_head(model: nn.Module, on: bool = True) -> bool:
         return False
     head.cache_decoded = on
     if not on:
-        head._matrix = head._decoded_key = None
+        _forget(head, "decoded")
     return True
 
 

@@ -143,8 +143,9 @@ def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(ti
         assert cache_decoded_head(model)
         cached = model(input_ids=ids).logits
         head = model.get_output_embeddings()
-        assert head._matrix.shape == (opened.vocab_size, opened.hidden_size) and head._matrix.dtype == dtype
-        assert not any(t is head._matrix for t in model.state_dict().values())  # never saved
+        matrix = head.cached_matrix
+        assert matrix.shape == (opened.vocab_size, opened.hidden_size) and matrix.dtype == dtype
+        assert not any(t is matrix for t in model.state_dict().values())  # never saved
         # a float32 codebook: the same numbers summed in another order; bf16: the compact codebook head works in
         # float32 and rounds the logits, the cached one multiplies rows rounded to bf16; int4, five states: the
         # compact head's fused kernel works in bf16. So they agree to a few bf16 steps of the largest logit
@@ -155,6 +156,7 @@ def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(ti
         stored = next(t for t in model.get_input_embeddings().stored().values() if t.is_floating_point())
         stored.mul_(2)
         changed_compact = (cache_decoded_head(model, False), model(input_ids=ids).logits)[1]
+        assert head.cached_matrix is None  # turned off: the matrix is let go
         cache_decoded_head(model)
         assert not torch.allclose(changed_compact, compact, atol=1e-3)
         assert torch.allclose(model(input_ids=ids).logits, changed_compact, atol=tol, rtol=tol)
