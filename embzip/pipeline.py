@@ -14,7 +14,7 @@ from .errors import DataError
 from .compressed import Compressed, reconstruction_metrics, storage_dtype
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
-from .models import OpenedModel, open_model, resolve_device
+from .models import CAUSAL_LM, OpenedModel, open_model, resolve_device
 from .methods import Recipe, make_factors, resolve_size
 from .methods import recipe as make_recipe
 
@@ -49,9 +49,15 @@ def default_out(source: str, method: str, size: int | float | None) -> Path:
     return Path(f"{stem}.{method}{'-' + label if label else ''}.safetensors")
 
 
-def needs_model(recipe: Recipe) -> bool:
-    """Whether `recipe` runs the model (healing; a tied head's hidden-state metric) or reads only the matrix."""
-    return recipe.heal is not None or (recipe.spec.needs_forward and recipe.aware.output_metric > 0)
+def needs_model(recipe: Recipe, opened: OpenedModel) -> bool:
+    """Whether `recipe` runs `opened`'s model (healing; a tied head's hidden-state metric; a causal LM's own
+    samples, which weight the rows of a tied or untied one: methods.base.Inputs.samples_model) or reads only the
+    matrix."""
+    if recipe.heal is not None:
+        return True
+    if not recipe.spec.needs_forward:
+        return False
+    return (opened.tied and recipe.aware.output_metric > 0) or (recipe.sample.tokens > 0 and opened.kind == CAUSAL_LM)
 
 
 def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, device: str = "cpu",
@@ -89,7 +95,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     opened = model if isinstance(model, OpenedModel) else open_model(
         model, device=device, load="full" if recipe.heal is not None else "embedding",
         trust_remote_code=trust_remote_code)
-    if opened is not model and opened.tied and needs_model(recipe) and isinstance(opened, EmbeddingOnly):
+    if opened is not model and isinstance(opened, EmbeddingOnly) and needs_model(recipe, opened):
         opened = open_model(model, device=device, trust_remote_code=trust_remote_code)  # forward passes needed
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape

@@ -74,7 +74,7 @@ def _tokenizer(kind: str):
 
 def build_tiny(kind: str, path, dtype: str = "float32") -> str:
     """Save a tiny model of `kind` (bert-mlm, bert-encoder, bert-wordpiece: an encoder whose WordPiece vocabulary
-    holds tokens it never produces, gpt2, llama) with its tokenizer to `path`.
+    holds tokens it never produces, gpt2, llama with a tied head, llama-untied) with its tokenizer to `path`.
 
     The weights are made in float32 and saved in `dtype` (float32, bfloat16 or float16), as a checkpoint
     published in that dtype would be.
@@ -93,10 +93,10 @@ def build_tiny(kind: str, path, dtype: str = "float32") -> str:
     elif kind == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=n, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                                  bos_token_id=2, eos_token_id=3))
-    elif kind == "llama":  # tied, with embedding rows padded beyond the tokenizer's length
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=n + 7, num_key_value_heads=1, tie_word_embeddings=True,
-                                                   max_position_embeddings=64, bos_token_id=2, eos_token_id=3,
-                                                   pad_token_id=0, **common))
+    elif kind in ("llama", "llama-untied"):  # tied or not, with embedding rows padded beyond the tokenizer's length
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=n + 7, num_key_value_heads=1,
+                                                   tie_word_embeddings=kind == "llama", max_position_embeddings=64,
+                                                   bos_token_id=2, eos_token_id=3, pad_token_id=0, **common))
     else:
         raise ValueError(kind)
     # Random init gives near-isotropic rows; give the embedding some structure so low ranks matter.

@@ -90,6 +90,24 @@ def test_only_causal_models_a_method_runs_are_sampled(tiny, text_file):
     assert "self_sample" not in details
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["codebook", "aware"])
+def test_a_causal_lm_without_a_tied_head_is_opened_whole_to_sample_it(tiny, text_file, method, dtype):
+    # compress() from a path reads the embedding alone where the matrix suffices; sampling runs the whole model,
+    # head included, whether or not the head is tied (it once ran on the head left on the meta device)
+    path = tiny("llama-untied", dtype)
+    assert not embzip.open_model(path).tied
+    recipe = Recipe(method=method, weights_text=text_file, sample=SampleConfig(tokens=16, length=8))
+    factors, summary = embzip.compress(path, recipe, **({"bits": 8.0} if method == "codebook" else {"rank": 4}),
+                                       write=False)
+    assert factors.meta["self_sample"]["tokens"] == 16 and summary["method"] == method
+    no_sample = Recipe(method=method, weights_text=text_file, sample=SampleConfig(tokens=0))
+    other, _ = embzip.compress(path, no_sample, **({"bits": 8.0} if method == "codebook" else {"rank": 4}),
+                               write=False)
+    assert "self_sample" not in other.meta  # the matrix alone, as before
+    assert any(not torch.equal(a, other.tensors()[k]) for k, a in factors.tensors().items())  # the sample counted
+
+
 @pytest.mark.parametrize("field, value", [("tokens", -1), ("length", 0), ("tokens", 1.5), ("languages", -0.1),
                                           ("languages", 1.5), ("languages", float("nan"))])
 def test_bad_sample_settings_are_refused(field, value):
