@@ -87,11 +87,22 @@ class OpenedModel:
             "factored": not hasattr(self.model.get_input_embeddings(), "weight"),
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
-            "dtype": str(next(self.model.get_input_embeddings().parameters()).dtype).removeprefix("torch."),
+            "dtype": str(_embedding_dtype(self.model.get_input_embeddings())).removeprefix("torch."),
             "tokenizer_size": self.tokenizer_size,
             "model_params": n_params,
             "embedding_share": self.vocab_size * self.hidden_size / n_params,
         }
+
+
+def _embedding_dtype(module) -> Any:
+    """The dtype an embedding module gives its rows in: its matrix's, a compressed one's output dtype (it holds
+    buffers only), else its first floating parameter's (low-rank factors)."""
+    weight = getattr(module, "weight", None)
+    if weight is not None:
+        return weight.dtype
+    if getattr(module, "out_dtype", None) is not None:
+        return module.out_dtype
+    return next(t.dtype for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
 
 
 def cache_dir() -> Path:

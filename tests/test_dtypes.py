@@ -153,6 +153,7 @@ def test_a_codebook_focus_stage_goes_through_fit_and_apply_and_reloads_exactly(t
     expected = logits(opened.model, ids)  # spliced in place: the focus stage's rows included
     assert torch.equal(logits(load_model(tmp_path / "out"), ids), expected)
     assert applied["reload_max_abs_diff"] == 0.0
+    assert run("info", tmp_path / "out", "--json", "-q")["dtype"] == dtype  # a compressed embedding's own dtype
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -70,6 +70,13 @@ def test_fit_then_apply_reloads_the_same_logits_and_shrinks(tiny, tmp_path, kind
     with safe_open(str(out / "embzip.safetensors"), "pt") as st:
         dtypes = {st.get_slice(k).get_dtype() for k in st.keys()}
     assert ("I8" if method == "int8" else "U8") in dtypes  # the compact form is what is stored
+    # the directory holds buffers only for its embedding: `info` describes it, a second `apply` is refused
+    result = run("info", out, "--json")
+    assert result.exit_code == 0, result.output
+    described = json.loads(result.stdout)
+    assert described["factored"] and described["dtype"] == "float32" and described["vocab_size"] == summary["vocab_size"]
+    result = run("apply", out, f, "--out", tmp_path / "again")
+    assert result.exit_code == 1 and "already compressed" in result.stderr and not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("method, lookup", [("int4", None), ("int4", True), ("codebook", True), ("codebook", False)])
