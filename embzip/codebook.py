@@ -88,9 +88,9 @@ class CodebookConfig:
 
     def __post_init__(self) -> None:
         def bad(name, value, allowed):
-            raise ValueError(f"codebook {name} must be {allowed}, got {value!r}")
+            raise OptionError(f"codebook {name} must be {allowed}, got {value!r}")
         if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and 0 < self.bits <= 16):
-            bad("bits", self.bits, "a finite number in (0, 16]")
+            bad("bits", self.bits, "a finite number in (0, 16] (16: a bfloat16 matrix)")
         if self.min_piece_dim is not None and (isinstance(self.min_piece_dim, bool)
                                                or not isinstance(self.min_piece_dim, (int, float))
                                                or not math.isfinite(self.min_piece_dim) or self.min_piece_dim < 1):
@@ -818,7 +818,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
 
 # -- the storage kind ------------------------------------------------------------------------------
 from .compressed import TensorSet, register  # noqa: E402
-from .errors import FactorsError  # noqa: E402
+from .errors import FactorsError, OptionError  # noqa: E402
 
 
 def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:

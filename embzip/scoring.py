@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from . import options
-from .errors import DataError, ModelError
+from .errors import DataError, ModelError, OptionError
 from .models import CAUSAL_LM, ENCODER, OpenedModel, text_config
 from .progress import bar
 from .texts import Text
@@ -127,11 +127,11 @@ def _causal_jobs(opened: OpenedModel, text: Text, *, window: int | None, stride:
     limit = opened.max_length
     window = window if window is not None else min(limit or MAX_WINDOW, MAX_WINDOW)
     if limit is not None and window > limit:
-        raise ModelError(f"window {window} is longer than the {limit} positions {opened.source} can take; "
+        raise OptionError(f"window {window} is longer than the {limit} positions {opened.source} can take; "
                          f"use --window {limit} or less")
     stride = stride if stride is not None else max(1, window // 2)
     if not 1 <= stride <= window:
-        raise DataError(f"stride {stride} must be between 1 and the window ({window})")
+        raise OptionError(f"stride {stride} must be between 1 and the window ({window})")
     # Positions 0..n-2 predict tokens 1..n-1; each window feeds ids[begin:end] and scores [prev, end).
     jobs, prev = [], 0
     while prev < n - 1:

@@ -3,12 +3,16 @@
 import torch
 
 from ..compressed import storage_dtype
+from ..errors import FactorsError, OptionError
 from ..quant import Quantized, check_group, quantize_int4
 from .base import FIXED, Method, register
 
 
 def bits(vocab, hidden, dtype, recipe):
-    check_group(hidden, recipe.group)
+    try:
+        check_group(hidden, recipe.group)
+    except FactorsError as exc:  # here it is an option value (--group-size), not a file's contents
+        raise OptionError(str(exc)) from None
     return 4 + 2 * torch.finfo(storage_dtype(dtype)).bits / recipe.group
 
 
