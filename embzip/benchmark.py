@@ -11,7 +11,6 @@ head). Factor files are cached in OUT/factors and re-used.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import statistics
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import options
+from . import jsonout, options
 from .errors import FactorsError, OptionError, OutputError
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
@@ -320,7 +319,7 @@ def columns(report: dict[str, Any]) -> list[str]:
 
 def write_outputs(report: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "bench.json").write_text(jsonout.dumps(report, indent=2) + "\n")
     cols = columns(report)
     with open(out / "bench.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")

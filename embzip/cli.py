@@ -6,7 +6,6 @@ Heavy libraries (torch, transformers) are imported inside commands so `embzip --
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from enum import Enum
@@ -16,6 +15,7 @@ from typing import Annotated, Any, Optional
 import typer
 from typer.core import TyperGroup
 
+from . import jsonout
 from .errors import EmbzipError, Terminated
 from .options import SELF_TOKENS
 from .progress import stderr
@@ -204,7 +204,7 @@ def _command_line(ctx: typer.Context) -> str:
 
 def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
-        sys.stdout.write(json.dumps(summary, default=str) + "\n")
+        sys.stdout.write(jsonout.dumps(summary) + "\n")
         return
     from rich.console import Console
     from rich.table import Table
@@ -556,7 +556,7 @@ def bench(model: ModelArg = None,
     opened = open_model(model, device=device_name, trust_remote_code=trust_remote_code)
     report = run(opened, source, config, out=out, recipes=recipes, progress=not quiet)
     if as_json:
-        sys.stdout.write(json.dumps(report, default=str) + "\n")
+        sys.stdout.write(jsonout.dumps(report) + "\n")
     else:
         from .report import table
 

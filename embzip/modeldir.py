@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, outputs, stream
+from . import __version__, jsonout, outputs, stream
 from .errors import FactorsError, ModelError
 from .compressed import Compressed, storage_dtype
 from .splice import HEADS, cache_decoded_head, default_head, densify, splice
@@ -163,7 +163,7 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             "factors": factors.meta,
             **summary,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        (tmp / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))
         if streamed:  # files checked against their sources, the embedding module reloaded (docs/scale.md)
             diff, scale = check["max_abs_diff"], 1.0
         else:  # reload what was written and compare with the in-memory model before handing it over
