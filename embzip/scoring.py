@@ -274,9 +274,10 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     if pseudo and opened.kind == CAUSAL_LM:
         raise ModelError(f"pseudo-perplexity is for masked LMs; {opened.source} is a causal LM")
     if factors is not None:
-        from .splice import check_fits
+        from .splice import check_fits, check_source
 
         check_fits(model, factors)  # before the slow part: a compressed model, or factors of another shape
+        check_source(model, factors)  # or of another model of the same shape
     started = time.perf_counter()
     if opened.kind == CAUSAL_LM:
         jobs, protocol, lines = _causal_jobs(opened, text, window=window, stride=stride, max_tokens=max_tokens)

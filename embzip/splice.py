@@ -313,6 +313,37 @@ def check_fits(model: nn.Module, factors: Compressed) -> None:
         )
 
 
+_SOURCE_ROWS = 4096  # rows check_source compares (spread over the vocabulary)
+_SOURCE_SLACK = 0.25  # how much further (mean cosine distance) they may be than from the embedding fitted
+
+
+def check_source(model: nn.Module, factors: Compressed) -> None:
+    """Refuse factors made for another model of the same shape: they rebuild this model's embedding much worse
+    than the one they were fitted to.
+
+    A factors file records the mean cosine distance between its rows and the embedding it was made from
+    (metrics.cosine_distance). Measured again on this model's rows (4096 spread over the vocabulary, a standard
+    error below 0.01) it comes out the same for the model they were made from, near 1 for an unrelated matrix
+    (unrelated directions), and a little higher for a fine-tuned copy. Factors more than 0.25 further than
+    recorded are refused; factors without the record (made in memory, or by hand) are not checked."""
+    recorded = factors.meta.get("metrics", {}).get("cosine_distance") if factors.meta else None
+    if not isinstance(recorded, (int, float)):
+        return
+    check_fits(model, factors)
+    weight = model.get_input_embeddings().weight
+    rows = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], _SOURCE_ROWS)).round().long().unique()
+    with torch.no_grad():
+        x = weight[rows.to(weight.device)].float().cpu()
+        x_hat = factors.rows(rows).float().cpu()
+        measured = float((1 - torch.nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12)).mean())
+    if measured > recorded + _SOURCE_SLACK:
+        source = factors.meta.get("source", {}).get("model", "?")
+        raise FactorsError(
+            f"these factors rebuild this model's embedding at mean cosine distance {measured:.2f} ({len(rows)} rows) "
+            f"but the one they were made from ({source}) at {recorded:.2f}: they were made for another model of "
+            "the same shape")
+
+
 def splice(model: nn.Module, factors: Compressed, head: str | None = None):
     """Replace the embedding (and, with head='tied', the tied output head) by factored modules.
 

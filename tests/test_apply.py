@@ -112,6 +112,37 @@ def test_cli_apply_records_provenance(tiny, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "m")("the water").input_ids
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["int4", "svd"])
+def test_factors_of_another_model_of_the_same_shape_are_refused(tiny, tmp_path, dtype, method):
+    model = tiny("llama", dtype)
+    factors = tmp_path / "f.safetensors"
+    made = (["fit", model, "--method", "int4"] if method == "int4" else ["svd", model, "-k", "4"])
+    assert runner.invoke(app, [str(a) for a in made] + ["-o", str(factors), "-q"]).exit_code == 0
+
+    def copy(name, change):  # the same architecture and shape, another embedding
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(model)
+        with torch.no_grad():
+            weight = loaded.get_input_embeddings().weight
+            weight.copy_(change(weight))
+        loaded.save_pretrained(tmp_path / name)
+        transformers.AutoTokenizer.from_pretrained(model).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    other = copy("other", lambda w: torch.randn(w.shape, generator=torch.Generator().manual_seed(1)).to(w.dtype))
+    for args in (["apply", other, str(factors), "--out", str(tmp_path / "out")],
+                 ["perplexity", other, "--factors", str(factors)]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and "made for another model of the same shape" in result.stderr, result.output
+        assert "mean cosine distance 1.0" in result.stderr  # unrelated rows: directions at random
+    assert not (tmp_path / "out").exists()
+    # a lightly changed copy (as fine-tuning leaves an embedding) takes them, as does the model itself
+    tuned = copy("tuned", lambda w: w + 0.02 * w.float().std() * torch.randn(w.shape).to(w.dtype))
+    for target in (tuned, model):
+        result = runner.invoke(app, ["apply", target, str(factors), "--out", str(tmp_path / "out"), "-q", "--force"])
+        assert result.exit_code == 0, result.output
+
+
 BAD_APPLY = [
     (["apply", "{llama}", "{gpt2_factors}", "--out", "{out}"], 1, "the factors rebuild a 105 x 32 embedding but the model's is 112 x 32"),
     (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{out}", "--head", "tied"], 0, ""),
