@@ -176,12 +176,27 @@ def _check_claims(path: Path, meta: dict[str, Any], factors: Compressed) -> None
                                f"{None if t is None else (list(t.shape), str(t.dtype).removeprefix('torch.'))}")
 
 
+def is_factors_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a safetensors file whose metadata says embzip factors (reads the header only)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT_NAME
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return False
+
+
 def load_factors(path: str | os.PathLike) -> Compressed:
     """Read a factors file (any kind; format 1 to 4), checking its format, version and claims."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise FactorsError(f"factors file {path} is a directory; give the .safetensors file `embzip fit` or `embzip "
+                           "svd` wrote")
     if not path.is_file():
         raise FactorsError(f"factors file {path} does not exist")
     try:

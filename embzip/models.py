@@ -143,6 +143,14 @@ def resolve(spec: str | None) -> str:
         return _demo_path(spec)
     looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
     path = Path(spec).expanduser()
+    if path.is_file() and not path.name.endswith(".gguf"):
+        from .factors import is_factors_file
+
+        if is_factors_file(path):
+            raise ModelError(f"{spec} is an embzip factors file, not a model: give the model it was made from as "
+                             "MODEL (embzip apply MODEL FACTORS, embzip perplexity MODEL --factors FACTORS)")
+        raise ModelError(f"{spec} is a file; MODEL is a model directory (with config.json), a .gguf file, a hub id "
+                         "or a demo name")
     if path.exists():
         return str(path)
     if looks_local:

@@ -138,6 +138,9 @@ ROWS = [
     # holding the working directory {t}/work (the current directory while the row runs).
     # -- MODEL arguments that are empty, broken or hostile
     (["info", ""], 1, "MODEL is empty"),
+    (["info", "{w}/f.safetensors"], 1, "is an embzip factors file, not a model: give the model it was made from"),
+    (["info", "{w}/model/config.json"], 1, "is a file; MODEL is a model directory (with config.json)"),
+    (["apply", "{w}/model", "{w}/model", "-o", "out"], 1, "is a directory; give the .safetensors file"),
     (["svd", "", "-k", "2"], 1, "MODEL is empty"),
     (["info", "{w}/badjson"], 1, "config.json is not valid JSON"),
     (["info", "{w}/listcfg"], 1, "config.json is not a JSON object"),
