@@ -252,7 +252,7 @@ def svd(model: ModelArg = None, rank: RankOpt = None, ratio: RatioOpt = None, bi
 
 
 PAPER, DATA, CODEBOOK, QUANT, HEAL = ("Method paper", "Data-aware methods (aware, wsvd, codebook)", "Method codebook",
-                                     "Method int4", "Healing (low-rank methods)")
+                                     "Method int4", "Healing (low-rank and codebook methods)")
 
 
 def _opt(help: str, panel: str | None = None, **kw):
@@ -403,9 +403,13 @@ def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int) -> None:
     for name in sorted(owned - mine):
         source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
         if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
-            users = [m.name for m in REGISTRY.values() if name in m.options] or ["low-rank and codebook methods"]
+            users = [m.name for m in REGISTRY.values() if name in m.options]
             flag = "--" + name.replace("_", "-")
-            raise typer.BadParameter(f"{flag} is an option of --method {' / '.join(users)}, not of {spec.name}")
+            owners = f"--method {' / '.join(users)}" if users else "the low-rank and codebook methods"
+            raise typer.BadParameter(f"{flag} is an option of {owners}, not of {spec.name}")
+    source = ctx.get_parameter_source("heal_lr")
+    if heal_steps == 0 and getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+        raise typer.BadParameter("--heal-lr sets how healing learns: give --heal-steps N (N > 0) with it")
 
 
 @command

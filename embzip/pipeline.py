@@ -16,6 +16,7 @@ from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
 from .models import CAUSAL_LM, OpenedModel, open_model, resolve_device
 from .methods import Recipe, make_factors, resolve_size
+from .methods.base import check_size
 from .methods import recipe as make_recipe
 
 log = logging.getLogger("embzip")
@@ -90,6 +91,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
     method = recipe.name
     device = resolve_device(device)
+    check_size(recipe.spec, rank=rank, ratio=ratio, bits=bits)  # a size the method cannot take, named first
     if write and out is not None:
         check_output_file(out, force, inputs=[model if isinstance(model, str) else None])  # before the slow part
     opened = model if isinstance(model, OpenedModel) else open_model(

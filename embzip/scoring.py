@@ -273,11 +273,17 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
         raise ModelError(f"{opened.source} has no tokenizer; perplexity needs one to read the text")
     if pseudo and opened.kind == CAUSAL_LM:
         raise ModelError(f"pseudo-perplexity is for masked LMs; {opened.source} is a causal LM")
+    if opened.kind != CAUSAL_LM and (window is not None or stride is not None):
+        raise OptionError(f"--window and --stride are for causal LMs; {opened.source} is a masked LM, scored line by "
+                          "line (see --pseudo)")
+    if factors is None and head is not None:
+        raise OptionError("--head says how --factors are spliced in; give --factors FILE with it")
     if factors is not None:
-        from .splice import check_fits, check_source
+        from .splice import check_fits, check_head, check_source
 
         check_fits(model, factors)  # before the slow part: a compressed model, or factors of another shape
         check_source(model, factors)  # or of another model of the same shape
+        check_head(model, head)  # or a tied head asked of a model without one
     started = time.perf_counter()
     if opened.kind == CAUSAL_LM:
         jobs, protocol, lines = _causal_jobs(opened, text, window=window, stride=stride, max_tokens=max_tokens)

@@ -344,21 +344,27 @@ def check_source(model: nn.Module, factors: Compressed) -> None:
             "the same shape")
 
 
-def splice(model: nn.Module, factors: Compressed, head: str | None = None):
-    """Replace the embedding (and, with head='tied', the tied output head) by factored modules.
-
-    Returns a `Swap`: calling it puts the original modules back.
-    """
+def check_head(model: nn.Module, head: str | None) -> str:
+    """`head` (None: the model's default), refused when it is not a head name or is "tied" on a model whose output
+    head is not tied to its embedding."""
     from .models import is_tied
 
     head = head or default_head(model)
     if head not in HEADS:
         raise FactorsError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
-    check_fits(model, factors)
-    tied = is_tied(model)
-    if head == "tied" and not tied:
+    if head == "tied" and not is_tied(model):
         raise FactorsError("--head tied needs an output head tied to the embedding, and this model has none; "
                            "use --head input")
+    return head
+
+
+def splice(model: nn.Module, factors: Compressed, head: str | None = None):
+    """Replace the embedding (and, with head='tied', the tied output head) by factored modules.
+
+    Returns a `Swap`: calling it puts the original modules back.
+    """
+    head = check_head(model, head)
+    check_fits(model, factors)
     old_emb = model.get_input_embeddings()
     weight = old_emb.weight
     emb_path = _module_path(model, old_emb)

@@ -190,9 +190,10 @@ def test_pseudo_perplexity_masks_every_token_once(tiny):
 def test_chunked_loss_equals_unchunked(tiny, text_file, kind, monkeypatch):
     opened = open_model(tiny(kind))
     text = _long_text() if kind == "bert-mlm" else load_text(text_file)
-    whole = perplexity(opened, text, window=32)["perplexity"]
+    window = {} if kind == "bert-mlm" else {"window": 32}  # a masked LM is scored line by line: no window
+    whole = perplexity(opened, text, **window)["perplexity"]
     monkeypatch.setattr(ppl_mod, "_CHUNK", 3)
-    assert abs(perplexity(opened, text, window=32)["perplexity"] - whole) / whole < 1e-6
+    assert abs(perplexity(opened, text, **window)["perplexity"] - whole) / whole < 1e-6
 
 
 def test_batch_size_does_not_change_the_result(tiny):
@@ -294,3 +295,24 @@ def test_dataset_spec_reads_a_local_dataset(tmp_path):
     (tmp_path / "ds" / "train.txt").write_text("a training line\n")
     assert load(dataset=str(tmp_path / "ds")).lines == ["first line of the test split", "second line"]
     assert load(dataset=f"{tmp_path / 'ds'}::train").lines == ["a training line"]
+
+
+def test_a_tied_head_asked_of_an_untied_model_is_refused_before_any_scoring(tiny, text_file, monkeypatch):
+    import embzip.scoring as scoring
+    from embzip.errors import FactorsError
+
+    opened = open_model(tiny("llama-untied"))
+    factors = svd_factors(opened.embedding.detach(), 3)
+    monkeypatch.setattr(scoring, "_causal_jobs", lambda *a, **k: pytest.fail("scored before the head was checked"))
+    with pytest.raises(FactorsError, match="--head tied needs an output head tied to the embedding"):
+        perplexity(opened, load_text(text_file), factors=factors, head="tied")
+
+
+@pytest.mark.parametrize("kind, options, fragment", [
+    ("bert-mlm", dict(window=8), "--window and --stride are for causal LMs"),
+    ("bert-mlm", dict(stride=4), "--window and --stride are for causal LMs"),
+    ("gpt2", dict(head="input"), "--head says how --factors are spliced in"),
+])
+def test_options_that_would_change_nothing_are_refused(tiny, text_file, kind, options, fragment):
+    with pytest.raises(OptionError, match=fragment):
+        perplexity(open_model(tiny(kind)), load_text(text_file), **options)
