@@ -1,4 +1,23 @@
-"""embzip: compress the token embedding of transformer models into codebooks, low-rank factors or packed integers."""
+"""embzip: compress the token embedding of transformer models into codebooks, low-rank factors or packed integers.
+
+The library behind the `embzip` command (torch-heavy parts load on first use, so `import embzip` stays light):
+
+    opened = embzip.open_model("demo:minilm")            # hub id, directory, .gguf file or demo name
+    factors, summary = embzip.compress(opened, "codebook", bits=2, write=False)   # or out="f.safetensors"
+    embzip.apply_factors(opened, factors, "minilm-cb2")  # a model directory that loads and runs compact
+    model = embzip.load_model("minilm-cb2")              # or transformers' AutoModel*, after `import embzip`
+    # a language model: embzip.perplexity(opened_lm, embzip.load_text(None), factors=its_factors)
+
+- open_model, OpenedModel: a model with its tokenizer, kind (causal-lm, masked-lm, encoder) and tie.
+- compress(model, method, rank= / ratio= / bits=, out=, write=): fit and (unless write=False) save factors;
+  make_factors / Recipe for every setting of a method; svd_factors, aware_factors, fit_autoencoder directly.
+- load_factors, save_factors, Factors: factors files (docs/format.md); reconstruction_metrics.
+- apply_factors, load_model, spliced, cache_decoded_head: factors in a model, in memory or as a directory.
+- perplexity, load_text, bench, BenchConfig: what the compression cost, alone or side by side.
+- compression_ratio, rank_for_ratio, max_useful_rank: sizes of low-rank factors.
+- EmbzipError and its kinds (ModelError, FactorsError, OptionError, RankError, DataError, OutputError): one-line
+  messages, as the command prints them.
+"""
 
 __version__ = "0.1.0"
 

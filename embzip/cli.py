@@ -74,6 +74,21 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"embzip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print embzip's version and exit.")] = False) -> None:
+    """Compress the token embedding of a transformer model into codebooks, low-rank factors or packed integers,
+    without retraining."""
+
+
 class Device(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -112,7 +127,9 @@ BitsOpt = Annotated[Optional[float], typer.Option(
                          "(16 = the bf16 matrix). Low-rank methods take the largest rank that fits.",
     show_default=False)]
 OutFileOpt = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", help="Factors file to write (default: MODEL.METHOD-rK.safetensors in the current directory).", show_default=False)]
+    "--out", "-o", help="Factors file to write (default: MODEL.METHOD-SIZE.safetensors in the current directory, such as "
+                        "gemma-3-270m.svd-r256.safetensors, gemma-3-270m.codebook-2b.safetensors or "
+                        "gemma-3-270m.int4.safetensors).", show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (a directory only if embzip "
                                                             "wrote it; never the input or the current directory).")]
@@ -431,7 +448,7 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
     int8/int4); pass cache_head=True to either to decode it once and run at the original's speed. With --dense, any
     transformers tool loads it.
 
-    Example: embzip apply bert-base-uncased bert.fit128.safetensors --out bert-fit128
+    Example: embzip apply bert-base-uncased bert-base-uncased.aware-r128.safetensors --out bert-r128
     """
     from .factors import load_factors
     from .modeldir import apply_factors, check_output_dir
@@ -465,7 +482,7 @@ def perplexity(model: ModelArg = None,
 
     Masked LMs: the paper's protocol (line by line, lines under 20 tokens and = headings dropped, 15% whole-word masking with a fixed seed, exp of the mean masked-token loss), or --pseudo. Causal LMs: sliding window with stride, each token scored once, plus bits per byte. Encoders without an LM head have no perplexity: use `embzip bench`, which reports sentence-vector fidelity.
 
-    Example: embzip perplexity demo:gemma-3-270m --factors gemma.svd-r256.safetensors --head tied
+    Example: embzip perplexity demo:gemma-3-270m --factors gemma-3-270m.codebook-2b.safetensors --head tied
     """
     from .factors import load_factors
     from .models import open_model, resolve_device

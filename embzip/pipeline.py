@@ -104,7 +104,8 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     size = resolve_size(recipe, rank=rank, ratio=ratio, bits=bits, vocab=vocab, hidden=hidden, dtype=embedding.dtype)
     out_path = None
     if write:
-        out_path = check_output_file(out or default_out(opened.source, method, size), force,
+        label = recipe.spec.file_label(recipe) if recipe.spec.file_label else method  # int4 at another group: int4g16
+        out_path = check_output_file(out or default_out(opened.source, label, size), force,
                                      inputs=[opened.path, opened.source])
     check_finite(embedding, opened.embedding_name)
     factors = factorize(opened, size, recipe, device=device, progress=progress)

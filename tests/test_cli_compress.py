@@ -48,12 +48,17 @@ def test_ratio_picks_the_rank(tiny, tmp_path):
     assert summary["compression_ratio"] >= 3 and result.exit_code == 0
 
 
-def test_default_out_name(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("args, suffix", [
+    (["svd", "--rank", 3], ".svd-r3.safetensors"),
+    (["fit", "--method", "int4"], ".int4.safetensors"),
+    (["fit", "--method", "int4", "--group-size", 16], ".int4g16.safetensors"),  # not the name of group 32's file
+])
+def test_default_out_name(tiny, tmp_path, monkeypatch, args, suffix):
     monkeypatch.chdir(tmp_path)
-    result = run("svd", tiny("gpt2"), "--rank", 3, "--json", "-q")
+    result = run(args[0], tiny("gpt2"), *args[1:], "--json", "-q")
     assert result.exit_code == 0, result.output
     name = json.loads(result.stdout)["out"]
-    assert name.endswith(".svd-r3.safetensors") and (tmp_path / name).is_file()
+    assert name.endswith(suffix) and (tmp_path / name).is_file()
 
 
 @pytest.fixture
@@ -171,3 +176,10 @@ def test_seeded_fit_from_cli_repeats(tiny, tmp_path):
                    *FAST_FIT).exit_code == 0
     a, b = load_factors(tmp_path / "a.safetensors"), load_factors(tmp_path / "b.safetensors")
     assert torch.equal(a.codes, b.codes) and torch.equal(a.decoder, b.decoder)
+
+
+def test_version_is_the_installed_packages():
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"embzip {version('embzip')}"

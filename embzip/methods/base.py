@@ -33,6 +33,7 @@ class Method:
     fixed_bits: Callable[..., float] | None = None  # FIXED: (vocab, hidden, dtype, recipe) -> bits per weight stored
     default_bits: float | None = None  # BITS: the size when none is given
     check_bits: Callable[..., float] | None = None  # BITS: (bits, vocab, hidden, dtype, recipe) -> bits, or RankError
+    file_label: Callable[[Any], str] | None = None  # (recipe) -> the name in default file names, when not `name` alone
 
 
 REGISTRY: dict[str, Method] = {}

@@ -21,4 +21,5 @@ def make(inputs, size, recipe):
 
 
 METHOD = register(Method("int4", "quant", FIXED, "int4 in groups with scale and offset (5 bits per weight at "
-                         "group 32)", make, fixed_bits=bits, options=("group_size",)))
+                         "group 32)", make, fixed_bits=bits, options=("group_size",),
+                         file_label=lambda recipe: "int4" if recipe.group == 32 else f"int4g{recipe.group}"))
