@@ -110,7 +110,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     check_finite(embedding, opened.embedding_name)
     factors = factorize(opened, size, recipe, device=device, progress=progress)
     metrics, seconds = factors.meta["metrics"], factors.meta["seconds"]
-    source, element_size = opened.source, embedding.element_size()
+    source, element_size, embedding_dtype = opened.source, embedding.element_size(), embedding.dtype
     if opened is not model:  # opened here: let go of the embedding (its mapped pages) before writing
         del opened, embedding
     if write:
@@ -131,7 +131,8 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
         "bytes_before": params_before * element_size,
         "bytes_after": factors.stored_bytes(),
         **({"unreachable_rows": factors.meta["unreachable_rows"]} if "unreachable_rows" in factors.meta else {}),
-        "dtype": str(factors.dtype).removeprefix("torch."),
+        "embedding_dtype": str(embedding_dtype).removeprefix("torch."),  # the model's
+        "stored_dtype": str(factors.dtype).removeprefix("torch."),  # the factors' floats (16-bit)
         **metrics,
         "seconds": seconds,
         "device": device,

@@ -56,7 +56,7 @@ def test_svd_and_apply_keep_the_dtype_and_reload_exactly(tiny, tmp_path, kind, h
     summary = run("svd", model, "--rank", 3, "-o", tmp_path / "f.safetensors", "--json", "-q")
     factors = load_factors(tmp_path / "f.safetensors")
     stored = STORED[dtype]  # factors are stored at 16 bits: the model's dtype when it is 16-bit, else float16
-    assert summary["dtype"] == factors.meta["dtype"] == stored and factors.codes.dtype == getattr(torch, stored)
+    assert summary["stored_dtype"] == factors.meta["dtype"] == stored and summary["embedding_dtype"] == dtype and factors.codes.dtype == getattr(torch, stored)
     assert file_dtypes(tmp_path / "f.safetensors") == {SAFETENSORS[stored]}
     assert summary["bytes_after"] == summary["params_after"] * ITEMSIZE[stored]
     assert summary["bytes_before"] == summary["params_before"] * ITEMSIZE[dtype]
@@ -110,7 +110,7 @@ def test_fit_perplexity_and_bench_run_in_the_models_dtype(tiny, tmp_path, text_f
     for method, extra in (("aware", ["--method", "aware", "--weights-text", text_file, "--metric-tokens", 256]),
                           ("paper", FAST_FIT)):
         summary = run("fit", model, "--rank", 3, "-o", tmp_path / f"{method}.safetensors", "--json", "-q", *extra)
-        assert summary["dtype"] == dtype and file_dtypes(tmp_path / f"{method}.safetensors") == {SAFETENSORS[dtype]}
+        assert summary["stored_dtype"] == summary["embedding_dtype"] == dtype and file_dtypes(tmp_path / f"{method}.safetensors") == {SAFETENSORS[dtype]}
     scored = run("perplexity", model, "--factors", tmp_path / "aware.safetensors", "--text", text_file, "--json", "-q")
     assert 1 < scored["perplexity_original"] < float("inf") and 1 < scored["perplexity"] < float("inf")
     run("apply", model, tmp_path / "aware.safetensors", "--out", tmp_path / "out", "-q")
