@@ -168,6 +168,13 @@ def _setup_logging(quiet: bool) -> None:
     logger.propagate = False
     for noisy in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if quiet:  # huggingface_hub sets its own level when it is first imported: quiet it through its own call
+        try:  # (its retry lines, "Retrying in 8s", while the hub cannot be reached; shown without --quiet)
+            from huggingface_hub.utils import logging as hub_logging
+
+            hub_logging.set_verbosity_error()
+        except ImportError:
+            pass
     import os
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
