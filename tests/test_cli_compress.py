@@ -183,3 +183,13 @@ def test_version_is_the_installed_packages():
 
     result = run("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"embzip {version('embzip')}"
+
+
+def test_quiet_quiets_the_hubs_own_log_lines():
+    import logging
+
+    import huggingface_hub.utils.logging  # noqa: F401  (imported: it has set its own level already)
+    from embzip.cli import _setup_logging
+
+    _setup_logging(quiet=True)
+    assert logging.getLogger("huggingface_hub.utils._http").getEffectiveLevel() >= logging.ERROR
