@@ -234,6 +234,8 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(no_wrap=True)
+    table.add_column(overflow="fold")  # a long path wraps whole instead of ending in "…"
     for key, value in summary.items():
         if isinstance(value, float):
             value = f"{value:.6g}"
