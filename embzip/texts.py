@@ -27,7 +27,7 @@ class Text:
 
 def _check_not_empty(lines: list[str], source: str) -> Text:
     if not any(line.strip() for line in lines):
-        raise DataError(f"the text {source} is empty (no non-blank line); give a text with some lines in it")
+        raise DataError(f"the text ({source}) is empty (no non-blank line); give a text with some lines in it")
     return Text(lines, source)
 
 
