@@ -14,9 +14,9 @@ from .errors import DataError
 from .compressed import Compressed, reconstruction_metrics, storage_dtype
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
-from .models import CAUSAL_LM, OpenedModel, open_model, resolve_device
+from .models import OpenedModel, open_model, resolve_device
 from .methods import Recipe, make_factors, resolve_size
-from .methods.base import check_size
+from .methods.base import check_size, samples
 from .methods import recipe as make_recipe
 
 log = logging.getLogger("embzip")
@@ -51,14 +51,11 @@ def default_out(source: str, method: str, size: int | float | None) -> Path:
 
 
 def needs_model(recipe: Recipe, opened: OpenedModel) -> bool:
-    """Whether `recipe` runs `opened`'s model (healing; a tied head's hidden-state metric; a causal LM's own
-    samples, which weight the rows of a tied or untied one: methods.base.Inputs.samples_model) or reads only the
-    matrix."""
-    if recipe.heal is not None:
+    """Whether `recipe` runs `opened`'s model (healing; a tied head's hidden-state metric; a tied causal LM's own
+    samples, methods.base.samples) or reads only the matrix."""
+    if recipe.heal is not None or samples(recipe, opened):
         return True
-    if not recipe.spec.needs_forward:
-        return False
-    return (opened.tied and recipe.aware.output_metric > 0) or (recipe.sample.tokens > 0 and opened.kind == CAUSAL_LM)
+    return bool(recipe.spec.needs_forward and opened.tied and recipe.aware.output_metric > 0)
 
 
 def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, device: str = "cpu",

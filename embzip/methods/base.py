@@ -44,6 +44,17 @@ def register(method: Method) -> Method:
     return method
 
 
+def samples(recipe, opened) -> bool:
+    """Whether a fit of `recipe` samples `opened`: a causal LM with a tied head, a method that runs the model, and
+    sampling not turned off. A tied head scores every row at every position, so its rows are weighted by what the
+    model itself writes, in every language it writes. An untied model's rows are read only where their tokens
+    are input: its fit reads the embedding alone, never the whole model (docs/scale.md: a 70B model's
+    embedding, not its layers)."""
+    from ..models import CAUSAL_LM
+
+    return bool(recipe.spec.needs_forward and recipe.sample.tokens > 0 and opened.kind == CAUSAL_LM and opened.tied)
+
+
 class Inputs:
     """The embedding and, on first use, the data-aware pieces (cached in `cache` across calls)."""
 
@@ -102,11 +113,8 @@ class Inputs:
         return row_weights(counts, config)
 
     def samples_model(self) -> bool:
-        """Whether the model's own samples join the text: a causal LM the method runs anyway."""
-        from ..models import CAUSAL_LM
-
-        return (self.recipe.spec.needs_forward and self.recipe.sample.tokens > 0
-                and self.opened.kind == CAUSAL_LM and self.opened.model.get_output_embeddings() is not None)
+        """Whether the model's own samples join the text (`samples`)."""
+        return samples(self.recipe, self.opened)
 
     def sampled(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(expected token counts, head-input second moment) from the model's own samples, or None."""
