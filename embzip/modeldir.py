@@ -23,7 +23,7 @@ import torch
 from . import __version__, jsonout, outputs, stream
 from .errors import FactorsError, ModelError
 from .compressed import Compressed, storage_dtype
-from .splice import HEADS, cache_decoded_head, check_source, default_head, densify, splice
+from .splice import HEADS, cache_decoded_head, check_head, check_source, densify, splice
 
 WEIGHTS = "embzip.safetensors"
 MANIFEST = "embzip.json"
@@ -102,10 +102,8 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
 
         opened, streamed = replace(open_model(opened.path, revision=opened.revision), source=opened.source), False
     model = opened.model
-    head = head or default_head(model)
-    if head not in HEADS:
-        raise FactorsError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     check_source(model, factors)  # made for this model, not another of the same shape (before any writing)
+    head = check_head(model, head)  # and a tied head only where the model has one
     before, source = param_stats(model), opened.describe()
     model_dtype = str(opened.embedding.dtype).removeprefix("torch.")
     if not dense:  # stored at 16 bits, as factors files are
