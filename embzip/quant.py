@@ -184,8 +184,8 @@ def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
     many = hidden.dtype not in (torch.bfloat16, torch.float16) and states > _FUSED_STATES["int8" if int8 else "int4"]
     if hidden.device.type != "cpu" or many or (torch.is_grad_enabled() and hidden.requires_grad):
         return False
-    if int8:
-        return hasattr(torch.ops.aten, "_weight_int8pack_mm")
+    if int8:  # the kernel reads rows 16 numbers at a time: another hidden size gives garbage or a segfault
+        return tensors[Q8].shape[1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")
     return int4_group(tensors) in _INT4_KERNEL_GROUPS and all(hasattr(torch.ops.aten, name) for name in (
         "_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"))
 

@@ -209,6 +209,14 @@ def test_the_fused_kernels_are_not_used_where_they_cannot_serve():
     e = _matrix(hidden=128)
     hidden = torch.randn(3, 128)
     assert Quantized.head_logits(quantize_int4(e, group=16), hidden) is None  # a group size the kernel lacks
+    # a hidden size not a multiple of 16: the int8 kernel would read past the rows (garbage logits, or a
+    # segfault); the head decodes them instead and gets the right logits, in float32 and bf16
+    for width, dtype in ((40, torch.float32), (24, torch.bfloat16)):
+        odd = quantize_int8(_matrix(dtype, hidden=width))
+        states = torch.randn(2, width).to(dtype)
+        assert Quantized.head_logits(odd, states) is None
+        expected = states.float() @ Quantized.decode(odd, slice(None)).T
+        assert torch.allclose(_head(odd, dtype)(states).float(), expected, atol=2**-7 * expected.abs().max().item())
     wants_grad = hidden.clone().requires_grad_()
     assert Quantized.head_logits(quantize_int8(e), wants_grad) is None  # the kernels have no backward
     # the head then decodes rows, and gradients flow
