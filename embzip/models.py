@@ -380,10 +380,16 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
     return OpenedModel(model, tokenizer, source, path, kind, is_tied(model), _embedding_name(model), revision)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model",
+                    "spiece.model", "sentencepiece.bpe.model")  # one of them in a directory that holds a tokenizer
+
+
 def _tokenizer(source: str, path: str, revision: str | None, trust_remote_code: bool):
     """The model's tokenizer, or None if it has none; one that needs its own code is refused without trust."""
     from transformers import AutoTokenizer
 
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer (1 token for GPT-2, 5 for BERT) instead of failing
     try:
         return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:

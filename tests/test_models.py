@@ -69,3 +69,26 @@ def test_statistics_run_on_a_float32_model_itself(tiny):
 
     model = open_model(tiny("llama")).model
     assert for_statistics(model) is model
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert-mlm"])
+def test_a_directory_without_tokenizer_files_has_no_tokenizer(tiny, tmp_path, kind):
+    # transformers builds an empty tokenizer for it (1 token for GPT-2, BERT's 5 specials) instead of failing:
+    # the methods that count tokens then weighted every row by nothing, or crashed
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from embzip.cli import app
+
+    path = tmp_path / "no-tokenizer"
+    shutil.copytree(tiny(kind), path)
+    for f in path.iterdir():
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            f.unlink()
+    opened = open_model(str(path))
+    assert opened.tokenizer is None and opened.tokenizer_size is None
+    runner = CliRunner()
+    refused = runner.invoke(app, ["fit", str(path), "--bits", "8", "-o", str(tmp_path / "f.safetensors")])
+    assert refused.exit_code == 1 and "has no tokenizer" in refused.stderr and not (tmp_path / "f.safetensors").exists()
+    assert runner.invoke(app, ["svd", str(path), "-k", "3", "-o", str(tmp_path / "f.safetensors")]).exit_code == 0
