@@ -162,7 +162,6 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             "factors": factors.meta,
             **summary,
         }
-        (tmp / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))
         if streamed:  # files checked against their sources, the embedding module reloaded (docs/scale.md)
             diff, scale = check["max_abs_diff"], 1.0
         else:  # reload what was written and compare with the in-memory model before handing it over
@@ -174,7 +173,8 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
         if not diff <= 1e-4 * scale + 1e-5:
             raise ModelError(f"the written directory does not reproduce the model (max logit difference {diff:.3g}); "
                              "nothing was kept")
-        summary["reload_max_abs_diff"] = diff
+        summary["reload_max_abs_diff"] = manifest["reload_max_abs_diff"] = diff
+        (tmp / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))  # written last: the check's result in it
         outputs.swap_into_place(tmp, out, seen)
     finally:
         outputs.remove_partial(tmp)

@@ -108,6 +108,7 @@ def test_cli_apply_records_provenance(tiny, tmp_path):
     manifest = json.loads((tmp_path / "m" / "embzip.json").read_text())
     assert manifest["command"].startswith("embzip apply") and manifest["factors"]["method"] == "svd"
     assert manifest["params_after"] == summary["params_after"] < summary["params_before"]
+    assert manifest["reload_max_abs_diff"] == summary["reload_max_abs_diff"] == 0.0  # docs/format.md: recorded
     assert (tmp_path / "m" / "tokenizer.json").is_file()
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "m")("the water").input_ids
 
