@@ -87,9 +87,9 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
 
 def check_group(hidden: int, group: int) -> None:
     if group < 2 or group % 2 or hidden % group:
-        sizes = [g for g in (16, 32, 64, 128) if hidden % g == 0]
+        sizes = [g for g in range(2, min(hidden, 256) + 1, 2) if hidden % g == 0]  # even sizes that divide it
         raise FactorsError(f"int4 group size {group} does not divide the hidden size {hidden} into even groups; "
-                           f"use one of {', '.join(map(str, sizes)) or 'none (hidden size is odd)'}")
+                           f"use one of {', '.join(map(str, sizes)) or 'none (the hidden size is odd)'}")
 
 
 @register

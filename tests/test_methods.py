@@ -216,3 +216,15 @@ def test_options_of_another_method_are_refused(tiny, tmp_path, args, fragment):
     assert result.exit_code == 2
     assert fragment in " ".join(result.output.split())
     assert not (tmp_path / "f.safetensors").exists()
+
+
+def test_a_whole_number_of_bits_is_a_budget_not_a_rank(tiny, text_file, tmp_path, monkeypatch):
+    import embzip
+
+    monkeypatch.chdir(tmp_path)
+    opened = embzip.open_model(tiny("llama"))
+    size = resolve_size(recipe("codebook"), bits=12, vocab=opened.vocab_size, hidden=opened.hidden_size,
+                        dtype=torch.float32)
+    assert isinstance(size, float) and size == 12.0
+    factors, summary = embzip.compress(opened, recipe("codebook", weights_text=text_file), bits=12)
+    assert summary["out"].endswith(".codebook-12b.safetensors") and factors.meta["size"] == 12.0

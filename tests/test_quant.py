@@ -1,6 +1,7 @@
 """Quantized and codebook embeddings: the maths, the stored sizes, and the factors file round trip."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -244,3 +245,12 @@ def test_the_int4_kernel_layout_is_derived_once_per_head_and_again_when_its_tens
     offsets = hidden @ head.embedding.offset.float().repeat_interleave(32, dim=1).T
     assert torch.allclose(doubled, 2 * first - offsets, atol=2**-6 * doubled.abs().max().item())
     assert not any("kept" in name or "derived" in name for name in head.state_dict())
+
+
+@pytest.mark.parametrize("hidden, sizes", [(30, "2, 6, 10, 30"), (40, "2, 4, 8, 10, 20, 40"), (33, "none (the hidden size is odd)")])
+def test_a_group_size_that_does_not_fit_names_the_ones_that_do(hidden, sizes):
+    from embzip.errors import FactorsError
+    from embzip.quant import check_group
+
+    with pytest.raises(FactorsError, match=f"into even groups; use one of {re.escape(sizes)}$"):
+        check_group(hidden, 32)

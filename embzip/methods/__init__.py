@@ -163,7 +163,7 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
             raise RankError(f"method {spec.name} stores {own:.4g} bits per weight for this embedding and cannot "
                             f"reach {_bits_name(bits)}; use --method codebook --bits {_bits_name(bits)}")
         return None
-    budget = spec.default_bits if bits is None else bits
+    budget = float(spec.default_bits if bits is None else bits)  # a float: bits=2 is "2b" in names, never rank 2
     return spec.check_bits(budget, vocab, hidden, dtype, r) if spec.check_bits else budget
 
 
