@@ -216,10 +216,27 @@ class _Quality:
         return {f"perplexity_{suffix}": ppl, f"perplexity_ratio_{suffix}": ppl / self.reference["perplexity"]}
 
 
+def _check_same_model(out: Path, opened: OpenedModel) -> None:
+    """Refuse an OUT that holds another model's bench: its factor files would stay beside this one's, and its
+    bench.json would be replaced (the factor files of the same model at other settings are simply replaced)."""
+    import json
+
+    try:
+        previous = json.loads((out / "bench.json").read_text())
+    except (OSError, ValueError):
+        return
+    path = previous.get("path") if isinstance(previous, dict) else None
+    if isinstance(path, str) and path != opened.path:
+        raise OutputError(f"{out} holds the bench of another model ({previous.get('model', path)}); give another "
+                          "--out, or remove it first")
+
+
 def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None,
           recipes: dict[str, Recipe] | None = None, progress: bool = False) -> dict[str, Any]:
     """Run the comparison; returns {"model", "text", "protocol", "rows", ...} and writes OUT files."""
     out = check_output_folder(out) if out is not None else None
+    if out is not None:
+        _check_same_model(out, opened)
     cache = out / "factors" if out is not None else None  # created when the first factors are saved
     model = opened.model
     embedding = opened.embedding.detach()

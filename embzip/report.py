@@ -7,11 +7,11 @@ from typing import Any
 from .benchmark import columns
 
 SHORT = {
-    "bits_per_weight": "bpw", "compression_ratio": "CR", "embedding_params": "emb params", "embedding_bytes": "emb MB", "model_params": "model params",
-    "model_bytes": "model MB", "cosine_distance": "cos dist", "perplexity_input": "ppl input",
+    "bits_per_weight": "bpw", "compression_ratio": "CR", "embedding_params": "emb params", "embedding_bytes": "emb MiB", "model_params": "model params",
+    "model_bytes": "model MiB", "cosine_distance": "cos dist", "perplexity_input": "ppl input",
     "perplexity_ratio_input": "x orig", "perplexity_tied": "ppl tied", "perplexity_ratio_tied": "x orig",
     "similarity_spearman": "sim rho", "fit_seconds": "fit s", "latency_ratio": "latency x",
-    "latency_ratio_cached": "cached x", "latency_ratio_step": "step x", "peak_memory_bytes": "peak MB",
+    "latency_ratio_cached": "cached x", "latency_ratio_step": "step x", "peak_memory_bytes": "peak MiB",
 }
 HIDDEN = {"cached", "rank"}
 

@@ -160,3 +160,16 @@ def test_the_table_leaves_out_columns_no_row_fills(gpt2_run):
     assert all(len(line) == len(header) for line in body)
     with open(out / "bench.csv") as f:
         assert "latency_ratio_cached" in f.readline()  # the CSV keeps every column
+
+
+def test_an_out_folder_with_another_models_bench_is_refused(tiny, text_file, tmp_path):
+    out = tmp_path / "b"
+    first = runner.invoke(app, ["bench", tiny("gpt2"), "--ranks", "2", "--methods", "svd,int8", "--text", text_file,
+                                "--out", str(out), "--json", "-q"])
+    assert first.exit_code == 0, first.output
+    before = {p.name: p.read_bytes() for p in (out / "factors").iterdir()}
+    other = runner.invoke(app, ["bench", tiny("llama"), "--ranks", "2", "--methods", "int8", "--text", text_file,
+                                "--out", str(out), "-q"])
+    assert other.exit_code == 1 and "holds the bench of another model" in other.stderr
+    assert {p.name: p.read_bytes() for p in (out / "factors").iterdir()} == before  # nothing of it replaced
+    assert json.loads((out / "bench.json").read_text())["path"] == tiny("gpt2")
