@@ -52,7 +52,8 @@ class FitConfig:
             options.finite(name, getattr(self, name))
         options.seed("seed", self.seed)
         if self.anneal_epochs > self.epochs:
-            raise OptionError(f"anneal_epochs ({self.anneal_epochs}) cannot exceed epochs ({self.epochs})")
+            raise OptionError(f"anneal_epochs ({self.anneal_epochs}) cannot exceed epochs ({self.epochs}): give "
+                              f"--anneal-epochs {self.epochs} or fewer with --epochs {self.epochs}")
         if not 0 < self.lr_gamma <= 1:
             raise OptionError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
         if self.cos_weight < 0 or self.l1_weight < 0 or self.cos_weight + self.l1_weight == 0:

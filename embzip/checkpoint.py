@@ -121,12 +121,15 @@ def _fetch_shard(repo_id: str, revision: str | None, file: str) -> None:
     hf_hub_download(repo_id, file, revision=revision)
 
 
-def skeleton(config: Any, auto: Any, dtype: Any = None):
-    """The model of `config` with every parameter on the meta device (buffers stay real); tied as loaded."""
+def skeleton(config: Any, auto: Any, dtype: Any = None, trust_remote_code: bool = False):
+    """The model of `config` with every parameter on the meta device (buffers stay real); tied as loaded. A model
+    whose code comes with it is built only with trust_remote_code (the caller's flag, passed on, so transformers
+    never asks on the terminal)."""
     from accelerate import init_empty_weights
 
+    kwargs = {"dtype": dtype} if dtype is not None else {}
     with init_empty_weights():
-        model = auto.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
+        model = auto.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
     model.tie_weights()
     return model.eval()
 
@@ -205,7 +208,7 @@ class EmbeddingOnly(OpenedModel):
 
 
 def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, revision: str | None = None,
-                   *, all_weights: bool = False) -> EmbeddingOnly | None:
+                   *, all_weights: bool = False, trust_remote_code: bool = False) -> EmbeddingOnly | None:
     """Open `path` reading only its embedding; None when that cannot be done (no safetensors weights, or no
     tensor matching the embedding), so the caller loads the whole model instead."""
     import torch
@@ -222,7 +225,7 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
         return None
     dtype = getattr(config, "dtype", None)
     try:
-        model = skeleton(config, auto, dtype if isinstance(dtype, torch.dtype) else None)
+        model = skeleton(config, auto, dtype if isinstance(dtype, torch.dtype) else None, trust_remote_code)
     except ImportError:
         log.info("reading the embedding alone needs the 'accelerate' package; loading the whole model")
         return None
@@ -258,7 +261,8 @@ def available_memory(device: str) -> dict[Any, int]:
     return {"cpu": psutil.virtual_memory().available}
 
 
-def device_map(path: str, config: Any, auto: Any, device: str, *, headroom: float = 0.8) -> dict[str, Any] | None:
+def device_map(path: str, config: Any, auto: Any, device: str, *, headroom: float = 0.8,
+               trust_remote_code: bool = False) -> dict[str, Any] | None:
     """accelerate's big-model placement when the model does not fit on `device`, else None (load it there).
 
     The layers are spread over every visible GPU, then the CPU, then disk (offload folder); the embedding
@@ -278,7 +282,7 @@ def device_map(path: str, config: Any, auto: Any, device: str, *, headroom: floa
     if device.startswith("cuda"):
         budget["cpu"] = int(headroom * available_memory("cpu")["cpu"])
     dtype = getattr(config, "dtype", None)
-    model = skeleton(config, auto, dtype if isinstance(dtype, torch.dtype) else None)
+    model = skeleton(config, auto, dtype if isinstance(dtype, torch.dtype) else None, trust_remote_code)
     placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules,
                                       dtype=dtype if isinstance(dtype, torch.dtype) else None)
     keep = [_module_name(model, model.get_input_embeddings())]

@@ -24,7 +24,8 @@ from .progress import stderr
 def _error_line(label: str, message: str) -> None:
     from rich.markup import escape
 
-    stderr.print(f"[bold red]{label}:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
+    stderr.print(f"[bold red]{label}:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True,
+                 emoji=False)  # a user's "a:b:c" stays as typed (rich would turn ":b:" into an emoji)
 
 
 def _usage_errors() -> tuple[type, ...]:
@@ -232,6 +233,7 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(no_wrap=True)
@@ -241,7 +243,7 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
             value = f"{value:.6g}"
         elif isinstance(value, int) and not isinstance(value, bool):
             value = f"{value:,}"
-        table.add_row(key, str(value))
+        table.add_row(key, Text(str(value)))  # as it is: a path's "[x]" or ":b:" is not markup or an emoji
     Console().print(table)
 
 

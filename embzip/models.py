@@ -352,7 +352,8 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
         from .checkpoint import open_embedding
 
         try:
-            opened = open_embedding(source, path, config, auto, kind, revision, all_weights=load == "stream")
+            opened = open_embedding(source, path, config, auto, kind, revision, all_weights=load == "stream",
+                                    trust_remote_code=trust_remote_code)
         except errors as exc:
             raise _load_error(source, exc) from None
         if opened is not None:
@@ -363,7 +364,7 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
         kwargs["dtype"] = getattr(torch, dtype)
     from .checkpoint import device_map
 
-    placement = device_map(path, config, auto, device)  # None: the model fits on `device`
+    placement = device_map(path, config, auto, device, trust_remote_code=trust_remote_code)  # None: it fits
     if placement is not None:
         kwargs.update(device_map=placement, offload_folder=str(cache_dir() / "offload"))
     try:

@@ -63,7 +63,7 @@ def table(report: dict[str, Any]) -> None:
     # A pipe or file gets the whole table rather than 80 columns of ellipses.
     Console(width=None if sys.stdout.isatty() else 240).print(t)
     if report.get("interrupted"):
-        Console(stderr=True).print("[yellow]interrupted: the table holds the rows finished before Ctrl-C[/]")
+        Console(stderr=True).print("[yellow]interrupted: the table holds the rows finished before Ctrl-C or SIGTERM[/]")
 
 
 def markdown(report: dict[str, Any]) -> str:

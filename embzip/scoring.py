@@ -272,7 +272,7 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     if opened.tokenizer is None:
         raise ModelError(f"{opened.source} has no tokenizer; perplexity needs one to read the text")
     if pseudo and opened.kind == CAUSAL_LM:
-        raise ModelError(f"pseudo-perplexity is for masked LMs; {opened.source} is a causal LM")
+        raise OptionError(f"pseudo-perplexity is for masked LMs; {opened.source} is a causal LM")
     if opened.kind != CAUSAL_LM and (window is not None or stride is not None):
         raise OptionError(f"--window and --stride are for causal LMs; {opened.source} is a masked LM, scored line by "
                           "line (see --pseudo)")

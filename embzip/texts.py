@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, OptionError
 
 DATASET_EXAMPLE = "wikitext:wikitext-2-raw-v1:test"
 
@@ -57,7 +57,7 @@ def _string_column(features, spec: str) -> str:
 def _from_dataset(spec: str) -> Text:
     parts = spec.split(":")
     if len(parts) > 3 or not parts[0]:
-        raise DataError(f"dataset spec {spec!r} is not name[:config[:split]], e.g. {DATASET_EXAMPLE}")
+        raise OptionError(f"dataset spec {spec!r} is not name[:config[:split]], e.g. {DATASET_EXAMPLE}")
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
         (parts[2] if len(parts) > 2 and parts[2] else "test")
     try:
@@ -90,7 +90,7 @@ def _from_sample(sample: str) -> Text:
 def load_text(text_file: str | None = None, dataset: str | None = None, sample: str = "eval") -> Text:
     """A text file, or a dataset `name[:config[:split]]` (split default test), or else the bundled sample."""
     if text_file is not None and dataset is not None:
-        raise DataError("give a text file or a dataset, not both")
+        raise OptionError("give a text file or a dataset, not both")
     if text_file is not None:
         return _from_file(str(text_file))
     if dataset is not None:

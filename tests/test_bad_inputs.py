@@ -138,6 +138,8 @@ ROWS = [
     # holding the working directory {t}/work (the current directory while the row runs).
     # -- MODEL arguments that are empty, broken or hostile
     (["info", ""], 1, "MODEL is empty"),
+    (["perplexity", "{w}/model", "--text", "no:b:such[bold]x[/bold].txt"], 1,
+     "text file no:b:such[bold]x[/bold].txt does not exist"),  # as typed: no emoji, no markup
     (["info", "{w}/f.safetensors"], 1, "is an embzip factors file, not a model: give the model it was made from"),
     (["info", "{w}/model/config.json"], 1, "is a file; MODEL is a model directory (with config.json)"),
     (["apply", "{w}/model", "{w}/model", "-o", "out"], 1, "is a directory; give the .safetensors file"),
@@ -186,6 +188,11 @@ ROWS = [
      "fewer than two sequences"),
     (["svd", "{w}/model", "--ratio", "nan"], 2, "greater than 1"),
     (["perplexity", "{w}/model", "--window", "0"], 2, "window must be positive"),
+    (["perplexity", "{w}/model", "--pseudo"], 2, "pseudo-perplexity is for masked LMs"),
+    (["perplexity", "{w}/model", "--dataset", "a:b:c:d"], 2, "dataset spec 'a:b:c:d' is not name[:config[:split]]"),
+    (["perplexity", "{w}/model", "--text", "{w}/short.txt", "--dataset", "x"], 2, "give a text file or a dataset"),
+    (["fit", "{w}/model", "-k", "2", "--method", "paper", "--epochs", "2"], 2,
+     "give --anneal-epochs 2 or fewer with --epochs 2"),
     (["perplexity", "{w}/model", "--window", "100000"], 2, "window 100000 is longer than the 64 positions"),
     (["perplexity", "{w}/model", "--window", "16", "--stride", "17"], 2, "stride 17 must be between 1 and the window"),
     (["fit", "{w}/model", "--method", "int4", "--group-size", "7"], 2,
@@ -301,3 +308,24 @@ def test_config_values_are_checked_in_the_library():
             make()
     assert issubclass(OptionError, ValueError)
     assert BenchConfig().ranks is None  # neither ranks nor ratios: bench picks default ranks from the vocabulary
+
+
+def test_a_model_with_its_own_code_opens_with_trust_remote_code_without_a_prompt(world, tmp_path):
+    """The embedding-only and streaming paths build the model's skeleton from its own classes: the flag must reach
+    them, or transformers asks on the terminal (and, with no terminal, refuses as if it was never given)."""
+    custom = tmp_path / "custom"
+    shutil.copytree(world / "model", custom)
+    marker = tmp_path / "ran"
+    (custom / "conf.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('ran')\n"
+                                    "from transformers import GPT2Config\n\n\nclass MyConfig(GPT2Config):\n"
+                                    "    model_type = 'mygpt'\n")
+    (custom / "modl.py").write_text("from transformers import GPT2LMHeadModel\nfrom .conf import MyConfig\n\n\n"
+                                    "class MyModel(GPT2LMHeadModel):\n    config_class = MyConfig\n")
+    _edit_json(custom / "config.json", lambda c: c.update(
+        model_type="mygpt", auto_map={"AutoConfig": "conf.MyConfig", "AutoModelForCausalLM": "modl.MyModel"}))
+    refused = runner.invoke(app, ["info", str(custom), "--json", "-q"], input="")
+    assert refused.exit_code == 1 and "--trust-remote-code" in refused.stderr and not marker.exists()
+    for args in (["info", str(custom)], ["svd", str(custom), "-k", "2", "-o", str(tmp_path / "f.safetensors")]):
+        trusted = runner.invoke(app, [*args, "--json", "-q", "--trust-remote-code"], input="")
+        assert trusted.exit_code == 0, trusted.output
+    assert marker.read_text() == "ran"

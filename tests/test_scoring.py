@@ -279,7 +279,7 @@ def test_load_text_sources_and_errors(tmp_path, text_file):
     assert text.source == f"file:{text_file}" and text.lines == TEXT.splitlines()
     with pytest.raises(DataError, match="does not exist"):
         load_text(str(tmp_path / "missing.txt"))
-    with pytest.raises(DataError, match="not both"):
+    with pytest.raises(OptionError, match="not both"):  # an option error: exit code 2 in the CLI
         load_text(text_file, dataset="wikitext")
     with pytest.raises(DataError, match="no bundled text sample 'nope'"):
         load_text(sample="nope")
