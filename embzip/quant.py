@@ -35,6 +35,7 @@ _CHUNK_ROWS = 16384
 # 16-bit product is slow on a CPU without 16-bit arithmetic, as this AVX2 one (256 bf16 states: int8 fused 1.47 s,
 # decoding rows 6.0 s, the dense bf16 product 5.8 s; int4 1.37 s)
 _FUSED_STATES = {"int8": 32, "int4": 64}
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
 _INT4_KERNEL_ROWS = 16  # and its rows come in multiples of this
 
@@ -85,10 +86,12 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
     return {Q4: torch.cat(packed), SCALE: torch.cat(scales), OFFSET: torch.cat(offsets)}
 
 
-def check_group(hidden: int, group: int) -> None:
+def check_group(hidden: int, group: int, error: type[Exception] = FactorsError) -> None:
+    """Refuse an int4 group size that does not split rows of `hidden` numbers into even groups, by `error`: a
+    FactorsError for a file's tensors, an OptionError for --group-size."""
     if group < 2 or group % 2 or hidden % group:
         sizes = [g for g in range(2, min(hidden, 256) + 1, 2) if hidden % g == 0]  # even sizes that divide it
-        raise FactorsError(f"int4 group size {group} does not divide the hidden size {hidden} into even groups; "
+        raise error(f"int4 group size {group} does not divide the hidden size {hidden} into even groups; "
                            f"use one of {', '.join(map(str, sizes)) or 'none (the hidden size is odd)'}")
 
 
@@ -152,16 +155,17 @@ class Quantized(TensorSet):
         if not _fused(tensors, hidden):
             return None
         flat = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
-        dtype = hidden.dtype if hidden.dtype in (torch.bfloat16, torch.float16) else torch.float32
+        dtype = hidden.dtype if hidden.dtype in _SIXTEEN_BIT else torch.float32
+        derived = {} if derived is None else derived
         if Q8 in tensors:
             q8, scale = tensors[Q8], tensors[SCALE]
             if dtype == torch.float32 and scale.dtype != torch.bfloat16:  # unit scales in the kernel, the stored
-                ones = torch.ones(q8.shape[0], dtype=torch.bfloat16)  # float16 ones applied in float32 after
-                out = torch.ops.aten._weight_int8pack_mm(flat, q8, ones).float().mul_(scale.float())
+                if "ones" not in derived:  # float16 ones applied in float32 after (made once per head)
+                    derived["ones"] = torch.ones(q8.shape[0], dtype=torch.bfloat16)
+                out = torch.ops.aten._weight_int8pack_mm(flat, q8, derived["ones"]).float().mul_(scale.float())
             else:  # the scales in the kernel, in bfloat16 (a 16-bit model's logits are no finer)
                 out = torch.ops.aten._weight_int8pack_mm(flat, q8, scale.to(torch.bfloat16)).to(dtype)
         else:
-            derived = {} if derived is None else derived
             if "int4pack" not in derived:
                 derived["int4pack"] = int4_kernel_operands(tensors)
             packed, scales_zeros = derived["int4pack"]
@@ -181,7 +185,7 @@ def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
     layout."""
     int8 = Q8 in tensors
     states = hidden.numel() // max(1, hidden.shape[-1])
-    many = hidden.dtype not in (torch.bfloat16, torch.float16) and states > _FUSED_STATES["int8" if int8 else "int4"]
+    many = hidden.dtype not in _SIXTEEN_BIT and states > _FUSED_STATES["int8" if int8 else "int4"]
     if hidden.device.type != "cpu" or many or (torch.is_grad_enabled() and hidden.requires_grad):
         return False
     if int8:  # the kernel reads rows 16 numbers at a time: another hidden size gives garbage or a segfault

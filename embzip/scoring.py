@@ -279,10 +279,9 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     if factors is None and head is not None:
         raise OptionError("--head says how --factors are spliced in; give --factors FILE with it")
     if factors is not None:
-        from .splice import check_fits, check_head, check_source
+        from .splice import check_head, check_source
 
-        check_fits(model, factors)  # before the slow part: a compressed model, or factors of another shape
-        check_source(model, factors)  # or of another model of the same shape
+        check_source(model, factors)  # before the slow part: a compressed model, factors of another shape or model
         check_head(model, head)  # or a tied head asked of a model without one
     started = time.perf_counter()
     if opened.kind == CAUSAL_LM:

@@ -318,18 +318,18 @@ _SOURCE_SLACK = 0.25  # how much further (mean cosine distance) they may be than
 
 
 def check_source(model: nn.Module, factors: Compressed) -> None:
-    """Refuse factors made for another model of the same shape: they rebuild this model's embedding much worse
-    than the one they were fitted to.
+    """Refuse factors that do not fit `model` (check_fits), and factors made for another model of the same shape:
+    they rebuild this model's embedding much worse than the one they were fitted to.
 
     A factors file records the mean cosine distance between its rows and the embedding it was made from
     (metrics.cosine_distance). Measured again on this model's rows (4096 spread over the vocabulary, a standard
     error below 0.01) it comes out the same for the model they were made from, near 1 for an unrelated matrix
     (unrelated directions), and a little higher for a fine-tuned copy. Factors more than 0.25 further than
     recorded are refused; factors without the record (made in memory, or by hand) are not checked."""
+    check_fits(model, factors)  # first: a compressed model, or factors of another shape
     recorded = factors.meta.get("metrics", {}).get("cosine_distance") if factors.meta else None
     if not isinstance(recorded, (int, float)):
         return
-    check_fits(model, factors)
     weight = model.get_input_embeddings().weight
     rows = torch.linspace(0, weight.shape[0] - 1, min(weight.shape[0], _SOURCE_ROWS)).round().long().unique()
     with torch.no_grad():

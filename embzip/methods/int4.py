@@ -3,16 +3,13 @@
 import torch
 
 from ..compressed import storage_dtype
-from ..errors import FactorsError, OptionError
+from ..errors import OptionError
 from ..quant import Quantized, check_group, quantize_int4
 from .base import FIXED, Method, register
 
 
 def bits(vocab, hidden, dtype, recipe):
-    try:
-        check_group(hidden, recipe.group)
-    except FactorsError as exc:  # here it is an option value (--group-size), not a file's contents
-        raise OptionError(str(exc)) from None
+    check_group(hidden, recipe.group, OptionError)  # here an option value (--group-size), not a file's contents
     return 4 + 2 * torch.finfo(storage_dtype(dtype)).bits / recipe.group
 
 
