@@ -144,7 +144,7 @@ TextOpt = Annotated[Optional[Path], typer.Option(
     "--text", help="A UTF-8 text file to score, one paragraph or sentence per line.", show_default=False)]
 DatasetOpt = Annotated[Optional[str], typer.Option(
     "--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]], e.g. wikitext:wikitext-2-raw-v1:test (split "
-                      "default test). Without --text or --dataset: a public-domain English sample shipped with "
+                      "default test; a local folder of text files: DIR::train). Without --text or --dataset: a public-domain English sample shipped with "
                       "embzip (Alice in Wonderland, ch. I-IV).", show_default=False)]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the scoring: which tokens a masked LM's perplexity masks (causal "
@@ -180,10 +180,13 @@ def _setup_logging(quiet: bool) -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    if quiet:  # transformers' own weight-loading bars too
+    if quiet:  # transformers' own weight-loading bars too, and datasets' (a local folder's "Generating train split")
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # read when datasets is first imported
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
 
 
 def command(fn):

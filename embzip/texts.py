@@ -60,12 +60,20 @@ def _from_dataset(spec: str) -> Text:
         raise OptionError(f"dataset spec {spec!r} is not name[:config[:split]], e.g. {DATASET_EXAMPLE}")
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
         (parts[2] if len(parts) > 2 and parts[2] else "test")
+    folder = Path(name).expanduser()
+    if folder.is_dir() and (folder / "config.json").is_file():
+        raise DataError(f"dataset {name} is a model directory (it has a config.json), not a dataset; give a text "
+                        "file with --text, or a dataset name or folder of .txt/.json/.csv files")
     try:
         import datasets
 
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; one line says what and how to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        splits = _split_names(datasets, name, config)
+        if splits and split not in splits:
+            raise DataError(f"dataset {name} has no split {split!r} (the default); it has {', '.join(splits)}: "
+                            f"name it, e.g. --dataset {name}:{config or ''}:{splits[0]}") from None
         raise DataError(
             f"could not load dataset {spec!r} (name={name}, config={config}, split={split}): {first}; "
             f"check the spec name[:config[:split]] (e.g. {DATASET_EXAMPLE}) and that it is cached or "
@@ -74,6 +82,14 @@ def _from_dataset(spec: str) -> Text:
     column = _string_column(ds.features, spec)
     lines = [line for row in ds[column] if row is not None for line in row.splitlines()]
     return _check_not_empty(lines, f"dataset:{name}:{config or ''}:{split}")
+
+
+def _split_names(datasets, name: str, config: str | None) -> list[str]:
+    """The splits a dataset has, or [] where even that cannot be read."""
+    try:
+        return list(datasets.get_dataset_split_names(name, config))
+    except Exception:  # noqa: BLE001 - only a better hint is lost; the caller reports the load's own error
+        return []
 
 
 def _from_sample(sample: str) -> Text:

@@ -117,6 +117,8 @@ def world(tiny, tmp_path_factory):
     _edit_json(hostile / "config.json",
                lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"}))
     (root / "short.txt").write_text("the people said it was hot .\n")
+    (root / "trainonly").mkdir()
+    (root / "trainonly" / "train.txt").write_text("the people said it was hot .\nand then it rained .\n")
     (root / "user").mkdir()
     (root / "user" / "notes.txt").write_text("a user's file")
     (root / "file.txt").write_text("a user's file")
@@ -191,6 +193,9 @@ ROWS = [
     (["perplexity", "{w}/model", "--pseudo"], 2, "pseudo-perplexity is for masked LMs"),
     (["perplexity", "{w}/model", "--dataset", "a:b:c:d"], 2, "dataset spec 'a:b:c:d' is not name[:config[:split]]"),
     (["perplexity", "{w}/model", "--text", "{w}/short.txt", "--dataset", "x"], 2, "give a text file or a dataset"),
+    (["perplexity", "{w}/model", "--dataset", "{w}/trainonly"], 1,
+     "has no split 'test' (the default); it has train: name it, e.g. --dataset"),
+    (["perplexity", "{w}/model", "--dataset", "{w}/model"], 1, "is a model directory (it has a config.json), not a dataset"),
     (["fit", "{w}/model", "-k", "2", "--method", "paper", "--epochs", "2"], 2,
      "give --anneal-epochs 2 or fewer with --epochs 2"),
     (["perplexity", "{w}/model", "--window", "100000"], 2, "window 100000 is longer than the 64 positions"),
