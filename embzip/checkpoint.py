@@ -121,6 +121,14 @@ def _fetch_shard(repo_id: str, revision: str | None, file: str) -> None:
     hf_hub_download(repo_id, file, revision=revision)
 
 
+def _config_dtype(config: Any):
+    """The torch dtype a config records (`dtype`, set by transformers when it reads `torch_dtype` too), or None."""
+    import torch
+
+    dtype = getattr(config, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def skeleton(config: Any, auto: Any, dtype: Any = None, trust_remote_code: bool = False):
     """The model of `config` with every parameter on the meta device (buffers stay real); tied as loaded. A model
     whose code comes with it is built only with trust_remote_code (the caller's flag, passed on, so transformers
@@ -223,9 +231,8 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
     checkpoint = find_checkpoint(local, shards_present=repo_id is None or all_weights)
     if checkpoint is None:
         return None
-    dtype = getattr(config, "dtype", None)
     try:
-        model = skeleton(config, auto, dtype if isinstance(dtype, torch.dtype) else None, trust_remote_code)
+        model = skeleton(config, auto, _config_dtype(config), trust_remote_code)
     except ImportError:
         log.info("reading the embedding alone needs the 'accelerate' package; loading the whole model")
         return None
@@ -267,7 +274,6 @@ def device_map(path: str, config: Any, auto: Any, device: str, *, headroom: floa
 
     The layers are spread over every visible GPU, then the CPU, then disk (offload folder); the embedding
     and the output head stay together on the first device, where factors are spliced in."""
-    import torch
     from accelerate import infer_auto_device_map
 
     checkpoint = find_checkpoint(path) if Path(path).is_dir() else None
@@ -281,10 +287,10 @@ def device_map(path: str, config: Any, auto: Any, device: str, *, headroom: floa
     budget = {k: int(headroom * v) for k, v in free.items()}
     if device.startswith("cuda"):
         budget["cpu"] = int(headroom * available_memory("cpu")["cpu"])
-    dtype = getattr(config, "dtype", None)
-    model = skeleton(config, auto, dtype if isinstance(dtype, torch.dtype) else None, trust_remote_code)
+    dtype = _config_dtype(config)
+    model = skeleton(config, auto, dtype, trust_remote_code)
     placement = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules,
-                                      dtype=dtype if isinstance(dtype, torch.dtype) else None)
+                                      dtype=dtype)
     keep = [_module_name(model, model.get_input_embeddings())]
     if model.get_output_embeddings() is not None:
         keep.append(_module_name(model, model.get_output_embeddings()))
