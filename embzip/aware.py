@@ -129,7 +129,8 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
     with torch.inference_mode():
         for i in range(0, len(chunks), batch_size):
             ids = chunks[i:i + batch_size].to(device)
-            h = head_inputs(model, head, ids, torch.ones_like(ids))
+            h = head_inputs(model, head, ids, torch.ones_like(ids), "measure the metric of its tied head's inputs "
+                            "(give --output-metric 0 to fit without it)")
             h = h.reshape(-1, h.shape[-1]).double().cpu()
             total += h.T @ h
             count += h.shape[0]

@@ -454,7 +454,9 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
           quiet: QuietOpt = False) -> None:
     """Splice factors into MODEL and write a model directory that loads and runs.
 
-    The directory is reloaded and its logits compared with the in-memory model before it is kept.
+    Before the directory is kept, its files are checked against their sources and the embedding module is
+    reloaded from them and compared (apply reads only the embedding, so a model of any size fits; --json's
+    reload_check says what ran; a model loaded whole from Python is reloaded and its logits compared).
     Load it with embzip.load_model(DIR), or after `import embzip` with AutoModelForCausalLM /
     AutoModelForMaskedLM / AutoModel.from_pretrained(DIR); it holds no code. A compressed tied head stays
     compact in memory: a codebook head sums small per-piece tables for a generation step, otherwise it

@@ -164,12 +164,14 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
         }
         if streamed:  # files checked against their sources, the embedding module reloaded (docs/scale.md)
             diff, scale = check["max_abs_diff"], 1.0
+            manifest["reload_check"] = summary["reload_check"] = "files and the embedding module"
         else:  # reload what was written and compare with the in-memory model before handing it over
             ids = _probe_ids(model)
             expected = _logits(model, ids)
             reloaded = _load_dense(tmp) if dense else load_model(tmp)
             diff = (_logits(reloaded, ids) - expected).abs().max().item()
             scale = expected.abs().max().item() or 1.0
+            manifest["reload_check"] = summary["reload_check"] = "logits"
         if not diff <= 1e-4 * scale + 1e-5:
             raise ModelError(f"the written directory does not reproduce the model (max logit difference {diff:.3g}); "
                              "nothing was kept")

@@ -69,6 +69,7 @@ class OpenedModel:
         limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         limits.append(tok_max if tok_max is not None and tok_max < 1_000_000 else None)
+        limits.append(_offset_positions(self.model))
         limits = [int(x) for x in limits if isinstance(x, int) and x > 0]
         return min(limits) if limits else None
 
@@ -92,6 +93,18 @@ class OpenedModel:
             "model_params": n_params,
             "embedding_share": self.vocab_size * self.hidden_size / n_params,
         }
+
+
+def _offset_positions(model: Any) -> int | None:
+    """Positions a RoBERTa-style model can take: its position ids start after the padding index, so of the
+    table's max_position_embeddings rows only those after padding_idx are usable (514 - 2 = 512 for roberta-base)."""
+    import torch
+
+    for name, module in model.named_modules():
+        if name.endswith("position_embeddings") and isinstance(module, torch.nn.Embedding) \
+                and module.padding_idx is not None:
+            return module.num_embeddings - module.padding_idx - 1
+    return None
 
 
 def _embedding_dtype(module) -> Any:

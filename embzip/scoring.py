@@ -170,8 +170,10 @@ def head_input_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else next(iter(kwargs.values()))
 
 
-def head_inputs(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The hidden states entering the output head, running the head on an empty slice only."""
+def head_inputs(model, head, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                purpose: str = "compute its perplexity in chunks") -> torch.Tensor:
+    """The hidden states entering the output head, running the head on an empty slice only. A model whose code
+    does not call its head once per forward is refused, naming what could not be done (`purpose`)."""
     captured: list[torch.Tensor] = []
 
     def hook(module, args, kwargs):
@@ -188,7 +190,7 @@ def head_inputs(model, head, input_ids: torch.Tensor, attention_mask: torch.Tens
         handle.remove()
     if len(captured) != 1:
         raise ModelError(f"{type(model).__name__} called its output head {len(captured)} times in one forward; "
-                         "embzip cannot compute its perplexity in chunks")
+                         f"embzip cannot {purpose}")
     return captured[0]
 
 

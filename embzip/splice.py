@@ -96,15 +96,23 @@ class FactoredEmbedding(nn.Module):
         _keep_embed_scale(self, embed_scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self._rows(input_ids)
+        if self.embed_scale is not None:
+            out = out * self.embed_scale.to(out.dtype)
+        return out
+
+    def _rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         dt = self.out_dtype
         out = _as(nn.functional.embedding(input_ids, self.codes), dt) @ _as(self.decoder, dt)
         if self.bias is not None:
             out = out + _as(self.bias, dt)
         if self.norms is not None:
             out = out * (_as(self.norms[input_ids], dt) / out.norm(dim=-1).clamp_min(1e-12)).unsqueeze(-1)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(out.dtype)
         return out
+
+    def matrix(self) -> torch.Tensor:
+        """The whole rebuilt V x d matrix (without the embedding scale a model may apply to its inputs)."""
+        return self._rows(torch.arange(self.num_embeddings, device=self.codes.device))
 
     def row_scale(self) -> torch.Tensor:
         """norms[i] / ||codes[i] @ decoder + bias||, for a head that must honour kept norms (V values)."""
@@ -134,6 +142,13 @@ class _TiedHead(nn.Module):
     @property
     def embedding(self):
         return self._embedding[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The V x d matrix, decoded whole on every access: for model code that reads `head.weight` instead of
+        calling the head (MobileBERT's masked-LM head does). It costs what the dense matrix does, so embzip's own
+        paths never read it; calling the head computes the same logits without it."""
+        return self.embedding.matrix()
 
 
 class FactoredHead(_TiedHead):
@@ -197,6 +212,10 @@ class CompressedEmbedding(nn.Module):
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
         return self.kind.decode(self.stored(), index)
+
+    def matrix(self) -> torch.Tensor:
+        """The whole decoded V x d matrix in the model's dtype (without the embedding scale)."""
+        return self.rows(slice(None)).to(self.out_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.rows(input_ids.reshape(-1)).view(*input_ids.shape, self.embedding_dim).to(self.out_dtype)

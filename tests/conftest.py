@@ -74,7 +74,8 @@ def _tokenizer(kind: str):
 
 def build_tiny(kind: str, path, dtype: str = "float32") -> str:
     """Save a tiny model of `kind` (bert-mlm, bert-encoder, bert-wordpiece: an encoder whose WordPiece vocabulary
-    holds tokens it never produces, gpt2, llama with a tied head, llama-untied) with its tokenizer to `path`.
+    holds tokens it never produces, gpt2, llama with a tied head, llama-untied, roberta, mobilebert: a masked LM whose head
+    reads the tied matrix as `.weight`) with its tokenizer to `path`.
 
     The weights are made in float32 and saved in `dtype` (float32, bfloat16 or float16), as a checkpoint
     published in that dtype would be.
@@ -83,7 +84,8 @@ def build_tiny(kind: str, path, dtype: str = "float32") -> str:
     import transformers as tf
 
     torch.manual_seed(0)
-    tokenizer = _tokenizer("wordpiece" if kind == "bert-wordpiece" else "bert" if kind.startswith("bert") else "causal")
+    tokenizer = _tokenizer("wordpiece" if kind == "bert-wordpiece" else "bert"
+                           if kind.startswith("bert") or kind in ("roberta", "mobilebert") else "causal")
     n = len(tokenizer)
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     if kind == "bert-mlm":
@@ -97,6 +99,13 @@ def build_tiny(kind: str, path, dtype: str = "float32") -> str:
         model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=n + 7, num_key_value_heads=1,
                                                    tie_word_embeddings=kind == "llama", max_position_embeddings=64,
                                                    bos_token_id=2, eos_token_id=3, pad_token_id=0, **common))
+    elif kind == "roberta":  # position ids start after the padding index: 34 - 0 - 1 = 33 usable positions
+        model = tf.RobertaForMaskedLM(tf.RobertaConfig(vocab_size=n, max_position_embeddings=34, pad_token_id=0,
+                                                       bos_token_id=2, eos_token_id=3, **common))
+    elif kind == "mobilebert":  # a masked LM whose head reads its decoder's `.weight` instead of calling it
+        model = tf.MobileBertForMaskedLM(tf.MobileBertConfig(
+            vocab_size=n, embedding_size=16, max_position_embeddings=64, intra_bottleneck_size=16,
+            true_hidden_size=16, num_feedforward_networks=1, pad_token_id=0, **common))
     else:
         raise ValueError(kind)
     # Random init gives near-isotropic rows; give the embedding some structure so low ranks matter.

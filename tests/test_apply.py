@@ -42,7 +42,7 @@ def test_reload_gives_identical_logits(tiny, tmp_path, kind, head):
     assert not torch.allclose(expected, original, atol=1e-3)  # the compression really changed the model
     reloaded = load_model(tmp_path / "out")
     assert torch.equal(logits(reloaded), expected)
-    assert summary["reload_max_abs_diff"] == 0.0 and summary["head"] == head
+    assert summary["reload_max_abs_diff"] == 0.0 and summary["head"] == head and summary["reload_check"] == "logits"
     via_auto = AUTO[kind].from_pretrained(tmp_path / "out")  # embzip is imported: no remote code needed
     assert torch.equal(logits(via_auto), expected)
 
@@ -109,6 +109,8 @@ def test_cli_apply_records_provenance(tiny, tmp_path):
     assert manifest["command"].startswith("embzip apply") and manifest["factors"]["method"] == "svd"
     assert manifest["params_after"] == summary["params_after"] < summary["params_before"]
     assert manifest["reload_max_abs_diff"] == summary["reload_max_abs_diff"] == 0.0  # docs/format.md: recorded
+    # apply read the embedding alone, so what was checked is the files and the embedding module, and it says so
+    assert manifest["reload_check"] == summary["reload_check"] == "files and the embedding module"
     assert (tmp_path / "m" / "tokenizer.json").is_file()
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "m")("the water").input_ids
 
@@ -207,3 +209,57 @@ def test_a_low_rank_head_converts_its_codes_in_blocks_to_the_same_logits(tiny, m
     tol = 1e-5 * whole.abs().max().item()  # the same products, blocked differently by the matmul
     assert blocked.dtype == dtype and torch.allclose(blocked.float(), whole.float(), rtol=0, atol=tol)
     assert torch.allclose(with_grad.detach().float(), whole.float(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["svd", "int8", "codebook"])
+def test_a_head_that_reads_its_weight_runs_after_apply(tiny, tmp_path, dtype, method):
+    """MobileBERT's masked-LM head multiplies by `decoder.weight` instead of calling the decoder: the compact tied
+    head gives it the decoded matrix, so the written directory runs, with the spliced model's logits."""
+    model = tiny("mobilebert", dtype)
+    size = ["-k", "3"] if method == "svd" else ["--method", method] + (["--bits", "4"] if method == "codebook" else [])
+    factors = str(tmp_path / "f.safetensors")
+    command = "svd" if method == "svd" else "fit"
+    if method == "codebook":  # the tied head's metric needs the head called: refused with the way round it
+        refused = runner.invoke(app, [command, model, *size, "-o", factors, "-q"])
+        assert refused.exit_code == 1 and "give --output-metric 0 to fit without it" in refused.stderr
+        assert not os.path.exists(factors)
+        size += ["--output-metric", "0"]
+    assert runner.invoke(app, [command, model, *size, "-o", factors, "-q"]).exit_code == 0
+    result = runner.invoke(app, ["apply", model, factors, "--out", str(tmp_path / "m"), "-q"])
+    assert result.exit_code == 0, result.output
+    from embzip.factors import load_factors
+
+    opened = open_model(model)
+    original = logits(opened.model)
+    with spliced(opened.model, load_factors(factors)):
+        expected = logits(opened.model)
+    reloaded = load_model(tmp_path / "m")
+    head = reloaded.get_output_embeddings()
+    assert type(head).__name__ in ("FactoredHead", "CompressedHead")  # compact: the matrix is not stored
+    assert torch.equal(logits(reloaded), expected)
+    assert not torch.equal(expected, original) and expected.dtype == getattr(torch, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", ["svd", "int4", "codebook"])
+def test_a_compact_heads_weight_is_the_decoded_matrix(tiny, dtype, method):
+    """`head.weight` (for model code that reads it) is the matrix the head multiplies by: its product with hidden
+    states gives the head's own logits, and it is never stored."""
+    from embzip.pipeline import compress
+
+    opened = open_model(tiny("llama", dtype))
+    size = {"rank": 3} if method == "svd" else {"bits": 4} if method == "codebook" else {}
+    factors, _ = compress(opened, method, write=False, **size)
+    model = opened.model
+    with spliced(model, factors):
+        head = model.get_output_embeddings()
+        weight = head.weight
+        assert weight.shape == (head.out_features, head.in_features) and weight.dtype == getattr(torch, dtype)
+        assert "weight" not in dict(head.named_parameters()) and "weight" not in head.state_dict()
+        hidden = torch.randn(100, head.in_features, dtype=getattr(torch, dtype))  # over 64: no bfloat16 kernel
+        with torch.no_grad():
+            own = head(hidden).float()
+        torch.testing.assert_close(hidden.float() @ weight.float().T, own, atol=0.05 if dtype == "bfloat16" else 1e-4,
+                                   rtol=0.02 if dtype == "bfloat16" else 1e-4)
+        torch.testing.assert_close(weight.float(), factors.reconstruct().float(), atol=0.02, rtol=0.02)

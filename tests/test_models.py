@@ -1,6 +1,7 @@
 """Opening models: what MODEL may be, and what is said when it cannot be opened."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -92,3 +93,25 @@ def test_a_directory_without_tokenizer_files_has_no_tokenizer(tiny, tmp_path, ki
     refused = runner.invoke(app, ["fit", str(path), "--bits", "8", "-o", str(tmp_path / "f.safetensors")])
     assert refused.exit_code == 1 and "has no tokenizer" in refused.stderr and not (tmp_path / "f.safetensors").exists()
     assert runner.invoke(app, ["svd", str(path), "-k", "3", "-o", str(tmp_path / "f.safetensors")]).exit_code == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_roberta_style_model_takes_only_the_positions_after_its_padding_index(tiny, tmp_path, dtype):
+    """RoBERTa numbers positions from padding_idx + 1, so a table of 34 rows takes 33 tokens: a longer line is cut
+    there (perplexity) and the metric's sequences fit (fit), where 34 overflowed the table with a traceback."""
+    from typer.testing import CliRunner
+
+    from embzip.cli import app
+
+    model = tiny("roberta", dtype)
+    assert open_model(model).max_length == 33
+    words = ("the people said it was hot and then the water came over the hill " * 6).split()
+    (tmp_path / "long.txt").write_text(" ".join(words[:60]) + "\n" + " ".join(words[:30]) + "\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["perplexity", model, "--text", str(tmp_path / "long.txt"), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["protocol"]["max_length"] == 33
+    out = tmp_path / "f.safetensors"
+    result = runner.invoke(app, ["fit", model, "--bits", "4", "--output-metric", "4", "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
