@@ -12,10 +12,11 @@ HERE = Path(__file__).parent
 INTRO = {
     "info": "Show a model's token embedding and how much of the model it is.",
     "svd": "The baseline: truncated SVD of the token embedding.",
-    "fit": "The paper's method: a linear autoencoder trained with a direction-first loss.",
+    "fit": "Compress the embedding: codebooks (the default with --bits), data-aware low rank, the int8/int4 "
+           "baselines, or the paper's autoencoder (--method paper).",
     "apply": "Splice a factors file into a model and write a directory that loads and runs.",
     "perplexity": "Zero-shot perplexity of a model, optionally beside its compressed version.",
-    "bench": "Methods and ranks side by side: quality, size and speed.",
+    "bench": "Methods and sizes side by side: quality, bits per weight and speed.",
 }
 
 

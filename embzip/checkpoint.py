@@ -193,15 +193,20 @@ class EmbeddingOnly(OpenedModel):
         self.checkpoint, self.embedding_key, self._tokenizer_size = checkpoint, embedding_key, tokenizer_size
         self.original_weight = self.model.get_input_embeddings().weight  # the mapped tensor, kept through splices
 
+    load_tokenizer = None  # set by open_model: builds the tokenizer (or None) with the command's trust setting
+
     @property
     def tokenizer(self):
         if self._tokenizer is _NOT_LOADED:
-            from transformers import AutoTokenizer
+            if self.load_tokenizer is not None:
+                self._tokenizer = self.load_tokenizer()
+            else:
+                from transformers import AutoTokenizer
 
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-            except (OSError, ValueError, TypeError):
-                self._tokenizer = None
+                try:
+                    self._tokenizer = AutoTokenizer.from_pretrained(self.path)
+                except (OSError, ValueError, TypeError):
+                    self._tokenizer = None
         return self._tokenizer
 
     @tokenizer.setter

@@ -81,6 +81,8 @@ class CodebookConfig:
     focus: float = 0.1  # share of the budget for a last stage over only the rows of largest weighted error (0: none)
     unreachable: bool = False  # also code the rows of tokens the tokenizer never produces (reach.py); by default an
     # untied model's are left out and their bits go to the other rows (a tied head scores every row: kept)
+    vocab_prior: float = 1.0  # with the model's samples (a tied causal LM), the tokenizer's vocabulary prior joins the
+    # counts at this share of the text's total (weights.vocabulary_prior; 0: none)
     centroids: int = 256  # K per piece: 16 (4-bit indices, packed two per byte) or up to 256 (uint8)
     sample: int = 32768  # rows drawn (by weight) to train the centroids
     iterations: int = 8  # Lloyd steps on the sample
@@ -105,6 +107,8 @@ class CodebookConfig:
             bad("iterations", self.iterations, ">= 0")
         if not (isinstance(self.focus, (int, float)) and 0 <= self.focus < 1):
             bad("focus", self.focus, "a share of the budget in [0, 1)")
+        if not (isinstance(self.vocab_prior, (int, float)) and math.isfinite(self.vocab_prior) and self.vocab_prior >= 0):
+            bad("vocab_prior", self.vocab_prior, "a finite share >= 0")
         if self.coarse is not None and (isinstance(self.coarse, bool) or not isinstance(self.coarse, int)
                                         or self.coarse < 0):
             bad("coarse", self.coarse, "None or a whole number >= 0")

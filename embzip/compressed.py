@@ -114,13 +114,13 @@ class Compressed:
                  for name, t in self.tensors().items()}
         return type(self).from_tensors(moved, dict(self.meta))
 
-    def check_finite(self, what: str = "the compressed embedding") -> None:
-        """Refuse NaN or Inf in any float tensor, naming the tensor."""
+    def check_finite(self, what: str = "the compressed embedding",
+                     advice: str = "nothing was written (check the method's options)") -> None:
+        """Refuse NaN or Inf in any float tensor, naming the tensor; `advice` says what follows and what to do."""
         for name, t in self.tensors().items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 bad = (~torch.isfinite(t)).sum().item()
-                raise FactorsError(f"{what} has {bad} NaN or Inf value(s) in tensor {name!r}; "
-                                   "nothing was written (check the method's options)")
+                raise FactorsError(f"{what} has {bad} NaN or Inf value(s) in tensor {name!r}; {advice}")
 
 
 class TensorSet(Compressed):

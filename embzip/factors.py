@@ -213,5 +213,5 @@ def load_factors(path: str | os.PathLike) -> Compressed:
         raise FactorsError(f"{path}: metadata 'kind' is {kind!r}, expected a name")
     factors = kind_class(kind).from_tensors(tensors, meta)
     _check_claims(path, meta, factors)
-    factors.check_finite(str(path))
+    factors.check_finite(str(path), "the file is damaged or was written by another tool; fit the factors again")
     return factors

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .compressed import Compressed
-from .errors import FactorsError
+from .errors import FactorsError, OptionError
 from .factors import Factors
 
 HEADS = ("input", "tied")
@@ -370,9 +370,9 @@ def check_head(model: nn.Module, head: str | None) -> str:
 
     head = head or default_head(model)
     if head not in HEADS:
-        raise FactorsError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        raise OptionError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if head == "tied" and not is_tied(model):
-        raise FactorsError("--head tied needs an output head tied to the embedding, and this model has none; "
+        raise OptionError("--head tied needs an output head tied to the embedding, and this model has none; "
                            "use --head input")
     return head
 

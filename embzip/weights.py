@@ -13,6 +13,7 @@ never produced by the tokenizer and keep the floor weight.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -61,6 +62,36 @@ def row_weights(counts: torch.Tensor, config: WeightConfig | None = None) -> tor
     power = 1.0 if config.power is None else config.power
     w = (counts.double() + config.floor).pow(power)
     return (w / w.mean()).float()
+
+
+_ZIPF_OFFSET = 100.0  # prior of the token ranked r: 1 / (r + this), so the first hundred ranks are not extreme
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def vocabulary_prior(tokenizer, vocab: int) -> torch.Tensor | None:
+    """A prior over the rows (float64, summing to 1) from the order of the tokenizer's own vocabulary, or None.
+
+    A BPE vocabulary lists its tokens in the order its merges were learned, most frequent pair first, on the
+    tokenizer's training text, which for a multilingual model covers its languages (Gemma-3's ids 100000-100009:
+    Reactive, μου, jalanan, หว่าง, matériaux, ...). So the id is a frequency rank, and Zipf's law gives the token of
+    rank r a share 1 / (r + 100). Added tokens (special and placeholder ones) and byte-fallback pieces (<0x41>)
+    get none: they are not ranked by frequency. Other tokenizers (WordPiece, Unigram, slow ones) give None.
+    Joined to the sampled counts of a tied head's codebook (`--vocab-prior`), it gave the rows of tokens neither
+    the weights text nor the model's samples show a weight by how common they are (docs/method.md).
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.model).__name__ != "BPE":
+        return None
+    pieces = backend.get_vocab(with_added_tokens=False)
+    byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    ids = torch.tensor(sorted(i for piece, i in pieces.items() if i < vocab and i not in added
+                              and not (byte_fallback and _BYTE_PIECE.fullmatch(piece))), dtype=torch.long)
+    if len(ids) == 0:
+        return None
+    prior = torch.zeros(vocab, dtype=torch.float64)
+    prior[ids] = 1.0 / (ids.double() + _ZIPF_OFFSET)
+    return prior / prior.sum()
 
 
 def coverage(counts: torch.Tensor) -> dict[str, float]:

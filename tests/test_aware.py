@@ -289,7 +289,8 @@ def test_spread_sample_covers_the_whole_text():
 
 def test_codebook_on_a_tied_head_gets_stages_of_up_to_d_over_2_pieces(tiny, text_file):
     """A tied head multiplies with every stage of pieces, so there a stage may hold d / 2 pieces, elsewhere d / 4;
-    a min_piece_dim the recipe gives is used as is. The details record what was used, the settings what was given."""
+    a min_piece_dim the recipe gives is used as is. The details record what was used, the settings what was given
+    (the budget is the size, not a setting)."""
     from embzip.codebook import CodebookConfig
     from embzip.selfsample import SampleConfig
 
@@ -298,6 +299,7 @@ def test_codebook_on_a_tied_head_gets_stages_of_up_to_d_over_2_pieces(tiny, text
                    codebook=CodebookConfig(min_piece_dim=given))
         factors, details = make_factors(open_model(tiny(kind)), 4.0, r)
         assert details["min_piece_dim"] == used and details["settings"]["codebook"]["min_piece_dim"] == given
+        assert details["size"] == 4.0 and "bits" not in details["settings"]["codebook"]
         assert factors.bits_per_weight() <= 4.0
 
 

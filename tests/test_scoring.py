@@ -299,12 +299,12 @@ def test_dataset_spec_reads_a_local_dataset(tmp_path):
 
 def test_a_tied_head_asked_of_an_untied_model_is_refused_before_any_scoring(tiny, text_file, monkeypatch):
     import embzip.scoring as scoring
-    from embzip.errors import FactorsError
+    from embzip.errors import OptionError
 
     opened = open_model(tiny("llama-untied"))
     factors = svd_factors(opened.embedding.detach(), 3)
     monkeypatch.setattr(scoring, "_causal_jobs", lambda *a, **k: pytest.fail("scored before the head was checked"))
-    with pytest.raises(FactorsError, match="--head tied needs an output head tied to the embedding"):
+    with pytest.raises(OptionError, match="--head tied needs an output head tied to the embedding"):
         perplexity(opened, load_text(text_file), factors=factors, head="tied")
 
 

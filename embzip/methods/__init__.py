@@ -95,8 +95,8 @@ class Recipe:
             out["aware"] = self.aware.settings()
         if self.method == "wsvd":
             out["keep_norms"] = self.aware.keep_norms
-        if self.method == "codebook":
-            out["codebook"] = self.codebook.settings()
+        if self.method == "codebook":  # the budget is the file's `size`, not the config's default bits
+            out["codebook"] = {k: v for k, v in self.codebook.settings().items() if k != "bits"}
         if self.method == "int4":
             out["group"] = self.group
         if self.heal is not None:

@@ -89,10 +89,11 @@ class Inputs:
         return self._cached(("unreachable",), lambda: reach.unreachable_rows(self.opened.tokenizer,
                                                                              self.embedding.shape[0]))
 
-    def weights(self, default_power: float = 1.0) -> torch.Tensor:
+    def weights(self, default_power: float = 1.0, prior_share: float = 0.0) -> torch.Tensor:
         """Row weights (mean 1) from token counts on the weights text, with the recipe's power or, where it gives
-        none, `default_power` (the method's choice for this model and size)."""
-        from ..weights import coverage, row_weights, token_counts
+        none, `default_power` (the method's choice for this model and size). Where the model's samples join the
+        counts, so does the tokenizer's vocabulary prior at `prior_share` of the text's total (where it has one)."""
+        from ..weights import coverage, row_weights, token_counts, vocabulary_prior
 
         if self.opened.tokenizer is None:
             raise ModelError(f"{self.opened.source} has no tokenizer, and method {self.recipe.name} needs one to "
@@ -105,7 +106,10 @@ class Inputs:
         if sampled is not None:
             from ..selfsample import combine_counts
 
-            counts = combine_counts(counts, sampled[0])
+            prior = self._cached(("prior",), lambda: vocabulary_prior(self.opened.tokenizer, self.opened.vocab_size)) \
+                if prior_share > 0 else None
+            self.details["vocab_prior"] = prior_share if prior is not None else 0.0
+            counts = combine_counts(counts, sampled[0], prior, prior_share)
         config = self.recipe.weights
         if config.power is None:
             config = replace(config, power=default_power)

@@ -35,12 +35,25 @@ def check_bits(bits, vocab, hidden, dtype, recipe):
 def make(inputs, bits, recipe):
     vocab, hidden = inputs.embedding.shape
     config = fitting_config(bits, vocab, hidden, recipe, inputs.opened.tied)
-    weights = inputs.weights(config.weight_power(inputs.opened.tied))
+    weights = inputs.weights(config.weight_power(inputs.opened.tied), prior_share=config.vocab_prior)
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
     absent = left_out(inputs, config)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress, absent=absent)
-    return Codebook(tensors), {"unreachable_rows": len(absent), "min_piece_dim": config.min_piece_dim}
+    return Codebook(tensors), {"unreachable_rows": len(absent), "min_piece_dim": config.min_piece_dim,
+                               "coarse_stages": _coarse_in(tensors), "vocab_prior": inputs.details.get("vocab_prior", 0.0)}
+
+
+def _coarse_in(tensors: dict[str, torch.Tensor]) -> int:
+    """The coarse stages a fit made: its first stages of one full-width piece."""
+    from ..codebook import _stages
+
+    count = 0
+    for _, _, sizes, rows in _stages(tensors):
+        if len(sizes) != 1 or rows is not None:
+            break
+        count += 1
+    return count
 
 
 def left_out(inputs, config: CodebookConfig) -> torch.Tensor:
@@ -57,4 +70,4 @@ METHOD = register(Method(
     "codebook", "codebook", BITS, "indices into learned codebooks, token-weighted, in the tied head's metric",
     make, uses_text=True, needs_forward=True, default_bits=2.0, check_bits=check_bits,
     options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus",
-             "code_unreachable", "min_piece_dim")))
+             "vocab_prior", "code_unreachable", "min_piece_dim")))
