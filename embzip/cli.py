@@ -144,8 +144,9 @@ TextOpt = Annotated[Optional[Path], typer.Option(
     "--text", help="A UTF-8 text file to score, one paragraph or sentence per line.", show_default=False)]
 DatasetOpt = Annotated[Optional[str], typer.Option(
     "--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]], e.g. wikitext:wikitext-2-raw-v1:test (split "
-                      "default test; a local folder of text files: DIR::train). Without --text or --dataset: a public-domain English sample shipped with "
-                      "embzip (Alice in Wonderland, ch. I-IV).", show_default=False)]
+                      "default test; a local folder of text files: DIR::train). Without --text or --dataset: a "
+                      "public-domain English sample shipped with embzip (Alice in Wonderland, ch. I-IV).",
+    show_default=False)]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
 SeedOpt = Annotated[int, typer.Option(help="Seed of the scoring: which tokens a masked LM's perplexity masks (causal "
                                            "LMs and encoders draw nothing). The same seed gives the same result on "
@@ -318,9 +319,9 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         self_tokens: Annotated[int, _opt("aware, codebook on a causal LM: tokens the model samples from its start "
                                          "token, whose predicted token distributions and hidden states join the "
                                          "weights text's (a multilingual model writes many languages; the bundled "
-                                         "text is English). 0: the text alone. On Gemma-3-270M the default takes 1.5 "
-                                         "to 2.5 minutes on 2 CPU cores, once: later fits of the same model and settings "
-                                         "read it from the cache ($EMBZIP_CACHE/samples).", DATA)] = SELF_TOKENS,
+                                         "text is English). 0: the text alone. On Gemma-3-270M the default takes "
+                                         "1.5 to 2.5 minutes on 2 CPU cores, once: later fits of the same model and "
+                                         "settings read it from the cache ($EMBZIP_CACHE/samples).", DATA)] = SELF_TOKENS,
         sample_languages: Annotated[float, _opt("aware, codebook on a causal LM: share of the sampled sequences "
                                                 "that start from an opening in one of 32 other languages, so a "
                                                 "model whose own samples are mostly English also writes those. It "

@@ -107,7 +107,8 @@ class CodebookConfig:
             bad("iterations", self.iterations, ">= 0")
         if not (isinstance(self.focus, (int, float)) and 0 <= self.focus < 1):
             bad("focus", self.focus, "a share of the budget in [0, 1)")
-        if not (isinstance(self.vocab_prior, (int, float)) and math.isfinite(self.vocab_prior) and self.vocab_prior >= 0):
+        if not (isinstance(self.vocab_prior, (int, float)) and math.isfinite(self.vocab_prior)
+                and self.vocab_prior >= 0):
             bad("vocab_prior", self.vocab_prior, "a finite share >= 0")
         if self.coarse is not None and (isinstance(self.coarse, bool) or not isinstance(self.coarse, int)
                                         or self.coarse < 0):

@@ -41,7 +41,8 @@ def make(inputs, bits, recipe):
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress, absent=absent)
     return Codebook(tensors), {"unreachable_rows": len(absent), "min_piece_dim": config.min_piece_dim,
-                               "coarse_stages": _coarse_in(tensors), "vocab_prior": inputs.details.get("vocab_prior", 0.0)}
+                               "coarse_stages": _coarse_in(tensors),
+                               "vocab_prior": inputs.details.get("vocab_prior", 0.0)}  # 0 where none joined
 
 
 def _coarse_in(tensors: dict[str, torch.Tensor]) -> int:
