@@ -188,25 +188,20 @@ class EmbeddingOnly(OpenedModel):
     pass can run. The tokenizer loads on first use. `checkpoint` gives access to every other tensor.
     """
 
-    def __init__(self, *args, checkpoint: Checkpoint, embedding_key: str, tokenizer_size: int | None, **kwargs):
+    def __init__(self, *args, checkpoint: Checkpoint, embedding_key: str, tokenizer_size: int | None,
+                 trust_remote_code: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.checkpoint, self.embedding_key, self._tokenizer_size = checkpoint, embedding_key, tokenizer_size
+        self.trust_remote_code = trust_remote_code  # the command's setting, for the tokenizer built on first use
         self.original_weight = self.model.get_input_embeddings().weight  # the mapped tensor, kept through splices
-
-    load_tokenizer = None  # set by open_model: builds the tokenizer (or None) with the command's trust setting
 
     @property
     def tokenizer(self):
+        """Built on first use, as open_model builds one (Gemma's costs about 0.5 GB; svd and apply never use it)."""
         if self._tokenizer is _NOT_LOADED:
-            if self.load_tokenizer is not None:
-                self._tokenizer = self.load_tokenizer()
-            else:
-                from transformers import AutoTokenizer
+            from .models import _tokenizer
 
-                try:
-                    self._tokenizer = AutoTokenizer.from_pretrained(self.path)
-                except (OSError, ValueError, TypeError):
-                    self._tokenizer = None
+            self._tokenizer = _tokenizer(self.source, self.path, self.revision, self.trust_remote_code)
         return self._tokenizer
 
     @tokenizer.setter
@@ -260,7 +255,8 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
         model.get_output_embeddings().weight = weight
     revision = revision or getattr(config, "_commit_hash", None)
     return EmbeddingOnly(model, _NOT_LOADED, source, str(local), kind, tied, f"{emb_name}.weight", revision,
-                         checkpoint=checkpoint, embedding_key=key, tokenizer_size=_tokenizer_size(local))
+                         checkpoint=checkpoint, embedding_key=key, tokenizer_size=_tokenizer_size(local),
+                         trust_remote_code=trust_remote_code)
 
 
 def available_memory(device: str) -> dict[Any, int]:

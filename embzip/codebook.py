@@ -645,6 +645,16 @@ def row_pieces(tensors: dict[str, torch.Tensor]) -> float:
     return total
 
 
+def coarse_stages(tensors: dict[str, torch.Tensor]) -> int:
+    """The coarse stages a fit made: its first stages of one full-width piece for every row."""
+    count = 0
+    for _, _, sizes, rows in _stages(tensors):
+        if len(sizes) != 1 or rows is not None:
+            break
+        count += 1
+    return count
+
+
 def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor | None:
     """hidden @ decode_rows(tensors)^T without decoding a row, or None where stage_logits is cheaper.
 

@@ -369,9 +369,7 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
                                     trust_remote_code=trust_remote_code)
         except errors as exc:
             raise _load_error(source, exc) from None
-        if opened is not None:
-            # built on first use (Gemma's costs about 0.5 GB, and svd and apply never use it: docs/scale.md)
-            opened.load_tokenizer = lambda: _tokenizer(source, path, revision, trust_remote_code)
+        if opened is not None:  # its tokenizer is built on first use (EmbeddingOnly.tokenizer)
             return opened
     kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
     if dtype is not None:

@@ -70,7 +70,7 @@ def _from_dataset(spec: str) -> Text:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; one line says what and how to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        splits = _split_names(datasets, name, config)
+        splits = _split_names(datasets, name, config) if folder.is_dir() else []  # a hub name: no second request
         if splits and split not in splits:
             raise DataError(f"dataset {name} has no split {split!r} (the default); it has {', '.join(splits)}: "
                             f"name it, e.g. --dataset {name}:{config or ''}:{splits[0]}") from None

@@ -4,7 +4,7 @@ from dataclasses import replace
 
 import torch
 
-from ..codebook import Codebook, CodebookConfig, fit_codebook, plan
+from ..codebook import Codebook, CodebookConfig, coarse_stages, fit_codebook, plan
 from ..errors import RankError
 from .base import BITS, Method, register
 
@@ -41,20 +41,8 @@ def make(inputs, bits, recipe):
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress, absent=absent)
     return Codebook(tensors), {"unreachable_rows": len(absent), "min_piece_dim": config.min_piece_dim,
-                               "coarse_stages": _coarse_in(tensors),
+                               "coarse_stages": coarse_stages(tensors),
                                "vocab_prior": inputs.details.get("vocab_prior", 0.0)}  # 0 where none joined
-
-
-def _coarse_in(tensors: dict[str, torch.Tensor]) -> int:
-    """The coarse stages a fit made: its first stages of one full-width piece."""
-    from ..codebook import _stages
-
-    count = 0
-    for _, _, sizes, rows in _stages(tensors):
-        if len(sizes) != 1 or rows is not None:
-            break
-        count += 1
-    return count
 
 
 def left_out(inputs, config: CodebookConfig) -> torch.Tensor:
