@@ -335,17 +335,24 @@ def columns(report: dict[str, Any]) -> list[str]:
 
 
 def write_outputs(report: dict[str, Any], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(jsonout.dumps(report, indent=2) + "\n")
-    cols = columns(report)
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(report["rows"])
+    """bench.json, bench.csv and bench.png in `out`, put in place together (outputs.write_files)."""
+    from .outputs import write_files
+
+    def write_csv(path: Path) -> None:
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns(report), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(report["rows"])
+
     try:
-        plot(report, out / "bench.png")
+        import matplotlib  # noqa: F401
+
+        write_png = lambda path: plot(report, path)  # noqa: E731
     except ImportError:
         log.warning("matplotlib is not installed: no plot (pip install 'embzip[plot]')")
+        write_png = None  # and an older run's plot is removed with the rest replaced
+    write_files(out, {"bench.json": lambda path: path.write_text(jsonout.dumps(report, indent=2) + "\n"),
+                      "bench.csv": write_csv, "bench.png": write_png})
 
 
 def quality_key(report: dict[str, Any]) -> tuple[str, str]:
@@ -385,5 +392,5 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, format="png")
     plt.close(fig)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -127,8 +128,15 @@ BitsOpt = Annotated[Optional[float], typer.Option(
     "--bits", "-b", help="Size budget in bits per weight of the V x d embedding, everything stored counted "
                          "(16 = the bf16 matrix). Low-rank methods take the largest rank that fits.",
     show_default=False)]
+def _file_path(value: str) -> Path:
+    """--out for a file: a trailing slash names a folder (pathlib would drop it and write a file of that name)."""
+    if value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{value} names a folder; give a file name such as {value}factors.safetensors")
+    return Path(value)
+
+
 OutFileOpt = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", help="Factors file to write (default: MODEL.METHOD-SIZE.safetensors in the current directory, such as "
+    "--out", "-o", parser=_file_path, metavar="<path>", help="Factors file to write (default: MODEL.METHOD-SIZE.safetensors in the current directory, such as "
                         "gemma-3-270m.svd-r256.safetensors, gemma-3-270m.codebook-2b.safetensors or "
                         "gemma-3-270m.int4.safetensors).", show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
@@ -190,14 +198,25 @@ def _setup_logging(quiet: bool) -> None:
             sys.modules["datasets"].disable_progress_bars()
 
 
+def _what_was_written() -> str:
+    """For a signal's message: what the command had already put in place (a signal can arrive just after)."""
+    from .outputs import written
+
+    done = written()
+    if len(done) > 2:  # bench's factor files
+        return f"after writing {len(done)} files, the last {done[-1]}"
+    return f"after writing {' and '.join(done)}" if done else "nothing was written"
+
+
 def command(fn):
     """Register a command that turns EmbzipError and Ctrl-C into a one-line message and an exit code."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .outputs import sigterm_as_interrupt
+        from .outputs import forget_written, sigterm_as_interrupt
 
         _setup_logging(kwargs.get("quiet", False))
+        forget_written()
         with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
             try:
                 return fn(*args, **kwargs)
@@ -205,10 +224,10 @@ def command(fn):
                 _error_line("error", str(exc))
                 raise typer.Exit(exc.exit_code) from None
             except Terminated:
-                _error_line("terminated", "nothing was written")
+                _error_line("terminated", _what_was_written())
                 raise typer.Exit(Terminated.exit_code) from None
             except KeyboardInterrupt:
-                _error_line("interrupted", "nothing was written")
+                _error_line("interrupted", _what_was_written())
                 raise typer.Exit(130) from None
 
     return app.command()(wrapper)

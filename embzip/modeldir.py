@@ -52,10 +52,32 @@ def param_stats(model: torch.nn.Module) -> dict[str, int]:
 
 
 def _weights_bytes(directory: str | Path) -> int | None:
+    """The bytes of the weights files a model loads from `directory`: its safetensors checkpoint (one file or an
+    index's shards), else its PyTorch .bin file(s); not other files beside them (a .bin copy next to the
+    safetensors in a hub snapshot, a factors file)."""
+    from .checkpoint import find_checkpoint
+    from .errors import ModelError
+
     directory = Path(directory)
     if not directory.is_dir():
         return None
-    return sum(f.stat().st_size for f in directory.iterdir() if f.suffix in (".safetensors", ".bin"))
+    try:
+        checkpoint = find_checkpoint(directory)
+    except ModelError:
+        checkpoint = None
+    if checkpoint is not None:
+        files = set(checkpoint.weight_map.values())
+    elif (directory / "pytorch_model.bin.index.json").is_file():
+        try:
+            files = set(json.loads((directory / "pytorch_model.bin.index.json").read_text())["weight_map"].values())
+        except (ValueError, KeyError):
+            return None
+    else:
+        files = {f.name for f in directory.glob("*.bin")}
+    try:
+        return sum((directory / f).stat().st_size for f in files) if files else None
+    except OSError:
+        return None
 
 
 def _probe_ids(model: torch.nn.Module) -> torch.Tensor:

@@ -7,6 +7,7 @@ is: a masked LM, a causal LM, or an encoder without an LM head.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -44,10 +45,12 @@ class OpenedModel:
 
     @property
     def embedding(self):
+        from .splice import REBUILT
+
         module = self.model.get_input_embeddings()
-        if not hasattr(module, "weight"):
-            raise ModelError(f"{self.source} is already compressed (its embedding is factored); "
-                             "compress the original model instead")
+        if not hasattr(module, "weight") or getattr(module, REBUILT, False):
+            raise ModelError(f"{self.source} is already compressed (its embedding is factored, or rebuilt from "
+                             "factors by apply_factors(dense=True)); compress the original model instead")
         return module.weight
 
     @property
@@ -185,25 +188,36 @@ def gguf_to_directory(gguf_path: str) -> str:
     key = hashlib.sha256(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        log.info("using converted GGUF model cached in %s", target)
-        return str(target)
+        if all(_complete_safetensors(f) for f in target.glob("*.safetensors")):
+            log.info("using converted GGUF model cached in %s", target)
+            return str(target)
+        log.warning("the converted model cached in %s is damaged; converting %s again", target, gguf.name)
+        import shutil
+
+        shutil.rmtree(target, ignore_errors=True)
     for need in ("gguf", "accelerate"):
         if importlib.util.find_spec(need) is None:
             raise ModelError(f"loading {gguf.name} needs the '{need}' package: pip install 'embzip[demo]'")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a transformers directory (once; about a minute)", gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _gguf_bar_quiet_with_embzip():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The weights are de-quantized to float32 on load; what is saved is a plain float32 model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     import shutil
-    import tempfile
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    from .outputs import partial_dir
+
+    unwritable = f"could not cache the converted {gguf.name} in {target.parent} (set EMBZIP_CACHE to a writable folder)"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(f"{unwritable}: {exc.strerror or exc}") from None
+    tmp = partial_dir(target)  # removes what killed conversions left
     try:  # each conversion writes its own directory; the first to finish renames it into place
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -214,9 +228,46 @@ def gguf_to_directory(gguf_path: str) -> str:
             if not (target / "config.json").is_file():
                 raise
             log.info("another run cached %s meanwhile; using it", target)
+    except OSError as exc:
+        raise ModelError(f"{unwritable}: {exc.strerror or exc}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+@contextlib.contextmanager
+def _gguf_bar_quiet_with_embzip():
+    """transformers converts GGUF tensors under a plain tqdm bar, which neither its own `disable_progress_bar()`
+    nor the hub's setting reaches: while converting, that bar is off where embzip's log is quiet (`--quiet` sets
+    the "embzip" logger to warnings only)."""
+    import functools
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # the module moved: its bar stays as it is
+        yield
+        return
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None or log.level < logging.WARNING:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def _complete_safetensors(path: Path) -> bool:
+    """Whether a safetensors file's header reads and its file holds every tensor's bytes (not cut short)."""
+    from .checkpoint import read_header
+
+    try:
+        start, header = read_header(path)
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size >= start + end
+    except (ModelError, OSError, KeyError, TypeError, IndexError):
+        return False
 
 
 def kind_of(architectures: list[str]) -> str:

@@ -10,8 +10,11 @@
   a user's data: exactly one of them succeeds.
 - Temporary names carry the writer's process id; `remove_stale` deletes those of dead processes.
 - Files get the modes a plain open() would give under the umask (safetensors writes 0600).
+- `write_files` writes several files into one folder and renames them into place together, so a
+  folder never holds some files of one run beside others of another.
 - `sigterm_as_interrupt` turns SIGTERM into `Terminated`, a KeyboardInterrupt, so the cleanup that
-  runs on Ctrl-C runs on SIGTERM too.
+  runs on Ctrl-C runs on SIGTERM too. `written` lists what was put in place since `forget_written`,
+  so a signal that arrives after that can be reported truthfully.
 """
 
 from __future__ import annotations
@@ -32,6 +35,16 @@ from .errors import OutputError, Terminated
 # Room kept in a file name for the temporary names built from it (".NAME.partial-PID-HEX").
 _NAME_SLACK = 32
 _received_sigterm = False
+_written: list[str] = []  # outputs put in place since forget_written()
+
+
+def written() -> list[str]:
+    """The outputs put in place (renamed to their final names) since `forget_written`."""
+    return list(_written)
+
+
+def forget_written() -> None:
+    _written.clear()
 
 
 def _token() -> str:
@@ -91,7 +104,7 @@ def check_output_file(path: str | os.PathLike, force: bool, *,
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)  # first: stat() fails on a name too long
     remove_stale(path)
-    if path.is_dir():
+    if path.is_dir() or str(given).endswith(("/", os.sep)):  # "new/" names a folder, even one not made yet
         raise OutputError(f"output {given} is a directory; give a file name such as {path / 'factors.safetensors'}")
     exists = path.exists() or path.is_symlink()
     _check_inputs(given, path.resolve(), inputs, inside=exists)  # a new file beside the model's own is fine
@@ -217,6 +230,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, rep
             os.replace(tmp, path)
         else:
             _rename_new(tmp, path)
+        _written.append(str(path))
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from None
     finally:
@@ -279,6 +293,7 @@ def swap_into_place(tmp: Path, out: Path, seen: tuple | None) -> None:
         except OSError:
             raise OutputError(f"{out} appeared while embzip was writing it; it was left as it is and nothing was "
                               "written") from None
+        _written.append(str(out))
         return
     aside = out.with_name(f".{out.name}.old-{_token()}")
     with _signals_held():  # no Ctrl-C or SIGTERM between the two renames
@@ -295,10 +310,35 @@ def swap_into_place(tmp: Path, out: Path, seen: tuple | None) -> None:
         except OSError:
             _put_back(aside, out)
             raise OutputError(f"{out} appeared while embzip was writing it; it was left as it is") from None
+        _written.append(str(out))
     if aside.is_symlink():
         aside.unlink()
     else:
         shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_files(folder: Path, writers: dict[str, Callable[[Path], object] | None]) -> None:
+    """Write each file of `writers` ({name: write(tmp_path), or None for a file this run has none of}) into
+    `folder` under a temporary name, then, with signals held, rename them all into place and remove the old
+    files named None: the folder then holds one run's files, or (after an error or a signal before the
+    renames) the previous run's, never a mix. A temporary file is removed on any failure."""
+    folder.mkdir(parents=True, exist_ok=True)
+    token = _token()
+    temporary = {name: folder / f".{name}.{token}.tmp" for name, write in writers.items() if write is not None}
+    try:
+        for name, tmp in temporary.items():
+            writers[name](tmp)
+            set_modes(tmp)
+        with _signals_held():
+            for name in writers:
+                if name in temporary:
+                    os.replace(temporary[name], folder / name)
+                else:
+                    (folder / name).unlink(missing_ok=True)
+            _written.extend(str(folder / name) for name in temporary)
+    finally:
+        for tmp in temporary.values():
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager

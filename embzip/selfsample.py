@@ -204,9 +204,11 @@ def cached_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     if path.is_file():
         try:
             stored = load_file(path)
+            counts, moment = stored["counts"], stored["moment"]
+            _check_stored(counts, moment, model)
             log.info("the model's samples read from %s", path)
-            return stored["counts"], stored["moment"]
-        except (SafetensorError, OSError, KeyError) as exc:
+            return counts, moment
+        except (SafetensorError, OSError, KeyError, ValueError) as exc:
             log.warning("sampling again: could not read %s (%s)", path, exc)
     out = sample_statistics(model, tokenizer, config, progress=progress)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -215,10 +217,22 @@ def cached_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
         save_file({"counts": out[0].contiguous(), "moment": out[1].contiguous()}, temporary)
         os.replace(temporary, path)
     except OSError as exc:
-        with contextlib.suppress(OSError):  # a half-written file, where there is a folder to hold one
-            temporary.unlink(missing_ok=True)
         log.warning("the model's samples were not cached in %s: %s", path.parent, exc)
+    finally:  # a half-written file (an error, or a signal), where there is a folder to hold one
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
     return out
+
+
+def _check_stored(counts: torch.Tensor, moment: torch.Tensor, model) -> None:
+    """Raise ValueError unless a cached sample has the shapes `model` gives and finite, non-negative counts."""
+    vocab = model.get_input_embeddings().num_embeddings
+    hidden = model.get_output_embeddings().in_features
+    if counts.shape != (vocab,) or moment.shape != (hidden, hidden):
+        raise ValueError(f"counts {tuple(counts.shape)} and moment {tuple(moment.shape)}, "
+                         f"where this model gives ({vocab},) and ({hidden}, {hidden})")
+    if not (torch.isfinite(counts).all() and torch.isfinite(moment).all() and (counts >= 0).all()):
+        raise ValueError("values that are not finite, or negative counts")
 
 
 def combine_counts(text_counts: torch.Tensor, sampled: torch.Tensor, prior: torch.Tensor | None = None,

@@ -6,7 +6,19 @@ optional per-row norms (V). The ratio is always computed from what is really sto
 
 from __future__ import annotations
 
+from numbers import Integral
+
 from .errors import RankError
+
+
+def _shape(vocab: int, hidden: int) -> None:
+    if not all(isinstance(n, Integral) and not isinstance(n, bool) and n > 0 for n in (vocab, hidden)):
+        raise RankError(f"a matrix's vocab and hidden sizes must be positive integers, got {vocab!r} and {hidden!r}")
+
+
+def _rank(rank: int) -> None:
+    if not (isinstance(rank, Integral) and not isinstance(rank, bool) and rank >= 1):
+        raise RankError(f"rank must be a positive integer, got {rank!r}")
 
 
 def factored_params(vocab: int, hidden: int, rank: int, *, bias: bool = False, norms: bool = False) -> int:
@@ -16,11 +28,14 @@ def factored_params(vocab: int, hidden: int, rank: int, *, bias: bool = False, n
 
 def compression_ratio(vocab: int, hidden: int, rank: int, *, bias: bool = False, norms: bool = False) -> float:
     """V*d divided by the parameters of the factors."""
+    _shape(vocab, hidden)
+    _rank(rank)
     return vocab * hidden / factored_params(vocab, hidden, rank, bias=bias, norms=norms)
 
 
 def max_useful_rank(vocab: int, hidden: int, *, bias: bool = False, norms: bool = False) -> int:
     """The largest rank whose factors are strictly smaller than the dense matrix (0 if none)."""
+    _shape(vocab, hidden)
     extra = (hidden if bias else 0) + (vocab if norms else 0)
     # V*k + k*d + extra < V*d  <=>  k < (V*d - extra) / (V + d)
     bound = (vocab * hidden - extra) / (vocab + hidden)
@@ -32,9 +47,8 @@ def max_useful_rank(vocab: int, hidden: int, *, bias: bool = False, norms: bool 
 
 def check_rank(rank: int, vocab: int, hidden: int, *, bias: bool = False, norms: bool = False) -> int:
     """Return `rank` if it compresses a `vocab` x `hidden` matrix, else raise RankError."""
+    _rank(rank)
     largest = max_useful_rank(vocab, hidden, bias=bias, norms=norms)
-    if rank < 1:
-        raise RankError(f"rank must be a positive integer, got {rank}")
     if rank > largest:
         raise RankError(
             f"rank {rank} saves nothing for a {vocab} x {hidden} embedding "

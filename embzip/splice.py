@@ -319,10 +319,18 @@ def default_head(model: nn.Module) -> str:
     return "tied" if is_tied(model) else "input"
 
 
+REBUILT = "embzip_rebuilt"  # set on an embedding module whose matrix densify() replaced by the factors' rebuilt one
+
+
+def is_compressed(embedding: nn.Module) -> bool:
+    """Whether the module is a compressed embedding, or a plain one densify() filled with a rebuilt matrix."""
+    return isinstance(embedding, EMBEDDINGS) or getattr(embedding, REBUILT, False)
+
+
 def check_fits(model: nn.Module, factors: Compressed) -> None:
     """Refuse factors whose shape is not the model's embedding shape, naming both."""
     emb = model.get_input_embeddings()
-    if isinstance(emb, EMBEDDINGS):
+    if is_compressed(emb):
         raise FactorsError("this model's embedding is already compressed; splice into the original model instead")
     shape = tuple(emb.weight.shape)
     if factors.shape != shape:
@@ -448,3 +456,4 @@ def densify(model: nn.Module, factors: Compressed, head: str | None = None) -> N
             model.config.get_text_config().tie_word_embeddings = False
     with torch.no_grad():
         emb.weight.copy_(factors.reconstruct().to(emb.weight.dtype))
+    setattr(emb, REBUILT, True)

@@ -237,11 +237,13 @@ def densify_skeleton(model: torch.nn.Module, factors, head: str) -> None:
     """densify() for a meta-device skeleton: the rebuilt matrix becomes the embedding's new weight (the
     mapped original is never written to); with head 'input' on a tied model the head keeps the original."""
     from .models import is_tied
+    from .splice import REBUILT
 
     emb = model.get_input_embeddings()
     tied = is_tied(model)
     weight = torch.nn.Parameter(rebuilt(factors, emb.weight.dtype), requires_grad=False)
     emb.weight = weight
+    setattr(emb, REBUILT, True)  # no longer the original: compressing or scoring it as such is refused
     if tied and head == "tied":
         model.get_output_embeddings().weight = weight
     elif tied:

@@ -77,6 +77,21 @@ def test_input_head_keeps_the_original_output_matrix(tiny, tmp_path):
     assert torch.equal(load_model(tmp_path / "out").lm_head.weight, original)
 
 
+def test_the_weights_size_before_counts_only_the_files_the_model_loads(tiny, tmp_path):
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny("llama"), source)
+    weights = (source / "model.safetensors").stat().st_size
+    (source / "pytorch_model.bin").write_bytes(bytes(1000))  # a hub snapshot often holds both formats
+    (source / "factors.safetensors").write_bytes(bytes(500))  # a factors file written beside the model
+    opened = open_model(str(source))
+    factors = svd_factors(opened.embedding.detach(), 3).to(dtype=torch.float16)
+    summary = apply_factors(opened, factors, tmp_path / "out")
+    assert summary["weights_file_bytes_before"] == weights
+    assert summary["weights_file_bytes_after"] == (tmp_path / "out" / "embzip.safetensors").stat().st_size
+
+
 def test_dense_export_loads_with_plain_transformers(tiny, tmp_path):
     opened, factors = make(tiny, "bert-mlm")
     with spliced(opened.model, factors, "tied"):
@@ -85,6 +100,26 @@ def test_dense_export_loads_with_plain_transformers(tiny, tmp_path):
     plain = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "dense")
     assert torch.allclose(logits(plain), factored, atol=1e-4)
     assert torch.allclose(plain.get_input_embeddings().weight, factors.reconstruct(), atol=1e-6)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_model_whose_matrix_apply_rebuilt_is_not_taken_for_the_original(tiny, tmp_path, streamed):
+    # dense apply writes the rebuilt matrix into the model in memory: scoring or compressing it again as the
+    # original gave a ratio of exactly 1 and factors of factors
+    from embzip.errors import FactorsError, ModelError
+    from embzip.pipeline import compress
+    from embzip.scoring import perplexity
+    from embzip.texts import load_text
+
+    opened, factors = make(tiny, "llama")
+    if streamed:
+        opened = open_model(tiny("llama"), load="embedding")  # as the CLI reads it: the embedding alone
+    apply_factors(opened, factors, tmp_path / "dense", dense=True)
+    with pytest.raises(ModelError, match="already compressed"):
+        compress(opened, "svd", rank=2, write=False)
+    if not streamed:
+        with pytest.raises(FactorsError, match="already compressed"):
+            perplexity(opened, load_text(None), factors=factors, max_tokens=16)
 
 
 def test_gradients_reach_codes_and_decoder(tiny, tmp_path):

@@ -107,6 +107,33 @@ def test_ctrl_c_keeps_finished_rows(tiny, text_file, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "bench.json").read_text())["rows"] == report["rows"]
 
 
+def test_a_signal_while_bench_writes_its_results_leaves_the_previous_run_whole(tiny, text_file, tmp_path,
+                                                                               monkeypatch):
+    import os
+
+    import embzip.benchmark as benchmark
+
+    args = ["bench", tiny("gpt2"), "--methods", "svd", "--out", str(tmp_path), "--text", text_file,
+            "--max-tokens", "100", "--json", "-q"]
+    assert runner.invoke(app, [*args, "--ranks", "2"]).exit_code == 0
+    before = {name: (tmp_path / name).read_bytes() for name in ("bench.json", "bench.csv", "bench.png")}
+
+    def interrupted_plot(report, path):  # the slowest of the three files: where a Ctrl-C lands
+        path.write_bytes(b"half a plot")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmark, "plot", interrupted_plot)
+    result = runner.invoke(app, [*args, "--ranks", "2,4"])
+    assert result.exit_code == 130 and "interrupted: after writing" in result.stderr  # the new row's factors
+    assert "bench." not in result.stderr
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before  # not the new json beside the old plot
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert runner.invoke(app, [*args, "--ranks", "2,4"]).exit_code == 0  # all three replaced together
+    assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 3
+    assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "bench.png").read_bytes() != before["bench.png"]
+
+
 def test_every_kind_side_by_side_with_bits_per_weight(tiny, text_file, tmp_path):
     result = runner.invoke(app, ["bench", tiny("llama"), "--ranks", "4", "--bits", "12",
                                  "--methods", "svd,int8,int4,codebook", "--weights-text", text_file,

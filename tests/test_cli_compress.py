@@ -91,6 +91,7 @@ BAD = [
     (["svd", "{model}", "--rank", "2", "--out", "{existing}"], 1, "already exists"),
     (["svd", "{model}", "--rank", "2", "--out", "{tmp}/missing-dir/f.safetensors"], 1, "does not exist"),
     (["svd", "{model}", "--rank", "2", "--out", "{tmp}"], 1, "is a directory"),
+    (["svd", "{model}", "--rank", "2", "--out", "{tmp}/new-folder/"], 2, "names a folder"),  # not a file "new-folder"
     (["svd", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf in 1 row"),
     (["fit", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf"),
     (["fit", "{model}", "--rank", "2", "--method", "magic", "--out", "{out}"], 2, "magic"),
@@ -137,6 +138,20 @@ def test_ctrl_c_during_fit_writes_nothing(tiny, tmp_path, monkeypatch):
     result = run("fit", tiny("gpt2"), "--rank", 2, "--out", tmp_path / "f.safetensors", *FAST_FIT)
     assert result.exit_code == 130 and "nothing was written" in result.stderr
     assert calls["n"] == 5 and os.listdir(tmp_path) == []
+
+
+def test_a_signal_after_the_output_is_in_place_says_what_was_written(tiny, tmp_path, monkeypatch):
+    import embzip.cli as cli
+
+    def interrupt(*args, **kwargs):  # the signal arrives while the summary is printed, after the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_emit", interrupt)
+    out = tmp_path / "f.safetensors"
+    result = run("svd", tiny("gpt2"), "--rank", 2, "--out", out)
+    assert result.exit_code == 130 and load_factors(out).rank == 2
+    assert f"interrupted: after writing {out}" in " ".join(result.stderr.split())
+    assert "nothing was written" not in result.stderr
 
 
 def test_force_overwrites(tiny, tmp_path):
@@ -196,3 +211,4 @@ def test_quiet_quiets_the_hubs_own_log_lines():
             "print(logging.getLogger('huggingface_hub.utils._http').getEffectiveLevel())")
     level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(level) >= 40  # logging.ERROR
+

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 from embzip.cli import Method, app
 from embzip.errors import RankError
 from embzip.factors import load_factors
-from embzip.methods import REGISTRY, recipe, resolve_size
+from embzip.heal import HealConfig
+from embzip.methods import REGISTRY, Recipe, recipe, resolve_size
 
 runner = CliRunner()
 
@@ -228,3 +229,13 @@ def test_a_whole_number_of_bits_is_a_budget_not_a_rank(tiny, text_file, tmp_path
     assert isinstance(size, float) and size == 12.0
     factors, summary = embzip.compress(opened, recipe("codebook", weights_text=text_file), bits=12)
     assert summary["out"].endswith(".codebook-12b.safetensors") and factors.meta["size"] == 12.0
+
+
+@pytest.mark.parametrize("build", [lambda: Recipe(method="bogus"), lambda: recipe("svd+magic"),
+                                   lambda: Recipe(method="int8", heal=HealConfig())])
+def test_a_bad_recipe_is_an_option_error(build):
+    from embzip.errors import EmbzipError, OptionError
+
+    with pytest.raises(OptionError) as caught:  # an EmbzipError (exit 2 from the CLI), still a ValueError
+        build()
+    assert isinstance(caught.value, EmbzipError) and isinstance(caught.value, ValueError)

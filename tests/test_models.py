@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,79 @@ def test_a_roberta_style_model_takes_only_the_positions_after_its_padding_index(
     result = runner.invoke(app, ["fit", model, "--bits", "4", "--output-metric", "4", "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
     assert out.is_file()
+
+
+def _fake_gguf(tmp_path, tiny, monkeypatch):
+    """A .gguf file and a converter that loads the tiny llama instead (the gguf package is not a test dependency):
+    what is checked here is how embzip caches the conversion."""
+    import importlib.util
+
+    import transformers
+
+    import embzip.models as models
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(64))
+    real_find = importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: object() if name == "gguf" else
+                        real_find(name, *a))
+    conversions = []
+
+    def convert(cls, *args, **kwargs):
+        conversions.append(1)
+        return cls.__wrapped_from_pretrained__(tiny("llama"))
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "__wrapped_from_pretrained__", cls.from_pretrained, raising=False)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(convert))
+    return gguf, conversions
+
+
+def test_a_damaged_gguf_conversion_in_the_cache_is_converted_again(tiny, tmp_path, monkeypatch, caplog):
+    from embzip.models import gguf_to_directory
+
+    gguf, conversions = _fake_gguf(tmp_path, tiny, monkeypatch)
+    target = Path(gguf_to_directory(str(gguf)))
+    assert gguf_to_directory(str(gguf)) == str(target) and len(conversions) == 2  # model and tokenizer, once
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # cut short, as a full disk or a killed copy leaves it
+    with caplog.at_level("WARNING", logger="embzip"):
+        assert gguf_to_directory(str(gguf)) == str(target)
+    assert "is damaged; converting tiny.gguf again" in caplog.text and len(conversions) == 4
+    assert open_model(str(target)).vocab_size > 0
+
+
+def test_a_gguf_with_an_unwritable_cache_is_one_clear_error(tiny, tmp_path, monkeypatch):
+    from embzip.models import gguf_to_directory
+
+    gguf, _ = _fake_gguf(tmp_path, tiny, monkeypatch)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv("EMBZIP_CACHE", str(blocked / "cache"))
+    with pytest.raises(ModelError, match="could not cache the converted tiny.gguf in .*set EMBZIP_CACHE"):
+        gguf_to_directory(str(gguf))
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_the_gguf_conversion_bar_is_off_when_embzip_is_quiet(tiny, tmp_path, monkeypatch, quiet):
+    # transformers draws it with tqdm itself, so neither its disable_progress_bar() nor the hub's setting reached it
+    import logging
+
+    import transformers
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from embzip.models import gguf_to_directory
+
+    gguf, _ = _fake_gguf(tmp_path, tiny, monkeypatch)
+    shown = []
+    real = transformers.AutoTokenizer.from_pretrained
+
+    def convert_with_a_bar(*args, **kwargs):
+        with gguf_utils.tqdm(range(2), desc="Converting and de-quantizing GGUF tensors...") as bar:
+            shown.append(not bar.disable)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", convert_with_a_bar)
+    logging.getLogger("embzip").setLevel(logging.WARNING if quiet else logging.INFO)  # as the CLI sets it
+    gguf_to_directory(str(gguf))
+    assert shown == [not quiet]

@@ -254,3 +254,39 @@ def test_a_cache_that_cannot_be_written_is_reported_and_the_sample_returned(tiny
         counts, _ = cached_statistics(opened.model, opened.tokenizer, config, directory=blocked)
     assert counts.sum().item() == pytest.approx(16, rel=1e-4)
     assert "were not cached" in caplog.text and blocked.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("bad", ["shape", "nan"])
+def test_a_cached_sample_that_does_not_fit_the_model_is_sampled_again(tiny, tmp_path, caplog, bad):
+    from safetensors.torch import load_file, save_file
+
+    from embzip.selfsample import cached_statistics
+
+    opened = embzip.open_model(tiny("gpt2"))
+    config = SampleConfig(tokens=16, length=8)
+    first = cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
+    [path] = tmp_path.glob("*.safetensors")
+    stored = load_file(path)
+    stored["counts"] = stored["counts"][:7] if bad == "shape" else torch.full_like(stored["counts"], float("nan"))
+    save_file(stored, path)  # a valid file holding the wrong data
+    with caplog.at_level("WARNING", logger="embzip"):
+        again = cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
+    assert "sampling again" in caplog.text and torch.equal(again[0], first[0])
+    assert torch.equal(load_file(path)["counts"], first[0])  # and replaced
+
+
+def test_a_signal_while_the_sample_is_cached_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
+    import embzip.selfsample as selfsample
+
+    opened = embzip.open_model(tiny("gpt2"))
+    real = selfsample.os.replace
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selfsample.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        selfsample.cached_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=16, length=8),
+                                     directory=tmp_path)
+    monkeypatch.setattr(selfsample.os, "replace", real)
+    assert list(tmp_path.iterdir()) == []

@@ -24,8 +24,22 @@ def test_ratio_picks_largest_rank_reaching_it():
 @pytest.mark.parametrize("rank,ratio,fragment", [
     (None, None, "exactly one"), (4, 2.0, "exactly one"), (0, None, "positive"), (-3, None, "positive"),
     (10_000, None, "largest useful rank is 749"), (None, 1.0, "greater than 1"), (None, 0.5, "greater than 1"),
-    (None, 1e9, "no rank reaches"),
+    (None, 1e9, "no rank reaches"), (2.5, None, "rank must be a positive integer, got 2.5"),
+    (True, None, "positive integer"),
 ])
 def test_bad_rank_or_ratio(rank, ratio, fragment):
     with pytest.raises(RankError, match=fragment):
         resolve_rank(rank, ratio, 30522, 768)
+
+
+@pytest.mark.parametrize("call", [lambda: compression_ratio(112, 32, 0), lambda: max_useful_rank(0, 0),
+                                  lambda: compression_ratio(0, 32, 4), lambda: max_useful_rank(30522, 7.5)])
+def test_sizes_of_nothing_are_refused_as_rank_errors_not_division_by_zero(call):
+    with pytest.raises(RankError, match="positive integer"):
+        call()
+
+
+def test_numpy_integers_are_sizes_too():
+    import numpy as np
+
+    assert compression_ratio(np.int64(1000), np.int32(100), np.int64(10)) == compression_ratio(1000, 100, 10)

@@ -26,7 +26,7 @@ from ..autoencoder import FitConfig
 from ..aware import AwareConfig
 from ..codebook import CodebookConfig
 from ..compressed import storage_dtype
-from ..errors import RankError
+from ..errors import OptionError, RankError
 from ..heal import HealConfig, default_lr
 from ..selfsample import SampleConfig
 from ..sizes import check_rank, max_useful_rank, rank_for_ratio
@@ -57,10 +57,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.method not in REGISTRY:
-            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(REGISTRY)}")
+            raise OptionError(f"unknown method {self.method!r}; known: {', '.join(REGISTRY)}")
         if self.heal is not None:
             if self.spec.kind not in HEALABLE:
-                raise ValueError(f"healing trains low-rank factors or codebooks; method {self.method} makes neither")
+                raise OptionError(f"healing trains low-rank factors or codebooks; method {self.method} makes neither")
             if self.heal.lr is None:
                 self.heal = replace(self.heal, lr=default_lr(self.spec.kind))
 
@@ -113,7 +113,7 @@ def recipe(name: str, **overrides) -> Recipe:
     optional '+heal' suffix for low-rank and codebook methods (e.g. aware+heal, codebook+heal)."""
     base, _, extra = name.partition("+")
     if extra not in ("", "heal"):
-        raise ValueError(f"unknown method suffix {'+' + extra!r} in {name!r}; only +heal exists")
+        raise OptionError(f"unknown method suffix {'+' + extra!r} in {name!r}; only +heal exists")
     method = DEFAULT_FIT_METHOD if base == "fit" else base
     r = Recipe(method=method, **overrides)
     if extra == "heal" and r.heal is None:
