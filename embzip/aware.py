@@ -116,7 +116,7 @@ def hidden_second_moment(model, tokenizer, lines: list[str], tokens: int, *, seq
 
     if model.get_output_embeddings() is None:
         return None
-    model = for_statistics(model)  # a float32 copy of a 16-bit model on a CPU, where that is faster and fits
+    model = for_statistics(model)  # a copy in the dtype this CPU multiplies fastest, where it fits
     head = model.get_output_embeddings()
     ids = tokenizer("\n".join(spread_sample(lines, chars=tokens * 8)), add_special_tokens=False,
                     return_tensors="pt").input_ids[0]

@@ -324,28 +324,69 @@ def _available_memory() -> int | None:
         return None
 
 
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX tiles), as torch reports it."""
+    import torch
+
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if callable(check))
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def statistics_dtype(model: Any) -> Any:
+    """The dtype `for_statistics` runs `model` in: its own, or that of the copy it makes."""
+    import torch
+
+    params = list(model.parameters())
+    if not params or getattr(model, "hf_device_map", None) or any(p.device.type != "cpu" for p in params):
+        return params[0].dtype if params else None
+    own = params[0].dtype
+    fastest = torch.bfloat16 if native_bf16() else torch.float32
+    if own == fastest or own not in (torch.float32, torch.bfloat16, torch.float16):
+        return own
+    # the copy is made at the model's own dtype first, then cast tensor by tensor
+    need = max(own.itemsize, fastest.itemsize) * sum(p.numel() for p in params)
+    available = _available_memory()
+    if available is None or need > available // 2:
+        return own
+    return fastest
+
+
 def for_statistics(model: Any) -> Any:
     """The model to run forward passes on for statistics (hidden-state moments, the model's own samples).
 
-    A 16-bit model whose weights are all on the CPU runs through a float32 copy: CPUs without bf16
-    matrix units multiply 16-bit matrices several times slower (Gemma-3-270M sampling on this
-    project's machine: 1.1 s against 0.5 s a step), and upcasting is exact. The copy is made only when
-    it takes at most half the memory available, and never of a model accelerate has dispatched or
-    offloaded; otherwise (and on a GPU) the model itself is used. The caller drops the copy."""
+    On a CPU that multiplies bfloat16 in hardware (`native_bf16`), a bfloat16 one: Gemma-3-270M's forward
+    pass on 32 sequences took 0.07 s a step in bfloat16 against 0.22 s in float32 on an AVX-512 BF16 CPU,
+    and the statistics (token probabilities summed, second moments of hidden states) need no more
+    precision than the model was trained in. On other CPUs, a float32 one: without bf16 units a 16-bit
+    model multiplies several times slower (1.1 s against 0.5 s a step on an AVX2 CPU), and upcasting is
+    exact. A copy in the other dtype is made only when it takes at most half the memory available, and
+    never of a model accelerate has dispatched or offloaded; otherwise (and on a GPU) the model itself is
+    used. The copy casts the parameters only: buffers such as rotary frequencies stay as the model keeps
+    them, which is what loading the checkpoint in that dtype gives (Gemma-3-270M: the same logits). A copy
+    whose first forward pass fails (a model mixing a buffer's dtype with its weights') is dropped for the
+    model itself, with a warning. The caller drops the copy."""
     import copy
 
     import torch
 
-    params = list(model.parameters())
-    if not params or params[0].dtype not in (torch.bfloat16, torch.float16):
+    dtype = statistics_dtype(model)
+    if dtype is None or dtype == next(model.parameters()).dtype:
         return model
-    if getattr(model, "hf_device_map", None) or any(p.device.type != "cpu" for p in params):
+    cast = copy.deepcopy(model)
+    for p in cast.parameters():
+        p.data = p.data.to(dtype)
+    try:
+        with torch.inference_mode():
+            cast(input_ids=torch.zeros(1, 1, dtype=torch.long))
+    except Exception as exc:  # noqa: BLE001 - any failure of the copy means: use the model as it is
+        log.warning("statistics run in %s: a %s copy of %s failed (%s)", _dtype_name(next(model.parameters()).dtype),
+                    _dtype_name(dtype), type(model).__name__, exc)
         return model
-    need = 4 * sum(p.numel() for p in params)
-    available = _available_memory()
-    if available is None or need > available // 2:
-        return model
-    return copy.deepcopy(model).float()
+    return cast
 
 
 def is_tied(model: Any) -> bool:

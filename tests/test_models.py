@@ -51,6 +51,7 @@ def test_statistics_run_on_a_float32_copy_of_a_16_bit_cpu_model_only_when_it_fit
 
     import embzip.models as models
 
+    monkeypatch.setattr(models, "native_bf16", lambda: False)  # a CPU without bf16 units
     model = open_model(tiny("llama", dtype)).model
     copy = models.for_statistics(model)
     assert copy is not model and next(copy.parameters()).dtype == torch.float32
@@ -61,16 +62,56 @@ def test_statistics_run_on_a_float32_copy_of_a_16_bit_cpu_model_only_when_it_fit
     model = open_model(tiny("llama", dtype)).model
     monkeypatch.setattr(models, "_available_memory", lambda: 4 * sum(p.numel() for p in model.parameters()))
     assert models.for_statistics(model) is model  # a float32 copy would take all the memory there is
-    monkeypatch.undo()
+    monkeypatch.setattr(models, "_available_memory", lambda: 1 << 40)
     model.hf_device_map = {"": "cpu"}  # accelerate placed it: never copied
     assert models.for_statistics(model) is model
 
 
-def test_statistics_run_on_a_float32_model_itself(tiny):
-    from embzip.models import for_statistics
+def test_statistics_run_on_a_float32_model_itself_without_bf16_units(tiny, monkeypatch):
+    import embzip.models as models
 
+    monkeypatch.setattr(models, "native_bf16", lambda: False)
     model = open_model(tiny("llama")).model
-    assert for_statistics(model) is model
+    assert models.for_statistics(model) is model
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert-mlm"])
+def test_statistics_run_in_bfloat16_on_a_cpu_with_bf16_units(tiny, kind, monkeypatch):
+    import torch
+
+    import embzip.models as models
+
+    monkeypatch.setattr(models, "native_bf16", lambda: True)
+    native = open_model(tiny(kind, "bfloat16")).model
+    assert models.for_statistics(native) is native  # a bf16 model runs as it is
+    model = open_model(tiny(kind)).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cast = models.for_statistics(model)
+    assert cast is not model and all(p.dtype == torch.bfloat16 for p in cast.parameters())
+    assert all(a.dtype == b.dtype for a, b in zip(model.buffers(), cast.buffers()))  # buffers as the model keeps them
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    ids = torch.tensor([[2, 5, 9]])
+    with torch.no_grad():  # the copy is the checkpoint loaded in bfloat16
+        assert torch.equal(cast(input_ids=ids).logits, native(input_ids=ids).logits)
+    assert models.statistics_dtype(model) == torch.bfloat16
+    monkeypatch.setattr(models, "_available_memory", lambda: 4 * sum(p.numel() for p in model.parameters()))
+    assert models.for_statistics(model) is model and models.statistics_dtype(model) == torch.float32
+
+
+def test_a_bfloat16_copy_that_cannot_run_is_dropped_for_the_model_with_a_warning(tiny, monkeypatch, caplog):
+    import torch
+
+    import embzip.models as models
+
+    def refuse_bf16(module, args, kwargs):  # like a model whose float32 buffer meets bf16 weights
+        if next(module.parameters()).dtype == torch.bfloat16:
+            raise RuntimeError("expected both operands to have the same dtype")
+
+    monkeypatch.setattr(models, "native_bf16", lambda: True)
+    model = open_model(tiny("llama")).model
+    model.register_forward_pre_hook(refuse_bf16, with_kwargs=True)
+    assert models.for_statistics(model) is model
+    assert "statistics run in float32: a bfloat16 copy of LlamaForCausalLM failed" in caplog.text
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert-mlm"])

@@ -31,12 +31,29 @@ def test_statistics_are_distributions_and_a_second_moment(tiny, kind, dtype):
 
 
 def test_same_seed_same_statistics_other_seed_other_sample(tiny):
-    opened = embzip.open_model(tiny("gpt2"))  # the tiny llama puts nearly all its mass on one token
-    a = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=3))
-    b = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=3))
-    c = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=24, length=6, seed=4))
+    # the tiny models put about 98% of their mass on one token: 120 draws, so that two seeds differ somewhere
+    opened = embzip.open_model(tiny("gpt2"))
+    a = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=120, length=12, seed=3))
+    b = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=120, length=12, seed=3))
+    c = sample_statistics(opened.model, opened.tokenizer, SampleConfig(tokens=120, length=12, seed=4))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
+
+
+def test_a_draw_picks_each_token_as_often_as_its_probability():
+    from embzip.selfsample import draw
+
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]).expand(40000, 5).contiguous()
+    ids = draw(p, torch.Generator().manual_seed(0))
+    assert ids.shape == (40000, 1)
+    shares = torch.bincount(ids[:, 0], minlength=5) / 40000
+    assert torch.allclose(shares, p[0], atol=0.01)  # four standard errors of the largest share
+    assert shares[4] == 0  # a token of probability zero is never drawn
+    again = draw(p, torch.Generator().manual_seed(0))
+    assert torch.equal(again, ids) and not torch.equal(draw(p, torch.Generator().manual_seed(1)), ids)
+    one_hot = torch.zeros(3, 262144)
+    one_hot[torch.arange(3), torch.tensor([7, 100000, 262143])] = 1
+    assert draw(one_hot, torch.Generator()).flatten().tolist() == [7, 100000, 262143]
 
 
 def test_combine_gives_each_source_the_same_total():
@@ -171,7 +188,8 @@ def test_a_share_of_sequences_is_fed_an_opening_after_the_start_token(tiny, kind
         counts, _ = sample_statistics(opened.model, opened.tokenizer, config)
     finally:
         handle.remove()
-    ids = torch.stack(fed, dim=1)  # sequences x steps: the token fed at each step
+    # sequences x steps: the token fed at each step (a copy the statistics run on checks itself with one token first)
+    ids = torch.stack([f for f in fed if len(f) == sequences], dim=1)
     assert ids.shape == (sequences, 8)
     assert (ids[:, 0] == start_token(opened.model, opened.tokenizer)).all()
     for row, prompt in zip(ids, forced):
@@ -224,6 +242,12 @@ def test_samples_are_cached_on_disk_by_everything_they_depend_on(tiny, kind, dty
     finally:
         with torch.no_grad():
             opened.model.get_input_embeddings().weight[3, 0] -= 1
+    import embzip.models as models  # statistics in another dtype (a CPU with or without bf16 units) are another key
+
+    native = models.native_bf16()
+    monkeypatch.setattr(models, "native_bf16", lambda: not native)
+    assert selfsample.fingerprint(opened.model, opened.tokenizer, config) != key
+    monkeypatch.setattr(models, "native_bf16", lambda: native)
     # an unreadable file is sampled again and replaced
     files[0].write_bytes(b"not a safetensors file")
     healed = selfsample.cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
