@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,8 +193,6 @@ def gguf_to_directory(gguf_path: str) -> str:
             log.info("using converted GGUF model cached in %s", target)
             return str(target)
         log.warning("the converted model cached in %s is damaged; converting %s again", target, gguf.name)
-        import shutil
-
         shutil.rmtree(target, ignore_errors=True)
     for need in ("gguf", "accelerate"):
         if importlib.util.find_spec(need) is None:
@@ -208,8 +207,6 @@ def gguf_to_directory(gguf_path: str) -> str:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    import shutil
-
     from .outputs import partial_dir
 
     unwritable = f"could not cache the converted {gguf.name} in {target.parent} (set EMBZIP_CACHE to a writable folder)"

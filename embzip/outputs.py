@@ -323,6 +323,8 @@ def write_files(folder: Path, writers: dict[str, Callable[[Path], object] | None
     files named None: the folder then holds one run's files, or (after an error or a signal before the
     renames) the previous run's, never a mix. A temporary file is removed on any failure."""
     folder.mkdir(parents=True, exist_ok=True)
+    for name in writers:  # what killed runs left
+        remove_stale(folder / name)
     token = _token()
     temporary = {name: folder / f".{name}.{token}.tmp" for name, write in writers.items() if write is not None}
     try:
