@@ -130,7 +130,9 @@ BitsOpt = Annotated[Optional[float], typer.Option(
     show_default=False)]
 def _file_path(value: str) -> Path:
     """--out for a file: a trailing slash names a folder (pathlib would drop it and write a file of that name)."""
-    if value.endswith(("/", os.sep)):
+    from .outputs import names_a_folder
+
+    if names_a_folder(value):
         raise typer.BadParameter(f"{value} names a folder; give a file name such as {value}factors.safetensors")
     return Path(value)
 
@@ -185,8 +187,6 @@ def _setup_logging(quiet: bool) -> None:
             hub_logging.set_verbosity_error()
         except ImportError:
             pass
-    import os
-
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if quiet:  # transformers' own weight-loading bars too, and datasets' (a local folder's "Generating train split")

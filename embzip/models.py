@@ -46,10 +46,10 @@ class OpenedModel:
 
     @property
     def embedding(self):
-        from .splice import REBUILT
+        from .splice import is_compressed
 
         module = self.model.get_input_embeddings()
-        if not hasattr(module, "weight") or getattr(module, REBUILT, False):
+        if is_compressed(module):
             raise ModelError(f"{self.source} is already compressed (its embedding is factored, or rebuilt from "
                              "factors by apply_factors(dense=True)); compress the original model instead")
         return module.weight

@@ -96,6 +96,11 @@ def _check_inputs(given, real: Path, inputs: Sequence[str | os.PathLike | None],
             raise OutputError(f"output {given} is the input {source}, contains it or lies in it; write to a new name")
 
 
+def names_a_folder(path: str | os.PathLike) -> bool:
+    """Whether an output path as given ends with a separator ("new/"): a folder, even one not made yet."""
+    return str(path).endswith(("/", os.sep))
+
+
 def check_output_file(path: str | os.PathLike, force: bool, *,
                       inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Refuse an output file that exists (unless force), is a directory or an input, has a name too
@@ -104,7 +109,7 @@ def check_output_file(path: str | os.PathLike, force: bool, *,
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)  # first: stat() fails on a name too long
     remove_stale(path)
-    if path.is_dir() or str(given).endswith(("/", os.sep)):  # "new/" names a folder, even one not made yet
+    if path.is_dir() or names_a_folder(given):
         raise OutputError(f"output {given} is a directory; give a file name such as {path / 'factors.safetensors'}")
     exists = path.exists() or path.is_symlink()
     _check_inputs(given, path.resolve(), inputs, inside=exists)  # a new file beside the model's own is fine

@@ -323,8 +323,9 @@ REBUILT = "embzip_rebuilt"  # set on an embedding module whose matrix densify() 
 
 
 def is_compressed(embedding: nn.Module) -> bool:
-    """Whether the module is a compressed embedding, or a plain one densify() filled with a rebuilt matrix."""
-    return isinstance(embedding, EMBEDDINGS) or getattr(embedding, REBUILT, False)
+    """Whether the module is a compressed embedding (one of embzip's, or any without a weight matrix), or a plain
+    one densify() filled with a rebuilt matrix."""
+    return isinstance(embedding, EMBEDDINGS) or not hasattr(embedding, "weight") or getattr(embedding, REBUILT, False)
 
 
 def check_fits(model: nn.Module, factors: Compressed) -> None:
