@@ -45,19 +45,21 @@ class FitConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "anneal_epochs", "batch_size", "lr_step"):
-            options.positive(name, getattr(self, name), integer=True)
-        for name in ("lr", "alpha_start", "alpha_end", "eps"):
-            options.positive(name, getattr(self, name))
+            options.positive(options.flagged(name), getattr(self, name), integer=True)
+        for name in ("lr", "alpha_start", "alpha_end"):
+            options.positive(options.flagged(name), getattr(self, name))
+        options.positive("eps", self.eps)  # the library's alone
         for name in ("lr_gamma", "cos_weight", "l1_weight"):
-            options.finite(name, getattr(self, name))
-        options.seed("seed", self.seed)
+            options.finite(options.flagged(name), getattr(self, name))
+        options.seed(options.flagged("seed"), self.seed)
         if self.anneal_epochs > self.epochs:
             raise OptionError(f"anneal_epochs ({self.anneal_epochs}) cannot exceed epochs ({self.epochs}): give "
                               f"--anneal-epochs {self.epochs} or fewer with --epochs {self.epochs}")
         if not 0 < self.lr_gamma <= 1:
-            raise OptionError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+            raise OptionError(f"{options.flagged('lr_gamma')} must be in (0, 1], got {self.lr_gamma}")
         if self.cos_weight < 0 or self.l1_weight < 0 or self.cos_weight + self.l1_weight == 0:
-            raise OptionError(f"loss weights must be >= 0 and not both 0, got {self.cos_weight}, {self.l1_weight}")
+            raise OptionError(f"loss weights {options.flagged('cos_weight')} and {options.flagged('l1_weight')} must be "
+                              f">= 0 and not both 0, got {self.cos_weight}, {self.l1_weight}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 

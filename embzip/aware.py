@@ -36,8 +36,8 @@ class AwareConfig:
     metric_tokens: int = 8192  # tokens of the corpus (spread across it) used to estimate S
 
     def __post_init__(self) -> None:
-        options.non_negative("output_metric", self.output_metric)
-        options.positive("metric_tokens", self.metric_tokens, integer=True)
+        options.non_negative(options.flagged("output_metric"), self.output_metric)
+        options.positive(options.flagged("metric_tokens"), self.metric_tokens, integer=True)
 
     def settings(self) -> dict:
         return asdict(self)

@@ -53,7 +53,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.methods:
             raise OptionError("give at least one method")
-        options.distinct("methods", self.methods)
+        options.distinct(options.flagged("methods"), self.methods)
         for name in self.methods:
             recipe(name)  # raises ValueError naming the known methods
         if self.ranks is not None and self.ratios is not None:
@@ -61,12 +61,14 @@ class BenchConfig:
         for name in ("ranks", "ratios", "bits"):
             values = getattr(self, name)
             if values is not None and (not values or len(set(values)) != len(values)):
-                raise OptionError(f"{name} must be a non-empty list without repeats, got {values}")
+                raise OptionError(f"{options.flagged(name)} must be a non-empty list without repeats, got {values}")
             for value in values or ():
-                options.positive(name, value, integer=name == "ranks")
-        for name in ("max_tokens", "sentences", "batch_size", "latency_repeats"):
+                options.positive(options.flagged(name), value, integer=name == "ranks")
+        for name in ("max_tokens", "batch_size"):
+            options.positive(options.flagged(name), getattr(self, name), integer=True)
+        for name in ("sentences", "latency_repeats"):  # the library's alone
             options.positive(name, getattr(self, name), integer=True)
-        options.seed("seed", self.seed)
+        options.seed(options.flagged("seed"), self.seed)
 
 
 DEFAULT_METHODS = ("svd", "aware", "int8", "int4", "codebook")

@@ -89,8 +89,9 @@ class CodebookConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def bad(name, value, allowed):
-            raise OptionError(f"codebook {name} must be {allowed}, got {value!r}")
+        def bad(name, value, allowed):  # the command line gives bits, min_piece_dim, focus and vocab_prior
+            label = flagged(name) if name in ("bits", "min_piece_dim", "focus", "vocab_prior") else name
+            raise OptionError(f"codebook {label} must be {allowed}, got {value!r}")
         if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and 0 < self.bits <= 16):
             bad("bits", self.bits, "a finite number in (0, 16] (16: a bfloat16 matrix)")
         if self.min_piece_dim is not None and (isinstance(self.min_piece_dim, bool)
@@ -834,6 +835,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
 # -- the storage kind ------------------------------------------------------------------------------
 from .compressed import TensorSet, register  # noqa: E402
 from .errors import FactorsError, OptionError  # noqa: E402
+from .options import flagged  # noqa: E402
 
 
 def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:

@@ -56,10 +56,11 @@ class HealConfig:
     val_sequences: int = 8  # sequences held out at the end of the text for early stopping
 
     def __post_init__(self) -> None:
-        for name in ("steps", "seq_len", "batch_size", "eval_every", "val_sequences"):
+        options.positive(options.flagged("heal steps", "heal-steps"), self.steps, integer=True)
+        for name in ("seq_len", "batch_size", "eval_every", "val_sequences"):  # the library's alone
             options.positive(f"heal {name}", getattr(self, name), integer=True)
         if self.lr is not None:
-            options.positive("heal lr", self.lr)
+            options.positive(options.flagged("heal lr", "heal-lr"), self.lr)
         options.seed("heal seed", self.seed)
 
     def settings(self) -> dict:

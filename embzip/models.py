@@ -172,6 +172,9 @@ def resolve(spec: str | None) -> str:
         return str(path)
     if looks_local:
         raise ModelError(f"model {spec} not found: no such file or directory")
+    if spec.count("/") == 1 and path.parent.is_dir():  # models/llama where models/ is a folder here: a path was meant
+        raise ModelError(f"model {spec} not found: no such file or directory ({path.parent}/ is a folder here, so "
+                         f"{spec} was read as a path, not a hub id)")
     return spec  # a hub id such as bert-base-uncased or google/gemma-3-270m
 
 

@@ -1,7 +1,7 @@
 """Checks of option values, shared by the config dataclasses' __post_init__ and the commands.
 
 Each raises OptionError (a ValueError; the CLI prints it on one line and exits 2) naming the
-option, the value given and what is allowed. Zero or a negative number never means "default":
+option (as `flagged` writes it where the command line has one), the value given and what is allowed. Zero or a negative number never means "default":
 an unset option is None.
 """
 
@@ -14,6 +14,12 @@ from .errors import OptionError
 
 SEED_MAX = 2**64 - 1  # torch seeds are 64-bit
 SELF_TOKENS = 8192  # positions a causal LM samples for the data-aware statistics (selfsample.py); 0: none
+
+
+def flagged(name: str, flag: str | None = None) -> str:
+    """How a message names a setting both ways it is given: the library's name and the command line's option,
+    "metric_tokens (--metric-tokens)". `flag` where the option is not the name with dashes."""
+    return f"{name} (--{flag or name.replace('_', '-')})"
 
 
 def _number(name: str, value, integer: bool) -> None:

@@ -251,9 +251,9 @@ def check_options(*, window: int | None = None, stride: int | None = None, max_t
     """Refuse option values perplexity cannot use (None means the default; 0 never does)."""
     for name, value in (("window", window), ("stride", stride), ("max_tokens", max_tokens)):
         if value is not None:
-            options.positive(name, value, integer=True)
-    options.positive("batch_size", batch_size, integer=True)
-    options.seed("seed", seed)
+            options.positive(options.flagged(name), value, integer=True)
+    options.positive(options.flagged("batch_size"), batch_size, integer=True)
+    options.seed(options.flagged("seed"), seed)
 
 
 def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | None = None, pseudo: bool = False,

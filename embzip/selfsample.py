@@ -65,11 +65,12 @@ class SampleConfig:
     languages: float = 0.0  # share of the sequences that start from an opening in another language
 
     def __post_init__(self) -> None:
-        options.non_negative("self-sample tokens", self.tokens, integer=True)
+        options.non_negative(options.flagged("self-sample tokens", "self-tokens"), self.tokens, integer=True)
         options.positive("self-sample length", self.length, integer=True)
-        options.finite("self-sample languages share", self.languages)
+        share = options.flagged("self-sample languages share", "sample-languages")
+        options.finite(share, self.languages)
         if not 0 <= self.languages <= 1:
-            raise OptionError(f"self-sample languages share must be between 0 and 1, got {self.languages}")
+            raise OptionError(f"{share} must be between 0 and 1, got {self.languages}")
 
     def settings(self) -> dict:
         return asdict(self)

@@ -32,11 +32,12 @@ class WeightConfig:
     # below 3 bits per weight: 0.5, CodebookConfig.weight_power)
 
     def __post_init__(self) -> None:
-        options.finite("weight floor", self.floor)
+        floor = options.flagged("weight floor", "weight-floor")
+        options.finite(floor, self.floor)
         if not self.floor > 0:
-            raise OptionError(f"weight floor must be > 0 so unseen tokens keep some weight, got {self.floor}")
+            raise OptionError(f"{floor} must be > 0 so unseen tokens keep some weight, got {self.floor}")
         if self.power is not None:
-            options.non_negative("weight power", self.power)
+            options.non_negative(options.flagged("weight power", "weight-power"), self.power)
 
     def settings(self) -> dict:
         return asdict(self)

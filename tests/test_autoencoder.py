@@ -65,8 +65,8 @@ def test_loss_is_weighted_cosine_plus_annealed_l1():
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    (dict(epochs=0), "epochs must be positive"), (dict(anneal_epochs=40), "cannot exceed"),
-    (dict(lr=0), "lr must be positive"), (dict(lr_gamma=1.5), "lr_gamma"), (dict(init="pca"), "init must be"),
+    (dict(epochs=0), r"epochs \(--epochs\) must be positive"), (dict(anneal_epochs=40), "cannot exceed"),
+    (dict(lr=0), r"lr \(--lr\) must be positive"), (dict(lr_gamma=1.5), "lr_gamma"), (dict(init="pca"), "init must be"),
     (dict(cos_weight=0, l1_weight=0), "loss weights"),
 ])
 def test_bad_recipe_is_refused(kwargs, fragment):

@@ -75,7 +75,7 @@ def test_row_weights_floor_power_and_mean():
     assert torch.allclose(w, torch.tensor([1.0, 2.0, 4.0, 1.0]) / 2.0)
     assert torch.allclose(row_weights(counts, WeightConfig(power=0.0)), torch.ones(4))
     assert torch.equal(row_weights(counts, WeightConfig()), w)  # no power given: 1
-    with pytest.raises(ValueError, match="floor must be > 0"):
+    with pytest.raises(ValueError, match=r"weight floor \(--weight-floor\) must be > 0"):
         WeightConfig(floor=0)
 
 

@@ -86,7 +86,7 @@ BAD = [
     (["svd", "{model}", "--rank", "2", "--ratio", "2", "--out", "{out}"], 2, "exactly one"),
     (["svd", "{model}", "--out", "{out}"], 2, "exactly one"),
     (["fit", "{model}", "--rank", "2", "--method", "paper", "--epochs", "0", "--out", "{out}"], 2,
-     "epochs must be positive"),
+     "epochs (--epochs) must be positive"),
     (["fit", "{model}", "--rank", "2", "--init", "pca", "--out", "{out}"], 2, "pca"),
     (["svd", "{model}", "--rank", "2", "--out", "{existing}"], 1, "already exists"),
     (["svd", "{model}", "--rank", "2", "--out", "{tmp}/missing-dir/f.safetensors"], 1, "does not exist"),
@@ -95,7 +95,7 @@ BAD = [
     (["svd", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf in 1 row"),
     (["fit", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf"),
     (["fit", "{model}", "--rank", "2", "--method", "magic", "--out", "{out}"], 2, "magic"),
-    (["fit", "{model}", "--rank", "2", "--weight-floor", "0", "--out", "{out}"], 2, "floor must be > 0"),
+    (["fit", "{model}", "--rank", "2", "--weight-floor", "0", "--out", "{out}"], 2, "floor (--weight-floor) must be > 0"),
     (["fit", "{model}", "--rank", "2", "--weights-text", "{tmp}/none.txt", "--out", "{out}"], 1, "none.txt"),
 ]
 

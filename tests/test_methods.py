@@ -207,9 +207,9 @@ def test_a_cached_head_works_on_a_model_loaded_and_run_under_inference_mode(tiny
     (["--method", "aware", "--focus", "0.2"], "--focus is an option of --method codebook, not of aware"),
     (["--method", "int4", "--code-unreachable"], "--code-unreachable is an option of --method codebook, not of int4"),
     (["--method", "svd", "--min-piece-dim", "2"], "--min-piece-dim is an option of --method codebook, not of svd"),
-    (["--method", "codebook", "--min-piece-dim", "0.5"], "min_piece_dim must be a number >= 1, got 0.5"),
-    (["--method", "codebook", "--bits", "2", "--focus", "1"], "focus must be a share of the budget in [0, 1), got 1"),
-    (["--method", "codebook", "--bits", "2", "--focus", "-0.5"], "focus must be a share of the budget"),
+    (["--method", "codebook", "--min-piece-dim", "0.5"], "min_piece_dim (--min-piece-dim) must be a number >= 1, got 0.5"),
+    (["--method", "codebook", "--bits", "2", "--focus", "1"], "focus (--focus) must be a share of the budget in [0, 1), got 1"),
+    (["--method", "codebook", "--bits", "2", "--focus", "-0.5"], "focus (--focus) must be a share of the budget"),
 ])
 def test_options_of_another_method_are_refused(tiny, tmp_path, args, fragment):
     size = [] if "--bits" in args or "--rank" in args else ["--rank", 2]

@@ -19,6 +19,17 @@ def test_hub_ids_pass_through_and_paths_must_exist(tmp_path):
             resolve(missing)
 
 
+
+def test_org_slash_name_is_a_path_where_its_folder_exists_here(tmp_path, monkeypatch):
+    """models/llama when ./models exists is a missing directory, refused at once, not a hub id to try offline."""
+    monkeypatch.chdir(tmp_path)
+    assert resolve("models/llama") == "models/llama"  # no models/ here: a hub id
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ModelError, match=r"models/llama not found: .*models/ is a folder here"):
+        resolve("models/llama")
+    (tmp_path / "models" / "llama").mkdir()
+    assert resolve("models/llama") == "models/llama"  # there now: the directory
+
 def test_default_model_without_the_demo_extra_says_what_to_do(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -205,7 +205,7 @@ def test_cli_refuses_a_bad_or_foreign_languages_share(tiny, tmp_path):
         return CliRunner().invoke(app, [str(a) for a in args])
 
     bad = run("fit", tiny("gpt2"), "--sample-languages", "1.5", "-o", tmp_path / "a.safetensors")
-    assert bad.exit_code == 2 and "languages share must be between 0 and 1" in " ".join(bad.stderr.split())
+    assert bad.exit_code == 2 and "languages share (--sample-languages) must be between 0 and 1" in " ".join(bad.stderr.split())
     foreign = run("fit", tiny("gpt2"), "--method", "int4", "--sample-languages", "0.5", "-o", tmp_path / "b.safetensors")
     assert foreign.exit_code == 2
     assert "--sample-languages is an option of --method aware / codebook" in " ".join(foreign.stderr.split())
