@@ -510,7 +510,8 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
 def perplexity(model: ModelArg = None,
                factors: Annotated[Optional[Path], typer.Option(
                    help="Also score the model with these factors spliced in, on the same masks or windows, and "
-                        "report both and their ratio.", show_default=False)] = None,
+                        "report both and their ratio (an encoder: their sentence-vector fidelity).",
+                   show_default=False)] = None,
                head: HeadOpt = None, text: TextOpt = None, dataset: DatasetOpt = None,
                max_tokens: Annotated[Optional[int], typer.Option(
                    help="Stop after scoring about this many tokens.", show_default=False)] = None,
@@ -524,9 +525,11 @@ def perplexity(model: ModelArg = None,
                trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Zero-shot perplexity, to see what compression cost.
 
-    Masked LMs: the paper's protocol (line by line, lines under 20 tokens and = headings dropped, 15% whole-word masking with a fixed seed, exp of the mean masked-token loss), or --pseudo. Causal LMs: sliding window with stride, each token scored once, plus bits per byte. Encoders without an LM head have no perplexity: use `embzip bench`, which reports sentence-vector fidelity.
+    Masked LMs: the paper's protocol (line by line, lines under 20 tokens and = headings dropped, 15% whole-word masking with a fixed seed, exp of the mean masked-token loss), or --pseudo. Causal LMs: sliding window with stride, each token scored once, plus bits per byte. Encoders without an LM head have no perplexity: with --factors they get sentence-vector fidelity instead, as `embzip bench` reports it (up to 256 sentences of the text, each embedded by mean pooling with and without the factors: the mean cosine of the two, and the rank correlation of the pairwise similarities).
 
     Example: embzip perplexity demo:gemma-3-270m --factors gemma-3-270m.codebook-2b.safetensors --head tied
+
+    Example: embzip perplexity demo:minilm --factors minilm.codebook-2b.safetensors --text my-sentences.txt
     """
     from .factors import load_factors
     from .models import open_model, resolve_device

@@ -12,6 +12,8 @@ and the compressed model's vectors are compared with the original's:
 from __future__ import annotations
 
 import re
+import time
+from typing import Any
 
 import torch
 
@@ -75,3 +77,27 @@ def compare(original: torch.Tensor, compressed: torch.Tensor) -> dict[str, float
         return sims[iu[0], iu[1]]
 
     return {"fidelity": cos.mean().item(), "similarity_spearman": spearman(pairwise(original), pairwise(compressed))}
+
+
+def score(opened, text: Text, factors, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
+    """How well the encoder `opened` keeps its sentence vectors on `text` with `factors` spliced into its input
+    embedding: what `embzip perplexity MODEL --factors F` reports for an encoder (and `embzip bench` per row)."""
+    from .splice import check_source, spliced
+
+    check_source(opened.model, factors)  # before the slow part: factors of another shape or model
+    started = time.perf_counter()
+    texts = sentences(text)
+    model = opened.model
+    was_training = model.training
+    model.eval()
+    if getattr(model, "hf_device_map", None) is None:  # accelerate placed it already (big models)
+        model.to(device)
+    try:
+        original = sentence_vectors(model, opened.tokenizer, texts, batch_size=batch_size)
+        with spliced(model, factors, head="input"):
+            compressed = sentence_vectors(model, opened.tokenizer, texts, batch_size=batch_size)
+    finally:
+        model.train(was_training)
+    return {**compare(original, compressed),
+            "protocol": {"name": "sentence-fidelity", "sentences": len(texts), "pooling": "mean"},
+            "model": opened.source, "text": text.source, "seconds": round(time.perf_counter() - started, 3)}

@@ -256,6 +256,27 @@ def check_options(*, window: int | None = None, stride: int | None = None, max_t
     options.seed(options.flagged("seed"), seed)
 
 
+def _encoder_fidelity(opened: OpenedModel, text: Text, factors, *, head, pseudo, window, stride, max_tokens,
+                      batch_size, device) -> dict[str, Any]:
+    """`perplexity` of an encoder: the fidelity of `factors`, refusing what only an LM's perplexity takes."""
+    if factors is None:
+        raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined; give "
+                         "--factors FILE to measure how well its sentence vectors survive those factors "
+                         "(sentence-vector fidelity), or use `embzip bench`")
+    given = [name for name, value in (("--pseudo", pseudo), ("--window", window), ("--stride", stride),
+                                      ("--max-tokens", max_tokens)) if value]
+    if given:
+        raise OptionError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for an LM's perplexity; "
+                          f"{opened.source} is an encoder, scored by sentence-vector fidelity on up to 256 "
+                          "sentences of the text")
+    if head == "tied":
+        raise OptionError(f"{opened.source} is an encoder with no output head; its factors replace the input "
+                          "embedding (--head input)")
+    from .fidelity import score
+
+    return score(opened, text, factors, batch_size=batch_size, device=device)
+
+
 def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | None = None, pseudo: bool = False,
                window: int | None = None, stride: int | None = None, max_tokens: int | None = None,
                min_tokens: int = MIN_TOKENS, batch_size: int = 8, seed: int = 0, device: str = "cpu",
@@ -264,13 +285,14 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
 
     With `factors`, the same masks / windows are scored twice: the original model, then the model
     with the factors spliced in (`head`: "tied" or "input"; None picks "tied" for tied models).
-    Returns the dict that `embzip perplexity --json` prints.
+    Returns the dict that `embzip perplexity --json` prints. An encoder without an LM head has no perplexity:
+    with `factors` it gets their sentence-vector fidelity on `text` instead (fidelity.score).
     """
     check_options(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size, seed=seed)
     model = opened.model
     if opened.kind == ENCODER:
-        raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined; "
-                         "use `embzip bench`, which reports sentence-vector fidelity for encoders")
+        return _encoder_fidelity(opened, text, factors, head=head, pseudo=pseudo, window=window, stride=stride,
+                                 max_tokens=max_tokens, batch_size=batch_size, device=device)
     if opened.tokenizer is None:
         raise ModelError(f"{opened.source} has no tokenizer; perplexity needs one to read the text")
     if pseudo and opened.kind == CAUSAL_LM:

@@ -227,9 +227,37 @@ def test_full_rank_factors_keep_perplexity_on_the_same_masks(tiny, text_file, ki
 
 # --- errors --------------------------------------------------------------------------------------
 
-def test_encoder_has_no_perplexity(tiny, text_file):
-    with pytest.raises(ModelError, match="no LM head.*embzip bench"):
+def test_encoder_has_no_perplexity_and_asks_for_factors(tiny, text_file):
+    with pytest.raises(ModelError, match="no LM head.*--factors FILE.*embzip bench"):
         perplexity(open_model(tiny("bert-encoder")), load_text(text_file))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_encoders_factors_get_their_sentence_vector_fidelity(tiny, text_file, dtype):
+    """perplexity --factors on an encoder: sentence-vector fidelity, the measure bench reports for encoders.
+    Factors that rebuild the matrix (full rank) keep every vector; rank 1 does not; the model is restored."""
+    opened = open_model(tiny("bert-encoder", dtype))
+    before = opened.embedding.detach().clone()
+    text = load_text(text_file)
+    d = opened.embedding.shape[1]
+    exact = perplexity(opened, text, factors=svd_factors(opened.embedding.detach().float(), d))
+    crude = perplexity(opened, text, factors=svd_factors(opened.embedding.detach().float(), 1))
+    assert exact["protocol"] == {"name": "sentence-fidelity", "sentences": exact["protocol"]["sentences"],
+                                 "pooling": "mean"} and exact["protocol"]["sentences"] >= 2
+    assert exact["fidelity"] > 0.999 and exact["similarity_spearman"] > 0.99
+    assert crude["fidelity"] < exact["fidelity"] - 0.01
+    assert "perplexity" not in exact and exact["model"] == opened.source
+    assert torch.equal(opened.embedding, before)  # the spliced factors are taken out again
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(window=8), "--window is for an LM's perplexity"), (dict(pseudo=True), "--pseudo is for"),
+    (dict(max_tokens=10, stride=4), "--stride, --max-tokens are for"), (dict(head="tied"), "no output head"),
+])
+def test_an_encoder_refuses_what_only_perplexity_takes(tiny, text_file, kwargs, message):
+    opened = open_model(tiny("bert-encoder"))
+    with pytest.raises(OptionError, match=message):
+        perplexity(opened, load_text(text_file), factors=svd_factors(opened.embedding.detach(), 2), **kwargs)
 
 
 def test_masked_needs_a_line_of_20_tokens(tiny, tmp_path):
