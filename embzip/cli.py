@@ -339,7 +339,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                          "token, whose predicted token distributions and hidden states join the "
                                          "weights text's (a multilingual model writes many languages; the bundled "
                                          "text is English). 0: the text alone. On Gemma-3-270M the default takes "
-                                         "about 30 s on 2 CPU cores with bf16 instructions and 1.5 to 2.5 minutes "
+                                         "about 20-25 s on 2 CPU cores with bf16 instructions and 1.5 to 2.5 minutes "
                                          "on others, once: later fits of the same model and settings read it from "
                                          "the cache ($EMBZIP_CACHE/samples).", DATA)] = SELF_TOKENS,
         sample_languages: Annotated[float, _opt("aware, codebook on a causal LM: share of the sampled sequences "

@@ -56,6 +56,52 @@ def test_a_draw_picks_each_token_as_often_as_its_probability():
     assert draw(one_hot, torch.Generator()).flatten().tolist() == [7, 100000, 262143]
 
 
+def test_a_draw_across_blocks_and_a_partial_last_block_keeps_every_share():
+    """1300 ids: two whole blocks of 512 and a last one of 276. Each block is drawn by its mass and each id
+    inside by its share of that mass, so a block's share and the ids' shares inside the last block (the
+    one whose missing ids must never be drawn) come out as the probabilities say."""
+    from embzip.selfsample import draw
+
+    gen = torch.Generator().manual_seed(0)
+    p = torch.rand(1300, generator=gen) ** 4
+    p[1299] = 40 * p.max()  # the last id alone holds a large share
+    p /= p.sum()
+    n = 100000
+    ids = draw(p.expand(n, 1300).contiguous(), torch.Generator().manual_seed(1))[:, 0]
+    assert 0 <= ids.min() and ids.max() <= 1299
+    shares = torch.bincount(ids, minlength=1300).double() / n
+    blocks = torch.stack([p[:512].sum(), p[512:1024].sum(), p[1024:].sum()]).double()
+    drawn = torch.stack([shares[:512].sum(), shares[512:1024].sum(), shares[1024:].sum()])
+    assert torch.allclose(drawn, blocks, atol=0.006)  # four standard errors at n = 100000
+    assert shares[1299] == pytest.approx(p[1299].item(), abs=0.006)
+    chi2 = ((shares - p.double()).pow(2) / p.double()).sum().item() * n
+    assert chi2 < 1299 + 5 * (2 * 1299) ** 0.5  # a chi-square with 1299 degrees of freedom, five deviations
+
+
+def test_the_floor_keeps_tokens_the_model_all_but_rules_out_from_the_draw_only():
+    from embzip.selfsample import _floored, draw
+
+    p = torch.tensor([[0.6, 0.4 - 3e-8, 1e-8, 2e-8], [0.25, 0.25, 0.25, 0.25]])
+    floored = _floored(p.clone())
+    assert torch.equal(floored[0, :2], p[0, :2]) and floored[0, 2:].tolist() == [0.0, 0.0]
+    assert torch.equal(floored[1], p[1])
+    ids = draw(floored[:1].expand(20000, 4).contiguous(), torch.Generator().manual_seed(0))
+    assert set(ids.flatten().tolist()) == {0, 1}
+    huge = torch.full((1, 2**25), 2.0**-25)  # more tokens than 2^24: each above half of 1 / V stays drawable
+    assert torch.equal(_floored(huge.clone()), huge)
+
+
+def test_probabilities_are_a_softmax_written_in_place():
+    from embzip.selfsample import _probabilities
+
+    logits = (torch.randn(3, 1000, generator=torch.Generator().manual_seed(0)) * 4).bfloat16()
+    buffer = torch.empty(3, 1000)
+    p = _probabilities(logits, buffer)
+    assert p.data_ptr() == buffer.data_ptr() and p.dtype == torch.float32
+    exact = torch.softmax(logits.double(), dim=-1)
+    assert torch.allclose(p.double(), exact, rtol=1e-5, atol=1e-12)
+
+
 def test_combine_gives_each_source_the_same_total():
     text = torch.tensor([10.0, 0.0, 0.0, 30.0], dtype=torch.float64)
     sampled = torch.tensor([0.5, 0.5, 1.0, 0.0], dtype=torch.float64)
