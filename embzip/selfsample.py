@@ -186,10 +186,10 @@ def draw(p: torch.Tensor, gen: torch.Generator, width: int = _BLOCK) -> torch.Te
     with probability p_j over the block's mass). It needs n x width random numbers instead of n x V: on
     Gemma-3-270M's 32 x 262144 probabilities 0.6 ms, where the race over whole rows took 25-45 ms measured alone
     (`torch.multinomial` 0.14 s); in the sampling loop, with `_probabilities`, 8192 tokens took 25-26 s against
-    29-31 s. U is float32 on a grid of 2^-24, so an id whose share of its
-    block's mass is near 2^-24 is drawn less often than that share says (`_floored`): after the floor, only ids
-    of probability near 2^-24 in a block that holds nearly all of the row's mass. The random numbers come from
-    `gen` on the CPU, whatever device `p` is on."""
+    29-31 s. U is float32 on a grid of 2^-24, so an id whose share of its block's mass is near 2^-24 is drawn
+    less often than that share says (`_floored`): after the floor, only ids of probability near 2^-24 in a
+    block that holds nearly all of the row's mass. The random numbers come from `gen` on the CPU, whatever
+    device `p` is on."""
     n, V = p.shape
     full = V // width * width
     sums = [p[:, :full].reshape(n, -1, width).sum(-1)] if full else []
