@@ -81,7 +81,8 @@ def compare(original: torch.Tensor, compressed: torch.Tensor) -> dict[str, float
 
 def score(opened, text: Text, factors, *, batch_size: int = 32, device: str = "cpu") -> dict[str, Any]:
     """How well the encoder `opened` keeps its sentence vectors on `text` with `factors` spliced into its input
-    embedding: what `embzip perplexity MODEL --factors F` reports for an encoder (and `embzip bench` per row)."""
+    embedding: what `embzip perplexity MODEL --factors F` reports for an encoder, the measure `embzip bench` gives
+    each encoder row."""
     from .splice import check_source, spliced
 
     check_source(opened.model, factors)  # before the slow part: factors of another shape or model

@@ -1,8 +1,8 @@
 """Checks of option values, shared by the config dataclasses' __post_init__ and the commands.
 
 Each raises OptionError (a ValueError; the CLI prints it on one line and exits 2) naming the
-option (as `flagged` writes it where the command line has one), the value given and what is allowed. Zero or a negative number never means "default":
-an unset option is None.
+option (as `flagged` writes it where the command line has one), the value given and what is
+allowed. Zero or a negative number never means "default": an unset option is None.
 """
 
 from __future__ import annotations

@@ -272,6 +272,8 @@ def _encoder_fidelity(opened: OpenedModel, text: Text, factors, *, head, pseudo,
     if head == "tied":
         raise OptionError(f"{opened.source} is an encoder with no output head; its factors replace the input "
                           "embedding (--head input)")
+    if opened.tokenizer is None:
+        raise ModelError(f"{opened.source} has no tokenizer; sentence-vector fidelity needs one to read the text")
     from .fidelity import score
 
     return score(opened, text, factors, batch_size=batch_size, device=device)
