@@ -83,22 +83,16 @@ def score(opened, text: Text, factors, *, batch_size: int = 32, device: str = "c
     """How well the encoder `opened` keeps its sentence vectors on `text` with `factors` spliced into its input
     embedding: what `embzip perplexity MODEL --factors F` reports for an encoder, the measure `embzip bench` gives
     each encoder row."""
+    from .models import evaluating
     from .splice import check_source, spliced
 
     check_source(opened.model, factors)  # before the slow part: factors of another shape or model
     started = time.perf_counter()
     texts = sentences(text)
-    model = opened.model
-    was_training = model.training
-    model.eval()
-    if getattr(model, "hf_device_map", None) is None:  # accelerate placed it already (big models)
-        model.to(device)
-    try:
+    with evaluating(opened.model, device) as model:
         original = sentence_vectors(model, opened.tokenizer, texts, batch_size=batch_size)
         with spliced(model, factors, head="input"):
             compressed = sentence_vectors(model, opened.tokenizer, texts, batch_size=batch_size)
-    finally:
-        model.train(was_training)
     return {**compare(original, compressed),
             "protocol": {"name": "sentence-fidelity", "sentences": len(texts), "pooling": "mean"},
             "model": opened.source, "text": text.source, "seconds": round(time.perf_counter() - started, 3)}

@@ -317,6 +317,20 @@ def input_device(model: Any):
     return next(p.device for p in model.parameters() if p.device.type != "meta")
 
 
+@contextlib.contextmanager
+def evaluating(model: Any, device: str):
+    """The model in eval mode on `device` (unless accelerate placed it already: big models) for scoring, then back
+    in the training mode it had."""
+    was_training = model.training
+    model.eval()
+    if getattr(model, "hf_device_map", None) is None:
+        model.to(device)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
 def _available_memory() -> int | None:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

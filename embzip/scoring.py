@@ -40,7 +40,7 @@ import torch
 
 from . import options
 from .errors import DataError, ModelError, OptionError
-from .models import CAUSAL_LM, ENCODER, OpenedModel, text_config
+from .models import CAUSAL_LM, ENCODER, OpenedModel, evaluating, text_config
 from .progress import bar
 from .texts import Text
 
@@ -325,11 +325,7 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     pad_id = opened.tokenizer.pad_token_id
     settings = dict(batch_size=batch_size, pad_id=0 if pad_id is None else pad_id, device=device,
                     chunk=_chunk_rows(opened.vocab_size), progress=progress)
-    was_training = model.training
-    model.eval()
-    if getattr(model, "hf_device_map", None) is None:  # accelerate placed it already (big models)
-        model.to(device)
-    try:
+    with evaluating(model, device):
         nll = _score(model, jobs, description="perplexity", **settings)
         result: dict[str, Any] = {}
         if factors is not None:
@@ -342,8 +338,6 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
             result = {"perplexity_original": _exp(nll / tokens),
                       "ratio": _exp((nll_compressed - nll) / tokens), "head": head}
             nll, original = nll_compressed, nll
-    finally:
-        model.train(was_training)
     if opened.kind == CAUSAL_LM:
         n_bytes = protocol["bytes"]
         protocol["bits_per_byte"] = nll / math.log(2) / n_bytes if n_bytes else None
