@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from . import __version__, jsonout, outputs, stream
-from .errors import FactorsError, ModelError
+from .errors import FactorsError, ModelError, OutputError
 from .compressed import Compressed, storage_dtype
-from .splice import HEADS, cache_decoded_head, check_head, check_source, densify, splice
+from .splice import HEADS, CompressedEmbedding, _TiedHead, cache_decoded_head, check_head, check_source, densify, splice
 
 WEIGHTS = "embzip.safetensors"
 MANIFEST = "embzip.json"
@@ -38,8 +38,6 @@ def check_output_dir(path: str | os.PathLike, force: bool, inputs: tuple = ()) -
 def param_stats(model: torch.nn.Module) -> dict[str, int]:
     """Unique stored numbers and their bytes: parameters (shared tensors counted once) and the buffers of
     compressed embeddings (indices, packed integers, scales, codebooks)."""
-    from .splice import CompressedEmbedding
-
     seen: dict[int, torch.Tensor] = {}
     for p in model.parameters():
         seen.setdefault(id(p), p)
@@ -140,18 +138,7 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             model.save_pretrained(tmp)
         else:
             splice(model, factors, head)
-            config = {
-                "model_type": "embzip",
-                "architectures": ["EmbzipModel"],
-                "embzip_format_version": DIR_FORMAT_VERSION,
-                "base_architecture": type(model).__name__,
-                "base_config": model.config.to_dict(),
-                "head": head,
-                "kind": factors.kind,
-                "embedding_module": _module_name(model, model.get_input_embeddings()),
-                "dtype": model_dtype,
-            }
-            (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            _write_config(model, tmp, head, factors.kind, model_dtype)
             if not streamed:
                 save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if streamed:
@@ -203,6 +190,64 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
     finally:
         outputs.remove_partial(tmp)
     return summary
+
+
+def _write_config(model: torch.nn.Module, directory: Path, head: str, kind: str, dtype: str,
+                  base_dtype: bool = False) -> None:
+    """The config.json of a compressed directory: model type "embzip", the base model's config nested (its dtype
+    replaced by `dtype` with `base_dtype`, for a model cast since it was loaded)."""
+    base = model.config.to_dict()
+    if base_dtype:
+        base["dtype"] = dtype
+    config = {
+        "model_type": "embzip",
+        "architectures": ["EmbzipModel"],
+        "embzip_format_version": DIR_FORMAT_VERSION,
+        "base_architecture": type(model).__name__,
+        "base_config": base,
+        "head": head,
+        "kind": kind,
+        "embedding_module": _module_name(model, model.get_input_embeddings()),
+        "dtype": dtype,
+    }
+    (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
+
+
+def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_main_process: bool = True,
+                 safe_serialization: bool = True, max_shard_size: Any = None, **unsupported: Any) -> None:
+    """`save_pretrained` of a model with a compressed embedding spliced in (as `load_model` and `embzip apply`
+    leave it): writes a compressed directory that `load_model`, or transformers after `import embzip`, loads
+    back exactly. Plain transformers' save would write the compressed tensors under the original model's
+    config, and loading that would give the model a fresh, random embedding without an error.
+
+    Like transformers, it writes into `directory` (created if missing) and replaces files of the same names;
+    it writes one weights file (`max_shard_size` is accepted and not used) and the generation config, not
+    the tokenizer. Options that need the plain save (`state_dict`, `push_to_hub`, a pickle format) are refused.
+    """
+    from safetensors.torch import save_model
+
+
+    if unsupported or not safe_serialization:
+        given = sorted(unsupported) + ([] if safe_serialization else ["safe_serialization=False"])
+        raise ModelError(f"save_pretrained of a model with a compressed embedding takes a directory only "
+                         f"(not {', '.join(given)}); it writes an embzip directory in safetensors")
+    if not is_main_process:
+        return
+    emb = model.get_input_embeddings()
+    kind = emb.kind.kind if isinstance(emb, CompressedEmbedding) else "lowrank"
+    head = "tied" if isinstance(model.get_output_embeddings(), _TiedHead) else "input"
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError(f"{directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_config(model, directory, head, kind, str(emb.out_dtype).removeprefix("torch."), base_dtype=True)
+    save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(directory)
+    manifest = {"embzip_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "written_by": "save_pretrained", "kind": kind, "head": head}
+    (directory / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))
 
 
 def _load_dense(directory: Path):
@@ -292,7 +337,7 @@ def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, wri
 
     A model may keep some modules in float32 (`_keep_in_fp32_modules`) while the rest is bfloat16: loading
     the file into a model built all in bfloat16 would round them. Tensors written in the model's own dtype
-    (`written`) take the dtype the model is built in (`built`).
+    (`written`) take the dtype the model is built in (`built`), except a compressed embedding's stored tensors.
     """
     from safetensors import safe_open
 
@@ -308,7 +353,8 @@ def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, wri
         except AttributeError:
             continue  # the strict load names it
         tensor = getattr(module, attr, None)
-        target = built if dtype == written else dtype
+        # a compressed embedding's stored tensors keep their format whatever the model is built in (as under casts)
+        target = built if dtype == written and not isinstance(module, CompressedEmbedding) else dtype
         if dtype is None or not isinstance(tensor, torch.Tensor) or tensor.dtype == target:
             continue
         if isinstance(tensor, torch.nn.Parameter):

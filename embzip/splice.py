@@ -72,34 +72,57 @@ def _forget(module: nn.Module, name: str) -> None:
     module.__dict__.get("_kept_values", {}).pop(name, None)
 
 
-def _keep_embed_scale(module: nn.Module, embed_scale: torch.Tensor | None) -> None:
-    """Some models (Gemma) scale the looked-up rows; the replacing module keeps that (not saved: it is derived)."""
-    if embed_scale is not None:
-        module.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
-    else:
-        module.embed_scale = None
+class _CompactEmbedding(nn.Module):
+    """What the compact embedding modules share: shape, padding index, a model's embedding scale, the dtype
+    their rows come out in, and a clear error for code that reads a dense `.weight`.
+
+    The output dtype follows the model's own casts (`model.half()`, `model.to(torch.bfloat16)`, `model.float()`),
+    so the rows keep matching the layers they feed."""
+
+    def __init__(self, shape: tuple[int, int], *, padding_idx: int | None, embed_scale: torch.Tensor | None,
+                 dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = shape
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype
+        if embed_scale is not None:  # some models (Gemma) scale the looked-up rows; derived, so not saved
+            self.register_buffer("embed_scale", embed_scale.detach().clone(), persistent=False)
+        else:
+            self.embed_scale = None
+
+    def _apply(self, fn, recurse=True):
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype  # what a floating tensor becomes
+        return super()._apply(fn, recurse)
+
+    def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name != "weight":
+                raise
+        raise AttributeError(
+            f"{type(self).__name__} keeps the embedding compact and has no dense `weight`: call it on token ids for "
+            f"their rows, or use .matrix() for the whole decoded {self.num_embeddings} x {self.embedding_dim} "
+            f"matrix. Changing the vocabulary (resize_token_embeddings) needs the original model, compressed "
+            f"again after the change") from None
 
 
-class FactoredEmbedding(nn.Module):
+class FactoredEmbedding(_CompactEmbedding):
     """Token embedding rebuilt from low-rank factors: row i = codes[i] @ decoder + bias."""
 
     def __init__(self, factors: Factors, *, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None):
-        super().__init__()
+        super().__init__(factors.shape, padding_idx=padding_idx, embed_scale=embed_scale, dtype=dtype or factors.dtype)
         self.codes = nn.Parameter(factors.codes.detach().clone())
         self.decoder = nn.Parameter(factors.decoder.detach().clone())
         self.bias = None if factors.bias is None else nn.Parameter(factors.bias.detach().clone())
         self.norms = None if factors.norms is None else nn.Parameter(factors.norms.detach().clone())
-        self.num_embeddings, self.embedding_dim = factors.shape
-        self.padding_idx = padding_idx
-        self.out_dtype = dtype or factors.dtype
-        _keep_embed_scale(self, embed_scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self._rows(input_ids)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(out.dtype)
-        return out
+        return self._scaled(self._rows(input_ids))
 
     def _rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         dt = self.out_dtype
@@ -188,24 +211,36 @@ def buffer_name(tensor_name: str) -> str:
     return tensor_name.replace(".", "__")
 
 
-class CompressedEmbedding(nn.Module):
+class CompressedEmbedding(_CompactEmbedding):
     """Token embedding kept compressed (quantized or codebook): decodes only the looked-up rows."""
 
     def __init__(self, compressed: Compressed, *, padding_idx: int | None = None,
                  embed_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None):
-        super().__init__()
+        super().__init__(compressed.shape, padding_idx=padding_idx, embed_scale=embed_scale,
+                         dtype=dtype or compressed.dtype)
         self.kind = type(compressed)
         self.names = tuple(compressed.tensors())
         for name, t in compressed.tensors().items():  # buffer names cannot hold ".": stage0.codes -> stage0__codes
             self.register_buffer(buffer_name(name), t.detach().clone())
         self.meta = dict(compressed.meta)
-        self.num_embeddings, self.embedding_dim = compressed.shape
-        self.padding_idx = padding_idx
-        self.out_dtype = dtype or compressed.dtype
-        _keep_embed_scale(self, embed_scale)
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, buffer_name(name)) for name in self.names}
+
+    def _apply(self, fn, recurse=True):
+        """Moves (`model.to("cuda")`) reach the stored tensors; casts (`model.half()`) do not: their dtypes are the
+        format the bits per weight count (16-bit scales and gains, int8 tables), and rounding float16 scales to
+        bfloat16 would cost accuracy for nothing. The rows come out in the new dtype all the same (out_dtype)."""
+        stored = {id(t) for t in self.stored().values()}
+
+        def keeping_dtype(t: torch.Tensor) -> torch.Tensor:
+            if id(t) in stored:
+                target = fn(t.new_empty(0))
+                if target.dtype != t.dtype:
+                    return t.to(device=target.device)
+            return fn(t)
+
+        return super()._apply(keeping_dtype, recurse)
 
     def compressed(self) -> Compressed:
         return self.kind.from_tensors(self.stored(), dict(self.meta))
@@ -218,10 +253,7 @@ class CompressedEmbedding(nn.Module):
         return self.rows(slice(None)).to(self.out_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.rows(input_ids.reshape(-1)).view(*input_ids.shape, self.embedding_dim).to(self.out_dtype)
-        if self.embed_scale is not None:
-            out = out * self.embed_scale.to(out.dtype)
-        return out
+        return self._scaled(self.rows(input_ids.reshape(-1)).view(*input_ids.shape, self.embedding_dim).to(self.out_dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, kind={self.kind.kind}"
@@ -421,12 +453,29 @@ class Swap:
     def restore(self) -> None:
         for path, old, _ in reversed(self.swaps):
             _set_module(self.model, path, old)
+        self.model.__dict__.pop("save_pretrained", None)
 
     def reapply(self) -> None:
         for path, _, new in self.swaps:
             _set_module(self.model, path, new)
+        # transformers' own save would write the compressed tensors under the base config: a directory it then
+        # loads with a random embedding. While spliced, the model saves as a compressed directory instead.
+        self.model.save_pretrained = _SaveCompact(self.model)
 
     __call__ = restore
+
+
+class _SaveCompact:
+    """A spliced model's save_pretrained (modeldir.save_compact); an object rather than a bound function, so the
+    model still deep-copies and pickles."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs) -> None:
+        from .modeldir import save_compact
+
+        save_compact(self.model, save_directory, **kwargs)
 
 
 @contextmanager

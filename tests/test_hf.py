@@ -204,3 +204,86 @@ def test_embzip_first_then_transformers_and_no_code_copied(tiny, tmp_path):
     new = write(tiny, tmp_path / "new", "llama")
     old = old_style(Path(new), tmp_path / "old", marker)
     assert python(EMBZIP_FIRST, new, old, marker, tmp_path / "modules", tmp_path=tmp_path).strip() == "ok"
+
+
+def compressed(tiny, path, kind, dtype, method):
+    """A directory `embzip apply` wrote for the tiny `kind` model with `method` (a size each tiny model takes)."""
+    from embzip.methods import recipe
+
+    opened = open_model(tiny(kind, dtype))
+    size = {"codebook": {"bits": 6}, "svd": {"rank": 3}}.get(method, {})
+    factors, _ = embzip.compress(opened, recipe(method), write=False, **size)
+    apply_factors(opened, factors, path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind,dtype,method", [("llama", "float32", "codebook"), ("llama", "bfloat16", "int4"),
+                                               ("llama-untied", "float32", "int8"), ("bert-encoder", "bfloat16", "svd")])
+def test_save_pretrained_writes_a_compressed_directory(tiny, tmp_path, kind, dtype, method):
+    # transformers' own save would put the compressed tensors under the base config: a directory that it loads
+    # with a fresh random embedding and no error
+    auto = AUTO[kind.removesuffix("-untied")]
+    model = auto.from_pretrained(compressed(tiny, tmp_path / "out", kind, dtype, method))
+    model.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "embzip.safetensors").is_file() and not (tmp_path / "saved" / "model.safetensors").exists()
+    again = auto.from_pretrained(tmp_path / "saved")
+    assert type(again.get_input_embeddings()) is type(model.get_input_embeddings()) and again.dtype == model.dtype
+    assert type(again.get_output_embeddings()) is type(model.get_output_embeddings())
+    assert torch.equal(logits(again), logits(model))
+
+
+def test_save_pretrained_refuses_what_it_cannot_honour(tiny, tmp_path):
+    model = load_model(compressed(tiny, tmp_path / "out", "llama", "float32", "int8"))
+    for options in ({"push_to_hub": True}, {"state_dict": model.state_dict()}, {"safe_serialization": False}):
+        with pytest.raises(embzip.ModelError, match="takes a directory only"):
+            model.save_pretrained(tmp_path / "saved", **options)
+    assert not (tmp_path / "saved").exists()
+
+
+def test_a_spliced_model_saves_compressed_until_restored(tiny, tmp_path):
+    opened = open_model(tiny("llama"))
+    with embzip.spliced(opened.model, svd_factors(opened.embedding.detach(), 3), "tied") as model:
+        expected = logits(model)
+        model.save_pretrained(tmp_path / "compact")
+    assert "save_pretrained" not in vars(opened.model)  # transformers' own again
+    assert torch.equal(logits(load_model(tmp_path / "compact")), expected)
+
+
+@pytest.mark.parametrize("method", ["codebook", "int4", "int8", "svd"])
+def test_a_compressed_model_follows_dtype_casts(tiny, tmp_path, method):
+    import copy
+    import io
+
+    directory = compressed(tiny, tmp_path / "out", "llama", "float32", method)
+    model = load_model(directory)
+    expected, emb = logits(model), model.get_input_embeddings()
+    formats = {name: t.dtype for name, t in getattr(emb, "stored", dict)().items()}  # a compressed kind's
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = copy.deepcopy(model).to(dtype)  # deep copies and pickles like any model
+        rows = cast.get_input_embeddings()(IDS)
+        got = logits(cast)
+        assert rows.dtype == got.dtype == dtype
+        # the stored format is kept (float16 scales are not rounded to bfloat16), as when loaded in that dtype
+        assert {name: t.dtype for name, t in getattr(cast.get_input_embeddings(), "stored", dict)().items()} == formats
+        assert torch.equal(rows, load_model(directory, dtype=dtype).get_input_embeddings()(IDS))
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 0.02  # the 16-bit model's rounding only
+        cast.save_pretrained(tmp_path / str(dtype))
+        back = load_model(tmp_path / str(dtype))
+        assert back.dtype == dtype and torch.equal(back.get_input_embeddings()(IDS), rows)
+        buffer = io.BytesIO()
+        torch.save(cast, buffer)
+        assert torch.equal(logits(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)), got)
+    widened = load_model(compressed(tiny, tmp_path / "bf16", "llama", "bfloat16", method)).float()
+    assert widened.get_input_embeddings()(IDS).dtype == logits(widened).dtype == torch.float32
+
+
+def test_code_that_reads_a_dense_weight_is_told_what_to_use(tiny, tmp_path):
+    model = load_model(compressed(tiny, tmp_path / "out", "llama", "float32", "codebook"))
+    emb, expected = model.get_input_embeddings(), logits(model)
+    assert not hasattr(emb, "weight")
+    with pytest.raises(AttributeError, match=r"no dense `weight`.*\.matrix\(\)"):
+        emb.weight
+    with pytest.raises(AttributeError, match="needs the original model"):
+        model.resize_token_embeddings(emb.num_embeddings + 8)
+    assert emb.num_embeddings == model.config.vocab_size and torch.equal(logits(model), expected)  # unchanged
+    assert torch.allclose(emb.matrix()[IDS[0]], emb(IDS)[0], atol=1e-6)  # what to use instead of .weight
