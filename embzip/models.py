@@ -81,6 +81,11 @@ class OpenedModel:
         from .modeldir import param_stats  # counts a compressed embedding's stored buffers too
 
         n_params = param_stats(self.model)["params"]
+        emb = self.model.get_input_embeddings()
+        factored = not hasattr(emb, "weight")
+        # a compressed embedding's share is that of what it stores (as model_params counts it), not of V x d
+        own = sum(t.numel() for t in (*emb.parameters(), *emb.buffers(recurse=False)) if t is not getattr(
+            emb, "embed_scale", None)) if factored else self.vocab_size * self.hidden_size
         return {
             "model": self.source,
             "path": self.path,
@@ -89,13 +94,13 @@ class OpenedModel:
             "kind": self.kind,
             "tied": self.tied,
             "embedding": self.embedding_name,
-            "factored": not hasattr(self.model.get_input_embeddings(), "weight"),
+            "factored": factored,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "dtype": str(_embedding_dtype(self.model.get_input_embeddings())).removeprefix("torch."),
             "tokenizer_size": self.tokenizer_size,
             "model_params": n_params,
-            "embedding_share": self.vocab_size * self.hidden_size / n_params,
+            "embedding_share": own / n_params,
         }
 
 
