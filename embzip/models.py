@@ -408,6 +408,55 @@ def for_statistics(model: Any) -> Any:
     return cast
 
 
+DECODE_ATTENTION = "embzip_sdpa_float32_decode"  # the attention implementation `float32_decode_attention` sets
+
+
+def _sdpa_float32_decode(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention, except that a one-token query of a bfloat16 model on a CPU is computed in
+    float32: torch's CPU kernel takes about 1.6 ms for it in bfloat16 against 0.2 ms in float32 (32 sequences,
+    64 cached positions, Gemma-3-270M's 4 heads of 256), and the result is at least as exact."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or query.dtype != torch.bfloat16 or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+    return out.to(query.dtype), weights
+
+
+def _register_decode_attention() -> bool:
+    """Register DECODE_ATTENTION with transformers (its attention and mask interfaces, transformers 4.53 and
+    later); False where they do not exist."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(DECODE_ATTENTION, _sdpa_float32_decode)
+    AttentionMaskInterface.register(DECODE_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return True
+
+
+@contextlib.contextmanager
+def float32_decode_attention(model: Any):
+    """Within the block, a model that uses sdpa attention computes each one-token query of a bfloat16 forward
+    pass on a CPU in float32 (`_sdpa_float32_decode`): the steps of the model's own samples, which spent a
+    third of their time in that kernel. Other queries, dtypes, devices and attention implementations run as
+    they did; on exit the model's implementation is put back. Where transformers cannot take it (before
+    4.53), the block runs the model as it is."""
+    previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if previous != "sdpa" or not hasattr(model, "set_attn_implementation") or not _register_decode_attention():
+        yield model
+        return
+    model.set_attn_implementation(DECODE_ATTENTION)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
 def is_tied(model: Any) -> bool:
     out = model.get_output_embeddings()
     weight = getattr(out, "weight", None)

@@ -19,7 +19,8 @@ counted, forced ones too: what the model predicts there is its own distribution 
 context. It trades English for the other languages (docs/method.md), so it is off by default.
 
 The model runs in the dtype its CPU multiplies fastest (`models.for_statistics`: bfloat16 where there are
-bf16 instructions), and `draw` picks each token in two exact steps, a block of ids by its mass, then a token
+bf16 instructions; the attention of each step's one-token queries in float32, `models.float32_decode_attention`,
+where torch's bfloat16 kernel is several times slower), and `draw` picks each token in two exact steps, a block of ids by its mass, then a token
 in the block by the exponential race `torch.multinomial` runs, so few random numbers are needed. Tokens of
 probability below 2^-24 are never drawn (`_floored`); their expected counts are kept.
 
@@ -50,11 +51,12 @@ from . import options
 from .errors import ModelError, OptionError
 
 _OPENINGS = Path(__file__).parent / "data" / "openings.txt"
-_BATCH = 32  # sequences sampled together
+_BATCH = 64  # sequences sampled together
 _BLOCK = 512  # ids per block of `draw`'s first step
 _FLOOR = 2.0**-24  # a token whose probability is below this is never drawn (its expected count stays): _floored
-_VERSION = 3  # of what sample_statistics computes; cached statistics of another version are never read
-# 3: `draw` picks a block, then a token in it; 2: a race over whole rows; 1: torch.multinomial
+_VERSION = 4  # of what sample_statistics computes; cached statistics of another version are never read
+# 4: one-token attention of a bfloat16 model in float32; 3: `draw` picks a block, then a token in it; 2: a race
+# over whole rows; 1: torch.multinomial
 log = logging.getLogger("embzip")
 
 
@@ -125,7 +127,7 @@ def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     The model samples `config.tokens` positions (sequences of `config.length`, several at once)
     with its KV cache, at temperature 1 and no truncation, seeded by `config.seed`.
     """
-    from .models import for_statistics, input_device
+    from .models import float32_decode_attention, for_statistics, input_device
     from .progress import bar
     from .scoring import head_input_of
 
@@ -149,8 +151,8 @@ def sample_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     buffer = None  # the probabilities of a batch, float32, reused by every step
     try:
-        with torch.inference_mode(), bar("sampling from the model", -(-sequences // batch) * config.length,
-                                             enabled=progress) as shown:
+        with torch.inference_mode(), float32_decode_attention(model), \
+                bar("sampling from the model", -(-sequences // batch) * config.length, enabled=progress) as shown:
             for first in range(0, sequences, batch):
                 prompts = forced[first:first + batch]
                 n = len(prompts)

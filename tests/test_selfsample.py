@@ -360,3 +360,41 @@ def test_a_signal_while_the_sample_is_cached_leaves_no_temporary_file(tiny, tmp_
                                      directory=tmp_path)
     monkeypatch.setattr(selfsample.os, "replace", real)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_one_token_attention_of_a_bfloat16_model_runs_in_float32_within_the_block_only(tiny, monkeypatch):
+    import transformers
+    from transformers.integrations import sdpa_attention
+
+    from embzip.models import DECODE_ATTENTION, float32_decode_attention
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny("llama", "bfloat16")).eval()
+    assert model.config._attn_implementation == "sdpa"
+    seen = []
+    real = sdpa_attention.sdpa_attention_forward
+    monkeypatch.setattr(sdpa_attention, "sdpa_attention_forward",
+                        lambda module, q, *args, **kwargs: seen.append((q.shape[2], q.dtype)) or real(module, q, *args,
+                                                                                                         **kwargs))
+
+    import inspect
+
+    cache = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # transformers 5
+
+    def step_logits():  # a prompt, then one step with the KV cache: the query of one token
+        with torch.inference_mode():
+            out = model(input_ids=torch.tensor([[2, 10, 11, 12]]), use_cache=True)
+            return model(input_ids=torch.tensor([[13]]), **{cache: getattr(out, cache)}).logits[0, -1].float()
+
+    plain = step_logits()
+    with float32_decode_attention(model):
+        assert model.config._attn_implementation == DECODE_ATTENTION
+        seen.clear()
+        fast = step_logits()
+    assert model.config._attn_implementation == "sdpa"  # put back
+    layers = model.config.num_hidden_layers
+    assert seen == [(4, torch.bfloat16)] * layers + [(1, torch.float32)] * layers  # the prompt as it was
+    assert torch.allclose(fast, plain, atol=0.02 * plain.abs().max().item())  # bfloat16 rounding apart
+
+    model.set_attn_implementation("eager")  # another implementation is left alone
+    with float32_decode_attention(model):
+        assert model.config._attn_implementation == "eager"
