@@ -453,7 +453,8 @@ class Swap:
     def restore(self) -> None:
         for path, old, _ in reversed(self.swaps):
             _set_module(self.model, path, old)
-        self.model.__dict__.pop("save_pretrained", None)
+        for name in ("save_pretrained", "tie_weights"):
+            self.model.__dict__.pop(name, None)
 
     def reapply(self) -> None:
         for path, _, new in self.swaps:
@@ -461,8 +462,19 @@ class Swap:
         # transformers' own save would write the compressed tensors under the base config: a directory it then
         # loads with a random embedding. While spliced, the model saves as a compressed directory instead.
         self.model.save_pretrained = _SaveCompact(self.model)
+        self.model.tie_weights = _KeepTies()
 
     __call__ = restore
+
+
+class _KeepTies:
+    """A spliced model's tie_weights (which transformers and accelerate call, e.g. before dispatching a model):
+    nothing to do. A tied compressed head reads the compressed embedding itself, and a head kept with
+    `head="input"` keeps the original matrix on purpose; transformers' own tie_weights would look for the
+    embedding's `.weight`, which a compressed embedding does not have, and fail."""
+
+    def __call__(self, *args, **kwargs) -> None:
+        return None
 
 
 class _SaveCompact:

@@ -245,7 +245,7 @@ def test_a_spliced_model_saves_compressed_until_restored(tiny, tmp_path):
     with embzip.spliced(opened.model, svd_factors(opened.embedding.detach(), 3), "tied") as model:
         expected = logits(model)
         model.save_pretrained(tmp_path / "compact")
-    assert "save_pretrained" not in vars(opened.model)  # transformers' own again
+    assert "save_pretrained" not in vars(opened.model) and "tie_weights" not in vars(opened.model)  # transformers'
     assert torch.equal(logits(load_model(tmp_path / "compact")), expected)
 
 
@@ -287,3 +287,14 @@ def test_code_that_reads_a_dense_weight_is_told_what_to_use(tiny, tmp_path):
         model.resize_token_embeddings(emb.num_embeddings + 8)
     assert emb.num_embeddings == model.config.vocab_size and torch.equal(logits(model), expected)  # unchanged
     assert torch.allclose(emb.matrix()[IDS[0]], emb(IDS)[0], atol=1e-6)  # what to use instead of .weight
+
+
+@pytest.mark.parametrize("kind,head", [("llama", "tied"), ("llama", "input"), ("bert-mlm", "tied")])
+def test_tie_weights_of_a_loaded_compressed_model_changes_nothing(tiny, tmp_path, kind, head):
+    # transformers' tie_weights (accelerate calls it before dispatching) would look for the embedding's `.weight`
+    model = load_model(write(tiny, tmp_path / "out", kind, head=head))
+    expected = logits(model)
+    model.tie_weights()
+    assert torch.equal(logits(model), expected)
+    reads_it = getattr(model.get_output_embeddings(), "embedding", None) is model.get_input_embeddings()
+    assert reads_it == (head == "tied")  # a kept head keeps its own matrix
