@@ -226,7 +226,6 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     """
     from safetensors.torch import save_model
 
-
     if unsupported or not safe_serialization:
         given = sorted(unsupported) + ([] if safe_serialization else ["safe_serialization=False"])
         raise ModelError(f"save_pretrained of a model with a compressed embedding takes a directory only "

@@ -83,9 +83,9 @@ class OpenedModel:
         n_params = param_stats(self.model)["params"]
         emb = self.model.get_input_embeddings()
         factored = not hasattr(emb, "weight")
-        # a compressed embedding's share is that of what it stores (as model_params counts it), not of V x d
-        own = sum(t.numel() for t in (*emb.parameters(), *emb.buffers(recurse=False)) if t is not getattr(
-            emb, "embed_scale", None)) if factored else self.vocab_size * self.hidden_size
+        # a compressed embedding's share is that of what it stores (counted as model_params counts it), not V x d
+        own = sum(t.numel() for t in (*emb.parameters(), *getattr(emb, "stored", dict)().values())) if factored \
+            else self.vocab_size * self.hidden_size
         return {
             "model": self.source,
             "path": self.path,

@@ -19,10 +19,11 @@ counted, forced ones too: what the model predicts there is its own distribution 
 context. It trades English for the other languages (docs/method.md), so it is off by default.
 
 The model runs in the dtype its CPU multiplies fastest (`models.for_statistics`: bfloat16 where there are
-bf16 instructions; the attention of each step's one-token queries in float32, `models.float32_decode_attention`,
-where torch's bfloat16 kernel is several times slower), and `draw` picks each token in two exact steps, a block of ids by its mass, then a token
-in the block by the exponential race `torch.multinomial` runs, so few random numbers are needed. Tokens of
-probability below 2^-24 are never drawn (`_floored`); their expected counts are kept.
+bf16 instructions; the attention of each step's one-token queries in float32, where torch's bfloat16 kernel is
+several times slower: `models.float32_decode_attention`), 64 sequences at a time, and `draw` picks each token
+in two exact steps, a block of ids by its mass, then a token in the block by the exponential race
+`torch.multinomial` runs, so few random numbers are needed. Tokens of probability below 2^-24 are never drawn
+(`_floored`); their expected counts are kept.
 
 `cached_statistics` keeps each sample on disk (`$EMBZIP_CACHE/samples`, ~5 MB for Gemma-3-270M),
 keyed by everything the statistics depend on: the sampler's version, the settings, the start token,
