@@ -188,10 +188,9 @@ class EmbeddingOnly(OpenedModel):
     pass can run. The tokenizer loads on first use. `checkpoint` gives access to every other tensor.
     """
 
-    def __init__(self, *args, checkpoint: Checkpoint, embedding_key: str, tokenizer_size: int | None,
-                 trust_remote_code: bool = False, **kwargs):
+    def __init__(self, *args, checkpoint: Checkpoint, embedding_key: str, trust_remote_code: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.checkpoint, self.embedding_key, self._tokenizer_size = checkpoint, embedding_key, tokenizer_size
+        self.checkpoint, self.embedding_key, self._tokenizer_size = checkpoint, embedding_key, _NOT_LOADED
         self.trust_remote_code = trust_remote_code  # the command's setting, for the tokenizer built on first use
         self.original_weight = self.model.get_input_embeddings().weight  # the mapped tensor, kept through splices
 
@@ -210,8 +209,13 @@ class EmbeddingOnly(OpenedModel):
 
     @property
     def tokenizer_size(self) -> int | None:
-        if self._tokenizer is _NOT_LOADED and self._tokenizer_size is not None:
-            return self._tokenizer_size
+        """From tokenizer.json on first use, without building the tokenizer (parsing Gemma's 33 MB of it takes
+        over a second, which only `embzip info` needs), unless the tokenizer is built already."""
+        if self._tokenizer is _NOT_LOADED:
+            if self._tokenizer_size is _NOT_LOADED:
+                self._tokenizer_size = _tokenizer_size(Path(self.path))
+            if self._tokenizer_size is not None:
+                return self._tokenizer_size
         return super().tokenizer_size
 
 
@@ -255,8 +259,7 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
         model.get_output_embeddings().weight = weight
     revision = revision or getattr(config, "_commit_hash", None)
     return EmbeddingOnly(model, _NOT_LOADED, source, str(local), kind, tied, f"{emb_name}.weight", revision,
-                         checkpoint=checkpoint, embedding_key=key, tokenizer_size=_tokenizer_size(local),
-                         trust_remote_code=trust_remote_code)
+                         checkpoint=checkpoint, embedding_key=key, trust_remote_code=trust_remote_code)
 
 
 def available_memory(device: str) -> dict[Any, int]:
