@@ -232,6 +232,10 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
                          f"(not {', '.join(given)}); it writes an embzip directory in safetensors")
     if not is_main_process:
         return
+    if any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
+        raise ModelError("this model holds only its embedding in memory (opened with load='embedding', as `embzip "
+                         "apply` opens a large model), so it cannot be saved from here; use the directory `apply` "
+                         "wrote, or open the model whole")
     emb = model.get_input_embeddings()
     kind = emb.kind.kind if isinstance(emb, CompressedEmbedding) else "lowrank"
     head = "tied" if isinstance(model.get_output_embeddings(), _TiedHead) else "input"
@@ -239,11 +243,13 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     if directory.exists() and not directory.is_dir():
         raise OutputError(f"{directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
-    _write_config(model, directory, head, kind, str(emb.out_dtype).removeprefix("torch."), base_dtype=True)
+    # the weights first and the config after them: a save that fails part way leaves no config naming weights
+    # that are not there
     save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(directory)
+    _write_config(model, directory, head, kind, str(emb.out_dtype).removeprefix("torch."), base_dtype=True)
     manifest = {"embzip_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "written_by": "save_pretrained", "kind": kind, "head": head}
     (directory / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))

@@ -240,6 +240,17 @@ def test_save_pretrained_refuses_what_it_cannot_honour(tiny, tmp_path):
     assert not (tmp_path / "saved").exists()
 
 
+def test_save_pretrained_refuses_a_model_that_holds_only_its_embedding(tiny, tmp_path):
+    from embzip.methods import recipe
+
+    opened = open_model(tiny("llama"), load="embedding")  # as `embzip apply` streams a large model
+    factors, _ = embzip.compress(opened, recipe("int8"), write=False)
+    apply_factors(opened, factors, tmp_path / "out")
+    with pytest.raises(embzip.ModelError, match="holds only its embedding"):
+        opened.model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_a_spliced_model_saves_compressed_until_restored(tiny, tmp_path):
     opened = open_model(tiny("llama"))
     with embzip.spliced(opened.model, svd_factors(opened.embedding.detach(), 3), "tied") as model:
