@@ -273,9 +273,10 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
 @command
 def info(model: ModelArg = None, trust_remote_code: TrustOpt = False, as_json: JsonOpt = False,
          quiet: QuietOpt = False) -> None:
-    """Show a model's token embedding: shape, share of all parameters, tied output head, kind, and how many of
-    its rows belong to tokens the tokenizer can never produce (unreachable_rows: a codebook leaves them out
-    when the head is not tied)."""
+    """Show a model's token embedding: shape, share of all parameters, bits per weight (32 or 16 for a plain
+    matrix; what a compressed directory stores), tied output head, kind, and how many of its rows belong to
+    tokens the tokenizer can never produce (unreachable_rows: a codebook leaves them out when the head is not
+    tied)."""
     from .models import open_model
     from .reach import unreachable_rows
 

@@ -83,9 +83,9 @@ class OpenedModel:
         n_params = param_stats(self.model)["params"]
         emb = self.model.get_input_embeddings()
         factored = not hasattr(emb, "weight")
-        # a compressed embedding's share is that of what it stores (counted as model_params counts it), not V x d
-        own = sum(t.numel() for t in (*emb.parameters(), *getattr(emb, "stored", dict)().values())) if factored \
-            else self.vocab_size * self.hidden_size
+        # a compressed embedding is what it stores (counted as model_params counts it), not a V x d matrix
+        stored = [*emb.parameters(), *getattr(emb, "stored", dict)().values()] if factored else [emb.weight]
+        own = sum(t.numel() for t in stored)
         return {
             "model": self.source,
             "path": self.path,
@@ -101,6 +101,7 @@ class OpenedModel:
             "tokenizer_size": self.tokenizer_size,
             "model_params": n_params,
             "embedding_share": own / n_params,
+            "bits_per_weight": 8 * sum(t.numel() * t.element_size() for t in stored) / (self.vocab_size * self.hidden_size),
         }
 
 

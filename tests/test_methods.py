@@ -79,6 +79,7 @@ def test_fit_then_apply_reloads_the_same_logits_and_shrinks(tiny, tmp_path, kind
     # its share is what the embedding stores now, against the model's stored numbers (both as param_stats counts)
     assert described["model_params"] == applied["params_after"]
     assert described["embedding_share"] == pytest.approx(factors.num_params() / applied["params_after"])
+    assert described["bits_per_weight"] == pytest.approx(factors.bits_per_weight())  # as stored in the directory
     result = run("apply", out, f, "--out", tmp_path / "again")
     assert result.exit_code == 1 and "already compressed" in result.stderr and not (tmp_path / "again").exists()
 

@@ -52,6 +52,7 @@ def test_open_model_describes_the_embedding(tiny):
     info = open_model(tiny("llama")).describe()
     assert info["kind"] == "causal-lm" and info["tied"] and info["vocab_size"] == info["tokenizer_size"] + 7
     assert info["embedding"] == "model.embed_tokens.weight" and 0 < info["embedding_share"] < 1
+    assert info["bits_per_weight"] == 32 and open_model(tiny("llama", "bfloat16")).describe()["bits_per_weight"] == 16
     assert open_model(tiny("bert-encoder")).describe()["kind"] == "encoder"
     assert open_model(tiny("bert-mlm")).describe()["kind"] == "masked-lm"
 
