@@ -446,12 +446,19 @@ def float32_decode_attention(model: Any):
     pass on a CPU in float32 (`_sdpa_float32_decode`): the steps of the model's own samples, which spent a
     third of their time in that kernel. Other queries, dtypes, devices and attention implementations run as
     they did; on exit the model's implementation is put back. Where transformers cannot take it (before
-    4.53), the block runs the model as it is."""
+    4.53, or a model whose attention does not use transformers' attention interface), the block runs the model
+    as it is."""
     previous = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    if previous != "sdpa" or not hasattr(model, "set_attn_implementation") or not _register_decode_attention():
+    if previous != "sdpa" or not getattr(model, "_supports_attention_backend", False) \
+            or not hasattr(model, "set_attn_implementation") or not _register_decode_attention():
+        yield model  # a model whose attention does not go through transformers' interface runs as it is
+        return
+    try:
+        model.set_attn_implementation(DECODE_ATTENTION)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # it runs as it is, only not faster
+        log.debug("one-token attention stays %s for %s: %s", previous, type(model).__name__, exc)
         yield model
         return
-    model.set_attn_implementation(DECODE_ATTENTION)
     try:
         yield model
     finally:

@@ -398,3 +398,11 @@ def test_one_token_attention_of_a_bfloat16_model_runs_in_float32_within_the_bloc
     model.set_attn_implementation("eager")  # another implementation is left alone
     with float32_decode_attention(model):
         assert model.config._attn_implementation == "eager"
+    model.set_attn_implementation("sdpa")
+
+    def refuse(name):
+        raise ValueError(f"{name} is not supported")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)  # a model that cannot take it runs as it is
+    with float32_decode_attention(model):
+        assert model.config._attn_implementation == "sdpa" and torch.equal(step_logits(), plain)
