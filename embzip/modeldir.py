@@ -98,9 +98,13 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def _copy_side_files(opened, tmp: Path) -> None:
     if opened.tokenizer is not None:
         opened.tokenizer.save_pretrained(tmp)
-    generation = getattr(opened.model, "generation_config", None)
-    if generation is not None and getattr(opened.model, "can_generate", lambda: False)():
-        generation.save_pretrained(tmp)
+    _save_generation_config(opened.model, tmp)
+
+
+def _save_generation_config(model: torch.nn.Module, directory: Path) -> None:
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(directory)
 
 
 def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: str | None = None, dense: bool = False,
@@ -246,9 +250,7 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     # the weights first and the config after them: a save that fails part way leaves no config naming weights
     # that are not there
     save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
-    generation = getattr(model, "generation_config", None)
-    if generation is not None and getattr(model, "can_generate", lambda: False)():
-        generation.save_pretrained(directory)
+    _save_generation_config(model, directory)
     _write_config(model, directory, head, kind, str(emb.out_dtype).removeprefix("torch."), base_dtype=True)
     manifest = {"embzip_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "written_by": "save_pretrained", "kind": kind, "head": head}

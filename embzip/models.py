@@ -85,7 +85,7 @@ class OpenedModel:
         factored = not hasattr(emb, "weight")
         # a compressed embedding is what it stores (counted as model_params counts it), not a V x d matrix
         stored = [*emb.parameters(), *getattr(emb, "stored", dict)().values()] if factored else [emb.weight]
-        own = sum(t.numel() for t in stored)
+        own, bits = sum(t.numel() for t in stored), 8 * sum(t.numel() * t.element_size() for t in stored)
         return {
             "model": self.source,
             "path": self.path,
@@ -101,7 +101,7 @@ class OpenedModel:
             "tokenizer_size": self.tokenizer_size,
             "model_params": n_params,
             "embedding_share": own / n_params,
-            "bits_per_weight": 8 * sum(t.numel() * t.element_size() for t in stored) / (self.vocab_size * self.hidden_size),
+            "bits_per_weight": bits / (self.vocab_size * self.hidden_size),
         }
 
 
