@@ -62,6 +62,20 @@ class Checkpoint:
         """{dtype, shape, data_offsets} of one tensor."""
         return self.header(self.weight_map[name])[1][name]
 
+    def main_dtype(self, exclude: str | None = None) -> str | None:
+        """The floating dtype (torch's name) that holds most of the stored numbers outside tensor `exclude`, or None.
+        A config's dtype may not be what the file holds (a bfloat16 file under "dtype": "float32")."""
+        import math
+
+        names = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+        totals: dict[str, int] = {}
+        for name in self.weight_map:
+            entry = self.entry(name) if name != exclude else {}
+            if entry.get("dtype") in names:
+                key = names[entry["dtype"]]
+                totals[key] = totals.get(key, 0) + math.prod(entry["shape"])
+        return max(totals, key=totals.get) if totals else None
+
     def nbytes(self) -> int:
         return sum((self.directory / f).stat().st_size for f in self.files)
 
@@ -165,6 +179,28 @@ def tensor_name(model: Any, checkpoint: Checkpoint, module_name: str) -> str | N
     return ending[0] if len(ending) == 1 else None
 
 
+def _head_stored_apart(model: Any, checkpoint: Checkpoint, key: str) -> bool:
+    """Whether a model its config ties stores an output head of other values than the embedding `key`; if so, the
+    skeleton's head is untied (a placeholder of its own, copied from the checkpoint like any tensor) and so is its
+    config, as transformers does when it loads such a checkpoint (it warns and keeps the stored head)."""
+    import torch
+
+    out = model.get_output_embeddings()
+    head_key = tensor_name(model, checkpoint, _module_name(model, out))
+    if head_key is None or head_key == key:
+        return False
+    if checkpoint.entry(head_key)["shape"] == checkpoint.entry(key)["shape"] and torch.equal(
+            checkpoint.tensor(head_key), checkpoint.tensor(key)):
+        return False  # stored twice, the same values: tied
+    out.weight = torch.nn.Parameter(torch.empty_like(out.weight, device="meta"), requires_grad=False)
+    for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(config, "tie_word_embeddings", False):
+            config.tie_word_embeddings = False
+    log.warning("%s: the config ties the output head to the embedding, but the checkpoint stores a different "
+                "%s; as transformers does, the head is kept as stored (untied)", checkpoint.directory, head_key)
+    return True
+
+
 def _tokenizer_size(path: Path) -> int | None:
     """len(tokenizer) from tokenizer.json without building the tokenizer (which can cost hundreds of MB);
     None when there is no tokenizer.json."""
@@ -252,7 +288,7 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
     if tuple(stored["shape"]) != tuple(emb.weight.shape):
         raise ModelError(f"{source}: the checkpoint's {key} is {stored['shape']} but the config says "
                          f"{list(emb.weight.shape)}")
-    tied = is_tied(model)
+    tied = is_tied(model) and not _head_stored_apart(model, checkpoint, key)
     weight = torch.nn.Parameter(checkpoint.tensor(key), requires_grad=False)
     emb.weight = weight
     if tied:

@@ -39,7 +39,7 @@ def sentences(text: Text, limit: int = 256) -> list[str]:
 
 def sentence_vectors(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
     """Mean-pooled last hidden states, one row per text (float32, CPU)."""
-    from .models import input_device
+    from .models import check_token_ids, input_device
 
     device = input_device(model)  # accelerate-dispatched models included
     base = getattr(model, "base_model", model)
@@ -48,6 +48,8 @@ def sentence_vectors(model, tokenizer, texts: list[str], *, batch_size: int = 32
         for i in range(0, len(texts), batch_size):
             batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                               return_tensors="pt").to(device)
+            check_token_ids(int(batch["input_ids"].max()), model.get_input_embeddings().num_embeddings, tokenizer,
+                            type(model).__name__)
             hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())

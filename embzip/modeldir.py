@@ -142,7 +142,9 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             model.save_pretrained(tmp)
         else:
             splice(model, factors, head)
-            _write_config(model, tmp, head, factors.kind, model_dtype)
+            # streamed layers are copied as the files hold them, which is what the directory must be built in
+            stored = opened.checkpoint.main_dtype(exclude=opened.embedding_key) if streamed else None
+            _write_config(model, tmp, head, factors.kind, model_dtype, base_dtype=stored)
             if not streamed:
                 save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if streamed:
@@ -197,12 +199,12 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
 
 
 def _write_config(model: torch.nn.Module, directory: Path, head: str, kind: str, dtype: str,
-                  base_dtype: bool = False) -> None:
+                  base_dtype: str | None = None) -> None:
     """The config.json of a compressed directory: model type "embzip", the base model's config nested (its dtype
-    replaced by `dtype` with `base_dtype`, for a model cast since it was loaded)."""
+    replaced by `base_dtype` where given: the dtype a cast model has now, or the one the files hold)."""
     base = model.config.to_dict()
-    if base_dtype:
-        base["dtype"] = dtype
+    if base_dtype is not None:
+        base["dtype"] = base_dtype
     config = {
         "model_type": "embzip",
         "architectures": ["EmbzipModel"],
@@ -251,7 +253,8 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     # that are not there
     save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
     _save_generation_config(model, directory)
-    _write_config(model, directory, head, kind, str(emb.out_dtype).removeprefix("torch."), base_dtype=True)
+    dtype = str(emb.out_dtype).removeprefix("torch.")
+    _write_config(model, directory, head, kind, dtype, base_dtype=dtype)
     manifest = {"embzip_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "written_by": "save_pretrained", "kind": kind, "head": head}
     (directory / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))

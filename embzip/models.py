@@ -465,6 +465,16 @@ def float32_decode_attention(model: Any):
         model.set_attn_implementation(previous)
 
 
+def check_token_ids(largest: int, rows: int, tokenizer: Any, what: str) -> None:
+    """Refuse token ids the embedding has no row for (a tokenizer larger than the model's vocabulary), before the
+    model fails on them with an index error."""
+    if largest >= rows:
+        size = f" ({len(tokenizer):,} tokens)" if tokenizer is not None else ""
+        raise ModelError(f"{what}: the tokenizer{size} gives token id {largest:,} on this text, but the embedding has "
+                         f"{rows:,} rows: the tokenizer does not belong to this model, or it was extended without "
+                         "resizing the embedding")
+
+
 def is_tied(model: Any) -> bool:
     out = model.get_output_embeddings()
     weight = getattr(out, "weight", None)

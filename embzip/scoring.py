@@ -40,7 +40,7 @@ import torch
 
 from . import options
 from .errors import DataError, ModelError, OptionError
-from .models import CAUSAL_LM, ENCODER, OpenedModel, evaluating, text_config
+from .models import CAUSAL_LM, ENCODER, OpenedModel, check_token_ids, evaluating, text_config
 from .progress import bar
 from .texts import Text
 
@@ -81,6 +81,7 @@ def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: i
             continue
         enc = tok(line, truncation=True, max_length=max_len, return_special_tokens_mask=True, verbose=False)
         ids, special = enc["input_ids"], enc["special_tokens_mask"]
+        check_token_ids(max(ids, default=-1), opened.vocab_size, tok, opened.source)
         real = [i for i, s in enumerate(special) if not s]
         if len(real) < min_tokens:
             continue
@@ -117,6 +118,7 @@ def _causal_jobs(opened: OpenedModel, text: Text, *, window: int | None, stride:
     fast = getattr(tok, "is_fast", False)
     enc = tok(joined, add_special_tokens=False, return_offsets_mapping=fast, verbose=False)
     text_ids = list(enc["input_ids"])
+    check_token_ids(max(text_ids, default=-1), opened.vocab_size, tok, opened.source)
     bos = tok.bos_token_id
     ids = ([bos] if bos is not None else []) + text_ids
     if max_tokens is not None:

@@ -116,6 +116,15 @@ def world(tiny, tmp_path_factory):
     (hostile / "evil.py").write_text(EVIL_CODE.format(marker=str(marker)))
     _edit_json(hostile / "config.json",
                lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"}))
+    for kind, name in (("gpt2", "smallvocab"), ("bert-encoder", "smallbert")):  # a tokenizer larger than the model
+        import transformers
+
+        small = transformers.AutoModel.from_pretrained(tiny(kind)) if kind != "gpt2" else \
+            transformers.AutoModelForCausalLM.from_pretrained(tiny(kind))
+        small.resize_token_embeddings(40)
+        small.save_pretrained(root / name)
+        transformers.AutoTokenizer.from_pretrained(tiny(kind)).save_pretrained(root / name)
+        save_factors(svd_factors(small.get_input_embeddings().weight.detach(), 3), root / f"{name}.safetensors")
     (root / "short.txt").write_text("the people said it was hot .\n")
     (root / "trainonly").mkdir()
     (root / "trainonly" / "train.txt").write_text("the people said it was hot .\nand then it rained .\n")
@@ -147,6 +156,10 @@ ROWS = [
     (["apply", "{w}/model", "{w}/model", "-o", "out"], 1, "is a directory; give the .safetensors file"),
     (["svd", "", "-k", "2"], 1, "MODEL is empty"),
     (["info", "{w}/badjson"], 1, "config.json is not valid JSON"),
+    (["perplexity", "{w}/smallvocab"], 1, "gives token id"),  # ids the embedding has no row for
+    (["perplexity", "{w}/smallvocab", "--factors", "{w}/smallvocab.safetensors"], 1, "but the embedding has 40 rows"),
+    (["bench", "{w}/smallvocab", "--methods", "int8", "--out", "{t}/b"], 1, "the tokenizer does not belong"),
+    (["perplexity", "{w}/smallbert", "--factors", "{w}/smallbert.safetensors"], 1, "but the embedding has 40 rows"),
     (["info", "{w}/listcfg"], 1, "config.json is not a JSON object"),
     (["svd", "{w}/listcfg", "-k", "2"], 1, "config.json is not a JSON object"),
     (["svd", "{w}/hidden", "-k", "2"], 1, "transformer.wte.weight is [105, 32] but the config says [105, 48]"),

@@ -128,3 +128,38 @@ def test_a_corrupted_copy_is_caught_and_nothing_is_kept(tiny, tmp_path, monkeypa
     with pytest.raises(ModelError, match="differs"):
         apply_factors(light, factors, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_a_tied_config_over_a_head_stored_apart_is_untied_as_transformers_does(tiny, tmp_path, same):
+    """A checkpoint whose config ties the head but which stores its own lm_head.weight: transformers keeps the
+    stored head when its values differ (it warns), so embzip must not put the compressed embedding in its place."""
+    import shutil
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from embzip.factors import load_factors
+    from embzip.modeldir import apply_factors, load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny("llama"), model_dir)
+    tensors = load_file(model_dir / "model.safetensors")
+    embedding = tensors["model.embed_tokens.weight"]
+    tensors["lm_head.weight"] = embedding.clone() if same else torch.randn(embedding.shape,
+                                                                             generator=torch.Generator().manual_seed(0))
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    opened = open_model(str(model_dir), load="embedding")
+    assert isinstance(opened, EmbeddingOnly) and opened.tied == same
+    assert opened.tied == open_model(str(model_dir)).tied  # as the full load sees it
+    compress(opened, "svd", rank=3, out=tmp_path / "f.safetensors")
+    factors = load_factors(tmp_path / "f.safetensors")
+    summary = apply_factors(opened, factors, tmp_path / "out")
+    assert summary["head"] == ("tied" if same else "input")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir)  # what transformers runs
+    reference.get_input_embeddings().weight.data = factors.reconstruct().to(embedding.dtype)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).logits, load_model(tmp_path / "out")(input_ids=ids).logits
+    if not same:
+        assert torch.allclose(got, expected, atol=1e-5)

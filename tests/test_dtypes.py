@@ -95,6 +95,29 @@ def test_reload_rebuilds_buffers_as_from_pretrained_does(tiny, tmp_path, kind, d
         assert buffers["model.rotary_emb.inv_freq"].dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["llama", "bert-mlm"])
+def test_a_config_whose_dtype_is_not_the_files_gives_a_directory_that_runs(tiny, tmp_path, kind):
+    """A stranger's bfloat16 checkpoint whose config says float32: the directory records what its files hold, so
+    the whole model is built in that dtype (it was built in float32 around bfloat16 layers, and failed to run)."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny(kind, "bfloat16"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["dtype"] = "float32"
+    config.pop("torch_dtype", None)
+    (model / "config.json").write_text(json.dumps(config))
+    run("svd", model, "--rank", 3, "-o", tmp_path / "f.safetensors", "-q")
+    run("apply", model, tmp_path / "f.safetensors", "--out", tmp_path / "out", "--json", "-q")
+    reloaded = load_model(tmp_path / "out")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["base_config"]["dtype"] == "bfloat16"
+    with torch.no_grad():
+        out = reloaded(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    logits = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_dense_apply_keeps_the_dtype(tiny, tmp_path, dtype):
     model = tiny("llama", dtype)
