@@ -55,6 +55,10 @@ def __getattr__(name):  # torch-heavy pieces load on first use, so `import embzi
     return getattr(importlib.import_module(f".{module}", __name__), attr)
 
 
+def __dir__():  # dir(), tab completion and help(embzip) see the lazy names too
+    return sorted(set(globals()) | set(_LAZY))
+
+
 def register() -> None:
     """Register embzip's config and model classes with transformers' Auto classes now.
 

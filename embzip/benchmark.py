@@ -25,7 +25,7 @@ from .errors import FactorsError, OptionError, OutputError
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
 from .models import CAUSAL_LM, ENCODER, OpenedModel, input_device
-from .methods import FIXED, RANK, Recipe, recipe, resolve_size
+from .methods import BITS, FIXED, RANK, Recipe, recipe, resolve_size
 from .modeldir import param_stats
 from .outputs import check_output_folder
 from .pipeline import check_finite, factorize, size_label
@@ -58,6 +58,7 @@ class BenchConfig:
             recipe(name)  # raises ValueError naming the known methods
         if self.ranks is not None and self.ratios is not None:
             raise OptionError("give ranks or ratios, not both")
+        self._check_sizes_are_used()
         for name in ("ranks", "ratios", "bits"):
             values = getattr(self, name)
             if values is not None and (not values or len(set(values)) != len(values)):
@@ -69,6 +70,24 @@ class BenchConfig:
         for name in ("sentences", "latency_repeats"):  # the library's alone
             options.positive(name, getattr(self, name), integer=True)
         options.seed(options.flagged("seed"), self.seed)
+
+
+    def _check_sizes_are_used(self) -> None:
+        """A list of sizes no chosen method reads is an error, not a no-op (see `sizes`)."""
+        kinds = {recipe(name).spec.sized_by for name in self.methods}
+        chosen = ",".join(self.methods)
+        if self.ratios is not None and self.bits is not None:
+            raise OptionError(f"give {options.flagged('ratios')} or {options.flagged('bits')}, not both: ratios size "
+                              "every method that has sizes")
+        if self.ranks is not None and RANK not in kinds:
+            raise OptionError(f"{options.flagged('ranks')} size low-rank methods (svd, aware, wsvd, paper), and none "
+                              f"of {chosen} is one")
+        if self.ratios is not None and kinds <= {FIXED}:
+            raise OptionError(f"{options.flagged('ratios')} size low-rank and codebook methods; {chosen} have one "
+                              "size each")
+        if self.bits is not None and BITS not in kinds and (RANK not in kinds or self.ranks is not None):
+            raise OptionError(f"{options.flagged('bits')} size codebook methods (and low-rank ones without ranks), "
+                              f"and none of {chosen} takes them" + (" here" if RANK in kinds else ""))
 
 
 DEFAULT_METHODS = ("svd", "aware", "int8", "int4", "codebook")
@@ -115,6 +134,7 @@ def _cached_factors(cache: Path | None, method: str, size, opened: OpenedModel, 
 
 def _latency_batch(opened: OpenedModel, text) -> torch.Tensor:
     ids = opened.tokenizer("\n".join(text.lines[:64]), return_tensors="pt").input_ids[0] if opened.tokenizer else None
+    ids = None if ids is None else ids[ids < opened.vocab_size]  # timing only: ids beyond the embedding left out
     if ids is None or len(ids) < 256:
         ids = torch.arange(256) % opened.vocab_size
     return ids[:256].view(4, 64)

@@ -138,9 +138,9 @@ def _file_path(value: str) -> Path:
 
 
 OutFileOpt = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", parser=_file_path, metavar="<path>", help="Factors file to write (default: MODEL.METHOD-SIZE.safetensors in the current directory, such as "
-                        "gemma-3-270m.svd-r256.safetensors, gemma-3-270m.codebook-2b.safetensors or "
-                        "gemma-3-270m.int4.safetensors).", show_default=False)]
+    "--out", "-o", parser=_file_path, metavar="<path>", help="Factors file to write. Default: named after the model, method and size, in the current "
+                        "directory: MODEL.METHOD-SIZE.safetensors, such as gemma-3-270m.int4.safetensors (or "
+                        "codebook-2b, svd-r256 for the size).", show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (a directory only if embzip "
                                                             "wrote it; never the input or the current directory).")]
@@ -153,7 +153,7 @@ HeadOpt = Annotated[Optional[Head], typer.Option(
 TextOpt = Annotated[Optional[Path], typer.Option(
     "--text", help="A UTF-8 text file to score, one paragraph or sentence per line.", show_default=False)]
 DatasetOpt = Annotated[Optional[str], typer.Option(
-    "--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]], e.g. wikitext:wikitext-2-raw-v1:test (split "
+    "--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]], e.g. wikitext:wikitext-2-raw-v1 (split "
                       "default test; a local folder of text files: DIR::train). Without --text or --dataset: a "
                       "public-domain English sample shipped with embzip (Alice in Wonderland, ch. I-IV).",
     show_default=False)]
@@ -262,12 +262,25 @@ def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # a long path wraps whole instead of ending in "…"
     for key, value in summary.items():
-        if isinstance(value, float):
-            value = f"{value:.6g}"
-        elif isinstance(value, int) and not isinstance(value, bool):
-            value = f"{value:,}"
-        table.add_row(key, Text(str(value)))  # as it is: a path's "[x]" or ":b:" is not markup or an emoji
+        table.add_row(key, Text(_summary_cell(value)))  # as it is: a path's "[x]" or ":b:" is not markup or an emoji
     Console().print(table)
+
+
+def _summary_cell(value: Any) -> str:
+    """A summary value as people read it: "-" for none, a mapping as key=value pairs (--json keeps the types)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_summary_cell(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_summary_cell(v) for v in value)
+    return str(value)
 
 
 @command
@@ -307,9 +320,10 @@ PAPER, DATA, CODEBOOK, QUANT, HEAL = ("Method paper", "Data-aware methods (aware
                                      "Method int4", "Healing (low-rank and codebook methods)")
 
 
-def _opt(help: str, panel: str | None = None, **kw):
-    """An option of `embzip fit` shown under `panel` in --help (its default is the parameter's)."""
-    return typer.Option(help=help, rich_help_panel=panel, **kw)
+def _opt(help: str, panel: str | None = None, *, flag: str | None = None, **kw):
+    """An option of `embzip fit` shown under `panel` in --help (its default is the parameter's); `flag`: an on/off
+    option's one name, without the --no- form that would widen every row of --help's table."""
+    return typer.Option(*([flag] if flag else []), help=help, rich_help_panel=panel, **kw)
 
 
 @command
@@ -349,7 +363,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                                 "trades English quality for theirs (docs/method.md): 0.5 for a "
                                                 "model used mostly in other languages.", DATA)] = 0.0,
         keep_norms: Annotated[bool, _opt("aware, wsvd: store each row's exact length (V more numbers, "
-                                                "counted in the size); the factors code directions.", DATA)] = False,
+                                                "counted in the size); the factors code directions.", DATA,
+                                         flag="--keep-norms")] = False,
         focus: Annotated[float, _opt("codebook: share of the budget for one more stage over only the rows whose "
                                      "token-weighted error is largest (the frequent tokens'); 0 turns it off. Used "
                                      "where that share pays for its codebook and at least as many rows.",
@@ -364,7 +379,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                                "produce (a WordPiece vocabulary's unused entries, ##!, ##. and the "
                                                "like). By default a model without a tied head leaves them out (their "
                                                "lookups return one shared fill row) and gives their bits to the "
-                                               "other rows.", CODEBOOK)] = False,
+                                               "other rows.", CODEBOOK, flag="--code-unreachable")] = False,
         min_piece_dim: Annotated[Optional[float], _opt("codebook: N, the fewest coordinates a piece has on average "
                                                         "in a stage every row has: a stage holds at most d / N pieces "
                                                         "and larger budgets add stages. Default: 2 with a tied head "
@@ -379,7 +394,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                         "models.", HEAL)] = 0,
         heal_lr: Annotated[Optional[float], _opt("Healing: Adam learning rate (default 1e-3; codebooks 5e-3, "
                                                  "relative to each codebook's RMS).", HEAL)] = None,
-        weighted: Annotated[bool, _opt("Weight each row's loss by its token weight.", PAPER)] = False,
+        weighted: Annotated[bool, _opt("Weight each row's loss by its token weight.", PAPER, flag="--weighted")] = False,
         epochs: Annotated[int, _opt("Passes over all embedding rows.", PAPER)] = 30,
         anneal_epochs: Annotated[int, _opt("First epochs, over which the L1 exponent falls from --alpha-start "
                                                "to --alpha-end.", PAPER)] = 20,
@@ -465,7 +480,13 @@ def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int) -> None:
         if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
             users = [m.name for m in REGISTRY.values() if name in m.options]
             flag = "--" + name.replace("_", "-")
-            owners = f"--method {' / '.join(users)}" if users else "the low-rank and codebook methods"
+            if users:
+                owners = f"--method {' / '.join(users)}"
+            elif name in _DATA_OPTIONS:
+                data_aware = [m.name for m in REGISTRY.values() if m.uses_text]
+                owners = f"the methods that read a text ({', '.join(data_aware)}; paper with --weighted)"
+            else:
+                owners = "the low-rank and codebook methods"
             raise typer.BadParameter(f"{flag} is an option of {owners}, not of {spec.name}")
     source = ctx.get_parameter_source("heal_lr")
     if heal_steps == 0 and getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
@@ -477,7 +498,7 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
           factors: Annotated[Path, typer.Argument(help="Factors file from `embzip svd` or `embzip fit`.")],
           out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
           head: HeadOpt = None,
-          dense: Annotated[bool, typer.Option(help="Write a plain transformers directory with the rebuilt matrix "
+          dense: Annotated[bool, typer.Option("--dense", help="Write a plain transformers directory with the rebuilt matrix "
                                                    "(loads anywhere, saves no space).")] = False,
           force: ForceOpt = False, trust_remote_code: TrustOpt = False, as_json: JsonOpt = False,
           quiet: QuietOpt = False) -> None:
@@ -516,7 +537,7 @@ def perplexity(model: ModelArg = None,
                head: HeadOpt = None, text: TextOpt = None, dataset: DatasetOpt = None,
                max_tokens: Annotated[Optional[int], typer.Option(
                    help="Stop after scoring about this many tokens.", show_default=False)] = None,
-               pseudo: Annotated[bool, typer.Option(help="Masked LMs: pseudo-perplexity (each token masked once) "
+               pseudo: Annotated[bool, typer.Option("--pseudo", help="Masked LMs: pseudo-perplexity (each token masked once) "
                                                          "instead of 15% whole-word masking.")] = False,
                window: Annotated[Optional[int], typer.Option(
                    help="Causal LMs: tokens per window (default: min(context, 1024)).", show_default=False)] = None,
@@ -572,7 +593,7 @@ def bench(model: ModelArg = None,
                    "weighted by token counts), aware (embzip's data-aware SVD), int8 and int4 (quantization "
                    "baselines), codebook (learned codebooks), fit (the default of `embzip fit`); add +heal to a "
                    "low-rank or codebook method for a short distillation after it, e.g. codebook+heal (slow on a CPU "
-                   "for large models).")
+                   "for large models). Default: svd, aware, int8, int4 and codebook.", show_default=False)
           ] = "svd,aware,int8,int4,codebook",
           text: TextOpt = None, dataset: DatasetOpt = None,
           weights_text: Annotated[Optional[Path], typer.Option(

@@ -189,7 +189,7 @@ def is_factors_file(path: str | os.PathLike) -> bool:
 
 
 def load_factors(path: str | os.PathLike) -> Compressed:
-    """Read a factors file (any kind; format 1 to 4), checking its format, version and claims."""
+    """Read a factors file (any kind; format version 1 to the current one), checking its format, version and claims."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 

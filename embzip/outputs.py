@@ -101,17 +101,30 @@ def names_a_folder(path: str | os.PathLike) -> bool:
     return str(path).endswith(("/", os.sep))
 
 
+def _check_not_empty(given, example: str) -> None:
+    if not str(given).strip():  # Path("") is the current directory
+        raise OutputError(f"the output path is empty; give a {example}")
+
+
 def check_output_file(path: str | os.PathLike, force: bool, *,
                       inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Refuse an output file that exists (unless force), is a directory or an input, has a name too
     long for the file system, or whose directory is missing or read-only."""
     given = path
+    _check_not_empty(given, "file name such as factors.safetensors")
+    if str(given) == "-":
+        raise OutputError("output - would be a file named '-': embzip writes a safetensors file, not to stdout "
+                          "(use --json for a summary on stdout); give a file name")
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)  # first: stat() fails on a name too long
     remove_stale(path)
     if path.is_dir() or names_a_folder(given):
         raise OutputError(f"output {given} is a directory; give a file name such as {path / 'factors.safetensors'}")
-    exists = path.exists() or path.is_symlink()
+    if path.is_symlink() or (path.exists() and not path.is_file()):  # --force would replace the link or the node
+        what = "a symbolic link" if path.is_symlink() else "not a regular file (a device, pipe or socket)"
+        raise OutputError(f"output {given} is {what}; embzip replaces only regular files, even with --force: "
+                          "give the path of a file")
+    exists = path.exists()
     _check_inputs(given, path.resolve(), inputs, inside=exists)  # a new file beside the model's own is fine
     if exists and not force:
         raise OutputError(f"output {given} already exists; pass --force to overwrite it")
@@ -126,6 +139,7 @@ def check_output_dir(path: str | os.PathLike, force: bool, *, marker: str,
     --force replaces only a directory holding `marker` (the manifest embzip writes), never the
     current directory or one containing it, nor an input or a directory containing one."""
     given = path
+    _check_not_empty(given, "directory name")
     path = Path(os.path.normpath(path))
     _check_name(Path(os.path.abspath(path)), given)
     remove_stale(path)  # a dead run's old output comes back before it is checked
@@ -150,6 +164,7 @@ def check_output_dir(path: str | os.PathLike, force: bool, *, marker: str,
 def check_output_folder(path: str | os.PathLike) -> Path:
     """A directory that several files are written into and that is created if missing (bench --out)."""
     given = path
+    _check_not_empty(given, "directory name")
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)
     if (path.exists() or path.is_symlink()) and not path.is_dir():

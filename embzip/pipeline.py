@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
+from .errors import DataError, OptionError
 from .compressed import Compressed, reconstruction_metrics, storage_dtype
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
@@ -89,6 +89,8 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     method = recipe.name
     device = resolve_device(device)
     check_size(recipe.spec, rank=rank, ratio=ratio, bits=bits)  # a size the method cannot take, named first
+    if not write and out is not None:
+        raise OptionError(f"out={str(out)!r} names a file to write, and write=False writes none: give one of them")
     if write and out is not None:
         check_output_file(out, force, inputs=[model if isinstance(model, str) else None])  # before the slow part
     opened = model if isinstance(model, OpenedModel) else open_model(

@@ -14,7 +14,7 @@ For each codebook file (fitted on MODEL with the default recipe) it prints:
 With --synthetic it also fits a codebook (no focus stage, uniform weights) to Gaussian rows with the same
 spectrum and the same budget, to separate the quantizer's own loss from what the real rows add.
 
-The weights come from the model's samples like a fit's (cached in ~/.cache/embzip after the first run). A
+The weights come from the model's samples like a fit's (cached in $EMBZIP_CACHE, by default ~/.cache/embzip, after the first run). A
 Gaussian source is the hardest one for a given covariance, so the bound is what an ideal quantizer reaches on
 Gaussian rows, not a limit for every distribution: docs/method.md says why these rows behave like Gaussian ones.
 """

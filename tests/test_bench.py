@@ -80,10 +80,16 @@ def test_encoder_gets_fidelity_not_perplexity(tiny, text_file, tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--ranks", "2", "--ratios", "3"], "not both"), (["--ranks", "two"], "comma-separated"),
     (["--methods", "svd,magic"], "unknown method"), (["--ranks", "999"], "largest useful rank"),
+    # sizes no chosen method reads are refused rather than ignored
+    (["--methods", "svd,int8", "--ranks", "2", "--bits", "2"], "none of svd,int8 takes them"),
+    (["--methods", "int8", "--ranks", "2"], "size low-rank methods (svd, aware, wsvd, paper), and none of int8"),
+    (["--methods", "int8,int4", "--ratios", "4"], "int8,int4 have one size each"),
+    (["--methods", "codebook", "--ratios", "4", "--bits", "2"], "or bits (--bits), not both"),
 ])
-def test_bad_bench_arguments(tiny, text_file, args, fragment):
-    result = runner.invoke(app, ["bench", tiny("gpt2"), "--text", text_file, *args])
-    assert result.exit_code != 0 and fragment in " ".join(result.output.split())
+def test_bad_bench_arguments(tiny, text_file, tmp_path, args, fragment):
+    result = runner.invoke(app, ["bench", tiny("gpt2"), "--text", text_file, "--out", tmp_path / "b", *args])
+    assert result.exit_code == 2 and fragment in " ".join(result.output.split())
+    assert not (tmp_path / "b").exists()
 
 
 def test_ctrl_c_keeps_finished_rows(tiny, text_file, tmp_path, monkeypatch):
@@ -195,7 +201,7 @@ def test_an_out_folder_with_another_models_bench_is_refused(tiny, text_file, tmp
                                 "--out", str(out), "--json", "-q"])
     assert first.exit_code == 0, first.output
     before = {p.name: p.read_bytes() for p in (out / "factors").iterdir()}
-    other = runner.invoke(app, ["bench", tiny("llama"), "--ranks", "2", "--methods", "int8", "--text", text_file,
+    other = runner.invoke(app, ["bench", tiny("llama"), "--methods", "int8", "--text", text_file,
                                 "--out", str(out), "-q"])
     assert other.exit_code == 1 and "holds the bench of another model" in other.stderr
     assert {p.name: p.read_bytes() for p in (out / "factors").iterdir()} == before  # nothing of it replaced

@@ -154,11 +154,57 @@ def test_a_signal_after_the_output_is_in_place_says_what_was_written(tiny, tmp_p
     assert "nothing was written" not in result.stderr
 
 
+def test_the_summary_table_shows_none_as_a_dash_and_mappings_as_pairs(tiny):
+    result = run("info", tiny("gpt2"))  # a local directory: no revision
+    assert result.exit_code == 0
+    import re
+
+    assert "None" not in result.stdout and re.search(r"revision\W+-\W", result.stdout), result.stdout
+    from embzip.cli import _summary_cell
+
+    assert _summary_cell({"name": "sentence-fidelity", "sentences": 256, "ratio": 0.5, "x": None}) == (
+        "name=sentence-fidelity, sentences=256, ratio=0.5, x=-")
+
+
 def test_force_overwrites(tiny, tmp_path):
     out = tmp_path / "f.safetensors"
     out.write_bytes(b"old")
     result = run("svd", tiny("gpt2"), "--rank", 2, "--out", out, "--force", "-q")
     assert result.exit_code == 0 and load_factors(out).rank == 2
+
+
+@pytest.mark.parametrize("node", ["symlink", "fifo", "dash"])
+def test_force_never_replaces_what_is_not_a_regular_file(tiny, tmp_path, monkeypatch, node):
+    """`-o /dev/null --force` must not replace the system's /dev/null with a file (nor a pipe, nor a link: the
+    link's target would be left as it was while the link became a file); `-o -` is not stdout."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "target.safetensors"
+    target.write_bytes(b"old")
+    out = {"symlink": tmp_path / "link.safetensors", "fifo": tmp_path / "pipe", "dash": "-"}[node]
+    if node == "symlink":
+        out.symlink_to(target)
+    elif node == "fifo":
+        os.mkfifo(out)
+    result = run("svd", tiny("gpt2"), "--rank", 2, "--out", out, "--force", "-q")
+    assert result.exit_code != 0 and len(result.stderr.strip().splitlines()) == 1
+    message = " ".join(result.stderr.split())
+    assert {"symlink": "is a symbolic link", "fifo": "not a regular file", "dash": "not to stdout"}[node] in message
+    assert target.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        {"symlink": ["link.safetensors", "target.safetensors"], "fifo": ["pipe", "target.safetensors"]}.get(
+            node, ["target.safetensors"]))
+    if node == "symlink":
+        assert (tmp_path / "link.safetensors").is_symlink()
+    if node == "fifo":
+        assert not (tmp_path / "pipe").is_file()
+
+
+def test_an_empty_output_name_is_refused_by_name():
+    from embzip.errors import OutputError
+    from embzip.outputs import check_output_dir, check_output_file
+
+    for check in (lambda: check_output_file("", force=True), lambda: check_output_dir("", True, marker="m")):
+        with pytest.raises(OutputError, match="the output path is empty"):
+            check()
 
 
 @pytest.mark.parametrize("method, args", [("codebook", ["--bits", 8, "--self-tokens", 64, "--metric-tokens", 256]),

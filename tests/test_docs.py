@@ -21,6 +21,12 @@ def test_command_pages_are_current():
         assert path.is_file() and path.read_text() == text, f"{path} is stale: run python docs/generate.py"
 
 
+def test_no_help_cell_is_cut_at_the_pages_width():
+    """rich cuts a word longer than its cell with an ellipsis: the pages (100 columns) must show every word whole."""
+    pages = _generator().pages()
+    assert not [name for name, text in pages.items() if "\u2026" in text]
+
+
 def test_help_is_fast_and_torch_free():
     import subprocess
     import sys
@@ -39,6 +45,17 @@ def test_public_names_are_functions_not_submodules():
         importlib.import_module(f"embzip.{module}")  # importing submodules must not shadow the API
     for name in embzip.__all__:
         assert not isinstance(getattr(embzip, name), types.ModuleType), name
+
+
+def test_dir_and_help_list_the_lazy_api():
+    import pydoc
+
+    import embzip
+
+    assert set(embzip.__all__) <= set(dir(embzip))
+    text = pydoc.render_doc(embzip, renderer=pydoc.plaintext)
+    for name in ("compress", "load_model", "apply_factors", "spliced", "perplexity"):
+        assert f"\n    {name}(" in text, name
 
 
 def test_no_help_text_is_eaten_as_rich_markup():

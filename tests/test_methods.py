@@ -46,6 +46,15 @@ def test_sizes_a_method_cannot_reach_are_refused(method, kwargs, fragment):
         resolve_size(recipe(method), vocab=1000, hidden=64, dtype=torch.float32, **kwargs)
 
 
+def test_compress_refuses_a_file_it_would_not_write(tiny, tmp_path):
+    from embzip import compress
+    from embzip.errors import OptionError
+
+    with pytest.raises(OptionError, match="write=False writes none"):
+        compress(tiny("gpt2"), "svd", rank=2, out=tmp_path / "f.safetensors", write=False)
+    assert not (tmp_path / "f.safetensors").exists()
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert-mlm"])
 @pytest.mark.parametrize("method", ["int8", "int4", "codebook"])
 def test_fit_then_apply_reloads_the_same_logits_and_shrinks(tiny, tmp_path, kind, method, text_file):
@@ -203,7 +212,8 @@ def test_a_cached_head_works_on_a_model_loaded_and_run_under_inference_mode(tiny
     (["--method", "int4", "--bits", "3"], "stores 5 bits per weight"),
     (["--method", "codebook", "--rank", "3"], "takes no --rank"),
     (["--method", "aware", "--epochs", "3"], "--epochs is an option of --method paper, not of aware"),
-    (["--method", "int8", "--weights-text", "x.txt"], "--weights-text is an option"),
+    (["--method", "int8", "--weights-text", "x.txt"], "--weights-text is an option of the methods that read a text"),
+    (["--method", "svd", "--weights-text", "x.txt"], "(wsvd, aware, codebook; paper with --weighted), not of svd"),
     (["--method", "codebook", "--group-size", "16"], "--group-size is an option of --method int4"),
     (["--method", "int8", "--heal-steps", "3"], "--heal-steps is an option of the low-rank and codebook methods, not of int8"),
     (["--method", "codebook", "--bits", "2", "--heal-lr", "0.1"], "--heal-lr sets how healing learns: give --heal-steps"),
