@@ -369,12 +369,13 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
                                      "token-weighted error is largest (the frequent tokens'); 0 turns it off. Used "
                                      "where that share pays for its codebook and at least as many rows.",
                                      CODEBOOK)] = 0.1,
-        vocab_prior: Annotated[float, _opt("codebook, where the model's own samples join the weights (a causal LM "
-                                           "with a tied head): the share of the weights text's total given to a "
-                                           "prior from the tokenizer's vocabulary order (a BPE vocabulary lists its "
-                                           "tokens by frequency on the tokenizer's multilingual training text), so "
-                                           "rows neither the text nor the samples show still get weight by how "
-                                           "common their token is; 0 turns it off.", CODEBOOK, min=0.0)] = 1.0,
+        vocab_prior: Annotated[Optional[float], _opt(
+            "codebook: the share of the weights text's total given to a prior from the order of the tokenizer's "
+            "vocabulary (BPE and BERT's WordPiece vocabularies list their tokens by frequency on the tokenizer's "
+            "training text), so rows the text (and a causal LM's own samples) never show still get weight by how "
+            "common their token is; used where the order agrees with the text's counts. Default: 1 where the model's "
+            "samples join the weights (a causal LM with a tied head), 0.5 otherwise; 0 turns it off.", CODEBOOK,
+            min=0.0, show_default=False)] = None,
         code_unreachable: Annotated[bool, _opt("codebook: also code the rows of tokens the tokenizer can never "
                                                "produce (a WordPiece vocabulary's unused entries, ##!, ##. and the "
                                                "like). By default a model without a tied head leaves them out (their "

@@ -300,14 +300,17 @@ def _check_stored(counts: torch.Tensor, moment: torch.Tensor, model) -> None:
         raise ValueError("values that are not finite, or negative counts")
 
 
-def combine_counts(text_counts: torch.Tensor, sampled: torch.Tensor, prior: torch.Tensor | None = None,
+def combine_counts(text_counts: torch.Tensor, sampled: torch.Tensor | None, prior: torch.Tensor | None = None,
                    prior_share: float = 0.0) -> torch.Tensor:
-    """Text counts plus sampled expected counts, the sample scaled to the text's total; with a `prior` over the
-    rows (weights.vocabulary_prior), plus that prior scaled to `prior_share` of the text's total."""
+    """Text counts plus sampled expected counts (where there are any), the sample scaled to the text's total; with
+    a `prior` over the rows (weights.vocabulary_prior), plus that prior scaled to `prior_share` of the text's
+    total."""
     total = text_counts.sum()
-    if total <= 0:  # no text: the sample alone, scaled to the vocabulary's size
-        text_counts, total = torch.zeros_like(sampled), torch.tensor(float(len(sampled)), dtype=sampled.dtype)
-    out = text_counts + sampled / sampled.sum().clamp_min(1e-300) * total
+    out = text_counts
+    if sampled is not None:
+        if total <= 0:  # no text: the sample alone, scaled to the vocabulary's size
+            text_counts, total = torch.zeros_like(sampled), torch.tensor(float(len(sampled)), dtype=sampled.dtype)
+        out = text_counts + sampled / sampled.sum().clamp_min(1e-300) * total
     if prior is not None and prior_share > 0:
         out = out + prior.to(out.dtype) / prior.sum().clamp_min(1e-300) * total * prior_share
     return out

@@ -67,32 +67,51 @@ def row_weights(counts: torch.Tensor, config: WeightConfig | None = None) -> tor
 
 _ZIPF_OFFSET = 100.0  # prior of the token ranked r: 1 / (r + this), so the first hundred ranks are not extreme
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_RANKED_MODELS = ("BPE", "WordPiece")  # vocabularies whose order can be a frequency rank
+_ORDER_AGREEMENT = -0.1  # the order is taken for a frequency rank only where log(id + 100) and the text's
+# log(count + 1) correlate below this over the ranked tokens: all-MiniLM-L6-v2's WordPiece -0.43, Gemma-3's BPE -0.41
+# with the shipped weights text, the same vocabularies shuffled 0.00 (docs/method.md)
 
 
-def vocabulary_prior(tokenizer, vocab: int) -> torch.Tensor | None:
+def vocabulary_prior(tokenizer, vocab: int, counts: torch.Tensor | None = None,
+                     exclude: torch.Tensor | None = None) -> torch.Tensor | None:
     """A prior over the rows (float64, summing to 1) from the order of the tokenizer's own vocabulary, or None.
 
     A BPE vocabulary lists its tokens in the order its merges were learned, most frequent pair first, on the
     tokenizer's training text, which for a multilingual model covers its languages (Gemma-3's ids 100000-100009:
-    Reactive, μου, jalanan, หว่าง, matériaux, ...). So the id is a frequency rank, and Zipf's law gives the token of
-    rank r a share 1 / (r + 100). Added tokens (special and placeholder ones) and byte-fallback pieces (<0x41>)
-    get none: they are not ranked by frequency. Other tokenizers (WordPiece, Unigram, slow ones) give None.
-    Joined to the sampled counts of a tied head's codebook (`--vocab-prior`), it gave the rows of tokens neither
-    the weights text nor the model's samples show a weight by how common they are (docs/method.md).
+    Reactive, μου, jalanan, หว่าง, matériaux, ...). BERT's WordPiece vocabulary is listed the same way after its
+    single characters (all-MiniLM-L6-v2's ids 1996-2007: the, of, and, in, to, was, ...; 20000: chunk, rigorous,
+    blaine). So the id is a frequency rank, and Zipf's law gives the token of rank r a share 1 / (r + 100). Added
+    tokens (special and placeholder ones), byte-fallback pieces (<0x41>) and the rows in `exclude` (tokens the
+    tokenizer never produces) get none. Other tokenizers (Unigram, word-level, slow ones) give None, and so does a
+    vocabulary whose order does not follow `counts` (the weights text's token counts), where given: nothing
+    promises that a WordPiece file is sorted by frequency.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or type(backend.model).__name__ != "BPE":
+    if backend is None or type(backend.model).__name__ not in _RANKED_MODELS:
         return None
     pieces = backend.get_vocab(with_added_tokens=False)
     byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
-    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    ids = torch.tensor(sorted(i for piece, i in pieces.items() if i < vocab and i not in added
+    skip = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    if exclude is not None:
+        skip |= set(exclude.tolist())
+    ids = torch.tensor(sorted(i for piece, i in pieces.items() if i < vocab and i not in skip
                               and not (byte_fallback and _BYTE_PIECE.fullmatch(piece))), dtype=torch.long)
-    if len(ids) == 0:
+    if len(ids) == 0 or (counts is not None and not _follows_counts(ids, counts)):
         return None
     prior = torch.zeros(vocab, dtype=torch.float64)
     prior[ids] = 1.0 / (ids.double() + _ZIPF_OFFSET)
     return prior / prior.sum()
+
+
+def _follows_counts(ids: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether later ids are rarer in the text: log(id + 100) against log(count + 1), correlated below
+    _ORDER_AGREEMENT (a text that shows none of the tokens, or all alike, cannot tell: False)."""
+    x = (ids.double() + _ZIPF_OFFSET).log()
+    y = counts.double()[ids].log1p()
+    x, y = x - x.mean(), y - y.mean()
+    scale = x.norm() * y.norm()
+    return bool(scale > 0) and (x @ y / scale).item() < _ORDER_AGREEMENT
 
 
 def coverage(counts: torch.Tensor) -> dict[str, float]:

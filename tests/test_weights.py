@@ -43,6 +43,46 @@ def test_vocabularies_not_in_merge_order_give_no_prior(tiny):
     assert vocabulary_prior(None, 10) is None
 
 
+def _zipf_counts(vocab: int) -> torch.Tensor:
+    """Counts of a text in which each token is rarer than the one before it (ids in frequency order)."""
+    return (1000.0 / torch.arange(1, vocab + 1, dtype=torch.float64)).floor()
+
+
+def test_a_wordpiece_vocabulary_in_frequency_order_gives_a_prior_without_unreachable_or_added_rows():
+    """BERT's vocabulary lists its words by frequency; so do these counts."""
+    from conftest import NEVER, wordpiece_tokenizer
+
+    from embzip.reach import unreachable_rows
+
+    tok = wordpiece_tokenizer()
+    vocab = len(tok)
+    unreachable = unreachable_rows(tok, vocab)
+    assert sorted(tok.convert_ids_to_tokens(unreachable.tolist())) == sorted(NEVER)
+    prior = vocabulary_prior(tok, vocab, counts=_zipf_counts(vocab), exclude=unreachable)
+    assert prior is not None and prior.sum().item() == pytest.approx(1.0)
+    assert prior[unreachable].tolist() == [0.0] * len(NEVER)
+    assert prior[tok.all_special_ids].tolist() == [0.0] * len(tok.all_special_ids)
+    ranked = prior[prior > 0]
+    assert len(ranked) == vocab - len(NEVER) - len(tok.all_special_ids)
+    assert (ranked[1:] < ranked[:-1]).all()  # later ids, rarer tokens
+
+
+def test_a_vocabulary_whose_order_disagrees_with_the_texts_counts_gives_no_prior():
+    """Nothing promises that a WordPiece file is sorted by frequency: where later ids are not rarer in the text,
+    the order is not taken for a rank."""
+    from conftest import wordpiece_tokenizer
+
+    tok = wordpiece_tokenizer()
+    vocab = len(tok)
+    counts = _zipf_counts(vocab)
+    assert vocabulary_prior(tok, vocab, counts=counts) is not None
+    assert vocabulary_prior(tok, vocab, counts=counts.flip(0)) is None  # the frequent tokens last
+    shuffled = counts[torch.randperm(vocab, generator=torch.Generator().manual_seed(0))]
+    assert vocabulary_prior(tok, vocab, counts=shuffled) is None  # no order at all
+    assert vocabulary_prior(tok, vocab, counts=torch.zeros(vocab)) is None  # a text that shows no token
+    assert vocabulary_prior(tok, vocab, counts=torch.ones(vocab)) is None  # nor tells them apart
+
+
 def test_the_prior_joins_the_counts_at_its_share_of_the_text_total():
     text = torch.tensor([10.0, 0.0, 0.0, 30.0], dtype=torch.float64)
     sampled = torch.tensor([0.5, 0.5, 1.0, 0.0], dtype=torch.float64)
@@ -55,17 +95,18 @@ def test_the_prior_joins_the_counts_at_its_share_of_the_text_total():
                                                                                           dtype=torch.float64))
 
 
-@pytest.mark.parametrize("kind, dtype", [("gpt2", "float32"), ("llama", "bfloat16")])
-def test_a_sampled_codebook_gives_the_priors_rows_more_weight(tiny, text_file, monkeypatch, kind, dtype):
-    """Where the model's samples join the counts, the prior does too, at the codebook's share; the row it favours
-    gains weight, and what was used is recorded."""
+@pytest.mark.parametrize("kind, dtype", [("gpt2", "float32"), ("llama", "bfloat16"), ("bert-mlm", "float32"),
+                                         ("bert-wordpiece", "bfloat16")])
+def test_the_prior_gives_its_rows_more_weight_with_or_without_samples(tiny, text_file, monkeypatch, kind, dtype):
+    """The prior joins the counts at the codebook's share, whether the model's samples join them (a causal LM) or
+    not (a masked LM, an encoder); the row it favours gains weight, and what was used is recorded."""
     import embzip.weights as weights
 
     opened = embzip.open_model(tiny(kind, dtype))
     favoured = opened.vocab_size - 1
     prior = torch.zeros(opened.vocab_size, dtype=torch.float64)
     prior[favoured] = 1.0
-    monkeypatch.setattr(weights, "vocabulary_prior", lambda tokenizer, vocab: prior)
+    monkeypatch.setattr(weights, "vocabulary_prior", lambda tokenizer, vocab, **kw: prior)
     sample = SampleConfig(tokens=32, length=8)
 
     def weights_at(share):
@@ -73,34 +114,48 @@ def test_a_sampled_codebook_gives_the_priors_rows_more_weight(tiny, text_file, m
                                        codebook=CodebookConfig(vocab_prior=share)))
         return inputs.weights(prior_share=share), inputs.details
 
-    (plain, plain_details), (mixed, details) = weights_at(0.0), weights_at(1.0)
-    assert plain_details["vocab_prior"] == 0.0 and details["vocab_prior"] == 1.0
+    (plain, plain_details), (mixed, details) = weights_at(0.0), weights_at(0.5)
+    assert "vocab_prior" not in plain_details and details["vocab_prior"] == 0.5
     assert mixed[favoured] > 2 * plain[favoured]
     assert mixed.mean().item() == pytest.approx(1.0)
 
 
-def test_without_samples_there_is_no_prior(tiny, text_file, monkeypatch):
+def test_the_default_share_is_one_with_the_models_samples_and_a_half_without():
+    config = CodebookConfig()
+    assert config.prior_share(sampled=True) == 1.0 and config.prior_share(sampled=False) == 0.5
+    assert CodebookConfig(vocab_prior=0.0).prior_share(sampled=True) == 0.0
+    assert CodebookConfig(vocab_prior=2.0).prior_share(sampled=False) == 2.0
+
+
+def test_a_share_of_zero_reads_no_prior(tiny, text_file, monkeypatch):
     import embzip.weights as weights
 
-    monkeypatch.setattr(weights, "vocabulary_prior", lambda tokenizer, vocab: pytest.fail("prior read"))
-    opened = embzip.open_model(tiny("bert-mlm"))  # a masked LM does not sample itself
+    monkeypatch.setattr(weights, "vocabulary_prior", lambda *a, **kw: pytest.fail("prior read"))
+    opened = embzip.open_model(tiny("bert-wordpiece"))
     inputs = Inputs(opened, Recipe(method="codebook", weights_text=text_file))
-    inputs.weights(prior_share=1.0)
+    inputs.weights(prior_share=0.0)
     assert "vocab_prior" not in inputs.details
 
 
-def test_fit_records_the_prior_it_used_and_refuses_bad_or_foreign_shares(tiny, tmp_path):
+@pytest.mark.parametrize("kind, args, used", [
+    ("gpt2", ["--self-tokens", "32"], 0.0),  # a word-level vocabulary has no prior to join
+    ("bert-wordpiece", [], 0.5),  # an encoder's WordPiece vocabulary in frequency order: the text-only share
+])
+def test_fit_records_the_prior_it_used(tiny, tmp_path, kind, args, used):
     from embzip.factors import load_factors
 
-    runner = CliRunner()
     out = tmp_path / "f.safetensors"
-    result = runner.invoke(app, ["fit", tiny("gpt2"), "--bits", "4", "--self-tokens", "32", "-o", str(out), "-q"])
+    result = CliRunner().invoke(app, ["fit", tiny(kind), "--bits", "4", *args, "-o", str(out), "-q"])
     assert result.exit_code == 0, result.output
     meta = load_factors(out).meta
-    assert meta["settings"]["codebook"]["vocab_prior"] == 1.0  # as given (the default)
-    assert meta["vocab_prior"] == 0.0  # as used: a word-level vocabulary has no prior to join
+    assert meta["settings"]["codebook"]["vocab_prior"] is None  # not given: the default
+    assert meta["vocab_prior"] == used
     assert meta["size"] == 4.0 and "bits" not in meta["settings"]["codebook"]  # the budget is the size
-    assert meta["coarse_stages"] == 0 and meta["weight_power"] == 1.0  # what the defaults resolved to
+    assert meta["weight_power"] == 1.0  # what the defaults resolved to
+
+
+def test_fit_refuses_bad_or_foreign_shares(tiny, tmp_path):
+    runner = CliRunner()
     bad = runner.invoke(app, ["fit", tiny("gpt2"), "--bits", "2", "--vocab-prior", "-1", "-o", str(tmp_path / "a")])
     assert bad.exit_code == 2
     foreign = runner.invoke(app, ["fit", tiny("gpt2"), "--method", "int4", "--vocab-prior", "0.5",

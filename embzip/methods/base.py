@@ -90,9 +90,10 @@ class Inputs:
                                                                              self.embedding.shape[0]))
 
     def weights(self, default_power: float = 1.0, prior_share: float = 0.0) -> torch.Tensor:
-        """Row weights (mean 1) from token counts on the weights text, with the recipe's power or, where it gives
-        none, `default_power` (the method's choice for this model and size). Where the model's samples join the
-        counts, so does the tokenizer's vocabulary prior at `prior_share` of the text's total (where it has one)."""
+        """Row weights (mean 1) from token counts on the weights text (and the model's samples, where they join),
+        with the recipe's power or, where it gives none, `default_power` (the method's choice for this model and
+        size); the tokenizer's vocabulary prior (where it has one) joins at `prior_share` of the text's total."""
+        from ..selfsample import combine_counts
         from ..weights import coverage, row_weights, token_counts, vocabulary_prior
 
         if self.opened.tokenizer is None:
@@ -102,14 +103,13 @@ class Inputs:
         counts = self._cached(("counts",) + self._text_key,
                               lambda: token_counts(self.opened.tokenizer, text, self.opened.vocab_size))
         self.details["weights_coverage"] = coverage(counts)
-        sampled = self.sampled()
-        if sampled is not None:
-            from ..selfsample import combine_counts
-
-            prior = self._cached(("prior",), lambda: vocabulary_prior(self.opened.tokenizer, self.opened.vocab_size)) \
-                if prior_share > 0 else None
+        prior = None
+        if prior_share > 0:
+            prior = self._cached(("prior",) + self._text_key, lambda: vocabulary_prior(
+                self.opened.tokenizer, self.opened.vocab_size, counts=counts, exclude=self.unreachable_rows()))
             self.details["vocab_prior"] = prior_share if prior is not None else 0.0
-            counts = combine_counts(counts, sampled[0], prior, prior_share)
+        sampled = self.sampled()
+        counts = combine_counts(counts, None if sampled is None else sampled[0], prior, prior_share)
         config = self.recipe.weights
         if config.power is None:
             config = replace(config, power=default_power)

@@ -35,7 +35,8 @@ def check_bits(bits, vocab, hidden, dtype, recipe):
 def make(inputs, bits, recipe):
     vocab, hidden = inputs.embedding.shape
     config = fitting_config(bits, vocab, hidden, recipe, inputs.opened.tied)
-    weights = inputs.weights(config.weight_power(inputs.opened.tied), prior_share=config.vocab_prior)
+    weights = inputs.weights(config.weight_power(inputs.opened.tied),
+                             prior_share=config.prior_share(inputs.samples_model()))
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
     absent = left_out(inputs, config)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
