@@ -278,7 +278,8 @@ def _encoder_fidelity(opened: OpenedModel, text: Text, factors, *, head, pseudo,
         raise ModelError(f"{opened.source} has no tokenizer; sentence-vector fidelity needs one to read the text")
     from .fidelity import score
 
-    return score(opened, text, factors, batch_size=batch_size, device=device)
+    result = score(opened, text, factors, batch_size=batch_size, device=device)
+    return {**result, "head": "input"}  # as an LM's result names the head the factors were scored with
 
 
 def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | None = None, pseudo: bool = False,
