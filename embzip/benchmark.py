@@ -71,7 +71,6 @@ class BenchConfig:
             options.positive(name, getattr(self, name), integer=True)
         options.seed(options.flagged("seed"), self.seed)
 
-
     def _check_sizes_are_used(self) -> None:
         """A list of sizes no chosen method reads is an error, not a no-op (see `sizes`)."""
         kinds = {recipe(name).spec.sized_by for name in self.methods}

@@ -138,9 +138,10 @@ def _file_path(value: str) -> Path:
 
 
 OutFileOpt = Annotated[Optional[Path], typer.Option(
-    "--out", "-o", parser=_file_path, metavar="<path>", help="Factors file to write. Default: named after the model, method and size, in the current "
-                        "directory: MODEL.METHOD-SIZE.safetensors, such as gemma-3-270m.int4.safetensors (or "
-                        "codebook-2b, svd-r256 for the size).", show_default=False)]
+    "--out", "-o", parser=_file_path, metavar="<path>",
+    help="Factors file to write. Default: named after the model, method and size, in the current directory: "
+         "MODEL.METHOD-SIZE.safetensors, such as gemma-3-270m.int4.safetensors (or codebook-2b, svd-r256 for the "
+         "size).", show_default=False)]
 DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a GPU when torch sees one.")]
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (a directory only if embzip "
                                                             "wrote it; never the input or the current directory).")]
@@ -499,8 +500,8 @@ def apply(ctx: typer.Context, model: Annotated[str, typer.Argument(help="The mod
           factors: Annotated[Path, typer.Argument(help="Factors file from `embzip svd` or `embzip fit`.")],
           out: Annotated[Path, typer.Option("--out", "-o", help="Model directory to write.")],
           head: HeadOpt = None,
-          dense: Annotated[bool, typer.Option("--dense", help="Write a plain transformers directory with the rebuilt matrix "
-                                                   "(loads anywhere, saves no space).")] = False,
+          dense: Annotated[bool, typer.Option("--dense", help="Write a plain transformers directory with the rebuilt "
+                                                              "matrix (loads anywhere, saves no space).")] = False,
           force: ForceOpt = False, trust_remote_code: TrustOpt = False, as_json: JsonOpt = False,
           quiet: QuietOpt = False) -> None:
     """Splice factors into MODEL and write a model directory that loads and runs.
@@ -538,8 +539,8 @@ def perplexity(model: ModelArg = None,
                head: HeadOpt = None, text: TextOpt = None, dataset: DatasetOpt = None,
                max_tokens: Annotated[Optional[int], typer.Option(
                    help="Stop after scoring about this many tokens.", show_default=False)] = None,
-               pseudo: Annotated[bool, typer.Option("--pseudo", help="Masked LMs: pseudo-perplexity (each token masked once) "
-                                                         "instead of 15% whole-word masking.")] = False,
+               pseudo: Annotated[bool, typer.Option("--pseudo", help="Masked LMs: pseudo-perplexity (each token masked "
+                                                                     "once) instead of 15% whole-word masking.")] = False,
                window: Annotated[Optional[int], typer.Option(
                    help="Causal LMs: tokens per window (default: min(context, 1024)).", show_default=False)] = None,
                stride: Annotated[Optional[int], typer.Option(
