@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import jsonout
-from .errors import EmbzipError, Terminated
+from .errors import EmbzipError, Terminated, resource_problem
 from .options import SELF_TOKENS
 from .progress import stderr
 
@@ -230,6 +230,12 @@ def command(fn):
             except KeyboardInterrupt:
                 _error_line("interrupted", _what_was_written())
                 raise typer.Exit(130) from None
+            except Exception as exc:  # memory or disk space that ran out: one line too; anything else is a bug
+                problem = resource_problem(exc)
+                if problem is None:
+                    raise
+                _error_line("error", f"{problem} ({_what_was_written()})")
+                raise typer.Exit(1) from None
 
     return app.command()(wrapper)
 

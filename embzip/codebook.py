@@ -540,18 +540,19 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     x = e @ root.float().to(device)
     wd = w.to(device=device, dtype=torch.float32)
     mean = (wd @ x) / V
-    z = (x - mean) * wd.sqrt().unsqueeze(1)
+    z = x.sub_(mean).mul_(wd.sqrt().unsqueeze(1))  # in place: x is not needed again (V x d floats each copy)
+    del x
     cov = z.T @ z  # float32 products (relative error ~1e-6 on Gemma; float64 took 4x as long)
     del z
     evals, evecs = torch.linalg.eigh(cov.double().cpu())
     rot = evecs.flip(1)
     rot = rot * torch.sign(rot.gather(0, rot.abs().argmax(0, keepdim=True)))
-    del x
     # The transform A^(-1) is stored in int8 (a scale per row); y comes from the inverse of what is stored, so
     # decoding y gives e back exactly and rounding the transform only tilts the metric a little (relative
     # ~1/254), instead of adding its own error to every row.
     levels, scale = round8(rot.T @ inv_root, 1)
     y = e @ torch.linalg.inv(levels.double() * scale.double()).float().to(device)
+    del e  # from here on the rows live in y alone
     K = min(config.centroids, V)
     coarse, pq, focused = plan(V, d, config, K)
     pieces = [1] * coarse + pq  # coarse stages: one piece of width d
@@ -570,11 +571,11 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
         codes, book, scales = _stage(residual, ws, drawn.to(device), drawn_w.to(device), sizes, K,
                                      config.iterations, gen)
         size_t = torch.tensor(sizes, dtype=torch.int32)
-        decoded = _stage_decode(codes, _decode_plan(book.float() * scales.float(), size_t, codes.device)).to(device)
+        plan_ = _decode_plan(book.float() * scales.float(), size_t, recon.device)
         if rows is None:
-            recon.add_(decoded)
+            _stage_decode(codes.to(recon.device), plan_, out=recon)  # added a block at a time: no V x d copy
         else:
-            recon.index_add_(0, at, decoded)
+            recon.index_add_(0, at, _stage_decode(codes.to(recon.device), plan_))
             tensors[f"stage{s}.rows"] = rows.to(torch.int32).contiguous()
         tensors[f"stage{s}.codes"] = pack(codes, K).contiguous()
         tensors[f"stage{s}.codebook"] = book.contiguous()
@@ -588,7 +589,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
         if focused:  # the rows whose weighted error is largest get one more stage (see CodebookConfig.focus)
             free = config.bits * V * d - stored_bits(tensors) - (16 * V if config.gain else 0)
             n = min(focus_rows(free, d, config, K), V)
-            score = wd * (y - recon).pow(2).sum(1)  # each row's share of the objective
+            score = wd * (y - recon).pow_(2).sum(1)  # each row's share of the objective
             add_stage(len(pieces), torch.topk(score, n).indices.sort().values.cpu(),
                       _stage_pieces(d, _FOCUS_PIECE_DIM, K))
             b.advance()

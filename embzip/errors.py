@@ -7,6 +7,29 @@ class EmbzipError(Exception):
     exit_code = 1
 
 
+_OUT_OF_MEMORY = ("can't allocate memory", "cannot allocate memory", "out of memory", "not enough memory")
+_NO_SPACE = ("no space left on device", "disk quota exceeded")
+
+
+def resource_problem(exc: BaseException) -> str | None:
+    """What a failure that is the machine's, not the input's, says in one line (memory or disk space ran out), or
+    None for any other failure. torch, safetensors and the OS report these as MemoryError, RuntimeError, OSError
+    or SafetensorError with the reason in the text."""
+    import errno
+
+    if out_of_memory(exc):
+        text = " ".join(str(exc).split())
+        detail = f" ({text[:160]})" if text else ""
+        return f"not enough memory{detail}; close other programs, or use a machine with more memory"
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(s in str(exc).lower() for s in _NO_SPACE):
+        return "no space left on the device being written; free some space or write elsewhere"
+    return None
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or any(s in str(exc).lower() for s in _OUT_OF_MEMORY)
+
+
 class ModelError(EmbzipError):
     """A model could not be found, opened or understood."""
 

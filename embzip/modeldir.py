@@ -49,16 +49,21 @@ def param_stats(model: torch.nn.Module) -> dict[str, int]:
             "bytes": sum(p.numel() * p.element_size() for p in seen.values())}
 
 
-def _weights_bytes(directory: str | Path) -> int | None:
+def _weights_bytes(directory: str | Path, stem: str | None = None) -> int | None:
     """The bytes of the weights files a model loads from `directory`: its safetensors checkpoint (one file or an
-    index's shards), else its PyTorch .bin file(s); not other files beside them (a .bin copy next to the
-    safetensors in a hub snapshot, a factors file)."""
+    index's shards; `stem`: a compressed directory's, embzip.safetensors or its shards), else its PyTorch .bin
+    file(s); not other files beside them (a .bin copy next to the safetensors in a hub snapshot, a factors file)."""
     from .checkpoint import find_checkpoint
     from .errors import ModelError
 
     directory = Path(directory)
     if not directory.is_dir():
         return None
+    if stem is not None:
+        try:
+            return sum(f.stat().st_size for f in stream.weight_files(directory, stem))
+        except (OSError, ValueError, KeyError):
+            return None
     try:
         checkpoint = find_checkpoint(directory)
     except ModelError:
@@ -167,7 +172,7 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             "bytes_before": before["bytes"],
             "bytes_after": after["bytes"],
             "weights_file_bytes_before": _weights_bytes(opened.path),
-            "weights_file_bytes_after": _weights_bytes(tmp),
+            "weights_file_bytes_after": _weights_bytes(tmp, None if dense else WEIGHTS.removesuffix(".safetensors")),
         }
         manifest = {
             "embzip_version": __version__,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import ModelError, out_of_memory, resource_problem
 
 log = logging.getLogger("embzip")
 
@@ -484,6 +484,8 @@ def is_tied(model: Any) -> bool:
 def _load_error(source: str, exc: BaseException, verb: str = "load") -> ModelError:
     """One line for what transformers/torch/safetensors raised while loading `source`."""
     text = str(exc).strip()
+    if out_of_memory(exc):  # the model may be fine: the machine is short of memory
+        return ModelError(f"could not {verb} model {source!r}: {resource_problem(exc)}")
     if "trust_remote_code" in text:
         return ModelError(f"{source} needs to run Python code that comes with it; embzip does so only with "
                           "--trust-remote-code (trust_remote_code=True): pass it if you trust that code")

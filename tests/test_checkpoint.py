@@ -83,6 +83,9 @@ def test_streamed_apply_writes_what_the_full_load_writes(tiny, sharded, tmp_path
     assert {k: v for k, v in a.items() if k not in skip} == {k: v for k, v in b.items() if k not in skip}
     if kind == "sharded":
         assert len(list((tmp_path / "light").glob("*.safetensors"))) > 2  # the source's sharding is kept
+    for summary, out in ((a, tmp_path / "full"), (b, tmp_path / "light")):  # shards counted too
+        weights = [f for f in out.glob("*.safetensors") if dense or f.name.startswith("embzip")]
+        assert summary["weights_file_bytes_after"] == sum(f.stat().st_size for f in weights)
 
 
 def test_checkpoint_with_other_names_falls_back_to_the_full_load(tiny, tmp_path):

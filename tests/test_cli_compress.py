@@ -166,6 +166,55 @@ def test_the_summary_table_shows_none_as_a_dash_and_mappings_as_pairs(tiny):
         "name=sentence-fidelity, sentences=256, ratio=0.5, x=-")
 
 
+@pytest.mark.parametrize("where, error, message", [
+    ("factorize", RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 1050673152 bytes."), "not enough memory"),
+    ("factorize", MemoryError(), "not enough memory"),
+    ("save_factors", OSError(28, "No space left on device"), "no space left on the device being written"),
+])
+def test_memory_or_disk_running_out_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch, where, error,
+                                                                      message):
+    import embzip.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pipeline, where, fail)
+    out = tmp_path / "f.safetensors"
+    result = run("svd", tiny("gpt2"), "--rank", 2, "--out", out, "-q")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert message in " ".join(result.stderr.split()) and "nothing was written" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_any_other_failure_stays_a_traceback(tiny, tmp_path, monkeypatch):
+    """Only the machine's resources get a one-line message: a bug must not be dressed up as a user's error."""
+    import embzip.pipeline as pipeline
+
+    def fail(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(pipeline, "factorize", fail)
+    result = run("svd", tiny("gpt2"), "--rank", 2, "--out", tmp_path / "f.safetensors", "-q")
+    assert isinstance(result.exception, ValueError)
+
+
+def test_a_codebook_fit_warns_when_its_working_copies_exceed_the_free_memory(tiny, tmp_path, monkeypatch):
+    import embzip.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "available_memory", lambda device: {"cpu": 1000})
+    result = run("fit", tiny("bert-wordpiece"), "--bits", 4, "--out", tmp_path / "f.safetensors")
+    message = " ".join(result.stderr.split())
+    assert result.exit_code == 0 and "working copies" in message and "0.0 GB of memory is free" in message
+
+
+def test_loading_without_memory_says_so_not_that_the_model_is_broken():
+    from embzip.models import _load_error
+
+    error = _load_error("m", RuntimeError("unable to mmap 525336712 bytes from file <x>: Cannot allocate memory (12)"))
+    assert "could not load model 'm': not enough memory" in str(error)
+
+
 def test_force_overwrites(tiny, tmp_path):
     out = tmp_path / "f.safetensors"
     out.write_bytes(b"old")

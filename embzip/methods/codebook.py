@@ -1,5 +1,6 @@
 """`codebook`: rows as small integer indices into learned codebooks (codebook.py), sized by --bits."""
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -7,6 +8,25 @@ import torch
 from ..codebook import Codebook, CodebookConfig, coarse_stages, fit_codebook, plan
 from ..errors import RankError
 from .base import BITS, Method, register
+
+log = logging.getLogger("embzip")
+WORKING_COPIES = 5.5  # float32 V x d matrices a fit holds at its peak (measured: 65536 x 2048, 2.6 GB over the
+# baseline; an audit's 128256 x 2048 bf16 model, before two copies were dropped, 7.0 GB; docs/scale.md)
+
+
+def warn_if_short_of_memory(vocab: int, hidden: int, device: str) -> None:
+    """Say before the fit, not after minutes of it, when the machine looks too small for its working copies."""
+    from ..checkpoint import available_memory
+
+    need = WORKING_COPIES * vocab * hidden * 4
+    try:
+        free = sum(available_memory(device).values())
+    except Exception:  # psutil missing or a device that cannot tell: no warning
+        return
+    if need > free:
+        log.warning("the codebook fit holds about %.1f GB of working copies of the %d x %d matrix, and %.1f GB of "
+                    "memory is free: it may swap or stop with 'not enough memory'", need / 1e9, vocab, hidden,
+                    free / 1e9)
 
 
 def fitting_config(bits: float, vocab: int, hidden: int, recipe, tied: bool = False) -> CodebookConfig:
@@ -35,6 +55,7 @@ def check_bits(bits, vocab, hidden, dtype, recipe):
 def make(inputs, bits, recipe):
     vocab, hidden = inputs.embedding.shape
     config = fitting_config(bits, vocab, hidden, recipe, inputs.opened.tied)
+    warn_if_short_of_memory(vocab, hidden, inputs.device)
     weights = inputs.weights(config.weight_power(inputs.opened.tied),
                              prior_share=config.prior_share(inputs.samples_model()))
     metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
