@@ -78,7 +78,7 @@ def resolve_rank(rank: int | None, ratio: float | None, vocab: int, hidden: int,
                  norms: bool = False) -> int:
     """Exactly one of `rank` and `ratio` gives the rank to use."""
     if (rank is None) == (ratio is None):
-        raise RankError("give exactly one of --rank and --ratio")
+        raise RankError("give exactly one of rank (--rank) and ratio (--ratio)")
     if rank is not None:
         return check_rank(rank, vocab, hidden, bias=bias, norms=norms)
     return rank_for_ratio(ratio, vocab, hidden, bias=bias, norms=norms)

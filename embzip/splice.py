@@ -413,8 +413,8 @@ def check_head(model: nn.Module, head: str | None) -> str:
     if head not in HEADS:
         raise OptionError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
     if head == "tied" and not is_tied(model):
-        raise OptionError("--head tied needs an output head tied to the embedding, and this model has none; "
-                           "use --head input")
+        raise OptionError("head 'tied' (--head tied) needs an output head tied to the embedding, and this model has "
+                          "none; use --head input (head='input')")
     return head
 
 

@@ -38,7 +38,7 @@ def test_bits_pick_the_largest_rank_that_fits(dtype, stored):
     ("int8", dict(rank=8), "takes no --rank"),
     ("svd", dict(bits=0.001), "no rank of svd fits in 0.001 bits per weight"),
     ("svd", dict(), "needs a size"),
-    ("svd", dict(rank=4, bits=2.0), "not --rank and --bits"),
+    ("svd", dict(rank=4, bits=2.0), r"not rank \(--rank\) and bits \(--bits\)"),
     ("codebook", dict(bits=40.0), "--bits must be between 0 and 32"),
 ])
 def test_sizes_a_method_cannot_reach_are_refused(method, kwargs, fragment):

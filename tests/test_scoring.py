@@ -332,7 +332,7 @@ def test_a_tied_head_asked_of_an_untied_model_is_refused_before_any_scoring(tiny
     opened = open_model(tiny("llama-untied"))
     factors = svd_factors(opened.embedding.detach(), 3)
     monkeypatch.setattr(scoring, "_causal_jobs", lambda *a, **k: pytest.fail("scored before the head was checked"))
-    with pytest.raises(OptionError, match="--head tied needs an output head tied to the embedding"):
+    with pytest.raises(OptionError, match=r"\(--head tied\) needs an output head tied to the embedding"):
         perplexity(opened, load_text(text_file), factors=factors, head="tied")
 
 

@@ -147,7 +147,8 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
         if rank is not None:
             return check_rank(rank, vocab, hidden, **kw)
         if bits is None:
-            raise RankError(f"method {spec.name} needs a size: give exactly one of --rank, --ratio and --bits")
+            raise RankError(f"method {spec.name} needs a size: give exactly one of rank (--rank), ratio (--ratio) and "
+                            "bits (--bits)")
         if bits >= stored_bits:
             return max_useful_rank(vocab, hidden, **kw) or check_rank(1, vocab, hidden, **kw)
         try:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import ModelError, RankError
+from ..options import flagged
 
 RANK, BITS, FIXED = "rank", "bits", "fixed"
 
@@ -154,9 +155,10 @@ class Inputs:
 
 def check_size(method: Method, *, rank: int | None, ratio: float | None, bits: float | None) -> None:
     """Refuse a size option the method cannot take, naming what it takes."""
-    given = [name for name, value in (("--rank", rank), ("--ratio", ratio), ("--bits", bits)) if value is not None]
+    given = [flagged(name) for name, value in (("rank", rank), ("ratio", ratio), ("bits", bits)) if value is not None]
     if len(given) > 1:
-        raise RankError(f"give exactly one of --rank, --ratio and --bits, not {' and '.join(given)}")
+        raise RankError(f"give exactly one of rank (--rank), ratio (--ratio) and bits (--bits), not "
+                        f"{' and '.join(given)}")
     if method.sized_by != RANK and rank is not None:
         raise RankError(f"method {method.name} is not low-rank and takes no --rank; give --bits (bits per weight)"
                         + (" or nothing" if method.sized_by == FIXED else ""))
