@@ -47,14 +47,14 @@ def _chunks(n: int):
 def quantize_int8(embedding: torch.Tensor) -> dict[str, torch.Tensor]:
     """One absmax scale per row, int8 levels -127..127."""
     dtype = storage_dtype(embedding.dtype)
-    qs, scales = [], []
-    for rows in _chunks(embedding.shape[0]):
+    vocab, hidden = embedding.shape
+    qs, scales = torch.empty(vocab, hidden, dtype=torch.int8), torch.empty(vocab, dtype=dtype)  # filled in place:
+    for rows in _chunks(vocab):  # no second copy of the result, as chunks joined at the end were
         x = embedding[rows].float()
         scale = (x.abs().amax(dim=1) / 127).clamp_min(1e-30).to(dtype)
-        q = torch.round(x / scale.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-        qs.append(q)
-        scales.append(scale)
-    return {Q8: torch.cat(qs), SCALE: torch.cat(scales)}
+        qs[rows] = torch.round(x / scale.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        scales[rows] = scale
+    return {Q8: qs, SCALE: scales}
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -73,17 +73,17 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
     vocab, hidden = embedding.shape
     check_group(hidden, group)
     dtype = storage_dtype(embedding.dtype)
-    packed, scales, offsets = [], [], []
+    packed = torch.empty(vocab, hidden // 2, dtype=torch.uint8)  # filled in place, as in quantize_int8
+    scales, offsets = (torch.empty(vocab, hidden // group, dtype=dtype) for _ in range(2))
     for rows in _chunks(vocab):
         x = embedding[rows].float().view(-1, hidden // group, group)
         low, high = x.amin(dim=2), x.amax(dim=2)
         offset = low.to(dtype)
         scale = ((high - offset.float()) / 15).clamp_min(1e-30).to(dtype)
         q = torch.round((x - offset.float().unsqueeze(2)) / scale.float().unsqueeze(2)).clamp_(0, 15)
-        packed.append(pack_int4(q.view(x.shape[0], hidden)))
-        scales.append(scale)
-        offsets.append(offset)
-    return {Q4: torch.cat(packed), SCALE: torch.cat(scales), OFFSET: torch.cat(offsets)}
+        packed[rows] = pack_int4(q.view(x.shape[0], hidden))
+        scales[rows], offsets[rows] = scale, offset
+    return {Q4: packed, SCALE: scales, OFFSET: offsets}
 
 
 def check_group(hidden: int, group: int, error: type[Exception] = FactorsError) -> None:
