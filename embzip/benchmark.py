@@ -54,11 +54,10 @@ class BenchConfig:
         if not self.methods:
             raise OptionError("give at least one method")
         options.distinct(options.flagged("methods"), self.methods)
-        for name in self.methods:
-            recipe(name)  # raises ValueError naming the known methods
+        kinds = {recipe(name).spec.sized_by for name in self.methods}  # recipe raises naming the known methods
         if self.ranks is not None and self.ratios is not None:
             raise OptionError("give ranks or ratios, not both")
-        self._check_sizes_are_used()
+        self._check_sizes_are_used(kinds)
         for name in ("ranks", "ratios", "bits"):
             values = getattr(self, name)
             if values is not None and (not values or len(set(values)) != len(values)):
@@ -71,9 +70,9 @@ class BenchConfig:
             options.positive(name, getattr(self, name), integer=True)
         options.seed(options.flagged("seed"), self.seed)
 
-    def _check_sizes_are_used(self) -> None:
-        """A list of sizes no chosen method reads is an error, not a no-op (see `sizes`)."""
-        kinds = {recipe(name).spec.sized_by for name in self.methods}
+    def _check_sizes_are_used(self, kinds: set[str]) -> None:
+        """A list of sizes no chosen method reads (`kinds`: how the methods are sized) is an error, not a no-op
+        (see `sizes`)."""
         chosen = ",".join(self.methods)
         if self.ratios is not None and self.bits is not None:
             raise OptionError(f"give {options.flagged('ratios')} or {options.flagged('bits')}, not both: ratios size "

@@ -41,6 +41,9 @@ def read_header(path: str | Path) -> tuple[int, dict[str, Any]]:
     return 8 + size, header
 
 
+FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors -> torch
+
+
 @dataclass
 class Checkpoint:
     """The safetensors files of a model directory and which file holds each tensor."""
@@ -67,13 +70,11 @@ class Checkpoint:
         A config's dtype may not be what the file holds (a bfloat16 file under "dtype": "float32")."""
         import math
 
-        names = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}
         totals: dict[str, int] = {}
-        for name in self.weight_map:
-            entry = self.entry(name) if name != exclude else {}
-            if entry.get("dtype") in names:
-                key = names[entry["dtype"]]
-                totals[key] = totals.get(key, 0) + math.prod(entry["shape"])
+        for entry in (self.entry(name) for name in self.weight_map if name != exclude):
+            dtype = FLOAT_DTYPES.get(entry["dtype"])
+            if dtype is not None:
+                totals[dtype] = totals.get(dtype, 0) + math.prod(entry["shape"])
         return max(totals, key=totals.get) if totals else None
 
     def nbytes(self) -> int:
@@ -179,7 +180,7 @@ def tensor_name(model: Any, checkpoint: Checkpoint, module_name: str) -> str | N
     return ending[0] if len(ending) == 1 else None
 
 
-def _head_stored_apart(model: Any, checkpoint: Checkpoint, key: str) -> bool:
+def _untie_head_stored_apart(model: Any, checkpoint: Checkpoint, key: str) -> bool:
     """Whether a model its config ties stores an output head of other values than the embedding `key`; if so, the
     skeleton's head is untied (a placeholder of its own, copied from the checkpoint like any tensor) and so is its
     config, as transformers does when it loads such a checkpoint (it warns and keeps the stored head)."""
@@ -288,7 +289,7 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
     if tuple(stored["shape"]) != tuple(emb.weight.shape):
         raise ModelError(f"{source}: the checkpoint's {key} is {stored['shape']} but the config says "
                          f"{list(emb.weight.shape)}")
-    tied = is_tied(model) and not _head_stored_apart(model, checkpoint, key)
+    tied = is_tied(model) and not _untie_head_stored_apart(model, checkpoint, key)
     weight = torch.nn.Parameter(checkpoint.tensor(key), requires_grad=False)
     emb.weight = weight
     if tied:

@@ -1,5 +1,7 @@
 """Errors raised by embzip. The CLI prints their message on one line and exits non-zero."""
 
+import errno
+
 
 class EmbzipError(Exception):
     """Base class: the message says what happened, what was given and how to fix it."""
@@ -15,8 +17,6 @@ def resource_problem(exc: BaseException) -> str | None:
     """What a failure that is the machine's, not the input's, says in one line (memory or disk space ran out), or
     None for any other failure. torch, safetensors and the OS report these as MemoryError, RuntimeError, OSError
     or SafetensorError with the reason in the text."""
-    import errno
-
     if out_of_memory(exc):
         text = " ".join(str(exc).split())
         detail = f" ({text[:160]})" if text else ""

@@ -356,7 +356,9 @@ def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, wri
     """
     from safetensors import safe_open
 
-    names = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    from .checkpoint import FLOAT_DTYPES
+
+    names = {code: getattr(torch, name) for code, name in FLOAT_DTYPES.items()}
     stored = {}
     for file in stream.weight_files(directory, WEIGHTS.removesuffix(".safetensors")):
         with safe_open(str(file), "pt") as f:

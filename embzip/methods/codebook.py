@@ -21,7 +21,7 @@ def warn_if_short_of_memory(vocab: int, hidden: int, device: str) -> None:
     need = WORKING_COPIES * vocab * hidden * 4
     try:
         free = sum(available_memory(device).values())
-    except Exception:  # psutil missing or a device that cannot tell: no warning
+    except (ImportError, RuntimeError):  # psutil missing, or a device that cannot tell: no warning
         return
     if need > free:
         log.warning("the codebook fit holds about %.1f GB of working copies of the %d x %d matrix, and %.1f GB of "
