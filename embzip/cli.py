@@ -383,6 +383,12 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
             "common their token is; used where the order agrees with the text's counts. Default: 1 where the model's "
             "samples join the weights (a causal LM with a tied head), 0.5 otherwise; 0 turns it off.", CODEBOOK,
             min=0.0, show_default=False)] = None,
+        input_metric: Annotated[float, _opt("codebook on an encoder without an LM head (a sentence encoder): weight "
+                                            "of the metric of how far its sentence vectors turn when a row moves, "
+                                            "measured by backward passes on the weights text's sentences (about "
+                                            "20 s for all-MiniLM-L6-v2 on 2 CPU cores, longer for larger models); "
+                                            "0: plain squared error, and only the embedding is read.", CODEBOOK,
+                                            min=0.0)] = 4.0,
         code_unreachable: Annotated[bool, _opt("codebook: also code the rows of tokens the tokenizer can never "
                                                "produce (a WordPiece vocabulary's unused entries, ##!, ##. and the "
                                                "like). By default a model without a tied head leaves them out (their "
@@ -454,7 +460,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
             weights=WeightConfig(floor=weight_floor, power=weight_power),
             aware=AwareConfig(output_metric=output_metric, keep_norms=keep_norms, metric_tokens=metric_tokens),
             codebook=CodebookConfig(focus=focus, unreachable=code_unreachable, min_piece_dim=min_piece_dim,
-                                    vocab_prior=vocab_prior,
+                                    vocab_prior=vocab_prior, input_metric=input_metric,
                                     **seeded), group=group_size,
             sample=SampleConfig(tokens=self_tokens, languages=sample_languages, **seeded),
             heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,

@@ -4,8 +4,9 @@ Each row e (1 x d) is first moved into a space where plain squared error is the 
 
     y = e A,   A = M^(1/2) R
 
-with M the metric of aware.py (the hidden states entering a tied head; I without one) and R the
-principal directions of the weighted rows e M^(1/2) (largest variance first). Then
+with M a metric: aware.py's for a tied head (the hidden states entering it), sensitivity.py's for an
+encoder without a head (how far its sentence vectors turn), I otherwise; and R the principal
+directions of the weighted rows e M^(1/2) (largest variance first). Then
 ||(e - e_hat) M^(1/2)||^2 = ||y - y_hat||^2, so k-means in y space minimises the metric error.
 
 y may first be coded whole by a coarse stage: one piece as wide as the row, K centroids (vector
@@ -84,14 +85,17 @@ class CodebookConfig:
     # untied model's are left out and their bits go to the other rows (a tied head scores every row: kept)
     vocab_prior: float | None = None  # the tokenizer's vocabulary prior joins the counts at this share of the text's
     # total (weights.vocabulary_prior; 0: none); None: prior_share's default
+    input_metric: float = 4.0  # gamma of an encoder's sentence-vector metric (sensitivity.py), M = I + gamma G / mean
+    # eig G, for a model without an output head; 0: plain squared error there
     centroids: int = 256  # K per piece: 16 (4-bit indices, packed two per byte) or up to 256 (uint8)
     sample: int = 32768  # rows drawn (by weight) to train the centroids
     iterations: int = 8  # Lloyd steps on the sample
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def bad(name, value, allowed):  # the command line gives bits, min_piece_dim, focus and vocab_prior
-            label = flagged(name) if name in ("bits", "min_piece_dim", "focus", "vocab_prior") else name
+        def bad(name, value, allowed):  # the command line gives bits, min_piece_dim, focus, vocab_prior, input_metric
+            given = ("bits", "min_piece_dim", "focus", "vocab_prior", "input_metric")
+            label = flagged(name) if name in given else name
             raise OptionError(f"codebook {label} must be {allowed}, got {value!r}")
         if not (isinstance(self.bits, (int, float)) and math.isfinite(self.bits) and 0 < self.bits <= 16):
             bad("bits", self.bits, "a finite number in (0, 16] (16: a bfloat16 matrix)")
@@ -112,6 +116,9 @@ class CodebookConfig:
         if self.vocab_prior is not None and not (isinstance(self.vocab_prior, (int, float))
                                                  and math.isfinite(self.vocab_prior) and self.vocab_prior >= 0):
             bad("vocab_prior", self.vocab_prior, "a finite share >= 0")
+        if not (isinstance(self.input_metric, (int, float)) and not isinstance(self.input_metric, bool)
+                and math.isfinite(self.input_metric) and self.input_metric >= 0):
+            bad("input_metric", self.input_metric, "a finite weight >= 0")
         if self.coarse is not None and (isinstance(self.coarse, bool) or not isinstance(self.coarse, int)
                                         or self.coarse < 0):
             bad("coarse", self.coarse, "None or a whole number >= 0")

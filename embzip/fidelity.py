@@ -23,8 +23,9 @@ from .texts import Text
 MIN_WORDS = 5
 
 
-def sentences(text: Text, limit: int = 256) -> list[str]:
-    """Sentences of at least MIN_WORDS words, in text order, at most `limit`."""
+def sentences(text: Text, limit: int = 256, *, need: int = 2, purpose: str = "for fidelity") -> list[str]:
+    """Sentences of at least MIN_WORDS words, in text order, at most `limit`; a DataError naming `purpose` when
+    there are fewer than `need`."""
     out = []
     for line in text.lines:
         for sentence in re.split(r"(?<=[.!?])\s+", line.strip()):
@@ -32,8 +33,9 @@ def sentences(text: Text, limit: int = 256) -> list[str]:
                 out.append(sentence)
                 if len(out) == limit:
                     return out
-    if len(out) < 2:
-        raise DataError(f"need at least 2 sentences of {MIN_WORDS}+ words in {text.source} for fidelity, found {len(out)}")
+    if len(out) < need:
+        raise DataError(f"need at least {need} sentence{'s' if need > 1 else ''} of {MIN_WORDS}+ words in "
+                        f"{text.source} {purpose}, found {len(out)}")
     return out
 
 

@@ -16,7 +16,7 @@ from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
 from .models import OpenedModel, open_model, resolve_device
 from .methods import Recipe, make_factors, resolve_size
-from .methods.base import check_size, samples
+from .methods.base import check_size, samples, uses_encoder_metric
 from .methods import recipe as make_recipe
 
 log = logging.getLogger("embzip")
@@ -52,8 +52,8 @@ def default_out(source: str, method: str, size: int | float | None) -> Path:
 
 def needs_model(recipe: Recipe, opened: OpenedModel) -> bool:
     """Whether `recipe` runs `opened`'s model (healing; a tied head's hidden-state metric; a tied causal LM's own
-    samples, methods.base.samples) or reads only the matrix."""
-    if recipe.heal is not None or samples(recipe, opened):
+    samples, methods.base.samples; an encoder's sentence-vector metric) or reads only the matrix."""
+    if recipe.heal is not None or samples(recipe, opened) or uses_encoder_metric(recipe, opened):
         return True
     return bool(recipe.spec.needs_forward and opened.tied and recipe.aware.output_metric > 0)
 

@@ -4,8 +4,9 @@ A method module (one file per method in this package) defines a `Method` and reg
 `make(inputs, size, recipe)` returns the compressed embedding (float tensors in float32 or
 already at their stored dtype) and a dict of details to record. `Inputs` hands every method the
 embedding and, computed once and cached, the data-aware pieces: the weights text, token counts,
-row weights and the hidden-state metric of a tied head; for causal LMs that a method runs anyway,
-the model's own samples join the text in both (selfsample.py).
+row weights, the hidden-state metric of a tied head and an encoder's sentence-vector metric
+(sensitivity.py); for causal LMs that a method runs anyway, the model's own samples join the text in
+the counts and the hidden-state metric (selfsample.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Method:
     make: Callable[..., tuple[Any, dict[str, Any]]]
     uses_text: bool = False  # reads the weights text (token counts)
     needs_forward: bool = False  # runs the model (hidden-state metric); else the matrix alone suffices
+    encoder_metric: bool = False  # codes an encoder's rows in its sentence-vector metric (Inputs.encoder_metric)
     options: tuple[str, ...] = ()  # names of `embzip fit` options that belong to this method
     fixed_bits: Callable[..., float] | None = None  # FIXED: (vocab, hidden, dtype, recipe) -> bits per weight stored
     default_bits: float | None = None  # BITS: the size when none is given
@@ -151,6 +153,31 @@ class Inputs:
 
             moment = combine_moments(moment, sampled[1])
         return normalised_metric(moment, gamma, self.embedding.shape[1])
+
+    def encoder_metric(self) -> torch.Tensor | None:
+        """M = I + gamma G / mean eig(G) for an encoder without an output head (sensitivity.py; gamma: the
+        codebook's input_metric), measured on the weights text's sentences; None where it does not apply."""
+        from ..aware import normalised_metric
+        from ..sensitivity import sentence_metric
+
+        if not uses_encoder_metric(self.recipe, self.opened):
+            return None
+        opened = self.opened
+        moment = self._cached(("sentence_metric",) + self._text_key, lambda: sentence_metric(
+            opened.model, opened.tokenizer, self.text(), max_length=min(128, opened.max_length or 128),
+            progress=self.progress))
+        gamma = self.recipe.codebook.input_metric
+        self.details["input_metric"] = gamma
+        return normalised_metric(moment, gamma, self.embedding.shape[1])
+
+
+def uses_encoder_metric(recipe, opened) -> bool:
+    """Whether a fit of `recipe` measures `opened`'s sentence-vector metric (sensitivity.py): an encoder without
+    an output head, a method that reads it, and its weight not 0."""
+    from ..models import ENCODER
+
+    return bool(recipe.spec.encoder_metric and opened.kind == ENCODER and not opened.tied
+                and recipe.codebook.input_metric > 0)
 
 
 def check_size(method: Method, *, rank: int | None, ratio: float | None, bits: float | None) -> None:

@@ -58,7 +58,8 @@ def make(inputs, bits, recipe):
     warn_if_short_of_memory(vocab, hidden, inputs.device)
     weights = inputs.weights(config.weight_power(inputs.opened.tied),
                              prior_share=config.prior_share(inputs.samples_model()))
-    metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
+    metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens) if inputs.opened.tied \
+        else inputs.encoder_metric()
     absent = left_out(inputs, config)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress, absent=absent)
@@ -78,7 +79,8 @@ def left_out(inputs, config: CodebookConfig) -> torch.Tensor:
 
 
 METHOD = register(Method(
-    "codebook", "codebook", BITS, "indices into learned codebooks, token-weighted, in the tied head's metric",
-    make, uses_text=True, needs_forward=True, default_bits=2.0, check_bits=check_bits,
-    options=("output_metric", "metric_tokens", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus",
+    "codebook", "codebook", BITS, "indices into learned codebooks, token-weighted, in the tied head's or the encoder's "
+    "metric",
+    make, uses_text=True, needs_forward=True, encoder_metric=True, default_bits=2.0, check_bits=check_bits,
+    options=("output_metric", "metric_tokens", "input_metric", "self_tokens", "sample_languages", "weight_power", "weight_floor", "focus",
              "vocab_prior", "code_unreachable", "min_piece_dim")))
