@@ -384,11 +384,12 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
             "samples join the weights (a causal LM with a tied head), 0.5 otherwise; 0 turns it off.", CODEBOOK,
             min=0.0, show_default=False)] = None,
         input_metric: Annotated[float, _opt("codebook on an encoder without an LM head (a sentence encoder): weight "
-                                            "of the metric of how far its sentence vectors turn when a row moves, "
-                                            "measured by backward passes on the weights text's sentences (about "
-                                            "20 s for all-MiniLM-L6-v2 on 2 CPU cores, longer for larger models); "
-                                            "0: plain squared error, and only the embedding is read.", CODEBOOK,
-                                            min=0.0)] = 4.0,
+                                            "of the metric of how far its sentence vectors turn when a row moves; "
+                                            "the same backward passes on the weights text's sentences also scale "
+                                            "each row's weight by what one reading of it costs (about 20 s for "
+                                            "all-MiniLM-L6-v2 on 2 CPU cores, longer for larger models). 0: plain "
+                                            "squared error and token counts alone, and only the embedding is "
+                                            "read.", CODEBOOK, min=0.0)] = 4.0,
         code_unreachable: Annotated[bool, _opt("codebook: also code the rows of tokens the tokenizer can never "
                                                "produce (a WordPiece vocabulary's unused entries, ##!, ##. and the "
                                                "like). By default a model without a tied head leaves them out (their "

@@ -69,13 +69,7 @@ class OpenedModel:
     @property
     def max_length(self) -> int | None:
         """The longest input the model and tokenizer accept (None if neither says)."""
-        config = text_config(self.model)
-        limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
-        tok_max = getattr(self.tokenizer, "model_max_length", None)
-        limits.append(tok_max if tok_max is not None and tok_max < 1_000_000 else None)
-        limits.append(_offset_positions(self.model))
-        limits = [int(x) for x in limits if isinstance(x, int) and x > 0]
-        return min(limits) if limits else None
+        return max_length(self.model, self.tokenizer)
 
     def describe(self) -> dict[str, Any]:
         from .modeldir import param_stats  # counts a compressed embedding's stored buffers too
@@ -103,6 +97,17 @@ class OpenedModel:
             "embedding_share": own / n_params,
             "bits_per_weight": bits / (self.vocab_size * self.hidden_size),
         }
+
+
+def max_length(model: Any, tokenizer: Any = None) -> int | None:
+    """The longest input `model` (and `tokenizer`, when given) accept (None if neither says)."""
+    config = text_config(model)
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    limits.append(tok_max if tok_max is not None and tok_max < 1_000_000 else None)
+    limits.append(_offset_positions(model))
+    limits = [int(x) for x in limits if isinstance(x, int) and x > 0]
+    return min(limits) if limits else None
 
 
 def _offset_positions(model: Any) -> int | None:

@@ -11,7 +11,7 @@ So the errors that matter are not those of plain squared error: on all-MiniLM-L6
 has eigenvalues from near 0 (the direction the embedding LayerNorm removes) to 7x their mean, and
 the largest tenth of its directions holds a third of its trace. Codebook compression codes the rows
 of an encoder in the metric M = I + gamma G / mean eig(G), as it codes a tied head's rows in the
-metric of the hidden states (aware.normalised_metric); the token counts stay the row weights.
+metric of the hidden states (aware.normalised_metric).
 
 G comes from random probes: for p ~ N(0, I), E[J^T p p^T J] = J^T J, and J_t^T p for every
 position of a batch of sentences is one backward pass of p . u, which costs about one forward pass.
@@ -20,35 +20,56 @@ and `bench` report. The estimate is noisy, and the noise costs fidelity: on all-
 (validation texts, four seeds, 256 sentences of the bundled weights text) 1, 4, 8 and 16 probes gave
 0.99185, 0.99208, 0.99221 and 0.99251 on English (0.99149 without the metric), in 4, 10, 18 and 30 s
 on 2 CPU cores. PROBES = 8 keeps a small encoder's fit well under a minute (docs/method.md).
+
+The same passes say what a reading of each row costs: the trace of J_t^T J_t, the mean of
+|J_t e|^2 over random directions e. It is far from equal: on all-MiniLM-L6-v2 the tokens in every
+sentence ([CLS], [SEP]) and the most frequent ones (. , the of) cost 0.08-0.16 of the mean over the
+rows read, and the median row 0.42 of it; mean pooling after attention lets the model absorb what it sees
+everywhere. The token counts weight a row by how often it is read, and `row_scale` by what a reading
+costs, so a row's weight becomes its expected share of the fidelity lost. Rows the sentences show a
+few times are shrunk toward the rare tokens' cost, and rows they never show get that cost.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from .texts import Text
 
-
 PROBES = 8  # random probes per batch of sentences (see the module's docstring for what fewer and more gave)
+SHRINK = 1.0  # occurrences of the rare tokens' cost added to each row's own (row_scale)
 
 
-def sentence_metric(model, tokenizer, text: Text, *, sentences: int = 256, probes: int = PROBES, batch_size: int = 16,
-                    max_length: int = 128, seed: int = 0, progress: bool = False) -> torch.Tensor:
-    """G (d x d, float64): the mean over the token positions of `text`'s sentences (fidelity.sentences) of
-    J^T J, J the Jacobian of the unit mean-pooled sentence vector with respect to the position's row."""
+class Sensitivity(NamedTuple):
+    moment: torch.Tensor  # G (d x d, float64): the mean over positions of J^T J
+    rows: torch.Tensor  # per row (V, float64): the sum over the positions that read it of trace(J^T J)
+    counts: torch.Tensor  # per row (V, float64): the positions that read it
+
+
+def sentence_sensitivity(model, tokenizer, text: Text, *, sentences: int = 256, probes: int = PROBES,
+                         batch_size: int = 16, max_length: int = 128, seed: int = 0,
+                         progress: bool = False) -> Sensitivity:
+    """G and each row's share of it, over the token positions of `text`'s sentences (fidelity.sentences, cut as
+    fidelity.sentence_vectors cuts them): J is the Jacobian of the unit mean-pooled sentence vector with respect
+    to the row a position reads."""
     from .fidelity import sentences as split
-    from .models import input_device
+    from .models import check_token_ids, input_device
+    from .models import max_length as positions
     from .progress import bar
 
+    max_length = min(max_length, positions(model, tokenizer) or max_length)  # as fidelity.sentence_vectors cuts
     lines = split(text, limit=sentences, need=1, purpose="to measure the encoder's metric (--input-metric 0 fits "
                   "without it)")
     device = input_device(model)
     embedding = model.get_input_embeddings()
     base = getattr(model, "base_model", model)
     gen = torch.Generator().manual_seed(seed)
-    d = embedding.weight.shape[1]
+    vocab, d = embedding.weight.shape
     total = torch.zeros(d, d, dtype=torch.float64)
-    count = 0
+    rows_cost = torch.zeros(vocab, dtype=torch.float64)
+    counts = torch.zeros(vocab, dtype=torch.float64)
     looked: list[torch.Tensor] = []
 
     def keep(module, args, out):  # the rows as the model reads them, as a leaf the gradient is taken against
@@ -62,19 +83,36 @@ def sentence_metric(model, tokenizer, text: Text, *, sentences: int = 256, probe
             for i in range(0, len(lines), batch_size):
                 batch = tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
                                   return_tensors="pt").to(device)
+                check_token_ids(int(batch["input_ids"].max()), vocab, tokenizer, type(model).__name__)
                 looked.clear()
                 hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
                 unit = pooled.float() / pooled.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
                 rows, real = looked[0], batch["attention_mask"].bool()
+                ids = batch["input_ids"][real].cpu()
                 for k in range(probes):
                     probe = torch.randn(unit.shape, generator=gen).to(unit.device)
                     grad, = torch.autograd.grad((unit * probe).sum(), rows, retain_graph=k < probes - 1)
                     g = grad[real].double().cpu()
                     total += g.T @ g
-                count += int(real.sum())
+                    rows_cost.index_add_(0, ids, g.pow(2).sum(1))
+                counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
                 b.advance(len(lines[i:i + batch_size]))
     finally:
         hook.remove()
-    return total / (probes * max(count, 1))
+    return Sensitivity(total / (probes * max(counts.sum().item(), 1)), rows_cost / probes, counts)
+
+
+def row_scale(sensitivity: Sensitivity, shrink: float = SHRINK) -> torch.Tensor:
+    """Per row (V, float64), what one of its readings costs relative to a rare token's: (cost + shrink * c0) /
+    (count + shrink) / c0, c0 the median cost of a reading over the rows read once or twice (over all rows read,
+    where none is). A row never read gets 1: its token-count weight stays as it was."""
+    cost, counts = sensitivity.rows, sensitivity.counts
+    seen = counts > 0
+    if not bool(seen.any()):
+        return torch.ones_like(counts)
+    rare = seen & (counts <= 2)
+    per = cost[rare if bool(rare.any()) else seen] / counts[rare if bool(rare.any()) else seen]
+    c0 = per.median().clamp_min(1e-300)
+    return (cost + shrink * c0) / (counts + shrink) / c0

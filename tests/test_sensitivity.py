@@ -9,10 +9,14 @@ from embzip.cli import app
 from embzip.codebook import CodebookConfig
 from embzip.methods import Recipe
 from embzip.methods.base import Inputs
-from embzip.sensitivity import sentence_metric
+from embzip.sensitivity import Sensitivity, row_scale, sentence_sensitivity
 from embzip.texts import load_text
 
 SENTENCE = "the people who write about water said that it was hot ."
+
+
+def sentence_metric(*args, **kwargs):
+    return sentence_sensitivity(*args, **kwargs).moment
 
 
 def _unit_vector(model, ids, shift=None):
@@ -86,9 +90,10 @@ def test_the_metric_changes_only_what_the_probes_estimate(tiny, text_file):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_a_codebook_fit_of_an_encoder_codes_in_its_metric(tiny, text_file, dtype, monkeypatch):
-    """The fit hands the codebook the metric I + 4 G / mean eig(G), G measured on the weights text, and records
-    the weight it used; with weight 0 it codes in plain squared error. (That a metric handed to fit_codebook is
-    the error it lowers: test_codebook.test_metric_is_respected.)"""
+    """The fit hands the codebook the metric I + 4 G / mean eig(G), G measured on the weights text, and the token
+    weights scaled by what a reading of each row costs, and records the weight it used; with weight 0 it codes in
+    plain squared error with the token weights alone. (That a metric and weights handed to fit_codebook are the
+    error it lowers: test_codebook.)"""
     import embzip.methods.codebook as method
     from embzip.aware import normalised_metric
     from embzip.pipeline import compress
@@ -96,9 +101,9 @@ def test_a_codebook_fit_of_an_encoder_codes_in_its_metric(tiny, text_file, dtype
     path = tiny("bert-encoder", dtype)
     handed = []
 
-    def spy(*args, metric=None, **kw):
-        handed.append(metric)
-        return fit_codebook(*args, metric=metric, **kw)
+    def spy(*args, metric=None, weights=None, **kw):
+        handed.append((metric, weights))
+        return fit_codebook(*args, metric=metric, weights=weights, **kw)
 
     fit_codebook = method.fit_codebook
     monkeypatch.setattr(method, "fit_codebook", spy)
@@ -111,8 +116,11 @@ def test_a_codebook_fit_of_an_encoder_codes_in_its_metric(tiny, text_file, dtype
     assert with_metric.meta["input_metric"] == 4.0 and "input_metric" not in plain.meta
     assert with_metric.meta["settings"]["codebook"]["input_metric"] == 4.0
     opened = embzip.open_model(path)
-    G = sentence_metric(opened.model, opened.tokenizer, load_text(text_file))
-    assert torch.allclose(handed[0], normalised_metric(G, 4.0, G.shape[0])) and handed[1] is None
+    measured = sentence_sensitivity(opened.model, opened.tokenizer, load_text(text_file))
+    (metric, weights), (no_metric, plain_weights) = handed
+    assert torch.allclose(metric, normalised_metric(measured.moment, 4.0, measured.moment.shape[0]))
+    assert no_metric is None
+    assert torch.allclose(weights, plain_weights * row_scale(measured).to(plain_weights.dtype))
     assert not torch.equal(with_metric.reconstruct(), plain.reconstruct())
 
 
@@ -122,11 +130,11 @@ def test_models_with_a_head_and_a_weight_of_zero_measure_no_encoder_metric(tiny,
     import embzip.sensitivity as sensitivity
     from embzip.pipeline import needs_model
 
-    monkeypatch.setattr(sensitivity, "sentence_metric", lambda *a, **kw: pytest.fail("encoder metric measured"))
+    monkeypatch.setattr(sensitivity, "sentence_sensitivity", lambda *a, **kw: pytest.fail("encoder metric measured"))
     for kind, gamma in (("bert-mlm", 4.0), ("llama-untied", 4.0), ("bert-encoder", 0.0)):
         opened = embzip.open_model(tiny(kind))
         recipe = Recipe(method="codebook", weights_text=text_file, codebook=CodebookConfig(input_metric=gamma))
-        assert Inputs(opened, recipe).encoder_metric() is None
+        assert Inputs(opened, recipe).encoder_sensitivity() is None
         if kind != "bert-mlm":
             assert not needs_model(recipe, embzip.open_model(tiny(kind), load="embedding"))
     encoder = embzip.open_model(tiny("bert-encoder"), load="embedding")
@@ -147,7 +155,9 @@ def test_fit_refuses_bad_or_foreign_input_metrics(tiny, tmp_path):
 
 
 def test_sentences_longer_than_the_model_reads_are_cut_to_its_positions(tiny, tmp_path):
-    """The tiny encoder has 64 positions; a weights text of long sentences still gives a metric and a fit."""
+    """The tiny encoder has 64 positions: a text of 133-token sentences still gives a metric, a fit, and the
+    fidelity of that fit."""
+    from embzip.fidelity import score
     from embzip.pipeline import compress
 
     text = tmp_path / "long.txt"
@@ -155,3 +165,31 @@ def test_sentences_longer_than_the_model_reads_are_cut_to_its_positions(tiny, tm
     recipe = Recipe(method="codebook", weights_text=str(text))
     factors, _ = compress(tiny("bert-encoder"), recipe, bits=8, write=False)
     assert factors.meta["input_metric"] == 4.0
+    fidelity = score(embzip.open_model(tiny("bert-encoder")), load_text(str(text)), factors)["fidelity"]
+    assert 0.5 < fidelity <= 1.0 + 1e-6
+
+
+def test_a_rows_scale_is_what_a_reading_costs_against_a_rare_tokens():
+    """Never read: 1. Read often: its cost per reading over the median cost of the rows read once or twice. Read
+    once: halfway (shrink 1) between its own and the rare tokens' cost."""
+    counts = torch.tensor([0.0, 1.0, 2.0, 100.0, 1.0], dtype=torch.float64)
+    per = torch.tensor([0.0, 1.0, 3.0, 0.1, 8.0], dtype=torch.float64)  # cost of one reading
+    scale = row_scale(Sensitivity(torch.eye(2, dtype=torch.float64), per * counts, counts))
+    c0 = 3.0  # the median of 1, 3 and 8: the rows read once or twice
+    assert scale[0] == 1.0
+    assert scale[3].item() == pytest.approx((0.1 * 100 + c0) / 101 / c0)
+    assert scale[4].item() == pytest.approx((8 + c0) / 2 / c0)
+    assert scale[3] < scale[1] < scale[2] < scale[4]
+    nothing = Sensitivity(torch.eye(2, dtype=torch.float64), torch.zeros(3, dtype=torch.float64),
+                          torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(row_scale(nothing), torch.ones(3, dtype=torch.float64))
+
+
+def test_the_rows_costs_add_up_to_the_metric(tiny, text_file):
+    """The measured costs are per row and add up: every row read has a positive cost, the rows' costs sum to
+    trace(G) times the positions, and rows never read have none."""
+    opened = embzip.open_model(tiny("bert-encoder"))
+    measured = sentence_sensitivity(opened.model, opened.tokenizer, load_text(text_file))
+    read = measured.counts > 0
+    assert bool((measured.rows[read] > 0).all()) and bool((measured.rows[~read] == 0).all())
+    assert measured.rows.sum().item() == pytest.approx(measured.moment.trace().item() * measured.counts.sum().item())

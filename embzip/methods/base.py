@@ -154,21 +154,21 @@ class Inputs:
             moment = combine_moments(moment, sampled[1])
         return normalised_metric(moment, gamma, self.embedding.shape[1])
 
-    def encoder_metric(self) -> torch.Tensor | None:
-        """M = I + gamma G / mean eig(G) for an encoder without an output head (sensitivity.py; gamma: the
-        codebook's input_metric), measured on the weights text's sentences; None where it does not apply."""
+    def encoder_sensitivity(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For an encoder without an output head (sensitivity.py): the metric M = I + gamma G / mean eig(G) (gamma:
+        the codebook's input_metric) and the factor of each row's weight (sensitivity.row_scale), measured on the
+        weights text's sentences; None where it does not apply."""
         from ..aware import normalised_metric
-        from ..sensitivity import sentence_metric
+        from ..sensitivity import row_scale, sentence_sensitivity
 
         if not uses_encoder_metric(self.recipe, self.opened):
             return None
         opened = self.opened
-        moment = self._cached(("sentence_metric",) + self._text_key, lambda: sentence_metric(
-            opened.model, opened.tokenizer, self.text(), max_length=min(128, opened.max_length or 128),
-            progress=self.progress))
+        measured = self._cached(("sentence_sensitivity",) + self._text_key, lambda: sentence_sensitivity(
+            opened.model, opened.tokenizer, self.text(), progress=self.progress))
         gamma = self.recipe.codebook.input_metric
         self.details["input_metric"] = gamma
-        return normalised_metric(moment, gamma, self.embedding.shape[1])
+        return normalised_metric(measured.moment, gamma, self.embedding.shape[1]), row_scale(measured)
 
 
 def uses_encoder_metric(recipe, opened) -> bool:

@@ -58,8 +58,11 @@ def make(inputs, bits, recipe):
     warn_if_short_of_memory(vocab, hidden, inputs.device)
     weights = inputs.weights(config.weight_power(inputs.opened.tied),
                              prior_share=config.prior_share(inputs.samples_model()))
-    metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens) if inputs.opened.tied \
-        else inputs.encoder_metric()
+    metric = inputs.metric(recipe.aware.output_metric, recipe.aware.metric_tokens)
+    sensitivity = inputs.encoder_sensitivity()  # an encoder's: its sentence vectors' metric, what a row's reading costs
+    if sensitivity is not None:
+        metric, scale = sensitivity
+        weights = weights * scale.to(weights.dtype)
     absent = left_out(inputs, config)
     tensors = fit_codebook(inputs.embedding, weights=weights, metric=metric, config=config, device=inputs.device,
                            progress=inputs.progress, absent=absent)
