@@ -42,8 +42,7 @@ def sentences(text: Text, limit: int = 256, *, need: int = 2, purpose: str = "fo
 def sentence_vectors(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
     """Mean-pooled last hidden states, one row per text (float32, CPU); a text is cut at `max_length` tokens, or
     at the model's positions where it has fewer."""
-    from .models import check_token_ids, input_device
-    from .models import max_length as positions
+    from .models import check_token_ids, input_device, max_length as positions
 
     max_length = min(max_length, positions(model, tokenizer) or max_length)
 

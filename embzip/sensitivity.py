@@ -55,8 +55,7 @@ def sentence_sensitivity(model, tokenizer, text: Text, *, sentences: int = 256, 
     fidelity.sentence_vectors cuts them): J is the Jacobian of the unit mean-pooled sentence vector with respect
     to the row a position reads."""
     from .fidelity import sentences as split
-    from .models import check_token_ids, input_device
-    from .models import max_length as positions
+    from .models import check_token_ids, input_device, max_length as positions
     from .progress import bar
 
     max_length = min(max_length, positions(model, tokenizer) or max_length)  # as fidelity.sentence_vectors cuts
@@ -113,6 +112,6 @@ def row_scale(sensitivity: Sensitivity, shrink: float = SHRINK) -> torch.Tensor:
     if not bool(seen.any()):
         return torch.ones_like(counts)
     rare = seen & (counts <= 2)
-    per = cost[rare if bool(rare.any()) else seen] / counts[rare if bool(rare.any()) else seen]
-    c0 = per.median().clamp_min(1e-300)
+    pick = rare if bool(rare.any()) else seen
+    c0 = (cost[pick] / counts[pick]).median().clamp_min(1e-300)
     return (cost + shrink * c0) / (counts + shrink) / c0

@@ -31,7 +31,7 @@ class Method:
     make: Callable[..., tuple[Any, dict[str, Any]]]
     uses_text: bool = False  # reads the weights text (token counts)
     needs_forward: bool = False  # runs the model (hidden-state metric); else the matrix alone suffices
-    encoder_metric: bool = False  # codes an encoder's rows in its sentence-vector metric (Inputs.encoder_metric)
+    encoder_metric: bool = False  # codes an encoder's rows in its sentence-vector metric (Inputs.encoder_sensitivity)
     options: tuple[str, ...] = ()  # names of `embzip fit` options that belong to this method
     fixed_bits: Callable[..., float] | None = None  # FIXED: (vocab, hidden, dtype, recipe) -> bits per weight stored
     default_bits: float | None = None  # BITS: the size when none is given
