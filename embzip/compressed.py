@@ -48,8 +48,10 @@ class Compressed:
         raise NotImplementedError
 
     @classmethod
-    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
-        """Rows `index` of the rebuilt embedding, in float32, from a dict of this kind's tensors."""
+    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice,
+               derived: dict | None = None) -> torch.Tensor:
+        """Rows `index` of the rebuilt embedding, in float32, from a dict of this kind's tensors. `derived`: as for
+        head_logits (a codebook keeps its decoding tables there)."""
         raise NotImplementedError
 
     @classmethod

@@ -91,7 +91,8 @@ class Factors(Compressed):
         return cls(tensors[CODES], tensors[DECODER], tensors.get(DECODER_BIAS), tensors.get(NORMS), meta)
 
     @classmethod
-    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
+    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice,
+               derived: dict | None = None) -> torch.Tensor:
         out = tensors[CODES][index].float() @ tensors[DECODER].float()
         bias, norms = tensors.get(DECODER_BIAS), tensors.get(NORMS)
         if bias is not None:

@@ -134,7 +134,8 @@ class Quantized(TensorSet):
         return self.scheme if self.scheme == "int8" else f"int4g{self.group}"
 
     @classmethod
-    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice) -> torch.Tensor:
+    def decode(cls, tensors: dict[str, torch.Tensor], index: torch.Tensor | slice,
+               derived: dict | None = None) -> torch.Tensor:
         scale = tensors[SCALE][index].float()
         if Q8 in tensors:
             return tensors[Q8][index].float() * scale.unsqueeze(-1)

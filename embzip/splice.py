@@ -68,6 +68,16 @@ def _kept(module: nn.Module, name: str, key: tuple, make: Callable[[], Any]) -> 
     return kept[name][1]
 
 
+def _derived_from(module: nn.Module, stored: dict[str, torch.Tensor]) -> dict | None:
+    """A dict kept on `module` while the `stored` tensors stay the same, where a kind keeps what it derives from them
+    (a codebook's decoding tables and transform, the int4 kernel's layout); like a decoded matrix, never in the state
+    dict. None while a stored tensor is being trained (grad enabled and required): what is derived from it must
+    then be derived again at every pass, so the backward pass reaches the tensor."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in stored.values()):
+        return None
+    return _kept(module, "derived", _state_key(*stored.values()), dict)
+
+
 def _forget(module: nn.Module, name: str) -> None:
     module.__dict__.get("_kept_values", {}).pop(name, None)
 
@@ -246,7 +256,8 @@ class CompressedEmbedding(_CompactEmbedding):
         return self.kind.from_tensors(self.stored(), dict(self.meta))
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
-        return self.kind.decode(self.stored(), index)
+        stored = self.stored()
+        return self.kind.decode(stored, index, _derived_from(self, stored))
 
     def matrix(self) -> torch.Tensor:
         """The whole decoded V x d matrix in the model's dtype (without the embedding scale)."""
@@ -296,10 +307,10 @@ class CompressedHead(_TiedHead):
             logits[..., i:i + block.shape[0]] = hidden @ block.T
         return logits
 
-    def _derived(self) -> dict:
-        """What the kind derived from the stored tensors for its head_logits (the int4 kernel's layout), kept
-        until those tensors change, move or are replaced; like the decoded matrix, never in the state dict."""
-        return _kept(self, "derived", _state_key(*self.embedding.stored().values()), dict)
+    def _derived(self) -> dict | None:
+        """What the kind derived from the stored tensors for its head_logits (the int4 kernel's layout, a
+        codebook's tables), kept until those tensors change, move or are replaced (_derived_from)."""
+        return _derived_from(self, self.embedding.stored())
 
     def _decoded(self, hidden: torch.Tensor) -> torch.Tensor:
         """The whole decoded matrix (V x d) in the hidden states' dtype and device, decoded when its key changes."""

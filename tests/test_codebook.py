@@ -456,3 +456,56 @@ def test_malformed_absent_rows_are_refused():
             check_tensors(bad)
     with pytest.raises(ValueError, match="increasing"):
         fit_codebook(_matrix(), config=CodebookConfig(bits=2, **FAST), absent=torch.tensor([5, 3]))
+
+
+def test_decoding_tables_are_derived_once_and_give_the_same_rows(monkeypatch):
+    """With a `derived` dict (what a compact module keeps while its tensors stay the same) the decoding tables and
+    the transform are built once, for decoding and for the head's stage products alike, and the rows and logits
+    are the same to the last bit as without it."""
+    import embzip.codebook as codebook
+
+    tensors = fit_codebook(_matrix(), weights=_weights(), config=CodebookConfig(bits=3, focus=0.3, **FAST))
+    built = []
+    real = codebook._decode_plan
+    monkeypatch.setattr(codebook, "_decode_plan", lambda *a: built.append(1) or real(*a))
+    index = torch.tensor([3, 7, V - 1, 3])
+    hidden = torch.randn(40, D)
+    fresh = decode_rows(tensors, index), codebook.stage_logits(tensors, hidden)
+    per_call = len(built)
+    derived = {}
+    for _ in range(3):
+        assert torch.equal(decode_rows(tensors, index, derived), fresh[0])
+        assert torch.equal(codebook.stage_logits(tensors, hidden, derived), fresh[1])
+    stages = sum(name.endswith(".codes") for name in tensors)
+    assert per_call == 2 * stages  # without a dict: a table per stage for each decode and each head call
+    assert len(built) == per_call + stages  # with one: a table per stage once, shared by decoding and the head
+    assert set(derived) == {("transform",), ("plans", torch.device("cpu"))}
+
+
+def test_a_compact_module_keeps_its_tables_until_its_tensors_change(monkeypatch):
+    """A CompressedEmbedding decodes with kept tables; an in-place change to a stored codebook is seen (the
+    tables are derived again), and while a stored tensor trains nothing is kept, so gradients reach it."""
+    import embzip.codebook as codebook
+    from embzip.codebook import Codebook
+    from embzip.splice import CompressedEmbedding
+
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=3, **FAST))
+    module = CompressedEmbedding(Codebook(tensors))
+    ids = torch.tensor([[1, 5, 9]])
+    built = []
+    real = codebook._decode_plan
+    monkeypatch.setattr(codebook, "_decode_plan", lambda *a: built.append(1) or real(*a))
+    first = module(ids)
+    once = len(built)
+    assert torch.equal(module(ids), first) and len(built) == once
+    book = module.stored()["stage0.codebook"]
+    with torch.no_grad():
+        book.copy_(torch.flip(book, [0]))  # other centroids under the same codes
+    changed = module(ids)
+    assert len(built) == 2 * once and not torch.equal(changed, first)
+    assert torch.equal(changed, CompressedEmbedding(Codebook(module.stored()))(ids))
+    scale = module.stored()["stage0.codebook.scale"]
+    scale.requires_grad_(True)
+    for _ in range(2):  # two passes: nothing derived in the first is reused by the second
+        module(ids).sum().backward()
+    assert scale.grad is not None and torch.isfinite(scale.grad).all()
