@@ -824,11 +824,14 @@ def _stage_products(index: torch.Tensor, groups: list[tuple], acc: torch.Tensor 
 
 def _derived(derived: dict | None, key: tuple, make):
     """derived[key], made once (`make()`); made at every call where no dict is kept. Building the decoding tables
-    of every stage took 1.0 of the 2.4 ms that decoding 256 rows of all-MiniLM-L6-v2 at 2 bpw takes."""
+    of every stage took 1.0 of the 2.4 ms that decoding 256 rows of all-MiniLM-L6-v2 at 2 bpw takes. What is kept
+    is made outside inference mode and without gradients, so a table made during `torch.inference_mode()` (a
+    bench, a generation) also serves a later pass that autograd records (fine-tuning the layers around it)."""
     if derived is None:
         return make()
     if key not in derived:
-        derived[key] = make()
+        with torch.inference_mode(False), torch.no_grad():
+            derived[key] = make()
     return derived[key]
 
 

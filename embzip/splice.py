@@ -59,11 +59,13 @@ def _state_key(*tensors: torch.Tensor | None) -> tuple:
 def _kept(module: nn.Module, name: str, key: tuple, make: Callable[[], Any]) -> Any:
     """A value a head derives from its tensors (`make()`), kept on `module` under `name` until `key` (_state_key
     and whatever else it depends on) changes. The old value is dropped before the new one is made, so two never
-    take memory at once. Kept as a plain attribute: never in the state dict."""
+    take memory at once. Kept as a plain attribute: never in the state dict. Made outside inference mode: a value
+    made during `torch.inference_mode()` (a bench, a generation) could not take part in a later pass that autograd
+    records (fine-tuning the layers around the head)."""
     kept = module.__dict__.setdefault("_kept_values", {})
     if name not in kept or kept[name][0] != key:
         kept.pop(name, None)
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             kept[name] = (key, make())
     return kept[name][1]
 

@@ -509,3 +509,26 @@ def test_a_compact_module_keeps_its_tables_until_its_tensors_change(monkeypatch)
     for _ in range(2):  # two passes: nothing derived in the first is reused by the second
         module(ids).sum().backward()
     assert scale.grad is not None and torch.isfinite(scale.grad).all()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_what_a_head_keeps_in_inference_mode_serves_a_later_pass_with_gradients(cached, monkeypatch):
+    """A compact codebook head run under torch.inference_mode (a bench, a generation) and then in a pass autograd
+    records (fine-tuning the layers around it): the tables it kept, or its decoded matrix with cache_decoded,
+    were inference tensors, which autograd refuses to save. Gradients now reach the hidden states, equal to
+    those of a head that kept nothing."""
+    import embzip.codebook as codebook
+    from embzip.codebook import Codebook
+    from embzip.splice import CompressedEmbedding, CompressedHead
+
+    monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 0)  # stage by stage, with the coarse stage's table product
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=3, coarse=1, **FAST))
+    head = CompressedHead(CompressedEmbedding(Codebook(tensors)), None)
+    head.cache_decoded = cached
+    with torch.inference_mode():
+        head(torch.randn(7, D))
+    hidden = torch.randn(7, D, requires_grad=True)
+    head(hidden).pow(2).sum().backward()
+    fresh = hidden.detach().clone().requires_grad_(True)
+    (fresh @ decode_rows(tensors).T).pow(2).sum().backward()
+    assert torch.allclose(hidden.grad, fresh.grad, rtol=1e-4, atol=1e-4 * fresh.grad.abs().max().item())
