@@ -39,26 +39,30 @@ def sentences(text: Text, limit: int = 256, *, need: int = 2, purpose: str = "fo
     return out
 
 
-def sentence_vectors(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
-    """Mean-pooled last hidden states, one row per text (float32, CPU); a text is cut at `max_length` tokens, or
-    at the model's positions where it has fewer."""
+def pooled_batches(model, tokenizer, texts: list[str], *, batch_size: int, max_length: int = 128):
+    """For each batch of `texts`: (the tokenized batch, its mean-pooled last hidden states in the model's dtype),
+    under whatever grad mode the caller runs. A text is cut at `max_length` tokens, or at the model's positions
+    where it has fewer; token ids the embedding has no row for are refused first."""
     from .models import check_token_ids, input_device, max_length as positions
 
     max_length = min(max_length, positions(model, tokenizer) or max_length)
-
     device = input_device(model)  # accelerate-dispatched models included
     base = getattr(model, "base_model", model)
-    rows = []
+    rows = model.get_input_embeddings().num_embeddings
+    for i in range(0, len(texts), batch_size):
+        batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                          return_tensors="pt").to(device)
+        check_token_ids(int(batch["input_ids"].max()), rows, tokenizer, type(model).__name__)
+        hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        yield batch, (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
+def sentence_vectors(model, tokenizer, texts: list[str], *, batch_size: int = 32, max_length: int = 128) -> torch.Tensor:
+    """Mean-pooled last hidden states, one row per text (float32, CPU); cut as pooled_batches cuts them."""
     with torch.inference_mode():
-        for i in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt").to(device)
-            check_token_ids(int(batch["input_ids"].max()), model.get_input_embeddings().num_embeddings, tokenizer,
-                            type(model).__name__)
-            hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            rows.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
-    return torch.cat(rows)
+        return torch.cat([pooled.float().cpu() for _, pooled in pooled_batches(
+            model, tokenizer, texts, batch_size=batch_size, max_length=max_length)])
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:

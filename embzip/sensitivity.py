@@ -51,19 +51,15 @@ class Sensitivity(NamedTuple):
 def sentence_sensitivity(model, tokenizer, text: Text, *, sentences: int = 256, probes: int = PROBES,
                          batch_size: int = 16, max_length: int = 128, seed: int = 0,
                          progress: bool = False) -> Sensitivity:
-    """G and each row's share of it, over the token positions of `text`'s sentences (fidelity.sentences, cut as
-    fidelity.sentence_vectors cuts them): J is the Jacobian of the unit mean-pooled sentence vector with respect
-    to the row a position reads."""
-    from .fidelity import sentences as split
-    from .models import check_token_ids, input_device, max_length as positions
+    """G and each row's share of it, over the token positions of `text`'s sentences (fidelity.sentences, batched,
+    cut and pooled by fidelity.pooled_batches as fidelity.sentence_vectors is): J is the Jacobian of the unit
+    mean-pooled sentence vector with respect to the row a position reads."""
+    from .fidelity import pooled_batches, sentences as split
     from .progress import bar
 
-    max_length = min(max_length, positions(model, tokenizer) or max_length)  # as fidelity.sentence_vectors cuts
     lines = split(text, limit=sentences, need=1, purpose="to measure the encoder's metric (--input-metric 0 fits "
                   "without it)")
-    device = input_device(model)
     embedding = model.get_input_embeddings()
-    base = getattr(model, "base_model", model)
     gen = torch.Generator().manual_seed(seed)
     vocab, d = embedding.weight.shape
     total = torch.zeros(d, d, dtype=torch.float64)
@@ -79,16 +75,10 @@ def sentence_sensitivity(model, tokenizer, text: Text, *, sentences: int = 256, 
     hook = embedding.register_forward_hook(keep)
     try:
         with torch.enable_grad(), bar("encoder metric", len(lines), enabled=progress) as b:
-            for i in range(0, len(lines), batch_size):
-                batch = tokenizer(lines[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
-                                  return_tensors="pt").to(device)
-                check_token_ids(int(batch["input_ids"].max()), vocab, tokenizer, type(model).__name__)
-                looked.clear()
-                hidden = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+            for batch, pooled in pooled_batches(model, tokenizer, lines, batch_size=batch_size, max_length=max_length):
                 unit = pooled.float() / pooled.float().norm(dim=1, keepdim=True).clamp_min(1e-30)
-                rows, real = looked[0], batch["attention_mask"].bool()
+                rows, real = looked[0], batch["attention_mask"].bool()  # the first lookup of this batch's pass
+                looked.clear()
                 ids = batch["input_ids"][real].cpu()
                 for k in range(probes):
                     probe = torch.randn(unit.shape, generator=gen).to(unit.device)
@@ -97,7 +87,7 @@ def sentence_sensitivity(model, tokenizer, text: Text, *, sentences: int = 256, 
                     total += g.T @ g
                     rows_cost.index_add_(0, ids, g.pow(2).sum(1))
                 counts.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
-                b.advance(len(lines[i:i + batch_size]))
+                b.advance(len(batch["input_ids"]))
     finally:
         hook.remove()
     return Sensitivity(total / (probes * max(counts.sum().item(), 1)), rows_cost / probes, counts)

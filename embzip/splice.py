@@ -311,8 +311,9 @@ class CompressedHead(_TiedHead):
 
     def _derived(self) -> dict | None:
         """What the kind derived from the stored tensors for its head_logits (the int4 kernel's layout, a
-        codebook's tables), kept until those tensors change, move or are replaced (_derived_from)."""
-        return _derived_from(self, self.embedding.stored())
+        codebook's tables), kept until those tensors change, move or are replaced (_derived_from): the
+        embedding's own dict, so tables the lookups and the head both use are made once."""
+        return _derived_from(self.embedding, self.embedding.stored())
 
     def _decoded(self, hidden: torch.Tensor) -> torch.Tensor:
         """The whole decoded matrix (V x d) in the hidden states' dtype and device, decoded when its key changes."""
