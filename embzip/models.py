@@ -8,6 +8,7 @@ is: a masked LM, a causal LM, or an encoder without an LM head.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -349,8 +350,10 @@ def _available_memory() -> int | None:
         return None
 
 
+@functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX tiles), as torch reports it."""
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX tiles), as torch reports it (asked once:
+    torch takes about a millisecond to tell, and a compact head asks at every forward pass)."""
     import torch
 
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from embzip import models
 from embzip.aware import normalised_metric
 from embzip.codebook import CodebookConfig, _assign, decode_rows, fit_codebook, pack, plan, stored_bits, unpack
 
@@ -308,11 +309,14 @@ def test_head_logits_equal_the_product_with_the_decoded_rows(centroids, coarse, 
     tensors = fit_codebook(e, config=config)
     assert "stage1.codes" in tensors and "gain" in tensors
     monkeypatch.setattr(codebook, "_STAGE_BLOCK", 20 * D)  # stage by stage: several blocks of 20 rows
+    monkeypatch.setattr(models, "native_bf16", lambda: True)  # a CPU with bfloat16 units, as this project's
     hidden = torch.randn(2, 3, D).to(dtype)  # leading dimensions as a head sees them
     expected = hidden.float() @ decode_rows(tensors).T
     got = getattr(codebook, way)(tensors, hidden)
-    assert got.shape == (2, 3, V) and got.dtype == torch.float32
-    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
+    sixteen = dtype == torch.bfloat16  # products in the states' dtype, as a dense bfloat16 head's
+    assert got.shape == (2, 3, V) and got.dtype == (dtype if sixteen else torch.float32)
+    # bfloat16 carries 8 significant bits: each product, sum and logit is rounded to 2^-9 of its size
+    assert torch.allclose(got.float(), expected, atol=(2e-2 if sixteen else 1e-4) * expected.abs().max().item())
     assert getattr(codebook, way)(tensors, hidden[:, :0]).shape == (2, 0, V)  # no hidden states, no logits
 
 
@@ -532,3 +536,31 @@ def test_what_a_head_keeps_in_inference_mode_serves_a_later_pass_with_gradients(
     fresh = hidden.detach().clone().requires_grad_(True)
     (fresh @ decode_rows(tensors).T).pow(2).sum().backward()
     assert torch.allclose(hidden.grad, fresh.grad, rtol=1e-4, atol=1e-4 * fresh.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype, bf16_units, fast", [
+    (torch.bfloat16, True, True), (torch.bfloat16, False, False), (torch.float16, True, False)])
+@pytest.mark.parametrize("way", ["lookup_logits", "stage_logits"])
+def test_head_logits_of_16_bit_states_in_their_dtype_where_the_cpu_is_fast_at_it(way, dtype, bf16_units, fast,
+                                                                                  monkeypatch):
+    """A 16-bit model's dense head multiplies in its dtype, and so does the compact one where the CPU has
+    bfloat16 units (about twice as fast there); a CPU without them, or float16 on a CPU (150 times slower
+    than float32 on this project's), keeps float32, as does a head gradients may flow through (healing,
+    fine-tuning), whose gradients the test above checks."""
+    import embzip.codebook as codebook
+
+    monkeypatch.setattr(models, "native_bf16", lambda: bf16_units)
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=4, focus=0.3, **FAST))
+    hidden = torch.randn(4, D).to(dtype)
+    expected = hidden.float() @ decode_rows(tensors).T
+    product = dtype if fast else torch.float32
+    with torch.inference_mode():
+        got = getattr(codebook, way)(tensors, hidden)
+    assert got.dtype == product
+    assert torch.allclose(got.float(), expected, atol=(2e-2 if fast else 1e-4) * expected.abs().max().item())
+    assert getattr(codebook, way)(tensors, hidden).dtype == product  # nothing to train
+    assert getattr(codebook, way)(tensors, hidden.clone().requires_grad_()).dtype == torch.float32
+    trained = {**tensors, "stage0.codebook": tensors["stage0.codebook"].float().requires_grad_()}
+    assert getattr(codebook, way)(trained, hidden).dtype == torch.float32
+    with torch.no_grad():  # no backward pass can follow
+        assert getattr(codebook, way)(trained, hidden).dtype == product
