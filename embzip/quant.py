@@ -31,9 +31,12 @@ Q8, Q4, SCALE, OFFSET = "q8", "q4", "scale", "offset"
 _CHUNK_ROWS = 16384
 # Most float32 hidden states the fused kernels take: beyond, decoding blocks of rows and one float32 product is
 # faster (Gemma-3-270M on the 2-core CPU, the head alone: int8 32 states 0.19 s fused against 0.24 s, 64 states
-# 0.37 s against 0.31 s; int4 64 states 0.33 s against 0.50 s). 16-bit hidden states take them at any count: a
-# 16-bit product is slow on a CPU without 16-bit arithmetic, as this AVX2 one (256 bf16 states: int8 fused 1.47 s,
-# decoding rows 6.0 s, the dense bf16 product 5.8 s; int4 1.37 s)
+# 0.37 s against 0.31 s; int4 64 states 0.33 s against 0.50 s). So do bfloat16 states on a CPU with bfloat16 units,
+# where decoding into a bfloat16 product is as much faster (AMD EPYC, AVX-512 BF16: int8 64 states 0.095 s fused
+# against 0.062 s, 256 states 0.38 s against 0.16 s; int4 128 states 0.156 s against 0.143 s, 256 states 0.32 s
+# against 0.21 s). Other 16-bit states take them at any count: a 16-bit product is slow on a CPU without 16-bit
+# arithmetic, as on the AVX2 machine (256 bf16 states: int8 fused 1.47 s, decoding rows 6.0 s, the dense bf16
+# product 5.8 s; int4 1.37 s), and float16 products are slow on both
 _FUSED_STATES = {"int8": 32, "int4": 64}
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
@@ -181,12 +184,15 @@ def int4_group(tensors: dict[str, torch.Tensor]) -> int:
 
 
 def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
-    """Whether Quantized.head_logits takes `hidden` through a fused kernel: on a CPU, 16-bit states or few
-    float32 ones, no gradient wanted (the kernels have no backward), and a kernel this torch has for this
-    layout."""
+    """Whether Quantized.head_logits takes `hidden` through a fused kernel: on a CPU, few float32 states (few
+    bfloat16 ones where the CPU has bfloat16 units) or any other 16-bit ones, no gradient wanted (the kernels
+    have no backward), and a kernel this torch has for this layout."""
+    from .models import native_bf16
+
     int8 = Q8 in tensors
     states = hidden.numel() // max(1, hidden.shape[-1])
-    many = hidden.dtype not in _SIXTEEN_BIT and states > _FUSED_STATES["int8" if int8 else "int4"]
+    fast_product = hidden.dtype not in _SIXTEEN_BIT or (hidden.dtype == torch.bfloat16 and native_bf16())
+    many = fast_product and states > _FUSED_STATES["int8" if int8 else "int4"]
     if hidden.device.type != "cpu" or many or (torch.is_grad_enabled() and hidden.requires_grad):
         return False
     if int8:  # the kernel reads rows 16 numbers at a time: another hidden size gives garbage or a segfault

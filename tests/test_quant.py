@@ -6,6 +6,8 @@ import re
 import pytest
 import torch
 
+from embzip import models
+
 from embzip.compressed import storage_dtype
 from embzip.errors import FactorsError
 from embzip.factors import Factors, load_factors, save_factors
@@ -179,14 +181,17 @@ def _head(tensors, dtype=torch.float32):
     return CompressedHead(CompressedEmbedding(Quantized(tensors), dtype=dtype), None)
 
 
+@pytest.mark.parametrize("bf16_units", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scheme, vocab, group", [("int8", 100, None), ("int4", 112, 32), ("int4", 100, 64)])
-def test_few_states_go_through_a_fused_kernel_that_agrees_with_decoding(scheme, vocab, group, dtype):
+def test_few_states_go_through_a_fused_kernel_that_agrees_with_decoding(scheme, vocab, group, dtype, bf16_units,
+                                                                        monkeypatch):
     """Few float32 hidden states or any 16-bit ones on a CPU: torch's fused kernel (bf16 in and out), within a
     bf16 step of the largest logit of the float32 product with the decoded rows; a vocabulary not a multiple of
     16 is padded for the int4 kernel and the padding dropped."""
     import embzip.quant as quant
 
+    monkeypatch.setattr(models, "native_bf16", lambda: bf16_units)
     e = _matrix(dtype, vocab=vocab, hidden=128)
     tensors = quantize_int8(e) if scheme == "int8" else quantize_int4(e, group=group)
     hidden = torch.randn(2, 3, 128, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -200,10 +205,14 @@ def test_few_states_go_through_a_fused_kernel_that_agrees_with_decoding(scheme, 
     assert not torch.allclose(got, hidden.float() @ e.float().T, atol=tol / 8)  # the stored integers, not the matrix
     # through the head module, in the model's dtype
     assert torch.allclose(_head(tensors, dtype)(hidden).float(), expected, atol=2 * tol)
-    # many float32 states: decoding blocks of rows is faster there, and the head does that; 16-bit ones still go
-    # to the kernel (a 16-bit product is slower on a CPU without 16-bit arithmetic)
+    # many float32 states, or bfloat16 ones on a CPU with bfloat16 units: decoding blocks of rows into one product
+    # is faster there, and the head does that; other 16-bit ones still go to the kernel (a 16-bit product is slower
+    # on a CPU without 16-bit arithmetic, and float16 products are slow on both)
     many = torch.randn(quant._FUSED_STATES[scheme] + 1, 128).to(dtype)
-    assert (Quantized.head_logits(tensors, many) is None) == (dtype == torch.float32)
+    decoded = dtype == torch.float32 or (dtype == torch.bfloat16 and bf16_units)
+    assert (Quantized.head_logits(tensors, many) is None) == decoded
+    want = many.float() @ Quantized.decode(tensors, slice(None)).T  # and the head's logits are right either way
+    assert torch.allclose(_head(tensors, dtype)(many).float(), want, atol=2 * 2**-7 * want.abs().max().item())
 
 
 def test_the_fused_kernels_are_not_used_where_they_cannot_serve():
