@@ -59,8 +59,9 @@ from typing import NamedTuple
 
 import torch
 
+from .models import fast_product, sixteen_bit
+
 _STORE = torch.float16
-_SIXTEEN_BIT = (torch.bfloat16, torch.float16)  # hidden states a tied head may compute in (_product_dtype)
 _BUFFER = 2**20  # distance entries per assignment chunk on the CPU (4 MiB; 1 GiB on a GPU)
 _LOOKUP_LIMIT = 24000  # a tied head uses lookup_logits while hidden states x row_pieces stay at most this, else
 # stage_logits. On Gemma-3-270M (this 2-core CPU) they cost the same beyond 512, near 140 and near 50 states at 1, 2
@@ -824,11 +825,7 @@ def _product_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> to
     project's CPU with bfloat16 units the 16-bit products took Gemma-3-270M's head on 256 bfloat16 states from
     0.68 s to 0.37 s (the dense bfloat16 head: 0.13 s; docs/method.md); a float16 product there took 150 times
     as long as a float32 one, and a CPU without bfloat16 units is as slow in bfloat16."""
-    from .models import native_bf16
-
-    if hidden.dtype not in _SIXTEEN_BIT:
-        return torch.float32
-    if hidden.device.type == "cpu" and not (hidden.dtype == torch.bfloat16 and native_bf16()):
+    if not sixteen_bit(hidden.dtype) or not fast_product(hidden.dtype, hidden.device):
         return torch.float32
     if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in tensors.values())):
         return torch.float32

@@ -26,6 +26,7 @@ import torch
 
 from .compressed import TensorSet, register, storage_dtype
 from .errors import FactorsError
+from .models import fast_product, sixteen_bit
 
 Q8, Q4, SCALE, OFFSET = "q8", "q4", "scale", "offset"
 _CHUNK_ROWS = 16384
@@ -38,7 +39,6 @@ _CHUNK_ROWS = 16384
 # arithmetic, as on the AVX2 machine (256 bf16 states: int8 fused 1.47 s, decoding rows 6.0 s, the dense bf16
 # product 5.8 s; int4 1.37 s), and float16 products are slow on both
 _FUSED_STATES = {"int8": 32, "int4": 64}
-_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 _INT4_KERNEL_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
 _INT4_KERNEL_ROWS = 16  # and its rows come in multiples of this
 
@@ -153,13 +153,13 @@ class Quantized(TensorSet):
     @classmethod
     def head_logits(cls, tensors: dict[str, torch.Tensor], hidden: torch.Tensor,
                     derived: dict | None = None) -> torch.Tensor | None:
-        """On a CPU, few float32 hidden states or any 16-bit ones: the fused kernel's logits (hidden.shape[:-1] +
+        """On a CPU, the hidden states _fused gives the kernel: the fused kernel's logits (hidden.shape[:-1] +
         (V,); float32, or the hidden states' own dtype when it is 16-bit, so a long 16-bit batch's logits are
         never held in float32 as well); else None."""
         if not _fused(tensors, hidden):
             return None
         flat = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
-        dtype = hidden.dtype if hidden.dtype in _SIXTEEN_BIT else torch.float32
+        dtype = hidden.dtype if sixteen_bit(hidden.dtype) else torch.float32
         derived = {} if derived is None else derived
         if Q8 in tensors:
             q8, scale = tensors[Q8], tensors[SCALE]
@@ -187,12 +187,9 @@ def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
     """Whether Quantized.head_logits takes `hidden` through a fused kernel: on a CPU, few float32 states (few
     bfloat16 ones where the CPU has bfloat16 units) or any other 16-bit ones, no gradient wanted (the kernels
     have no backward), and a kernel this torch has for this layout."""
-    from .models import native_bf16
-
     int8 = Q8 in tensors
     states = hidden.numel() // max(1, hidden.shape[-1])
-    fast_product = hidden.dtype not in _SIXTEEN_BIT or (hidden.dtype == torch.bfloat16 and native_bf16())
-    many = fast_product and states > _FUSED_STATES["int8" if int8 else "int4"]
+    many = fast_product(hidden.dtype, hidden.device) and states > _FUSED_STATES["int8" if int8 else "int4"]
     if hidden.device.type != "cpu" or many or (torch.is_grad_enabled() and hidden.requires_grad):
         return False
     if int8:  # the kernel reads rows 16 numbers at a time: another hidden size gives garbage or a segfault

@@ -245,3 +245,21 @@ def test_the_gguf_conversion_bar_is_off_when_embzip_is_quiet(tiny, tmp_path, mon
     logging.getLogger("embzip").setLevel(logging.WARNING if quiet else logging.INFO)  # as the CLI sets it
     gguf_to_directory(str(gguf))
     assert shown == [not quiet]
+
+
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_fast_product_says_where_a_16_bit_product_is_worth_computing_in(bf16_units, monkeypatch):
+    """The compact heads compute in a 16-bit model's dtype only where the hardware multiplies it fast: float32
+    everywhere, either 16-bit dtype on a GPU, bfloat16 on a CPU with bfloat16 units, float16 on a CPU never."""
+    import torch
+
+    import embzip.models as models
+
+    monkeypatch.setattr(models, "native_bf16", lambda: bf16_units)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only the device's type is read: no GPU needed
+    assert models.fast_product(torch.float32, cpu) and models.fast_product(torch.float32, gpu)
+    assert models.fast_product(torch.bfloat16, cpu) == bf16_units
+    assert not models.fast_product(torch.float16, cpu)
+    assert models.fast_product(torch.bfloat16, gpu) and models.fast_product(torch.float16, gpu)
+    assert models.sixteen_bit(torch.bfloat16) and models.sixteen_bit(torch.float16)
+    assert not models.sixteen_bit(torch.float32)
