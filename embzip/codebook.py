@@ -689,7 +689,8 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
     Decoding costs V x d writes whatever N is, so the tables win for few hidden states, as in a
     generation step (Gemma, one state: 0.018 / 0.034 / 0.068 s at 1 / 2 / 4 bpw against about 1 s to
     decode the rows, and 0.046 s for the float32 original's own matrix product); they are used while
-    states x row_pieces <= _LOOKUP_LIMIT. A 16-bit model's tables are rounded to its dtype (_product_dtype)."""
+    states x row_pieces <= _LOOKUP_LIMIT. The tables are rounded to bfloat16 or a 16-bit model's dtype where that
+    is fast (_table_dtype)."""
     d = tensors["transform"].shape[0]
     flat = hidden.reshape(-1, d)
     if flat.shape[0] * row_pieces(tensors) > _LOOKUP_LIMIT:
@@ -701,11 +702,12 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
     device = flat.device
     h = flat.float() @ dequantized(tensors, "transform").to(device).T  # (N, d)
     full = [stage for stage in stages if stage[3] is None]
-    dtype = _product_dtype(tensors, hidden)
-    out = _lookup(full, h, V, dtype)
+    dtype, table = _product_dtype(tensors, hidden), _table_dtype(tensors, hidden)
+    out = _lookup(full, h, V, table).to(dtype)
     for codes, book, sizes, rows in stages:  # focus stages add to their rows only
         if rows is not None:
-            out.index_add_(0, rows.to(device).long(), _lookup([(codes, book, sizes, None)], h, len(rows), dtype))
+            looked = _lookup([(codes, book, sizes, None)], h, len(rows), table)
+            out.index_add_(0, rows.to(device).long(), looked.to(dtype))
     if "gain" in tensors:
         out *= tensors["gain"].to(device).to(dtype).unsqueeze(1)
     return out.T.reshape(*hidden.shape[:-1], V)
@@ -825,11 +827,28 @@ def _product_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> to
     project's CPU with bfloat16 units the 16-bit products took Gemma-3-270M's head on 256 bfloat16 states from
     0.68 s to 0.37 s (the dense bfloat16 head: 0.13 s; docs/method.md); a float16 product there took 150 times
     as long as a float32 one, and a CPU without bfloat16 units is as slow in bfloat16."""
-    if not sixteen_bit(hidden.dtype) or not fast_product(hidden.dtype, hidden.device):
-        return torch.float32
-    if torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in tensors.values())):
+    if not sixteen_bit(hidden.dtype) or not fast_product(hidden.dtype, hidden.device) or _trains(tensors, hidden):
         return torch.float32
     return hidden.dtype
+
+
+def _table_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.dtype:
+    """What lookup_logits' per-piece tables are rounded to: the products' dtype (_product_dtype), or bfloat16 for
+    float32 states on a CPU with bfloat16 units, outside training. Their sums read half the bytes, and embedding_bag
+    adds bfloat16 entries up in float32: Gemma-3-270M's generation step went 1.08x -> 0.96x the original's at 4
+    bpw and 0.86x -> 0.79x at 2 bpw, for a next-token KL of 4.5e-4 nats to the exact product (the 4 bpw codebook's
+    own KL to the original, 0.0103, became 0.0108), as torch's int8 and int4 kernels trade (docs/method.md).
+    Many states go stage by stage (stage_logits), in float32: a float32 model's perplexity is unchanged."""
+    dtype = _product_dtype(tensors, hidden)
+    if dtype == torch.float32 and hidden.device.type == "cpu" and fast_product(torch.bfloat16, hidden.device) \
+            and not _trains(tensors, hidden):
+        return torch.bfloat16
+    return dtype
+
+
+def _trains(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
+    """Whether a backward pass may run through the head (healing, fine-tuning): it then computes in float32."""
+    return torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in tensors.values()))
 
 
 def _stage_products(index: torch.Tensor, groups: list[tuple], acc: torch.Tensor | None = None) -> torch.Tensor:

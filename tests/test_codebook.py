@@ -315,8 +315,10 @@ def test_head_logits_equal_the_product_with_the_decoded_rows(centroids, coarse, 
     got = getattr(codebook, way)(tensors, hidden)
     sixteen = dtype == torch.bfloat16  # products in the states' dtype, as a dense bfloat16 head's
     assert got.shape == (2, 3, V) and got.dtype == (dtype if sixteen else torch.float32)
-    # bfloat16 carries 8 significant bits: each product, sum and logit is rounded to 2^-9 of its size
-    assert torch.allclose(got.float(), expected, atol=(2e-2 if sixteen else 1e-4) * expected.abs().max().item())
+    # bfloat16 carries 8 significant bits: each product, sum and logit is rounded to 2^-9 of its size (and the
+    # tables' way rounds its tables to bfloat16 for float32 states too, on a CPU with bfloat16 units)
+    rounded = sixteen or way == "lookup_logits"
+    assert torch.allclose(got.float(), expected, atol=(2e-2 if rounded else 1e-4) * expected.abs().max().item())
     assert getattr(codebook, way)(tensors, hidden[:, :0]).shape == (2, 0, V)  # no hidden states, no logits
 
 
@@ -439,6 +441,7 @@ def test_head_logits_score_absent_rows_by_the_fill_row(way, monkeypatch):
     *_, tensors = _absent_fit(bits=4)
     monkeypatch.setattr(codebook, "_LOOKUP_LIMIT", 10**9 if way == "lookup_logits" else 0)
     monkeypatch.setattr(codebook, "_STAGE_BLOCK", 20 * D)
+    monkeypatch.setattr(models, "native_bf16", lambda: False)  # float32 tables: the exact product
     hidden = torch.randn(2, 3, D)
     expected = hidden @ decode_rows(tensors).T
     got = codebook.head_logits(tensors, hidden)
@@ -557,10 +560,37 @@ def test_head_logits_of_16_bit_states_in_their_dtype_where_the_cpu_is_fast_at_it
     with torch.inference_mode():
         got = getattr(codebook, way)(tensors, hidden)
     assert got.dtype == product
-    assert torch.allclose(got.float(), expected, atol=(2e-2 if fast else 1e-4) * expected.abs().max().item())
+    rounded = fast or (way == "lookup_logits" and bf16_units)  # float32 states' tables in bfloat16: below
+    assert torch.allclose(got.float(), expected, atol=(2e-2 if rounded else 1e-4) * expected.abs().max().item())
     assert getattr(codebook, way)(tensors, hidden).dtype == product  # nothing to train
     assert getattr(codebook, way)(tensors, hidden.clone().requires_grad_()).dtype == torch.float32
     trained = {**tensors, "stage0.codebook": tensors["stage0.codebook"].float().requires_grad_()}
     assert getattr(codebook, way)(trained, hidden).dtype == torch.float32
     with torch.no_grad():  # no backward pass can follow
         assert getattr(codebook, way)(trained, hidden).dtype == product
+
+
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_a_float32_step_sums_bfloat16_tables_on_a_cpu_with_bfloat16_units(bf16_units, monkeypatch):
+    """Few float32 states (a generation step): the per-piece tables are rounded to bfloat16 where the CPU has
+    bfloat16 units (faster sums; float32 logits within a bfloat16 rounding of the exact product), float32
+    elsewhere and wherever a backward pass may follow (then the exact product)."""
+    import embzip.codebook as codebook
+
+    monkeypatch.setattr(models, "native_bf16", lambda: bf16_units)
+    tensors = fit_codebook(_matrix(), config=CodebookConfig(bits=4, focus=0.3, **FAST))
+    hidden = torch.randn(3, D)
+    expected = hidden @ decode_rows(tensors).T
+    tables = []
+    original = codebook._lookup
+    monkeypatch.setattr(codebook, "_lookup", lambda *a: tables.append(a[3]) or original(*a))
+    with torch.inference_mode():
+        got = codebook.lookup_logits(tensors, hidden)
+    assert got.dtype == torch.float32 and set(tables) == {torch.bfloat16 if bf16_units else torch.float32}
+    exact = torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item())
+    assert exact != bf16_units  # rounded where the units are, exact where not
+    assert torch.allclose(got, expected, atol=2e-2 * expected.abs().max().item())
+    tables.clear()
+    trained = codebook.lookup_logits(tensors, hidden.clone().requires_grad_())
+    assert set(tables) == {torch.float32}
+    assert torch.allclose(trained, expected, atol=1e-4 * expected.abs().max().item())

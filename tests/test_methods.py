@@ -106,6 +106,8 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
     if method == "int4" and not lookup:  # int4 decodes blocks of rows instead of handing few states to its kernel
         monkeypatch.setattr(embzip.quant, "_FUSED_STATES", {"int8": 0, "int4": 0})
     monkeypatch.setattr(embzip.splice, "_HEAD_CHUNK_CPU", 10 * 32)  # decoding: blocks of 10 rows, several per head
+    # the tables' way keeps float32 tables (a CPU with bfloat16 units rounds them: test_codebook checks that)
+    monkeypatch.setattr(embzip.models, "native_bf16", lambda: False)
     monkeypatch.setattr(embzip.codebook, "_STAGE_BLOCK", 16 * 32)  # stage by stage: blocks of 16 rows
     looked, staged = [], []
     original_lookup, original_stages = embzip.codebook.lookup_logits, embzip.codebook.stage_logits
@@ -148,8 +150,11 @@ def test_the_compressed_head_equals_a_dense_head_of_the_rebuilt_matrix(tiny, met
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("method", ["int4", "codebook"])
-def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(tiny, method, dtype, text_file, tmp_path):
+def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(tiny, method, dtype, text_file, tmp_path,
+                                                                             monkeypatch):
     import embzip
+
+    monkeypatch.setattr(embzip.models, "native_bf16", lambda: False)  # float32 tables for a float32 step
     from embzip.modeldir import apply_factors, load_model
     from embzip.splice import cache_decoded_head
 
@@ -189,10 +194,12 @@ def test_a_cached_head_gives_the_compact_heads_logits_and_follows_its_tensors(ti
 
 
 @pytest.mark.parametrize("method", ["int4", "codebook"])
-def test_a_cached_head_works_on_a_model_loaded_and_run_under_inference_mode(tiny, method, text_file, tmp_path):
+def test_a_cached_head_works_on_a_model_loaded_and_run_under_inference_mode(tiny, method, text_file, tmp_path,
+                                                                            monkeypatch):
     import embzip
     from embzip.modeldir import apply_factors, load_model
 
+    monkeypatch.setattr(embzip.models, "native_bf16", lambda: False)  # float32 tables for a float32 step
     opened = embzip.open_model(tiny("llama"))
     factors, _ = embzip.compress(opened, recipe(method, weights_text=text_file),
                                  bits=12.0 if method == "codebook" else None, write=False)
