@@ -69,6 +69,7 @@ _LOOKUP_LIMIT = 24000  # a tied head uses lookup_logits while hidden states x ro
 # pieces; one is now the default there). Above the crossing the tables cost at most 10% more at 4 bpw.
 _FOCUS_PIECE_DIM = 4.0  # a focus stage has at most d / 4 pieces, whatever the other stages have (docs/method.md)
 PRIOR_SHARE_TEXT_ONLY = 0.5  # CodebookConfig.prior_share where no sample joins the counts (an encoder, a masked LM)
+_STEP_STATES = 16  # float32 states a tied head takes as a generation step: tables in bfloat16 (_table_dtype)
 _STAGE_BLOCK = 2**22  # entries (rows x (d + states)) of a block of rows in stage_logits on a CPU (16 MiB of float32)
 
 
@@ -834,14 +835,15 @@ def _product_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> to
 
 def _table_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.dtype:
     """What lookup_logits' per-piece tables are rounded to: the products' dtype (_product_dtype), or bfloat16 for
-    float32 states on a CPU with bfloat16 units, outside training. Their sums read half the bytes, and embedding_bag
-    adds bfloat16 entries up in float32: Gemma-3-270M's generation step went 1.08x -> 0.96x the original's at 4
-    bpw and 0.86x -> 0.79x at 2 bpw, for a next-token KL of 4.5e-4 nats to the exact product (the 4 bpw codebook's
-    own KL to the original, 0.0103, became 0.0108), as torch's int8 and int4 kernels trade (docs/method.md).
-    Many states go stage by stage (stage_logits), in float32: a float32 model's perplexity is unchanged."""
+    up to _STEP_STATES float32 states (a generation step) on a CPU with bfloat16 units, outside training. Their sums
+    read half the bytes, and embedding_bag adds bfloat16 entries up in float32: Gemma-3-270M's generation step went
+    1.08x -> 0.96x the original's at 4 bpw and 0.86x -> 0.79x at 2 bpw, for a next-token KL of 4.5e-4 nats to the
+    exact product (the 4 bpw codebook's own KL to the original, 0.0103, became 0.0108), as torch's int8 and int4
+    kernels trade (docs/method.md). More states (scoring a text: every perplexity figure) keep float32 tables."""
     dtype = _product_dtype(tensors, hidden)
-    if dtype == torch.float32 and hidden.device.type == "cpu" and fast_product(torch.bfloat16, hidden.device) \
-            and not _trains(tensors, hidden):
+    states = hidden.numel() // max(1, hidden.shape[-1])
+    if dtype == torch.float32 and states <= _STEP_STATES and hidden.device.type == "cpu" \
+            and fast_product(torch.bfloat16, hidden.device) and not _trains(tensors, hidden):
         return torch.bfloat16
     return dtype
 

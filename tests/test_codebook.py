@@ -574,7 +574,7 @@ def test_head_logits_of_16_bit_states_in_their_dtype_where_the_cpu_is_fast_at_it
 def test_a_float32_step_sums_bfloat16_tables_on_a_cpu_with_bfloat16_units(bf16_units, monkeypatch):
     """Few float32 states (a generation step): the per-piece tables are rounded to bfloat16 where the CPU has
     bfloat16 units (faster sums; float32 logits within a bfloat16 rounding of the exact product), float32
-    elsewhere and wherever a backward pass may follow (then the exact product)."""
+    elsewhere, wherever a backward pass may follow and for more states (then the exact product)."""
     import embzip.codebook as codebook
 
     monkeypatch.setattr(models, "native_bf16", lambda: bf16_units)
@@ -594,3 +594,10 @@ def test_a_float32_step_sums_bfloat16_tables_on_a_cpu_with_bfloat16_units(bf16_u
     trained = codebook.lookup_logits(tensors, hidden.clone().requires_grad_())
     assert set(tables) == {torch.float32}
     assert torch.allclose(trained, expected, atol=1e-4 * expected.abs().max().item())
+    tables.clear()  # more states than a step (scoring a text): float32 tables, so perplexities are exact
+    many = torch.randn(codebook._STEP_STATES + 1, D)
+    with torch.inference_mode():
+        scored = codebook.lookup_logits(tensors, many)
+    assert set(tables) == {torch.float32}
+    want = many @ decode_rows(tensors).T
+    assert torch.allclose(scored, want, atol=1e-4 * want.abs().max().item())
