@@ -752,8 +752,8 @@ def _lookup(stages: list[tuple], h: torch.Tensor, n: int, dtype: torch.dtype = t
 
 def head_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor, derived: dict | None = None) -> torch.Tensor:
     """hidden @ decode_rows(tensors)^T (hidden.shape[:-1] + (V,); float32, or the hidden states' 16-bit dtype
-    where the head computes in it, _product_dtype): per-piece tables for few hidden states (lookup_logits), else stage by
-    stage without building a row (stage_logits); absent rows score the fill row."""
+    where the head computes in it, _product_dtype): per-piece tables for few hidden states (lookup_logits), else
+    stage by stage without building a row (stage_logits); absent rows score the fill row."""
     looked = lookup_logits(tensors, hidden)
     coded = looked if looked is not None else stage_logits(tensors, hidden, derived)
     if "absent" not in tensors:
@@ -823,8 +823,9 @@ def stage_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor, derived
 
 def _product_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.dtype:
     """What a tied head's products, sums and logits are in (stage_logits; lookup_logits' tables): 16-bit hidden
-    states (a bfloat16 or float16 model) in their own dtype, as the model's dense head does, where the hardware multiplies it fast (a GPU; a CPU with bfloat16 units, for
-    bfloat16) and no backward pass may run through the head (healing, fine-tuning); else float32. On this
+    states (a bfloat16 or float16 model) in their own dtype, as the model's dense head does, where the hardware
+    multiplies it fast (a GPU; a CPU with bfloat16 units, for bfloat16) and no backward pass may run through the
+    head (healing, fine-tuning); else float32. On this
     project's CPU with bfloat16 units the 16-bit products took Gemma-3-270M's head on 256 bfloat16 states from
     0.68 s to 0.37 s (the dense bfloat16 head: 0.13 s; docs/method.md); a float16 product there took 150 times
     as long as a float32 one, and a CPU without bfloat16 units is as slow in bfloat16."""
