@@ -703,7 +703,8 @@ def lookup_logits(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> tor
     device = flat.device
     h = flat.float() @ dequantized(tensors, "transform").to(device).T  # (N, d)
     full = [stage for stage in stages if stage[3] is None]
-    dtype, table = _product_dtype(tensors, hidden), _table_dtype(tensors, hidden)
+    dtype = _product_dtype(tensors, hidden)
+    table = _table_dtype(tensors, hidden, dtype)
     out = _lookup(full, h, V, table).to(dtype)
     for codes, book, sizes, rows in stages:  # focus stages add to their rows only
         if rows is not None:
@@ -737,7 +738,7 @@ def _lookup(stages: list[tuple], h: torch.Tensor, n: int, dtype: torch.dtype = t
     block = max(64, 2 * _BUFFER // pieces) if device.type == "cpu" else max(1024, 2**26 // pieces)
     # one index buffer for every block, unless a backward pass will need each block's indices (training
     # through the head: healing, fine-tuning)
-    reuse = not (torch.is_grad_enabled() and table.requires_grad)
+    reuse = not may_train(table)
     index = torch.empty(min(block, n), pieces, dtype=torch.int32, device=device)
     for i in range(0, n, block):
         if not reuse and i:
@@ -829,29 +830,25 @@ def _product_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> to
     project's CPU with bfloat16 units the 16-bit products took Gemma-3-270M's head on 256 bfloat16 states from
     0.68 s to 0.37 s (the dense bfloat16 head: 0.13 s; docs/method.md); a float16 product there took 150 times
     as long as a float32 one, and a CPU without bfloat16 units is as slow in bfloat16."""
-    if not sixteen_bit(hidden.dtype) or not fast_product(hidden.dtype, hidden.device) or _trains(tensors, hidden):
+    if not sixteen_bit(hidden.dtype) or not fast_product(hidden.dtype, hidden.device) \
+            or may_train(hidden, *tensors.values()):
         return torch.float32
     return hidden.dtype
 
 
-def _table_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.dtype:
-    """What lookup_logits' per-piece tables are rounded to: the products' dtype (_product_dtype), or bfloat16 for
-    up to _STEP_STATES float32 states (a generation step) on a CPU with bfloat16 units, outside training. Their sums
-    read half the bytes, and embedding_bag adds bfloat16 entries up in float32: Gemma-3-270M's generation step went
-    1.08x -> 0.96x the original's at 4 bpw and 0.86x -> 0.79x at 2 bpw, for a next-token KL of 4.5e-4 nats to the
-    exact product (the 4 bpw codebook's own KL to the original, 0.0103, became 0.0108), as torch's int8 and int4
-    kernels trade (docs/method.md). More states (scoring a text: every perplexity figure) keep float32 tables."""
-    dtype = _product_dtype(tensors, hidden)
+def _table_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """What lookup_logits' per-piece tables are rounded to: the products' dtype (`dtype`, from _product_dtype), or
+    bfloat16 for up to _STEP_STATES float32 states (a generation step) on a CPU with bfloat16 units, outside
+    training. Their sums read half the bytes, and embedding_bag adds bfloat16 entries up in float32: Gemma-3-270M's
+    generation step went 1.08x -> 0.96x the original's at 4 bpw and 0.86x -> 0.79x at 2 bpw, for a next-token KL of
+    4.5e-4 nats to the exact product (the 4 bpw codebook's own KL to the original, 0.0103, became 0.0108), as
+    torch's int8 and int4 kernels trade (docs/method.md). More states (scoring a text: every perplexity figure) keep
+    float32 tables."""
     states = hidden.numel() // max(1, hidden.shape[-1])
     if dtype == torch.float32 and states <= _STEP_STATES and hidden.device.type == "cpu" \
-            and fast_product(torch.bfloat16, hidden.device) and not _trains(tensors, hidden):
+            and fast_product(torch.bfloat16, hidden.device) and not may_train(hidden, *tensors.values()):
         return torch.bfloat16
     return dtype
-
-
-def _trains(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
-    """Whether a backward pass may run through the head (healing, fine-tuning): it then computes in float32."""
-    return torch.is_grad_enabled() and (hidden.requires_grad or any(t.requires_grad for t in tensors.values()))
 
 
 def _stage_products(index: torch.Tensor, groups: list[tuple], acc: torch.Tensor | None = None) -> torch.Tensor:
@@ -920,7 +917,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
 
 
 # -- the storage kind ------------------------------------------------------------------------------
-from .compressed import TensorSet, register  # noqa: E402
+from .compressed import TensorSet, may_train, register  # noqa: E402
 from .errors import FactorsError, OptionError  # noqa: E402
 from .options import flagged  # noqa: E402
 

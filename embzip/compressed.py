@@ -27,6 +27,12 @@ _CHUNK_ROWS = 4096  # rows per chunk of reconstruct() and metrics: small transie
 _KIND_MODULES = {"lowrank": "factors", "quant": "quant", "codebook": "codebook"}
 
 
+def may_train(*tensors: torch.Tensor) -> bool:
+    """Whether autograd may record a pass through `tensors` (grad enabled and one of them requires it): a head then
+    computes the exact float32 way and keeps nothing it derived from them (healing, fine-tuning)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def storage_dtype(embedding_dtype: torch.dtype) -> torch.dtype:
     """The float dtype compressed tensors are stored in: the embedding's own when it is 16-bit,
     else float16 (32-bit scales and codebooks would add cost and no measurable accuracy)."""

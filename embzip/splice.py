@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .compressed import Compressed
+from .compressed import Compressed, may_train
 from .errors import FactorsError, OptionError
 from .factors import Factors
 
@@ -75,7 +75,7 @@ def _derived_from(module: nn.Module, stored: dict[str, torch.Tensor]) -> dict | 
     (a codebook's decoding tables and transform, the int4 kernel's layout); like a decoded matrix, never in the state
     dict. None while a stored tensor is being trained (grad enabled and required): what is derived from it must
     then be derived again at every pass, so the backward pass reaches the tensor."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in stored.values()):
+    if may_train(*stored.values()):
         return None
     return _kept(module, "derived", _state_key(*stored.values()), dict)
 
@@ -210,7 +210,7 @@ class FactoredHead(_TiedHead):
 
     def _row_scale(self, emb: FactoredEmbedding) -> torch.Tensor:
         """row_scale() is V*k^2 work: cache it while the factors are unchanged (no grad, same versions)."""
-        if torch.is_grad_enabled() and emb.codes.requires_grad:
+        if may_train(emb.codes):
             return emb.row_scale()
         return _kept(self, "row_scale", _state_key(emb.codes, emb.decoder, emb.bias, emb.norms), emb.row_scale)
 

@@ -601,3 +601,14 @@ def test_a_float32_step_sums_bfloat16_tables_on_a_cpu_with_bfloat16_units(bf16_u
     assert set(tables) == {torch.float32}
     want = many @ decode_rows(tensors).T
     assert torch.allclose(scored, want, atol=1e-4 * want.abs().max().item())
+
+
+def test_may_train_says_when_autograd_may_record_a_pass():
+    from embzip.compressed import may_train
+
+    plain, trained = torch.ones(2), torch.ones(2, requires_grad=True)
+    assert not may_train(plain) and may_train(plain, trained)
+    with torch.no_grad():
+        assert not may_train(plain, trained)
+    with torch.inference_mode():
+        assert not may_train(trained)
