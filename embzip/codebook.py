@@ -54,6 +54,7 @@ and the other rows are fitted as a matrix of their own with the bits left (all-M
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
@@ -63,6 +64,8 @@ from .models import fast_product, sixteen_bit
 
 _STORE = torch.float16
 _BUFFER = 2**20  # distance entries per assignment chunk on the CPU (4 MiB; 1 GiB on a GPU)
+_BLOCK = 8192  # rows of the matrix at a time where fit_codebook reads or reduces all of them
+_ROWS = 2**22  # numbers in a block of residual rows while a stage assigns every row (16 MiB of float32)
 _LOOKUP_LIMIT = 24000  # a tied head uses lookup_logits while hidden states x row_pieces stay at most this, else
 # stage_logits. On Gemma-3-270M (this 2-core CPU) they cost the same beyond 512, near 140 and near 50 states at 1, 2
 # and 4 bpw (row_pieces 74, 154, 314): over 38000, 21500, 15700 (90 states, 28000, at 4 bpw with two stages of
@@ -368,8 +371,7 @@ def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     ca = torch.cat([c, c.pow(2).sum(-1, keepdim=True), torch.ones_like(c[..., :1])], -1).transpose(1, 2).contiguous()
     number = torch.arange(K, dtype=torch.int32, device=x.device)
     out = torch.empty(m, n, dtype=torch.long, device=x.device)
-    rows = max(16, (_BUFFER if x.device.type == "cpu" else 2**28) // (m * K))
-    block = max(rows, 8192)
+    rows, block = _assign_chunks(m, K, x.device)
     for j in range(0, n, block):  # augmented rows a block at a time (bounded extra memory)
         xj = x[:, j:j + block]
         xa = torch.cat([-2 * xj, torch.ones_like(xj[..., :1]), xj.pow(2).sum(-1, keepdim=True)], -1)
@@ -380,38 +382,73 @@ def _assign(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Weighted means of each centroid's rows; a centroid with no rows keeps its place."""
+def _assign_chunks(m: int, K: int, device: torch.device) -> tuple[int, int]:
+    """_assign's (rows per distance buffer, rows per block of augmented vectors) for m pieces and K centroids.
+    _stage feeds _assign whole multiples of the block, so its products, and the codes, are the ones a single call
+    over every row gives."""
+    rows = max(16, (_BUFFER if device.type == "cpu" else 2**28) // (m * K))
+    return rows, max(rows, 8192)
+
+
+def _accumulate(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, sums: torch.Tensor,
+                mass: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adds each row's weighted piece (x (m, n, k), weights w (n), codes (m, n)) into its centroid's sums
+    (m K, k) and its weight into mass (m K), in row order: blocks of rows added one after another give the same
+    sums as all rows at once."""
     m, n, k = x.shape
-    K = c.shape[1]
+    K = sums.shape[0] // m
     flat = (codes + torch.arange(m, device=x.device).unsqueeze(1) * K).reshape(-1)
-    sums = torch.zeros(m * K, k, dtype=x.dtype, device=x.device).index_add_(0, flat, (x * w[:, None]).reshape(-1, k))
-    mass = torch.zeros(m * K, dtype=x.dtype, device=x.device).index_add_(0, flat, w.repeat(m))
+    sums.index_add_(0, flat, (x * w[:, None]).reshape(-1, k))
+    mass.index_add_(0, flat, w.repeat(m))
+    return sums, mass
+
+
+def _centroids(sums: torch.Tensor, mass: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Weighted means from _accumulate's sums; a centroid with no rows keeps its place (c, (m, K, k))."""
+    m, K, k = c.shape
     new = sums / mass.clamp_min(1e-30).unsqueeze(1)
     return torch.where(mass.unsqueeze(1) > 0, new, c.reshape(m * K, k)).view(m, K, k)
 
 
-def _stage(y: torch.Tensor, w: torch.Tensor, sample: torch.Tensor, sample_w: torch.Tensor, sizes: list[int],
+def _update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Weighted means of each centroid's rows; a centroid with no rows keeps its place."""
+    m, K, k = c.shape
+    zeros = torch.zeros(m * K, k, dtype=x.dtype, device=x.device)
+    return _centroids(*_accumulate(x, w, codes, zeros, zeros[:, 0].clone()), c)
+
+
+def _stage(residual: Callable[[int, int], torch.Tensor], n: int, w: torch.Tensor, ys: torch.Tensor, sample_w: torch.Tensor, sizes: list[int],
            K: int, iterations: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One PQ stage on y (V x d): (codes V x m uint8, codebook K x d int8, its scales d float16). Centroids are
-    rounded to int8 with a scale per column after their last update; each row keeps the centroid it was nearest
-    to before the rounding (which moves a centroid by at most half a level, 1/254 of its column's largest)."""
-    V, d = y.shape
-    codes = torch.empty(V, len(sizes), dtype=torch.uint8)
+    """One PQ stage on n rows (residual(i, j): rows i..j-1, float32; ys: the training rows): (codes n x m uint8,
+    codebook K x d int8, its scales d float16). Centroids are trained on ys, then the rows are assigned and their
+    weighted sums gathered a block at a time (no copy of all rows), and the centroids rounded to int8 with a scale
+    per column after that last update; each row keeps the centroid it was nearest to before the rounding (which
+    moves a centroid by at most half a level, 1/254 of its column's largest)."""
+    d, device = ys.shape[1], ys.device
+    codes = torch.empty(n, len(sizes), dtype=torch.uint8)
     book = torch.empty(K, d, dtype=torch.int8)
     scales = torch.empty(d, dtype=_STORE)
-    ys = y[sample]
-    start = torch.randperm(len(sample), generator=gen)[:K].to(y.device)
+    start = torch.randperm(len(ys), generator=gen)[:K].to(device)
+    groups = []
     for size, (idx, cols) in _groups(sizes).items():
-        cols = cols.to(y.device)
-        xs = ys[:, cols].permute(1, 0, 2).contiguous()  # (m_g, n, size)
+        cols = cols.to(device)
+        xs = ys[:, cols].permute(1, 0, 2).contiguous()  # (m_g, rows drawn, size)
         c = xs[:, start].clone()
         for _ in range(iterations):
             c = _update(xs, sample_w, _assign(xs, c), c)
-        xa = y[:, cols].permute(1, 0, 2).contiguous()
-        assigned = _assign(xa, c)
-        levels, scale = round8(_update(xa, w, assigned, c), 1)  # one weighted update on all rows, then int8
-        codes[:, idx] = assigned.T.to(torch.uint8).cpu()
+        sums = torch.zeros(len(idx) * K, size, device=device)
+        groups.append((idx, cols, c, sums, sums[:, 0].clone()))
+    step = math.lcm(*(_assign_chunks(len(idx), K, device)[1] for idx, *_ in groups))
+    block = max(step, _ROWS // d // step * step)
+    for i in range(0, n, block):  # every row assigned once and added to its centroid's sums
+        r = residual(i, min(n, i + block))
+        for idx, cols, c, sums, mass in groups:
+            xa = r[:, cols].permute(1, 0, 2).contiguous()
+            assigned = _assign(xa, c)
+            _accumulate(xa, w[i:i + len(r)], assigned, sums, mass)
+            codes[i:i + len(r), idx] = assigned.T.to(torch.uint8).cpu()
+    for idx, cols, c, sums, mass in groups:
+        levels, scale = round8(_centroids(sums, mass, c), 1)  # the weighted update on all rows, then int8
         flat = cols.reshape(-1).cpu()
         book[:, flat] = levels.permute(1, 0, 2).reshape(K, -1).cpu()
         scales[flat] = scale.reshape(-1).cpu()
@@ -546,8 +583,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     w = torch.ones(V, dtype=torch.float64) if weights is None else weights.double().clamp_min(0)
     w = w / w.mean()
     root, inv_root = _root(metric) if metric is not None else (torch.eye(d, dtype=torch.float64),) * 2
-    e = embedding.to(device=device, dtype=torch.float32)
-    x = e @ root.float().to(device)
+    x = _rows_times(embedding, root.float().to(device))
     wd = w.to(device=device, dtype=torch.float32)
     mean = (wd @ x) / V
     z = x.sub_(mean).mul_(wd.sqrt().unsqueeze(1))  # in place: x is not needed again (V x d floats each copy)
@@ -561,8 +597,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     # decoding y gives e back exactly and rounding the transform only tilts the metric a little (relative
     # ~1/254), instead of adding its own error to every row.
     levels, scale = round8(rot.T @ inv_root, 1)
-    y = e @ torch.linalg.inv(levels.double() * scale.double()).float().to(device)
-    del e  # from here on the rows live in y alone
+    y = _rows_times(embedding, torch.linalg.inv(levels.double() * scale.double()).float().to(device))
     K = min(config.centroids, V)
     coarse, pq, focused = plan(V, d, config, K)
     pieces = [1] * coarse + pq  # coarse stages: one piece of width d
@@ -571,15 +606,24 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     recon = torch.zeros_like(y)
 
     def add_stage(s, rows, m):
-        """Fit stage s on the residual of `rows` (None: all rows) with m pieces; store it, update recon."""
+        """Fit stage s on the residual of `rows` (None: all rows) with m pieces; store it, update recon. The
+        residual of all rows is never made whole: its columns a slice at a time for the variance, its rows a
+        block at a time for the assignment (the same numbers as from the whole, to the last bit)."""
         at = None if rows is None else rows.to(device)
-        residual = y - recon if at is None else y[at] - recon[at]
-        ws = wd if at is None else wd[at]
-        var = (ws @ residual.pow(2)) / len(ws) - ((ws @ residual) / len(ws)).pow(2)
+        if at is None:
+            ws, n = wd, V
+            residual = lambda i, j: y[i:j] - recon[i:j]  # noqa: E731
+            var = _column_variance(ws, y, recon)
+            drawn, drawn_w = sample.to(device), sample_w
+            ys = y[drawn] - recon[drawn]
+        else:
+            ws, n, part = wd[at], len(at), y[at].sub_(recon[at])
+            residual = lambda i, j: part[i:j]  # noqa: E731
+            var = _weighted_variance(ws, part.clone())
+            drawn, drawn_w = _training_rows(w[rows], config.sample, K, gen)
+            ys = part[drawn.to(device)]
         sizes = _sizes(var.cpu(), m, config.allocation)
-        drawn, drawn_w = (sample, sample_w) if rows is None else _training_rows(w[rows], config.sample, K, gen)
-        codes, book, scales = _stage(residual, ws, drawn.to(device), drawn_w.to(device), sizes, K,
-                                     config.iterations, gen)
+        codes, book, scales = _stage(residual, n, ws, ys, drawn_w.to(device), sizes, K, config.iterations, gen)
         size_t = torch.tensor(sizes, dtype=torch.int32)
         plan_ = _decode_plan(book.float() * scales.float(), size_t, recon.device)
         if rows is None:
@@ -599,14 +643,43 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
         if focused:  # the rows whose weighted error is largest get one more stage (see CodebookConfig.focus)
             free = config.bits * V * d - stored_bits(tensors) - (16 * V if config.gain else 0)
             n = min(focus_rows(free, d, config, K), V)
-            score = wd * (y - recon).pow_(2).sum(1)  # each row's share of the objective
+            score = torch.cat([wd[i:i + _BLOCK] * (y[i:i + _BLOCK] - recon[i:i + _BLOCK]).pow_(2).sum(1)
+                               for i in range(0, V, _BLOCK)])  # each row's share of the objective
             add_stage(len(pieces), torch.topk(score, n).indices.sort().values.cpu(),
                       _stage_pieces(d, _FOCUS_PIECE_DIM, K))
             b.advance()
     if config.gain:
-        gain = (recon * y).sum(1) / recon.pow(2).sum(1).clamp_min(1e-30)
+        gain = torch.cat([(recon[i:i + _BLOCK] * y[i:i + _BLOCK]).sum(1) / recon[i:i + _BLOCK].pow(2).sum(1)
+                          .clamp_min(1e-30) for i in range(0, V, _BLOCK)])
         tensors["gain"] = gain.to(_STORE).cpu().contiguous()
     return tensors
+
+
+def _rows_times(embedding: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """embedding @ a in float32 on a's device, a block of rows at a time: no float32 copy of a 16-bit (or
+    memory-mapped) matrix is made, and the product is the one a single matmul gives (checked in the tests)."""
+    out = torch.empty(embedding.shape[0], a.shape[1], device=a.device)
+    for i in range(0, embedding.shape[0], _BLOCK):
+        torch.matmul(embedding[i:i + _BLOCK].to(device=a.device, dtype=torch.float32), a, out=out[i:i + _BLOCK])
+    return out
+
+
+def _weighted_variance(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Each column's variance over the rows of x under weights w (mean 1). x is overwritten (squared in place)."""
+    mean = (w @ x) / len(w)
+    return (w @ x.pow_(2)) / len(w) - mean.pow(2)
+
+
+def _column_variance(w: torch.Tensor, y: torch.Tensor, recon: torch.Tensor, width: int = 64) -> torch.Tensor:
+    """_weighted_variance of y - recon, `width` columns at a time through one buffer (a buffer made anew for each
+    slice left memory behind that the allocator did not give back: 2.5 GB for Llama-3-8B's 128256 x 4096)."""
+    V, d = y.shape
+    buffer = torch.empty(V * min(width, d), device=y.device)
+    parts = []
+    for c in range(0, d, width):
+        part = buffer[:V * min(width, d - c)].view(V, -1)  # contiguous: the products of a slice made anew
+        parts.append(_weighted_variance(w, torch.sub(y[:, c:c + width], recon[:, c:c + width], out=part)))
+    return torch.cat(parts)
 
 
 def _fit_present(embedding: torch.Tensor, absent: torch.Tensor, *, weights: torch.Tensor | None, config: CodebookConfig,

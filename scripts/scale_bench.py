@@ -1,5 +1,5 @@
-"""Peak memory and time of `embzip svd`, `fit --method wsvd` and `apply` on a checkpoint far larger than its
-embedding, against a plain read of the same bytes.
+"""Peak memory and time of `embzip svd`, `fit --method wsvd`, `fit --bits B` (codebook) and `apply` on a
+checkpoint far larger than its embedding, against a plain read of the same bytes.
 
     python scripts/scale_bench.py DIR              # Llama-3-8B shapes, bf16, about 16 GB in DIR/checkpoint
     python scripts/scale_bench.py DIR --shape small --json
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--bits", type=float, default=2.0, help="the codebook fit's budget (bits per weight)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--clean", action="store_true", help="delete DIR at the end")
     args = parser.parse_args()
@@ -147,7 +148,9 @@ def main() -> None:
     runs = [("svd", [*cmd, "svd", str(ckpt_dir), "--rank", str(args.rank), "-o", str(factors), "-f", "-q"],
              read_emb),
             ("fit --method wsvd", [*cmd, "fit", str(ckpt_dir), "--method", "wsvd", "--rank", str(args.rank),
-                                   "-o", str(args.dir / "wsvd.safetensors"), "-f", "-q"], read_emb)]
+                                   "-o", str(args.dir / "wsvd.safetensors"), "-f", "-q"], read_emb),
+            (f"fit --bits {args.bits:g}", [*cmd, "fit", str(ckpt_dir), "--bits", f"{args.bits:g}",
+                                          "-o", str(args.dir / "codebook.safetensors"), "-f", "-q"], read_emb)]
     for name, argv, reference in runs:
         rows.append({"command": name, **measure(argv), "plain_read_seconds": reference})
     read_all = plain_read(files)
@@ -160,12 +163,12 @@ def main() -> None:
     for row in rows:
         row["peak_over_embedding"] = row["peak_rss"] / emb_bytes
     result = {"shape": args.shape, "checkpoint_bytes": ckpt.nbytes(), "embedding_bytes": emb_bytes,
-              "shards": len(files), "build_seconds": built, "rank": args.rank, "rows": rows}
+              "shards": len(files), "build_seconds": built, "rank": args.rank, "bits": args.bits, "rows": rows}
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.shape}: checkpoint {ckpt.nbytes() / 1e9:.2f} GB in {len(files)} shards, embedding "
-              f"{emb_bytes / 1e9:.3f} GB, rank {args.rank}")
+              f"{emb_bytes / 1e9:.3f} GB, rank {args.rank}, codebook {args.bits:g} bits per weight")
         print("| command | peak RSS (GB) | peak / embedding | seconds | plain read of the same bytes (s) |")
         print("|---|---|---|---|---|")
         for row in rows:

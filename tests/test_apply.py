@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from embzip.cli import app
 from embzip.modeldir import apply_factors, load_model
 from embzip.models import open_model
-from embzip.splice import FactoredEmbedding, FactoredHead, spliced
+from embzip.splice import FactoredEmbedding, FactoredHead, _runs_of_rows, spliced
 from embzip.svd import svd_factors
 
 runner = CliRunner()
@@ -179,6 +179,15 @@ def test_factors_of_another_model_of_the_same_shape_are_refused(tiny, tmp_path, 
     for target in (tuned, model):
         result = runner.invoke(app, ["apply", target, str(factors), "--out", str(tmp_path / "out"), "-q", "--force"])
         assert result.exit_code == 0, result.output
+
+
+def test_the_source_check_reads_runs_of_neighbouring_rows_spread_over_the_vocabulary():
+    # a memory-mapped embedding pages in what is near each row read: runs of neighbours keep that to a few MB
+    rows = _runs_of_rows(128256, 4096)
+    assert len(rows) == 4096 and int(rows[0]) == 0 and int(rows[-1]) == 128255
+    steps = rows[1:] - rows[:-1]
+    assert bool((steps > 0).all()) and int((steps > 1).sum()) == 15  # 16 runs
+    assert torch.equal(_runs_of_rows(100, 4096), torch.arange(100))
 
 
 BAD_APPLY = [

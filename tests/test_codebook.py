@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from embzip import models
+from embzip import codebook, models
 from embzip.aware import normalised_metric
 from embzip.codebook import CodebookConfig, _assign, decode_rows, fit_codebook, pack, plan, stored_bits, unpack
 
@@ -239,6 +239,32 @@ def test_seeded_runs_repeat_exactly_and_seeds_differ():
     c = fit_codebook(e, weights=w, config=CodebookConfig(bits=2, seed=4, **FAST))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(decode_rows(a), decode_rows(c))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fit_in_blocks_of_rows_gives_the_factors_of_one_pass_over_all_rows(dtype, monkeypatch):
+    # fit_codebook never holds a residual of every row: it assigns rows in blocks of whole _assign chunks and reads
+    # 16-bit rows into float32 a block at a time. With chunks of 1024 rows, blocks of one chunk (20 of them, for a
+    # coarse, a plain and a focus stage) must give every tensor of the fit that takes all rows at once, to the bit.
+    e = _matrix(20000, 24).to(dtype)
+    config = CodebookConfig(bits=2.0, coarse=1, **FAST)
+    monkeypatch.setattr(codebook, "_assign_chunks", lambda m, K, device: (64, 1024))
+    monkeypatch.setattr(codebook, "_ROWS", 2**40)
+    monkeypatch.setattr(codebook, "_BLOCK", 2**40)
+    whole = fit_codebook(e, weights=_weights(20000), config=config)
+    monkeypatch.setattr(codebook, "_ROWS", 1)
+    monkeypatch.setattr(codebook, "_BLOCK", 5000)
+    blocks = fit_codebook(e, weights=_weights(20000), config=config)
+    assert codebook.coarse_stages(whole) == 1 and _focus(whole)[1].numel() > 1024
+    assert whole.keys() == blocks.keys()
+    assert all(torch.equal(whole[name], blocks[name]) for name in whole)
+
+
+def test_rows_times_is_one_matmul_of_float32_rows():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(24, 40, generator=g)
+    for e in (torch.randn(20001, 24, generator=g), torch.randn(9000, 24, generator=g).to(torch.bfloat16)):
+        assert torch.equal(codebook._rows_times(e, a), e.float() @ a)
 
 
 def test_coarse_stages_the_budget_cannot_hold_are_left_out():
