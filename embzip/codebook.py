@@ -417,8 +417,9 @@ def _update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, c: torch.Tens
     return _centroids(*_accumulate(x, w, codes, zeros, zeros[:, 0].clone()), c)
 
 
-def _stage(residual: Callable[[int, int], torch.Tensor], n: int, w: torch.Tensor, ys: torch.Tensor, sample_w: torch.Tensor, sizes: list[int],
-           K: int, iterations: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _stage(residual: Callable[[int, int], torch.Tensor], n: int, w: torch.Tensor, ys: torch.Tensor,
+           sample_w: torch.Tensor, sizes: list[int], K: int, iterations: int,
+           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One PQ stage on n rows (residual(i, j): rows i..j-1, float32; ys: the training rows): (codes n x m uint8,
     codebook K x d int8, its scales d float16). Centroids are trained on ys, then the rows are assigned and their
     weighted sums gathered a block at a time (no copy of all rows), and the centroids rounded to int8 with a scale
