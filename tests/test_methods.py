@@ -46,6 +46,16 @@ def test_sizes_a_method_cannot_reach_are_refused(method, kwargs, fragment):
         resolve_size(recipe(method), vocab=1000, hidden=64, dtype=torch.float32, **kwargs)
 
 
+@pytest.mark.parametrize("vocab,hidden", [(1000, 64), (30522, 384), (262144, 640)])
+def test_a_codebook_budget_too_small_is_refused_with_the_least_one_that_fits(vocab, hidden):
+    with pytest.raises(RankError, match="give more bits: the least it holds here is ") as refused:
+        resolve_size(recipe("codebook"), bits=0.01, vocab=vocab, hidden=hidden, dtype=torch.float32)
+    least = float(str(refused.value).split("the least it holds here is ")[1].split(",")[0])
+    assert resolve_size(recipe("codebook"), bits=least, vocab=vocab, hidden=hidden, dtype=torch.float32) == least
+    with pytest.raises(RankError):  # three significant digits, rounded up: a little less does not fit
+        resolve_size(recipe("codebook"), bits=least * 0.99, vocab=vocab, hidden=hidden, dtype=torch.float32)
+
+
 def test_compress_refuses_a_file_it_would_not_write(tiny, tmp_path):
     from embzip import compress
     from embzip.errors import OptionError

@@ -1,6 +1,7 @@
 """`codebook`: rows as small integer indices into learned codebooks (codebook.py), sized by --bits."""
 
 import logging
+import math
 from dataclasses import replace
 
 import torch
@@ -34,15 +35,48 @@ def fitting_config(bits: float, vocab: int, hidden: int, recipe, tied: bool = Fa
     """The recipe's codebook settings at `bits` for a model with or without a tied head (CodebookConfig.piece_dim),
     with fewer centroids (256, 128, ..., 4) when the codebooks of a small vocabulary would not leave room for the
     indices; a RankError when no setting fits."""
+    config, error = _planned(bits, vocab, hidden, recipe, tied)
+    if config is not None:
+        return config
+    least = _least_bits(bits, vocab, hidden, recipe, tied) if str(error).endswith("give more bits") else None
+    hint = "" if least is None else f": the least it holds here is {least[0]:g}, with {least[1]} centroids"
+    raise RankError(f"codebook: {error}{hint}")
+
+
+def _planned(bits: float, vocab: int, hidden: int, recipe, tied: bool) -> tuple[CodebookConfig | None, Exception | None]:
+    """(the settings at `bits` with the most centroids that plan, None) or (None, the error with the most)."""
     config = replace(recipe.codebook, bits=bits, min_piece_dim=recipe.codebook.piece_dim(tied))
     error = None
     for centroids in (c for c in (256, 128, 64, 32, 16, 8, 4) if c <= config.centroids):
         try:
             plan(vocab, hidden, replace(config, centroids=centroids), min(centroids, vocab))
-            return replace(config, centroids=centroids)
+            return replace(config, centroids=centroids), None
         except ValueError as exc:
             error = error or exc
-    raise RankError(f"codebook: {error}")
+    return None, error
+
+
+def _least_bits(bits: float, vocab: int, hidden: int, recipe, tied: bool) -> tuple[float, int] | None:
+    """The smallest budget above `bits` that plans, rounded up to three significant digits, and its centroids; None
+    when none up to 16 does. Budgets grow by a quarter until one plans (more bits can need more stages, which a
+    large min_piece_dim may not hold: the budgets that plan need not reach 16), then bisection between the last
+    that did not and the first that did (the plan is arithmetic: this takes milliseconds)."""
+    def fits(b):
+        return _planned(b, vocab, hidden, recipe, tied)[0] is not None
+
+    low, high = bits, bits * 1.25
+    while not fits(min(high, 16.0)):
+        if high >= 16.0:
+            return None
+        low, high = high, high * 1.25
+    high = min(high, 16.0)
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    step = 10 ** (math.floor(math.log10(high)) - 2)
+    least = float(f"{math.ceil(high / step) * step:.3g}")
+    least = least if fits(least) else high
+    return least, _planned(least, vocab, hidden, recipe, tied)[0].centroids
 
 
 def check_bits(bits, vocab, hidden, dtype, recipe):
