@@ -43,7 +43,8 @@ def fitting_config(bits: float, vocab: int, hidden: int, recipe, tied: bool = Fa
     raise RankError(f"codebook: {error}{hint}")
 
 
-def _planned(bits: float, vocab: int, hidden: int, recipe, tied: bool) -> tuple[CodebookConfig | None, Exception | None]:
+def _planned(bits: float, vocab: int, hidden: int, recipe,
+             tied: bool) -> tuple[CodebookConfig | None, Exception | None]:
     """(the settings at `bits` with the most centroids that plan, None) or (None, the error with the most)."""
     config = replace(recipe.codebook, bits=bits, min_piece_dim=recipe.codebook.piece_dim(tied))
     error = None
