@@ -12,8 +12,8 @@ from .base import BITS, Method, register
 
 log = logging.getLogger("embzip")
 WORKING_COPIES = 3.0  # float32 V x d matrices a fit holds at its peak, blocks of rows included (measured over the
-# baseline: 2.5-3.2 for 262144 x 640, float32 and bfloat16, 1-4 bpw; 5.3-5.4 before the residual was read in blocks;
-# docs/scale.md)
+# baseline: 2.6-3.1 for 262144 x 640, float32 and bfloat16, 1-4 bpw, 3.0 for 128256 x 4096; 5.3-5.4 before the
+# residual was read in blocks; docs/scale.md)
 
 
 def warn_if_short_of_memory(vocab: int, hidden: int, device: str) -> None:
