@@ -115,8 +115,14 @@ def hub_snapshot(repo_id: str, revision: str | None, *, all_weights: bool) -> Pa
     """A local snapshot of a hub model with its config, tokenizer and safetensors weights: all shards when
     `all_weights`, else only the index (the shard holding the embedding is fetched by `fetch_shard`).
     None when the repository has no safetensors weights."""
-    from huggingface_hub import list_repo_files, snapshot_download
+    from huggingface_hub import constants, list_repo_files, snapshot_download
 
+    if constants.HF_HUB_OFFLINE:  # the cached snapshot, whose shards may all be there (else the full load says so)
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        except Exception as exc:
+            log.debug("no cached snapshot of %s: %s", repo_id, exc)
+            return None
     try:
         files = list_repo_files(repo_id, revision=revision)
     except Exception as exc:  # offline, unknown repository, no access: the full load reports it

@@ -561,6 +561,10 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
         raise ModelError(f"{path} is not a transformers model directory (no config.json)")
     if _is_factored_dir(path):
         return _open_compressed(source, path, device, trust_remote_code)
+    if not Path(path).exists():  # a hub id: offline from the start when the hub cannot be reached at all
+        from .hub import offline_if_unreachable
+
+        offline_if_unreachable()
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except errors as exc:
