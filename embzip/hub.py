@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 log = logging.getLogger("embzip")
 
 RESOLVE_SECONDS = 2.0  # how long to wait for the resolver before leaving the decision to the requests
+_decided: dict[str, bool | None] = {}  # host -> what resolves() said, once per process (a command may open twice)
 
 
 def offline_if_unreachable() -> bool:
@@ -31,7 +32,9 @@ def offline_if_unreachable() -> bool:
     if urllib.request.getproxies():
         return False
     host = urlparse(constants.ENDPOINT).hostname
-    if not host or resolves(host) is not False:
+    if host and host not in _decided:
+        _decided[host] = resolves(host)
+    if not host or _decided[host] is not False:
         return False
     constants.HF_HUB_OFFLINE = True
     log.warning("%s does not resolve and no proxy is set: working offline, from the local Hugging Face cache "

@@ -19,6 +19,7 @@ PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"
 def online(monkeypatch):
     """huggingface_hub as a user without HF_HUB_OFFLINE and without a proxy has it; restored afterwards."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_decided", {})
     for name in PROXIES:
         monkeypatch.delenv(name, raising=False)
 
@@ -39,6 +40,14 @@ def test_a_proxy_or_a_slow_resolver_leaves_the_requests_alone(online, monkeypatc
     monkeypatch.setattr(hub.socket, "getaddrinfo", lambda *a, **k: __import__("time").sleep(5))
     assert hub.resolves("embzip-test.invalid", seconds=0.2) is None
     assert hub.offline_if_unreachable() is False and constants.HF_HUB_OFFLINE is False
+
+
+def test_the_host_is_looked_up_once_per_process(online, monkeypatch):
+    asked = []
+    monkeypatch.setattr(constants, "ENDPOINT", "http://localhost")
+    monkeypatch.setattr(hub, "resolves", lambda host, seconds=hub.RESOLVE_SECONDS: asked.append(host) or True)
+    assert hub.offline_if_unreachable() is False and hub.offline_if_unreachable() is False
+    assert asked == ["localhost"]
 
 
 def _cache_with(model_dir, cache, repo="tiny-org/tiny-llama"):

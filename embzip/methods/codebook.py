@@ -62,22 +62,24 @@ def _least_bits(bits: float, vocab: int, hidden: int, recipe, tied: bool) -> tup
     when none up to 16 does. Budgets grow by a quarter until one plans (more bits can need more stages, which a
     large min_piece_dim may not hold: the budgets that plan need not reach 16), then bisection between the last
     that did not and the first that did (the plan is arithmetic: this takes milliseconds)."""
-    def fits(b):
-        return _planned(b, vocab, hidden, recipe, tied)[0] is not None
+    def planned(b):
+        return _planned(b, vocab, hidden, recipe, tied)[0]
 
     low, high = bits, bits * 1.25
-    while not fits(min(high, 16.0)):
+    while planned(min(high, 16.0)) is None:
         if high >= 16.0:
             return None
         low, high = high, high * 1.25
     high = min(high, 16.0)
     for _ in range(50):
         middle = (low + high) / 2
-        low, high = (low, middle) if fits(middle) else (middle, high)
+        low, high = (low, middle) if planned(middle) is not None else (middle, high)
     step = 10 ** (math.floor(math.log10(high)) - 2)
     least = float(f"{math.ceil(high / step) * step:.3g}")
-    least = least if fits(least) else high
-    return least, _planned(least, vocab, hidden, recipe, tied)[0].centroids
+    config = planned(least)
+    if config is None:  # rounding up crossed a budget that needs one more stage
+        least, config = high, planned(high)
+    return least, config.centroids
 
 
 def check_bits(bits, vocab, hidden, dtype, recipe):
