@@ -47,6 +47,10 @@ class _OneLineErrors(TyperGroup):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        if sys.stdout is None:  # started with stdout closed (`>&-`): every command's result would vanish, exit 0
+            _error_line("error", "standard output is closed: embzip prints its results there; redirect it to a file, "
+                                 "or to /dev/null to discard them")
+            sys.exit(2)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _usage_errors() as exc:

@@ -30,6 +30,14 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(s in str(exc).lower() for s in _OUT_OF_MEMORY)
 
 
+def usage(exc: EmbzipError) -> EmbzipError:
+    """Mark `exc` as the command line's mistake, exit 2 like a bad option value: a path that does not exist or is
+    of the wrong kind (a file where a folder was meant), an output already there without --force. What exists but
+    cannot be used (a broken model, factors of another model) stays exit 1, like a machine's failure."""
+    exc.exit_code = 2
+    return exc
+
+
 class ModelError(EmbzipError):
     """A model could not be found, opened or understood."""
 

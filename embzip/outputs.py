@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .errors import OutputError, Terminated
+from .errors import OutputError, Terminated, usage
 
 # Room kept in a file name for the temporary names built from it (".NAME.partial-PID-HEX").
 _NAME_SLACK = 32
@@ -65,18 +65,23 @@ def _nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
+def _refused(message: str) -> OutputError:
+    """An output path the command line cannot mean (missing folder, already there, wrong kind): exit 2."""
+    return usage(OutputError(message))
+
+
 def _check_name(path: Path, given) -> None:
     limit = _name_max(_nearest_existing(path.parent)) - _NAME_SLACK
     size = len(os.fsencode(path.name))
     if size > limit:
-        raise OutputError(f"output name {str(given)[:40]}... is too long ({size} bytes; at most {limit} here, "
-                          "leaving room for its temporary name); choose a shorter name")
+        raise _refused(f"output name {str(given)[:40]}... is too long ({size} bytes; at most {limit} here, "
+                       "leaving room for its temporary name); choose a shorter name")
 
 
 def _check_parent(path: Path) -> None:
     parent = path.parent
     if not parent.is_dir():
-        raise OutputError(f"output directory {parent} does not exist; create it first")
+        raise _refused(f"output directory {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {parent} is not writable")
 
@@ -93,7 +98,7 @@ def _check_inputs(given, real: Path, inputs: Sequence[str | os.PathLike | None],
             continue
         source_real = Path(source).resolve()
         if _within(real, source_real) or (inside and _within(source_real, real)):
-            raise OutputError(f"output {given} is the input {source}, contains it or lies in it; write to a new name")
+            raise _refused(f"output {given} is the input {source}, contains it or lies in it; write to a new name")
 
 
 def names_a_folder(path: str | os.PathLike) -> bool:
@@ -103,7 +108,7 @@ def names_a_folder(path: str | os.PathLike) -> bool:
 
 def _check_not_empty(given, example: str) -> None:
     if not str(given).strip():  # Path("") is the current directory
-        raise OutputError(f"the output path is empty; give a {example}")
+        raise _refused(f"the output path is empty; give a {example}")
 
 
 def check_output_file(path: str | os.PathLike, force: bool, *,
@@ -113,21 +118,21 @@ def check_output_file(path: str | os.PathLike, force: bool, *,
     given = path
     _check_not_empty(given, "file name such as factors.safetensors")
     if str(given) == "-":
-        raise OutputError("output - would be a file named '-': embzip writes a safetensors file, not to stdout "
-                          "(use --json for a summary on stdout); give a file name")
+        raise _refused("output - would be a file named '-': embzip writes a safetensors file, not to stdout "
+                       "(use --json for a summary on stdout); give a file name")
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)  # first: stat() fails on a name too long
     remove_stale(path)
     if path.is_dir() or names_a_folder(given):
-        raise OutputError(f"output {given} is a directory; give a file name such as {path / 'factors.safetensors'}")
+        raise _refused(f"output {given} is a directory; give a file name such as {path / 'factors.safetensors'}")
     if path.is_symlink() or (path.exists() and not path.is_file()):  # --force would replace the link or the node
         what = "a symbolic link" if path.is_symlink() else "not a regular file (a device, pipe or socket)"
-        raise OutputError(f"output {given} is {what}; embzip replaces only regular files, even with --force: "
-                          "give the path of a file")
+        raise _refused(f"output {given} is {what}; embzip replaces only regular files, even with --force: "
+                       "give the path of a file")
     exists = path.exists()
     _check_inputs(given, path.resolve(), inputs, inside=exists)  # a new file beside the model's own is fine
     if exists and not force:
-        raise OutputError(f"output {given} already exists; pass --force to overwrite it")
+        raise _refused(f"output {given} already exists; pass --force to overwrite it")
     _check_parent(Path(os.path.abspath(path)))
     return path
 
@@ -145,18 +150,18 @@ def check_output_dir(path: str | os.PathLike, force: bool, *, marker: str,
     remove_stale(path)  # a dead run's old output comes back before it is checked
     real = path.resolve()
     if _within(real, Path.cwd().resolve()):
-        raise OutputError(f"output {given} is the current directory or contains it; give a new directory name")
+        raise _refused(f"output {given} is the current directory or contains it; give a new directory name")
     _check_inputs(given, real, inputs)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
-            raise OutputError(f"output {given} exists and is not a directory")
+            raise _refused(f"output {given} exists and is not a directory")
         if any(path.iterdir()):
             if not force:
-                raise OutputError(f"output directory {given} already exists and is not empty; pass --force to "
-                                  "replace it")
+                raise _refused(f"output directory {given} already exists and is not empty; pass --force to "
+                               "replace it")
             if not (path / marker).is_file():
-                raise OutputError(f"output directory {given} was not written by embzip (no {marker} in it); "
-                                  "--force replaces only embzip's own output: choose another name")
+                raise _refused(f"output directory {given} was not written by embzip (no {marker} in it); "
+                               "--force replaces only embzip's own output: choose another name")
     _check_parent(Path(os.path.abspath(path)))
     return path
 
@@ -168,10 +173,10 @@ def check_output_folder(path: str | os.PathLike) -> Path:
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)
     if (path.exists() or path.is_symlink()) and not path.is_dir():
-        raise OutputError(f"output {given} exists and is not a directory")
+        raise _refused(f"output {given} exists and is not a directory")
     existing = _nearest_existing(Path(os.path.abspath(path)))
     if not existing.is_dir():
-        raise OutputError(f"output {given} cannot be created: {existing} is not a directory")
+        raise _refused(f"output {given} cannot be created: {existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"output {given} cannot be written: {existing} is not writable")
     return path

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, OptionError
+from .errors import DataError, OptionError, usage
 
 DATASET_EXAMPLE = "wikitext:wikitext-2-raw-v1:test"
 
@@ -35,7 +35,7 @@ def _from_file(path: str) -> Text:
     file = Path(path).expanduser()
     if not file.is_file():
         what = "is a directory" if file.is_dir() else "does not exist"
-        raise DataError(f"text file {path} {what}; give a UTF-8 text file")
+        raise usage(DataError(f"text file {path} {what}; give a UTF-8 text file"))
     try:
         content = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -62,8 +62,8 @@ def _from_dataset(spec: str) -> Text:
         (parts[2] if len(parts) > 2 and parts[2] else "test")
     folder = Path(name).expanduser()
     if folder.is_dir() and (folder / "config.json").is_file():
-        raise DataError(f"dataset {name} is a model directory (it has a config.json), not a dataset; give a text "
-                        "file with --text, or a dataset name or folder of .txt/.json/.csv files")
+        raise usage(DataError(f"dataset {name} is a model directory (it has a config.json), not a dataset; give a text "
+                              "file with --text, or a dataset name or folder of .txt/.json/.csv files"))
     try:
         import datasets
 

@@ -194,9 +194,9 @@ BAD_APPLY = [
     (["apply", "{llama}", "{gpt2_factors}", "--out", "{out}"], 1, "the factors rebuild a 105 x 32 embedding but the model's is 112 x 32"),
     (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{out}", "--head", "tied"], 0, ""),
     (["apply", "{encoder}", "{enc_factors}", "--out", "{out}", "--head", "tied"], 2, "use --head input"),
-    (["apply", "{gpt2}", "{missing}", "--out", "{out}"], 1, "does not exist"),
-    (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{existing}"], 1, "--force"),
-    (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{tmp}/no/such/dir"], 1, "does not exist"),
+    (["apply", "{gpt2}", "{missing}", "--out", "{out}"], 2, "does not exist"),
+    (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{existing}"], 2, "--force"),
+    (["apply", "{gpt2}", "{gpt2_factors}", "--out", "{tmp}/no/such/dir"], 2, "does not exist"),
 ]
 
 

@@ -76,7 +76,7 @@ def nan_model(tiny, tmp_path):
 
 BAD = [
     # (arguments, exit code, message fragment); {model} is a tiny GPT-2, {out} a fresh file path
-    (["svd", "./no-such-model", "--rank", "2"], 1, "not found"),
+    (["svd", "./no-such-model", "--rank", "2"], 2, "not found"),
     (["svd", "{empty}", "--rank", "2"], 1, "not a transformers model directory"),
     (["svd", "{model}", "--rank", "0", "--out", "{out}"], 2, "positive"),
     (["svd", "{model}", "--rank", "-3", "--out", "{out}"], 2, "positive"),
@@ -88,15 +88,15 @@ BAD = [
     (["fit", "{model}", "--rank", "2", "--method", "paper", "--epochs", "0", "--out", "{out}"], 2,
      "epochs (--epochs) must be positive"),
     (["fit", "{model}", "--rank", "2", "--init", "pca", "--out", "{out}"], 2, "pca"),
-    (["svd", "{model}", "--rank", "2", "--out", "{existing}"], 1, "already exists"),
-    (["svd", "{model}", "--rank", "2", "--out", "{tmp}/missing-dir/f.safetensors"], 1, "does not exist"),
-    (["svd", "{model}", "--rank", "2", "--out", "{tmp}"], 1, "is a directory"),
+    (["svd", "{model}", "--rank", "2", "--out", "{existing}"], 2, "already exists"),
+    (["svd", "{model}", "--rank", "2", "--out", "{tmp}/missing-dir/f.safetensors"], 2, "does not exist"),
+    (["svd", "{model}", "--rank", "2", "--out", "{tmp}"], 2, "is a directory"),
     (["svd", "{model}", "--rank", "2", "--out", "{tmp}/new-folder/"], 2, "names a folder"),  # not a file "new-folder"
     (["svd", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf in 1 row"),
     (["fit", "{nan}", "--rank", "2", "--out", "{out}"], 1, "NaN or Inf"),
     (["fit", "{model}", "--rank", "2", "--method", "magic", "--out", "{out}"], 2, "magic"),
     (["fit", "{model}", "--rank", "2", "--weight-floor", "0", "--out", "{out}"], 2, "floor (--weight-floor) must be > 0"),
-    (["fit", "{model}", "--rank", "2", "--weights-text", "{tmp}/none.txt", "--out", "{out}"], 1, "none.txt"),
+    (["fit", "{model}", "--rank", "2", "--weights-text", "{tmp}/none.txt", "--out", "{out}"], 2, "none.txt"),
 ]
 
 
@@ -307,3 +307,36 @@ def test_quiet_quiets_the_hubs_own_log_lines():
     level = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(level) >= 40  # logging.ERROR
 
+
+
+def _stdout_closed():
+    os.close(1)
+
+
+def _stdout_a_pipe_nobody_reads():
+    read, write = os.pipe()
+    os.dup2(write, 1)
+    os.close(read)
+    os.close(write)
+
+
+@pytest.mark.parametrize("args", [["--version"], ["svd", "./no-such-model", "-k", "2"]])
+def test_a_closed_stdout_is_refused_before_any_work_not_a_silent_success(tmp_path, args):
+    import subprocess
+    import sys
+
+    # `embzip ... >&-`: Python starts with sys.stdout None and every print would vanish with exit 0
+    done = subprocess.run([sys.executable, "-m", "embzip", *args], cwd=tmp_path, capture_output=False,
+                          stderr=subprocess.PIPE, text=True, preexec_fn=_stdout_closed, timeout=120)
+    assert done.returncode == 2 and "standard output is closed" in done.stderr
+    assert done.stderr.count("\n") == 1 and os.listdir(tmp_path) == []
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1():
+    import subprocess
+    import sys
+
+    # `embzip --help | head -1`: what is left to print has no reader; no traceback, as with other tools in a pipeline
+    done = subprocess.run([sys.executable, "-m", "embzip", "--help"], stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_stdout_a_pipe_nobody_reads, timeout=120)
+    assert done.returncode == 1 and done.stderr == ""
