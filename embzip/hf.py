@@ -4,8 +4,8 @@ A directory written by `embzip apply` has a `config.json` of model_type "embzip"
 transformers does not know: without embzip it refuses the directory instead of loading it wrongly.
 This module defines the config class and the model classes that transformers' Auto classes hand
 such a directory to once they are registered; the model classes delegate to `embzip.load_model`,
-so the result is the same model, computing the same logits. No code is ever read from the
-directory.
+so the result is the same model, computing the same logits (`AutoModel`: a language model's base,
+as for the original). No code is ever read from the directory.
 
 `register()` adds them to `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` and
 `AutoModelForMaskedLM`. `import embzip` arranges for it to run as soon as transformers' auto
@@ -37,7 +37,8 @@ class EmbzipConfig(PretrainedConfig):
 
 
 class EmbzipModel:
-    """`AutoModel.from_pretrained(DIR)`: the architecture `embzip apply` wrote, as `embzip.load_model` rebuilds it."""
+    """`AutoModel.from_pretrained(DIR)`: the architecture `embzip apply` wrote, as `embzip.load_model` rebuilds it,
+    and of a language model its base (the subclasses, for the LM Auto classes, give the whole model)."""
 
     config_class = EmbzipConfig
     kind: str | None = None  # the only kind this Auto class accepts; None: any
@@ -75,12 +76,24 @@ class EmbzipModel:
         if cls.kind is not None and kind != cls.kind:
             raise ValueError(f"{directory} holds a {config.get('base_architecture')} ({kind}), not a {cls.kind}; "
                              "load it with the matching Auto class, AutoModel or embzip.load_model")
-        return load_model(directory, device=device, dtype=dtype, attn_implementation=attn, cache_head=cache_head)
+        model = load_model(directory, device=device, dtype=dtype, attn_implementation=attn, cache_head=cache_head)
+        return model if cls.kind is not None else base_of(model)
 
     @classmethod
     def _from_config(cls, config, **kwargs):
         raise ValueError("an embzip config alone does not make a model; load the directory with "
                          f"{cls.auto_name}.from_pretrained(DIR) or embzip.load_model(DIR)")
+
+
+def base_of(model):
+    """What `AutoModel` gives for the original: a language model's base (the transformer without its head), with
+    the compressed embedding and a save_pretrained that writes it as a compressed directory; an encoder as it is."""
+    from .splice import protect
+
+    base = model.base_model
+    if base is not model:
+        protect(base)
+    return base
 
 
 class EmbzipForCausalLM(EmbzipModel):

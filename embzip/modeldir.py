@@ -106,6 +106,43 @@ def _copy_side_files(opened, tmp: Path) -> None:
     _save_generation_config(opened.model, tmp)
 
 
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
+
+
+def copy_sentence_transformers_files(source: str | os.PathLike, out: Path) -> list[str]:
+    """A sentence-transformers model's own files (modules.json, its settings, and the folders of the modules
+    after the transformer: pooling, dense layers, normalisation), copied as they are, so that
+    `SentenceTransformer(DIR)` after `import embzip` pools and normalises as the original does. The transformer
+    module itself is the directory's model. Only from a local directory (or hub snapshot); returns what was
+    copied."""
+    import shutil
+
+    source = Path(source)
+    if not (source / "modules.json").is_file():
+        return []
+    copied = []
+    for name in SENTENCE_TRANSFORMERS_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+            copied.append(name)
+    try:
+        modules = json.loads((source / "modules.json").read_text(encoding="utf-8"))
+        folders = [m["path"] for m in modules if not str(m.get("type", "")).endswith(".Transformer")]
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
+        import logging
+
+        logging.getLogger(__name__).warning("%s/modules.json cannot be read (%s): its module folders were not "
+                                            "copied", source, exc)
+        return copied
+    root = source.resolve()
+    for folder in folders:
+        where = (source / str(folder)).resolve()
+        if folder and where.is_dir() and root in where.parents:  # a folder of the model's own, not "" or ../x
+            shutil.copytree(where, out / str(folder), symlinks=False, dirs_exist_ok=True)
+            copied.append(f"{folder}/")
+    return copied
+
+
 def _save_generation_config(model: torch.nn.Module, directory: Path) -> None:
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
@@ -157,6 +194,7 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             stream.copy_side_files(opened.path, tmp)
         else:
             _copy_side_files(opened, tmp)
+        copied = copy_sentence_transformers_files(opened.path, tmp)
         after = param_stats(model)
         summary = {
             "model": opened.source,
@@ -173,6 +211,7 @@ def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: 
             "bytes_after": after["bytes"],
             "weights_file_bytes_before": _weights_bytes(opened.path),
             "weights_file_bytes_after": _weights_bytes(tmp, None if dense else WEIGHTS.removesuffix(".safetensors")),
+            "sentence_transformers_files": copied,
         }
         manifest = {
             "embzip_version": __version__,
@@ -221,6 +260,8 @@ def _write_config(model: torch.nn.Module, directory: Path, head: str, kind: str,
         "embedding_module": _module_name(model, model.get_input_embeddings()),
         "dtype": dtype,
     }
+    if getattr(model, "pooler", False) is None:  # a masked LM's base (AutoModel's), built without its pooler
+        config["base_init"] = {"add_pooling_layer": False}
     (directory / "config.json").write_text(json.dumps(config, indent=2, default=str))
 
 
@@ -329,6 +370,8 @@ def _config_problem(config: dict[str, Any]) -> str | None:
         return "no base_architecture"
     if config.get("head") not in HEADS:
         return f"head is {config.get('head')!r}, not one of {', '.join(HEADS)}"
+    if config.get("base_init", {}) not in ({}, {"add_pooling_layer": False}):
+        return f"base_init is {config.get('base_init')!r}, not {{\"add_pooling_layer\": false}}"
     base_dtype = base.get("dtype") or base.get("torch_dtype")
     for where, value in (("dtype", config.get("dtype")), ("base_config dtype", base_dtype)):
         if value is not None and str(value).removeprefix("torch.") not in FLOAT_DTYPES:
@@ -409,7 +452,8 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     # _from_config sets torch's default dtype while the model is built, as from_pretrained does; a plain
     # cls(config).to(dtype) would also cast buffers computed in float32 (rotary inv_freq) to bf16/fp16.
     version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    extra = {"dtype" if version >= (4, 56) else "torch_dtype": built}  # renamed in transformers 4.56
+    extra = {"dtype" if version >= (4, 56) else "torch_dtype": built,  # renamed in transformers 4.56
+             **config.get("base_init", {})}
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
     try:

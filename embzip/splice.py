@@ -488,12 +488,17 @@ class Swap:
     def reapply(self) -> None:
         for path, _, new in self.swaps:
             _set_module(self.model, path, new)
-        # transformers' own save would write the compressed tensors under the base config: a directory it then
-        # loads with a random embedding. While spliced, the model saves as a compressed directory instead.
-        self.model.save_pretrained = _SaveCompact(self.model)
-        self.model.tie_weights = _KeepTies()
+        protect(self.model)
 
     __call__ = restore
+
+
+def protect(model: nn.Module) -> None:
+    """transformers' own save would write the compressed tensors under the base config: a directory it then loads
+    with a random embedding. A model holding a compressed embedding saves as a compressed directory instead, and
+    its tie_weights leaves the compressed modules alone."""
+    model.save_pretrained = _SaveCompact(model)
+    model.tie_weights = _KeepTies()
 
 
 class _KeepTies:

@@ -307,3 +307,49 @@ def test_a_compact_heads_weight_is_the_decoded_matrix(tiny, dtype, method):
         torch.testing.assert_close(hidden.float() @ weight.float().T, own, atol=0.05 if dtype == "bfloat16" else 1e-4,
                                    rtol=0.02 if dtype == "bfloat16" else 1e-4)
         torch.testing.assert_close(weight.float(), factors.reconstruct().float(), atol=0.02, rtol=0.02)
+
+
+def _sentence_transformers_copy(source, target):
+    """`source` laid out as a sentence-transformers model: modules.json, settings, and module folders (one of
+    them listed with a path outside the model, one a second transformer in a folder: neither is copied)."""
+    import shutil
+
+    shutil.copytree(source, target)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+               {"idx": 3, "name": "3", "path": "../outside", "type": "sentence_transformers.models.Normalize"},
+               {"idx": 4, "name": "4", "path": "4_Other", "type": "sentence_transformers.models.Transformer"}]
+    (target / "modules.json").write_text(json.dumps(modules))
+    (target / "sentence_bert_config.json").write_text('{"max_seq_length": 256, "do_lower_case": false}')
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}')
+    (target / "2_Dense" / "deep").mkdir(parents=True)
+    (target / "2_Dense" / "deep" / "model.safetensors").write_bytes(b"dense layer bytes")
+    (target / "4_Other").mkdir()
+    (target / "4_Other" / "config.json").write_text("{}")
+    (target.parent / "outside").mkdir()
+    (target.parent / "outside" / "secret").write_text("not the model's")
+    return target
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("load", ["embedding", "full"])
+def test_a_sentence_transformers_models_own_files_come_along(tiny, tmp_path, dtype, load):
+    source = _sentence_transformers_copy(tiny("bert-encoder", dtype), tmp_path / "st" / "model")
+    opened = open_model(str(source), load=load)
+    summary = apply_factors(opened, svd_factors(opened.embedding.detach().float(), 3), tmp_path / "out")
+    out = tmp_path / "out"
+    assert summary["sentence_transformers_files"] == ["modules.json", "sentence_bert_config.json", "1_Pooling/",
+                                                      "2_Dense/"]
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "2_Dense/deep/model.safetensors"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert not (out / "4_Other").exists() and not (tmp_path / "outside").exists()  # out/../outside
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["1_Pooling", "2_Dense"]
+    assert json.loads((out / "embzip.json").read_text())["sentence_transformers_files"][0] == "modules.json"
+
+
+def test_a_plain_model_gets_no_sentence_transformers_files(tiny, tmp_path):
+    opened, factors = make(tiny, "bert-encoder")
+    assert apply_factors(opened, factors, tmp_path / "out")["sentence_transformers_files"] == []
+    assert not (tmp_path / "out" / "modules.json").exists()

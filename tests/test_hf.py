@@ -77,10 +77,14 @@ def python(code, *args, tmp_path):
 def test_auto_classes_give_load_models_model(tiny, tmp_path, kind, head):
     directory = write(tiny, tmp_path / "out", kind, head=head)
     expected = load_model(directory)
-    for auto in (AUTO[kind], transformers.AutoModel):
-        model = auto.from_pretrained(directory)
-        assert type(model) is type(expected) and not model.training
-        assert torch.equal(logits(model), logits(expected))
+    model = AUTO[kind].from_pretrained(directory)
+    assert type(model) is type(expected) and not model.training
+    assert torch.equal(logits(model), logits(expected))
+    # AutoModel gives what it gives for the original: a language model's base, without its head
+    base = transformers.AutoModel.from_pretrained(directory)
+    assert type(base) is type(transformers.AutoModel.from_pretrained(tiny(kind))) and not base.training
+    assert torch.equal(logits(base), logits(expected.base_model))
+    assert (base is base.base_model) and (kind == "bert-encoder") == (type(base) is type(expected))
     assert isinstance(transformers.AutoConfig.from_pretrained(directory), EmbzipConfig)
     assert transformers.AutoTokenizer.from_pretrained(directory)("the water").input_ids
 
@@ -309,3 +313,15 @@ def test_tie_weights_of_a_loaded_compressed_model_changes_nothing(tiny, tmp_path
     assert torch.equal(logits(model), expected)
     reads_it = getattr(model.get_output_embeddings(), "embedding", None) is model.get_input_embeddings()
     assert reads_it == (head == "tied")  # a kept head keeps its own matrix
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bert-mlm"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_automodels_base_saves_and_loads_back_as_itself(tiny, tmp_path, kind, dtype):
+    directory = write(tiny, tmp_path / "out", kind, dtype)
+    base = transformers.AutoModel.from_pretrained(directory)
+    base.save_pretrained(tmp_path / "base")  # a compressed directory of the base (a BERT base: no pooler)
+    again = transformers.AutoModel.from_pretrained(tmp_path / "base")
+    assert type(again) is type(base) and logits(again).dtype == getattr(torch, dtype)
+    assert torch.equal(logits(again), logits(base))
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["base_architecture"] == type(base).__name__
