@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import jsonout, options
-from .errors import FactorsError, OptionError, OutputError
+from .errors import FactorsError, OptionError, OutputError, usage
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
 from .models import CAUSAL_LM, ENCODER, OpenedModel, input_device
@@ -236,19 +236,30 @@ class _Quality:
         return {f"perplexity_{suffix}": ppl, f"perplexity_ratio_{suffix}": ppl / self.reference["perplexity"]}
 
 
+RESULT_FILES = ("bench.json", "bench.csv", "bench.png")
+
+
 def _check_same_model(out: Path, opened: OpenedModel) -> None:
     """Refuse an OUT that holds another model's bench: its factor files would stay beside this one's, and its
-    bench.json would be replaced (the factor files of the same model at other settings are simply replaced)."""
+    bench.json would be replaced (the factor files of the same model at other settings are simply replaced); or
+    that holds result files of the same names that no embzip bench wrote, which would be replaced."""
     import json
 
-    try:
-        previous = json.loads((out / "bench.json").read_text())
-    except (OSError, ValueError):
+    present = [name for name in RESULT_FILES if (out / name).exists() or (out / name).is_symlink()]
+    if not present:
         return
-    path = previous.get("path") if isinstance(previous, dict) else None
+    try:
+        previous = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    if not (isinstance(previous, dict) and {"model", "path", "rows", "protocol"} <= previous.keys()):
+        raise usage(OutputError(f"{out} holds {', '.join(present)} that no embzip bench wrote (no bench.json of "
+                                "one beside it), and the bench would replace them; give another --out, or move "
+                                "them first"))
+    path = previous["path"]
     if isinstance(path, str) and path != opened.path:
-        raise OutputError(f"{out} holds the bench of another model ({previous.get('model', path)}); give another "
-                          "--out, or remove it first")
+        raise usage(OutputError(f"{out} holds the bench of another model ({previous.get('model', path)}); give "
+                                "another --out, or remove it first"))
 
 
 def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None,

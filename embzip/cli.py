@@ -65,7 +65,17 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             _error_line("error", "aborted")
             sys.exit(1)
+        _finished()
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _finished() -> None:
+    """The command is done and has said so: a Ctrl-C or SIGTERM while Python tears down (most of a second with
+    torch loaded) changes nothing, so it no longer turns a finished run into a silent exit 130 or 143."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 app = typer.Typer(

@@ -45,7 +45,9 @@ def size_label(size: int | float | None) -> str:
 def default_out(source: str, method: str, size: int | float | None) -> Path:
     """A file name in the current directory such as gemma-3-270m.svd-r256.safetensors."""
     stem = Path(source.removeprefix("demo:").rstrip("/")).name.removesuffix(".gguf")
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", stem) or "model"
+    # letters of any script stay (a model folder named 模型 gives 模型.int8.safetensors); a leading "-" or "." would
+    # make the name an option or a hidden file
+    stem = re.sub(r"[^\w.-]+", "-", stem).lstrip("-.") or "model"
     label = size_label(size)
     return Path(f"{stem}.{method}{'-' + label if label else ''}.safetensors")
 

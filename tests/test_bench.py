@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -203,6 +204,19 @@ def test_an_out_folder_with_another_models_bench_is_refused(tiny, text_file, tmp
     before = {p.name: p.read_bytes() for p in (out / "factors").iterdir()}
     other = runner.invoke(app, ["bench", tiny("llama"), "--methods", "int8", "--text", text_file,
                                 "--out", str(out), "-q"])
-    assert other.exit_code == 1 and "holds the bench of another model" in other.stderr
+    assert other.exit_code == 2 and "holds the bench of another model" in other.stderr
     assert {p.name: p.read_bytes() for p in (out / "factors").iterdir()} == before  # nothing of it replaced
     assert json.loads((out / "bench.json").read_text())["path"] == tiny("gpt2")
+
+
+@pytest.mark.parametrize("files", [{"bench.csv": "my own table\n"}, {"bench.json": '{"rows": []}'},
+                                   {"bench.json": "not json", "bench.png": "mine"}])
+def test_an_out_folder_with_result_files_no_bench_wrote_is_refused(tiny, text_file, tmp_path, files):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name, content in files.items():
+        (out / name).write_text(content)
+    result = runner.invoke(app, ["bench", tiny("gpt2"), "--methods", "int8", "--text", text_file, "--out", str(out),
+                                 "-q"])
+    assert result.exit_code == 2 and "that no embzip bench wrote" in result.stderr, result.output
+    assert sorted(os.listdir(out)) == sorted(files) and all((out / n).read_text() == c for n, c in files.items())

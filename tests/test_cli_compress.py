@@ -61,6 +61,18 @@ def test_default_out_name(tiny, tmp_path, monkeypatch, args, suffix):
     assert name.endswith(suffix) and (tmp_path / name).is_file()
 
 
+@pytest.mark.parametrize("folder, name", [("模型", "模型.int8.safetensors"), ("Modèle v2", "Modèle-v2.int8.safetensors"),
+                                          ("-x", "x.int8.safetensors"), ("…", "model.int8.safetensors")])
+def test_default_out_name_keeps_letters_of_any_script_and_never_reads_as_an_option(tiny, tmp_path, monkeypatch,
+                                                                                     folder, name):
+    shutil.copytree(tiny("gpt2"), tmp_path / folder)
+    monkeypatch.chdir(tmp_path)
+    result = run("fit", f"./{folder}", "--method", "int8", "--json", "-q")
+    assert result.exit_code == 0 and json.loads(result.stdout)["out"] == name and (tmp_path / name).is_file()
+    applied = run("apply", f"./{folder}", name, "--out", "applied", "-q")  # the name works as an argument
+    assert applied.exit_code == 0, applied.output
+
+
 @pytest.fixture
 def nan_model(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
@@ -340,3 +352,21 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1():
     done = subprocess.run([sys.executable, "-m", "embzip", "--help"], stderr=subprocess.PIPE, text=True,
                           preexec_fn=_stdout_a_pipe_nobody_reads, timeout=120)
     assert done.returncode == 1 and done.stderr == ""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_signal_after_the_command_has_finished_leaves_its_exit_code(tmp_path, sig):
+    import subprocess
+    import sys
+
+    # the signal lands once the command is done, while Python tears down (most of a second with torch loaded)
+    code = ("import os, signal, sys, time\n"
+            "import embzip.cli as cli\n"
+            "leave = sys.exit\n"
+            "def exit(code=0):\n"
+            f"    os.kill(os.getpid(), signal.{sig}); time.sleep(0.2); leave(code)\n"
+            "sys.exit = exit\n"
+            "sys.argv = ['embzip', '--version']\n"
+            "cli.main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("embzip ") and result.stderr == ""
