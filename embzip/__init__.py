@@ -4,9 +4,9 @@ The library behind the `embzip` command (torch-heavy parts load on first use, so
 
     opened = embzip.open_model("demo:minilm")            # hub id, directory, .gguf file or demo name
     factors, summary = embzip.compress(opened, "codebook", bits=2, write=False)   # or out="f.safetensors"
-    embzip.apply_factors(opened, factors, "minilm-cb2")  # a model directory that loads and runs compact
+    cost = embzip.perplexity(opened, embzip.load_text(None), factors=factors)      # an encoder: fidelity
+    embzip.apply_factors(opened, factors, "minilm-cb2")  # a model directory; leaves `opened` compressed, like it
     model = embzip.load_model("minilm-cb2")              # or transformers' AutoModel*, after `import embzip`
-    # a language model: embzip.perplexity(opened_lm, embzip.load_text(None), factors=its_factors)
 
 - open_model, OpenedModel: a model with its tokenizer, kind (causal-lm, masked-lm, encoder) and tie.
 - compress(model, method, rank= / ratio= / bits=, out=, write=): fit and (unless write=False) save factors;

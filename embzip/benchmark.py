@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -232,8 +233,13 @@ class _Quality:
             from .fidelity import compare, sentence_vectors
 
             return compare(self.reference, sentence_vectors(self.opened.model, self.opened.tokenizer, self.sentences))
-        ppl = self.perplexity()["perplexity"]
-        return {f"perplexity_{suffix}": ppl, f"perplexity_ratio_{suffix}": ppl / self.reference["perplexity"]}
+        scored = self.perplexity()
+        ppl, reference = scored["perplexity"], self.reference["perplexity"]
+        # where a perplexity overflows (inf), the ratio still is exp(mean NLL difference), as `perplexity` reports
+        gap = scored["mean_nll"] - self.reference["mean_nll"]
+        ratio = ppl / reference if math.isfinite(ppl) and math.isfinite(reference) else \
+            (math.exp(gap) if gap < 700 else math.inf)
+        return {f"perplexity_{suffix}": ppl, f"perplexity_ratio_{suffix}": ratio}
 
 
 RESULT_FILES = ("bench.json", "bench.csv", "bench.png")

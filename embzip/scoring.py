@@ -262,6 +262,12 @@ def _encoder_fidelity(opened: OpenedModel, text: Text, factors, *, head, pseudo,
                       batch_size, device) -> dict[str, Any]:
     """`perplexity` of an encoder: the fidelity of `factors`, refusing what only an LM's perplexity takes."""
     if factors is None:
+        from .splice import is_compressed
+
+        if is_compressed(opened.model.get_input_embeddings()):  # a directory `apply` wrote: no factors to give
+            raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined, and its "
+                             "embedding is already compressed; for the sentence-vector fidelity, give the original "
+                             "model and the factors: embzip perplexity ORIGINAL --factors FILE")
         raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined; give "
                          "--factors FILE to measure how well its sentence vectors survive those factors "
                          "(sentence-vector fidelity), or use `embzip bench`")
@@ -346,6 +352,7 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
         protocol["bits_per_byte"] = nll / math.log(2) / n_bytes if n_bytes else None
         if factors is not None:
             result["bits_per_byte_original"] = original / math.log(2) / n_bytes if n_bytes else None
-    return {"perplexity": _exp(nll / tokens), "protocol": protocol, "tokens": tokens, "lines": lines,
+    return {"perplexity": _exp(nll / tokens), "mean_nll": nll / tokens, "protocol": protocol, "tokens": tokens,
+            "lines": lines,
             "model": opened.source, "text": text.source, **result,
             "seconds": round(time.perf_counter() - started, 3)}

@@ -72,7 +72,8 @@ def _from_dataset(spec: str) -> Text:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         splits = _split_names(datasets, name, config) if folder.is_dir() else []  # a hub name: no second request
         if splits and split not in splits:
-            raise DataError(f"dataset {name} has no split {split!r} (the default); it has {', '.join(splits)}: "
+            given = "" if len(parts) > 2 and parts[2] else " (the default)"
+            raise DataError(f"dataset {name} has no split {split!r}{given}; it has {', '.join(splits)}: "
                             f"name it, e.g. --dataset {name}:{config or ''}:{splits[0]}") from None
         raise DataError(
             f"could not load dataset {spec!r} (name={name}, config={config}, split={split}): {first}; "

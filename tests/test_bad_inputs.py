@@ -82,6 +82,8 @@ def world(tiny, tmp_path_factory):
 
     save_factors(factors, root / "f.safetensors")
     apply_factors(opened, factors, root / "factored")
+    encoder = open_model(tiny("bert-encoder"))
+    apply_factors(encoder, svd_factors(encoder.embedding.detach(), 3), root / "factored-encoder")
 
     def copy(src, name):
         shutil.copytree(src, root / name)
@@ -206,6 +208,10 @@ ROWS = [
     (["perplexity", "{w}/model", "--pseudo"], 2, "pseudo-perplexity is for masked LMs"),
     (["perplexity", "{w}/model", "--dataset", "a:b:c:d"], 2, "dataset spec 'a:b:c:d' is not name[:config[:split]]"),
     (["perplexity", "{w}/model", "--text", "{w}/short.txt", "--dataset", "x"], 2, "give a text file or a dataset"),
+    (["perplexity", "{w}/model", "--dataset", "{w}/trainonly::validation"], 1,
+     "has no split 'validation'; it has train: name it, e.g. --dataset"),  # named, not "the default"
+    (["perplexity", "{w}/factored-encoder"], 1, "its embedding is already compressed; for the sentence-vector "
+     "fidelity, give the original model and the factors"),
     (["perplexity", "{w}/model", "--dataset", "{w}/trainonly"], 1,
      "has no split 'test' (the default); it has train: name it, e.g. --dataset"),
     (["perplexity", "{w}/model", "--dataset", "{w}/model"], 2, "is a model directory (it has a config.json), not a dataset"),

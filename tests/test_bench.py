@@ -220,3 +220,31 @@ def test_an_out_folder_with_result_files_no_bench_wrote_is_refused(tiny, text_fi
                                  "-q"])
     assert result.exit_code == 2 and "that no embzip bench wrote" in result.stderr, result.output
     assert sorted(os.listdir(out)) == sorted(files) and all((out / n).read_text() == c for n, c in files.items())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_perplexity_that_overflows_still_gets_the_ratio_perplexity_reports(tiny, text_file, tmp_path, dtype):
+    import math
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "loud"  # an embedding 3000 times too large: logits so large that exp(mean NLL) overflows
+    shutil.copytree(tiny("gpt2", dtype), model)
+    weights = load_file(model / "model.safetensors")
+    key = next(k for k in weights if "wte" in k)
+    weights[key] = (weights[key].float() * 3000).to(weights[key].dtype)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    result = runner.invoke(app, ["bench", str(model), "--methods", "int8", "--text", text_file, "--out",
+                                 str(tmp_path / "b"), "--json", "-q"])
+    assert result.exit_code == 0, result.output
+    row = next(r for r in json.loads(result.stdout)["rows"] if r["method"] == "int8")
+    assert row["perplexity_tied"] is None  # inf, written as null
+    alone = runner.invoke(app, ["perplexity", str(model), "--factors", str(tmp_path / "b" / "factors" /
+                                                                          "int8.safetensors"),
+                                "--text", text_file, "--max-tokens", "1024", "--json", "-q"])
+    scored = json.loads(alone.stdout)
+    assert scored["perplexity"] is None and scored["mean_nll"] > 700 and math.isfinite(scored["ratio"])
+    assert row["perplexity_ratio_tied"] == pytest.approx(scored["ratio"], rel=1e-9) and scored["ratio"] != 1.0
+    assert torch.finfo(torch.float64).max > row["perplexity_ratio_tied"] > 0
