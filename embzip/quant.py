@@ -158,7 +158,7 @@ class Quantized(TensorSet):
         never held in float32 as well); else None."""
         if not _fused(tensors, hidden):
             return None
-        flat = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
+        flat = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16).contiguous()  # generate: hidden[:, -1:]
         dtype = hidden.dtype if sixteen_bit(hidden.dtype) else torch.float32
         derived = {} if derived is None else derived
         if Q8 in tensors:

@@ -270,3 +270,27 @@ def test_a_bad_recipe_is_an_option_error(build):
     with pytest.raises(OptionError) as caught:  # an EmbzipError (exit 2 from the CLI), still a ValueError
         build()
     assert isinstance(caught.value, EmbzipError) and isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "codebook"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_padded_batch_generates_with_a_compact_head(tiny, tmp_path, method, dtype, text_file):
+    import torch
+    import transformers
+
+    from embzip.modeldir import load_model
+
+    f, out = tmp_path / "f.safetensors", tmp_path / "dir"
+    extra = ["--bits", 12, "--weights-text", text_file] if method == "codebook" else []
+    assert run("fit", tiny("llama", dtype), "--method", method, "-o", f, "-q", *extra).exit_code == 0
+    assert run("apply", tiny("llama", dtype), f, "--out", out, "-q").exit_code == 0
+    model = load_model(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out, padding_side="left")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    batch = tokenizer(["the water", "a long day in the sun"], return_tensors="pt", padding=True)
+    # each step's head sees hidden[:, -1:], a view that is not contiguous (the int4 kernel refused it in bfloat16)
+    made = model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert made.shape == (2, batch.input_ids.shape[1] + 3)
+    alone = model.generate(**tokenizer(["a long day in the sun"], return_tensors="pt"), max_new_tokens=3,
+                           do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert made[1, -3:].tolist() == alone[0, -3:].tolist()  # the unpadded row generates as it does alone

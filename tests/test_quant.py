@@ -205,6 +205,9 @@ def test_few_states_go_through_a_fused_kernel_that_agrees_with_decoding(scheme, 
     assert not torch.allclose(got, hidden.float() @ e.float().T, atol=tol / 8)  # the stored integers, not the matrix
     # through the head module, in the model's dtype
     assert torch.allclose(_head(tensors, dtype)(hidden).float(), expected, atol=2 * tol)
+    # the last position of a batch, as generate() passes it: a view that is not contiguous
+    last = Quantized.head_logits(tensors, hidden[:, -1:])
+    assert last is not None and torch.equal(last, Quantized.head_logits(tensors, hidden[:, -1:].contiguous()))
     # many float32 states, or bfloat16 ones on a CPU with bfloat16 units: decoding blocks of rows into one product
     # is faster there, and the head does that; other 16-bit ones still go to the kernel (a 16-bit product is slower
     # on a CPU without 16-bit arithmetic, and float16 products are slow on both)
