@@ -23,7 +23,8 @@ import torch
 from . import __version__, jsonout, outputs, stream
 from .errors import FactorsError, ModelError, OutputError, usage
 from .compressed import Compressed, storage_dtype
-from .splice import HEADS, CompressedEmbedding, _TiedHead, cache_decoded_head, check_head, check_source, densify, splice
+from .splice import (HEADS, CompressedEmbedding, _CompactEmbedding, _TiedHead, cache_decoded_head, check_head,
+                     check_source, densify, splice)
 
 WEIGHTS = "embzip.safetensors"
 MANIFEST = "embzip.json"
@@ -42,7 +43,7 @@ def param_stats(model: torch.nn.Module) -> dict[str, int]:
     for p in model.parameters():
         seen.setdefault(id(p), p)
     for module in model.modules():
-        if isinstance(module, CompressedEmbedding):
+        if isinstance(module, _CompactEmbedding):
             for t in module.stored().values():
                 seen.setdefault(id(t), t)
     return {"params": sum(p.numel() for p in seen.values()),
@@ -414,7 +415,7 @@ def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, wri
             continue  # the strict load names it
         tensor = getattr(module, attr, None)
         # a compressed embedding's stored tensors keep their format whatever the model is built in (as under casts)
-        target = built if dtype == written and not isinstance(module, CompressedEmbedding) else dtype
+        target = built if dtype == written and not isinstance(module, _CompactEmbedding) else dtype
         if dtype is None or not isinstance(tensor, torch.Tensor) or tensor.dtype == target:
             continue
         if isinstance(tensor, torch.nn.Parameter):

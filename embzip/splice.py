@@ -102,9 +102,24 @@ class _CompactEmbedding(nn.Module):
         else:
             self.embed_scale = None
 
+    def stored(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def _apply(self, fn, recurse=True):
+        """Moves (`model.to("cuda")`) reach the stored tensors; casts (`model.half()`) do not: their dtypes are the
+        format the bits per weight count (16-bit factors, scales and gains, int8 tables), and rounding float16 to
+        bfloat16 would cost accuracy for nothing. The rows come out in the new dtype all the same (out_dtype)."""
         self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype  # what a floating tensor becomes
-        return super()._apply(fn, recurse)
+        stored = {id(t) for t in self.stored().values()}
+
+        def keeping_dtype(t: torch.Tensor) -> torch.Tensor:
+            if id(t) in stored:
+                target = fn(t.new_empty(0))
+                if target.dtype != t.dtype:
+                    return t.to(device=target.device)
+            return fn(t)
+
+        return super()._apply(keeping_dtype, recurse)
 
     def _scaled(self, rows: torch.Tensor) -> torch.Tensor:
         return rows if self.embed_scale is None else rows * self.embed_scale.to(rows.dtype)
@@ -128,10 +143,15 @@ class FactoredEmbedding(_CompactEmbedding):
     def __init__(self, factors: Factors, *, padding_idx: int | None = None, embed_scale: torch.Tensor | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__(factors.shape, padding_idx=padding_idx, embed_scale=embed_scale, dtype=dtype or factors.dtype)
-        self.codes = nn.Parameter(factors.codes.detach().clone())
-        self.decoder = nn.Parameter(factors.decoder.detach().clone())
-        self.bias = None if factors.bias is None else nn.Parameter(factors.bias.detach().clone())
-        self.norms = None if factors.norms is None else nn.Parameter(factors.norms.detach().clone())
+        # buffers, as every compressed kind's stored tensors: the model's dtype (`model.dtype`, its first floating
+        # parameter) stays the layers' own, an optimiser over model.parameters() leaves the 16-bit factors alone
+        # (Adam in float16 overflows them), and casts keep their format (_apply)
+        for name in ("codes", "decoder", "bias", "norms"):
+            t = getattr(factors, name)
+            self.register_buffer(name, None if t is None else t.detach().clone())
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        return {name: t for name in ("codes", "decoder", "bias", "norms") if (t := getattr(self, name)) is not None}
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._scaled(self._rows(input_ids))
@@ -238,21 +258,6 @@ class CompressedEmbedding(_CompactEmbedding):
 
     def stored(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, buffer_name(name)) for name in self.names}
-
-    def _apply(self, fn, recurse=True):
-        """Moves (`model.to("cuda")`) reach the stored tensors; casts (`model.half()`) do not: their dtypes are the
-        format the bits per weight count (16-bit scales and gains, int8 tables), and rounding float16 scales to
-        bfloat16 would cost accuracy for nothing. The rows come out in the new dtype all the same (out_dtype)."""
-        stored = {id(t) for t in self.stored().values()}
-
-        def keeping_dtype(t: torch.Tensor) -> torch.Tensor:
-            if id(t) in stored:
-                target = fn(t.new_empty(0))
-                if target.dtype != t.dtype:
-                    return t.to(device=target.device)
-            return fn(t)
-
-        return super()._apply(keeping_dtype, recurse)
 
     def compressed(self) -> Compressed:
         return self.kind.from_tensors(self.stored(), dict(self.meta))

@@ -122,12 +122,18 @@ def test_a_model_whose_matrix_apply_rebuilt_is_not_taken_for_the_original(tiny, 
             perplexity(opened, load_text(None), factors=factors, max_tokens=16)
 
 
-def test_gradients_reach_codes_and_decoder(tiny, tmp_path):
+def test_fine_tuning_leaves_the_factors_frozen_unless_asked(tiny, tmp_path):
     opened, factors = make(tiny, "gpt2")
     apply_factors(opened, factors, tmp_path / "out")
     model = load_model(tmp_path / "out").train()
     emb = model.get_input_embeddings()
     assert isinstance(emb, FactoredEmbedding)
+    # fine-tuning the model leaves the stored factors frozen (buffers, like every compressed kind's tensors) ...
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert emb.codes.grad is None and emb.decoder.grad is None
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # ... and they train where asked to
+    emb.codes.requires_grad_(), emb.decoder.requires_grad_()
     model(input_ids=IDS, labels=IDS).loss.backward()
     assert emb.codes.grad is not None and emb.codes.grad.abs().sum() > 0
     assert emb.decoder.grad is not None and emb.decoder.grad.abs().sum() > 0
@@ -323,7 +329,7 @@ def _sentence_transformers_copy(source, target):
     (target / "modules.json").write_text(json.dumps(modules))
     (target / "sentence_bert_config.json").write_text('{"max_seq_length": 256, "do_lower_case": false}')
     (target / "1_Pooling").mkdir()
-    (target / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 32, "pooling_mode_mean_tokens": true}')
+    (target / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 32, "pooling_mode_mean": true}')
     (target / "2_Dense" / "deep").mkdir(parents=True)
     (target / "2_Dense" / "deep" / "model.safetensors").write_bytes(b"dense layer bytes")
     (target / "4_Other").mkdir()
@@ -342,7 +348,8 @@ def test_a_sentence_transformers_models_own_files_come_along(tiny, tmp_path, dty
     out = tmp_path / "out"
     assert summary["sentence_transformers_files"] == ["modules.json", "sentence_bert_config.json", "1_Pooling/",
                                                       "2_Dense/"]
-    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json", "2_Dense/deep/model.safetensors"):
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+                 "2_Dense/deep/model.safetensors"):
         assert (out / name).read_bytes() == (source / name).read_bytes()
     assert not (out / "4_Other").exists() and not (tmp_path / "outside").exists()  # out/../outside
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["1_Pooling", "2_Dense"]
