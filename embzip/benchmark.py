@@ -213,7 +213,7 @@ class _Quality:
             self.protocol = {"name": "sentence-fidelity", "sentences": len(self.sentences), "pooling": "mean"}
         else:
             self.reference = self.perplexity()
-            self.protocol = self.reference["protocol"]
+            self.protocol = {**self.reference["protocol"], "tokens": self.reference["tokens"]}  # scored
 
     def perplexity(self) -> dict[str, Any]:
         from .scoring import perplexity

@@ -146,7 +146,7 @@ class Quantized(TensorSet):
         q = torch.empty(*packed.shape, 2, dtype=torch.float32, device=packed.device)  # unpacked straight to float
         q[..., 0] = packed & 0x0F
         q[..., 1] = packed >> 4
-        q = q.view(*scale.shape, -1)  # ... x groups x group
+        q = q.view(*scale.shape, 2 * packed.shape[-1] // scale.shape[-1])  # ... x groups x group (no rows too)
         out = torch.addcmul(tensors[OFFSET][index].float().unsqueeze(-1), q, scale.unsqueeze(-1))
         return out.flatten(-2)
 

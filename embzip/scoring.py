@@ -344,7 +344,7 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
             with spliced(model, factors, head=head):
                 nll_compressed = _score(model, jobs, description=f"perplexity, factors spliced ({head} head)",
                                         **settings)
-            result = {"perplexity_original": _exp(nll / tokens),
+            result = {"perplexity_original": _exp(nll / tokens), "mean_nll_original": nll / tokens,
                       "ratio": _exp((nll_compressed - nll) / tokens), "head": head}
             nll, original = nll_compressed, nll
     if opened.kind == CAUSAL_LM:

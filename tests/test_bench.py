@@ -247,4 +247,6 @@ def test_a_perplexity_that_overflows_still_gets_the_ratio_perplexity_reports(tin
     scored = json.loads(alone.stdout)
     assert scored["perplexity"] is None and scored["mean_nll"] > 700 and math.isfinite(scored["ratio"])
     assert row["perplexity_ratio_tied"] == pytest.approx(scored["ratio"], rel=1e-9) and scored["ratio"] != 1.0
+    assert scored["ratio"] == pytest.approx(math.exp(scored["mean_nll"] - scored["mean_nll_original"]), rel=1e-9)
+    assert json.loads(result.stdout)["protocol"]["tokens"] == scored["tokens"]  # what the bench scored, recorded
     assert torch.finfo(torch.float64).max > row["perplexity_ratio_tied"] > 0

@@ -294,3 +294,24 @@ def test_a_padded_batch_generates_with_a_compact_head(tiny, tmp_path, method, dt
     alone = model.generate(**tokenizer(["a long day in the sun"], return_tensors="pt"), max_new_tokens=3,
                            do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert made[1, -3:].tolist() == alone[0, -3:].tolist()  # the unpadded row generates as it does alone
+
+
+@pytest.mark.parametrize("method", ["svd", "int8", "int4", "codebook"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_token_ids_outside_the_vocabulary_are_refused_as_nn_embedding_does(tiny, tmp_path, method, dtype, text_file):
+    import torch
+
+    from embzip.modeldir import load_model
+
+    f, out = tmp_path / "f.safetensors", tmp_path / "dir"
+    size = {"svd": ["--rank", 3], "codebook": ["--bits", 12, "--weights-text", text_file]}.get(method, [])
+    command = ["svd"] if method == "svd" else ["fit", "--method", method]
+    assert run(*command[:1], tiny("llama", dtype), *command[1:], *size, "-o", f, "-q").exit_code == 0
+    assert run("apply", tiny("llama", dtype), f, "--out", out, "-q").exit_code == 0
+    emb = load_model(out).get_input_embeddings()
+    vocab = emb.num_embeddings
+    assert emb(torch.tensor([[0, vocab - 1]])).shape == (1, 2, emb.embedding_dim)
+    for bad in (-1, -100, vocab):  # a label's ignore index, or an id of a larger tokenizer: no row read silently
+        with pytest.raises(IndexError):
+            emb(torch.tensor([[5, bad]]))
+    assert emb(torch.zeros(0, dtype=torch.long)).shape == (0, emb.embedding_dim)
