@@ -117,7 +117,39 @@ def _cache_name(method: str, size) -> str:
     return f"{method}{'-' + label if label else ''}.safetensors"
 
 
-def _cached_factors(cache: Path | None, method: str, size, opened: OpenedModel, settings: dict) -> Compressed | None:
+def model_key(opened: OpenedModel) -> str:
+    """A digest of the model a bench's factor files are made from: the embedding's bytes and the model directory's
+    files (names, sizes, modification times: the other layers make the model's own samples and metric)."""
+    import hashlib
+    import os
+
+    digest = hashlib.blake2b(digest_size=16)
+    embedding = opened.embedding.detach()
+    for i in range(0, embedding.shape[0], 65536):  # a block of rows at a time: no whole copy of a large matrix
+        digest.update(embedding[i:i + 65536].contiguous().cpu().view(torch.uint8).numpy().data)
+    folder = Path(opened.path)
+    if folder.is_dir():
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file():
+                info = entry.stat()
+                digest.update(f"{entry.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def inputs_key(model: str, recipe: Recipe) -> str:
+    """`model_key` with the bytes of the recipe's weights text: a cached factor file is reused only where both
+    match, not after a model or a text was changed in place."""
+    import hashlib
+
+    digest = hashlib.blake2b(model.encode(), digest_size=16)
+    text = recipe.weights_text
+    if recipe.uses_text and text is not None and Path(text).expanduser().is_file():
+        digest.update(Path(text).expanduser().read_bytes())
+    return digest.hexdigest()
+
+
+def _cached_factors(cache: Path | None, method: str, size, opened: OpenedModel, settings: dict,
+                    key: str) -> Compressed | None:
     if cache is None or not (cache / _cache_name(method, size)).is_file():
         return None
     try:
@@ -127,7 +159,7 @@ def _cached_factors(cache: Path | None, method: str, size, opened: OpenedModel, 
     same = (factors.meta.get("method") == method and factors.meta.get("size") == size
             and factors.meta.get("source", {}).get("path") == opened.path
             and factors.shape == (opened.vocab_size, opened.hidden_size)
-            and factors.meta.get("settings", {}) == settings)
+            and factors.meta.get("settings", {}) == settings and factors.meta.get("bench_inputs") == key)
     return factors if same else None
 
 
@@ -283,6 +315,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     recipes = {r.name: r for r in given.values()}  # rows are labelled by what runs: "fit" shows as "aware"
     plan = [(m, s) for m in recipes for s in sizes(config, recipes[m], vocab, hidden, embedding.dtype)]
     data_cache: dict = {}
+    keys: dict[str, str] = {}  # inputs_key per method ("": model_key), for the factor files kept in OUT
     whole = param_stats(model)
     emb_bytes = embedding.numel() * embedding.element_size()
     heads = ["input", "tied"] if opened.tied else ["input"]
@@ -304,11 +337,15 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
             for method, size in plan:
                 pbar.update(row=f"{method} {size_label(size)}")
                 settings = recipes[method].settings()
-                factors = _cached_factors(cache, method, size, opened, settings)
+                if cache is not None and method not in keys:
+                    keys[method] = inputs_key(keys.setdefault("", model_key(opened)), recipes[method])
+                key = keys.get(method)
+                factors = _cached_factors(cache, method, size, opened, settings, key)
                 cached = factors is not None
                 if factors is None:
                     factors = factorize(opened, size, recipes[method], device=config.device, cache=data_cache)
                     if cache is not None:
+                        factors.meta["bench_inputs"] = key
                         cache.mkdir(parents=True, exist_ok=True)
                         save_factors(factors, cache / _cache_name(method, size), force=True)
                 n = factors.num_params()

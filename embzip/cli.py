@@ -160,7 +160,8 @@ DeviceOpt = Annotated[Device, typer.Option(help="Where to compute: auto uses a G
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output (a directory only if embzip "
                                                             "wrote it; never the input or the current directory).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout and nothing else there.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines on stderr.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or informational lines on stderr; "
+                                                                "warnings and errors still show.")]
 HeadOpt = Annotated[Optional[Head], typer.Option(
     help="input: compress the input embedding only and keep the original output head (what the paper measured). "
          "tied: the tied output head uses the factors too (the real saving). (default: tied when the model's head "

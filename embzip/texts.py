@@ -54,7 +54,7 @@ def _string_column(features, spec: str) -> str:
     return strings[0]
 
 
-def _from_dataset(spec: str) -> Text:
+def _from_dataset(spec: str, option: str = "--dataset") -> Text:
     parts = spec.split(":")
     if len(parts) > 3 or not parts[0]:
         raise OptionError(f"dataset spec {spec!r} is not name[:config[:split]], e.g. {DATASET_EXAMPLE}")
@@ -74,7 +74,7 @@ def _from_dataset(spec: str) -> Text:
         if splits and split not in splits:
             given = "" if len(parts) > 2 and parts[2] else " (the default)"
             raise DataError(f"dataset {name} has no split {split!r}{given}; it has {', '.join(splits)}: "
-                            f"name it, e.g. --dataset {name}:{config or ''}:{splits[0]}") from None
+                            f"name it, e.g. {option} {name}:{config or ''}:{splits[0]}") from None
         raise DataError(
             f"could not load dataset {spec!r} (name={name}, config={config}, split={split}): {first}; "
             f"check the spec name[:config[:split]] (e.g. {DATASET_EXAMPLE}) and that it is cached or "
@@ -111,5 +111,5 @@ def load_text(text_file: str | None = None, dataset: str | None = None, sample: 
     if text_file is not None:
         return _from_file(str(text_file))
     if dataset is not None:
-        return _from_dataset(dataset)
+        return _from_dataset(dataset, "--weights-dataset" if sample == "weights" else "--dataset")
     return _from_sample(sample)

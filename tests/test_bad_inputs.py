@@ -210,6 +210,8 @@ ROWS = [
     (["perplexity", "{w}/model", "--text", "{w}/short.txt", "--dataset", "x"], 2, "give a text file or a dataset"),
     (["perplexity", "{w}/model", "--dataset", "{w}/trainonly::validation"], 1,
      "has no split 'validation'; it has train: name it, e.g. --dataset"),  # named, not "the default"
+    (["fit", "{w}/model", "-k", "2", "--weights-dataset", "{w}/trainonly"], 1,
+     "has no split 'test' (the default); it has train: name it, e.g. --weights-dataset"),  # fit has no --dataset
     (["perplexity", "{w}/factored-encoder"], 1, "its embedding is already compressed; for the sentence-vector "
      "fidelity, give the original model and the factors"),
     (["perplexity", "{w}/model", "--dataset", "{w}/trainonly"], 1,

@@ -250,3 +250,35 @@ def test_a_perplexity_that_overflows_still_gets_the_ratio_perplexity_reports(tin
     assert scored["ratio"] == pytest.approx(math.exp(scored["mean_nll"] - scored["mean_nll_original"]), rel=1e-9)
     assert json.loads(result.stdout)["protocol"]["tokens"] == scored["tokens"]  # what the bench scored, recorded
     assert torch.finfo(torch.float64).max > row["perplexity_ratio_tied"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cached_factors_are_not_reused_for_a_model_or_text_changed_in_place(tiny, text_file, tmp_path, dtype):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    model, text = tmp_path / "model", tmp_path / "weights.txt"
+    shutil.copytree(tiny("gpt2", dtype), model)
+    text.write_text(open(text_file).read())
+
+    def run_bench():
+        result = runner.invoke(app, ["bench", str(model), "--methods", "svd,aware", "--ranks", "4", "--text",
+                                     text_file, "--weights-text", str(text), "--out", str(tmp_path / "b"), "--json",
+                                     "-q"])
+        assert result.exit_code == 0, result.output
+        return {r["method"]: r for r in json.loads(result.stdout)["rows"]}
+
+    first = run_bench()
+    assert all(r["cached"] for m, r in run_bench().items() if m != "original")  # the same inputs: re-used
+    text.write_text(open(text_file).read() + "a new line for the token counts .\n")  # the same path, new content
+    rows = run_bench()
+    assert rows["aware"]["cached"] is False and rows["svd"]["cached"] is True  # svd reads no text
+    weights = load_file(model / "model.safetensors")  # the same path and shape, another embedding
+    key = next(k for k in weights if "wte" in k)
+    weights[key] = (weights[key].float() * 3).to(weights[key].dtype)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    rows = run_bench()
+    assert not rows["svd"]["cached"] and not rows["aware"]["cached"]
+    assert rows["svd"]["rmse"] == pytest.approx(3 * first["svd"]["rmse"], rel=1e-2)  # fitted to the new matrix
