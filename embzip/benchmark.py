@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from . import jsonout, options
-from .errors import FactorsError, OptionError, OutputError, usage
+from .errors import FactorsError, OptionError, OutputError, RankError, usage
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
 from .models import CAUSAL_LM, ENCODER, OpenedModel, input_device
@@ -107,8 +107,14 @@ def sizes(config: BenchConfig, r: Recipe, vocab: int, hidden: int, dtype: torch.
         return [resolve_size(r, rank=k, **shape) for k in config.ranks]
     if config.ratios is not None:
         return list(dict.fromkeys(resolve_size(r, ratio=x, **shape) for x in config.ratios))
-    if kind == RANK and config.bits is None:
-        return [resolve_size(r, rank=k, **shape) for k in default_ranks(vocab)]
+    if kind == RANK and config.bits is None:  # the default ranks this matrix takes (a small hidden size, fewer)
+        fitting = []
+        for k in default_ranks(vocab):
+            try:
+                fitting.append(resolve_size(r, rank=k, **shape))
+            except RankError:
+                pass
+        return fitting or [resolve_size(r, rank=k, **shape) for k in default_ranks(vocab)]  # none: the error
     return list(dict.fromkeys(resolve_size(r, bits=b, **shape) for b in (config.bits or DEFAULT_BITS)))
 
 

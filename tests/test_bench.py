@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from embzip.cli import app
@@ -282,3 +283,18 @@ def test_cached_factors_are_not_reused_for_a_model_or_text_changed_in_place(tiny
     rows = run_bench()
     assert not rows["svd"]["cached"] and not rows["aware"]["cached"]
     assert rows["svd"]["rmse"] == pytest.approx(3 * first["svd"]["rmse"], rel=1e-2)  # fitted to the new matrix
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_ranks_a_small_hidden_size_cannot_take_are_left_out(dtype):
+    from embzip.benchmark import BenchConfig, sizes
+    from embzip.errors import RankError
+    from embzip.methods import recipe
+
+    # a 100000 x 64 matrix (BERT-tiny-like widths) takes ranks up to 63: of the defaults 32 / 64 / 128, only 32
+    assert sizes(BenchConfig(), recipe("svd"), 100_000, 64, dtype) == [32]
+    assert sizes(BenchConfig(), recipe("aware"), 30_522, 384, dtype) == [32, 64, 128]  # all-MiniLM-L6-v2: all
+    with pytest.raises(RankError, match="largest useful rank is 24"):  # none fits: the reason, not an empty bench
+        sizes(BenchConfig(), recipe("svd"), 105, 32, dtype)
+    with pytest.raises(RankError, match="rank 64 saves nothing"):  # ranks given are used as given
+        sizes(BenchConfig(ranks=[8, 64]), recipe("svd"), 105, 32, dtype)
