@@ -461,7 +461,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
 
     method_name = method.value if method is not None else ("aware" if rank is not None or ratio is not None
                                                             else "codebook")
-    _refuse_foreign_options(ctx, REGISTRY[method_name], heal_steps)
+    _refuse_foreign_options(ctx, REGISTRY[method_name], heal_steps, weighted)
     if weights_text is not None and weights_dataset is not None:
         raise typer.BadParameter("give --weights-text or --weights-dataset, not both")
     if heal_steps < 0:
@@ -493,17 +493,17 @@ _DATA_OPTIONS = ("weights_text", "weights_dataset")
 _HEAL_OPTIONS = ("heal_steps", "heal_lr")
 
 
-def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int) -> None:
+def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int, weighted: bool = False) -> None:
     """An option given on the command line that the chosen method does not read is an error, not a no-op."""
     from .methods import HEALABLE, REGISTRY
 
     owned = {name for m in REGISTRY.values() for name in m.options} | set(_DATA_OPTIONS) | set(_HEAL_OPTIONS)
     mine = set(spec.options)
-    if spec.uses_text or "weighted" in mine or heal_steps > 0:
+    if spec.uses_text or weighted or heal_steps > 0:  # paper reads a text only with --weighted
         mine |= set(_DATA_OPTIONS)
     if spec.kind in HEALABLE:
         mine |= set(_HEAL_OPTIONS)
-    if "weighted" in mine:
+    if weighted:
         mine |= {"weight_power", "weight_floor"}
     for name in sorted(owned - mine):
         source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
@@ -517,7 +517,9 @@ def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int) -> None:
                 owners = f"the methods that read a text ({', '.join(data_aware)}; paper with --weighted)"
             else:
                 owners = "the low-rank and codebook methods"
-            raise typer.BadParameter(f"{flag} is an option of {owners}, not of {spec.name}")
+            paper_reads = (*_DATA_OPTIONS, "weight_power", "weight_floor")  # paper with --weighted
+            hint = "; give --weighted with it" if "weighted" in mine and name in paper_reads else ""
+            raise typer.BadParameter(f"{flag} is an option of {owners}, not of {spec.name}{hint}")
     source = ctx.get_parameter_source("heal_lr")
     if heal_steps == 0 and getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
         raise typer.BadParameter("--heal-lr sets how healing learns: give --heal-steps N (N > 0) with it")

@@ -231,6 +231,8 @@ def test_a_cached_head_works_on_a_model_loaded_and_run_under_inference_mode(tiny
     (["--method", "aware", "--epochs", "3"], "--epochs is an option of --method paper, not of aware"),
     (["--method", "int8", "--weights-text", "x.txt"], "--weights-text is an option of the methods that read a text"),
     (["--method", "svd", "--weights-text", "x.txt"], "(wsvd, aware, codebook; paper with --weighted), not of svd"),
+    (["--method", "paper", "--rank", "3", "--weights-text", "x.txt"], "not of paper; give --weighted with it"),
+    (["--method", "paper", "--rank", "3", "--weight-power", "0.5"], "not of paper; give --weighted with it"),
     (["--method", "codebook", "--group-size", "16"], "--group-size is an option of --method int4"),
     (["--method", "int8", "--heal-steps", "3"], "--heal-steps is an option of the low-rank and codebook methods, not of int8"),
     (["--method", "codebook", "--bits", "2", "--heal-lr", "0.1"], "--heal-lr sets how healing learns: give --heal-steps"),
