@@ -331,7 +331,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         "method": "original", "size": "-", "rank": None, "bits_per_weight": float(8 * embedding.element_size()),
         "compression_ratio": 1.0, "embedding_params": vocab * hidden, "embedding_bytes": emb_bytes,
         "model_params": whole["params"], "model_bytes": whole["bytes"],
-        "cosine_distance": 0.0, "rmse": 0.0, **quality.original(heads),
+        "cosine_distance": 0.0, "rmse": 0.0, "mae": 0.0, **quality.original(heads),
         "fit_seconds": None, "latency_ratio": 1.0, "latency_ratio_cached": None,
         "latency_ratio_step": 1.0 if opened.kind == CAUSAL_LM else None, "cached": None,
     }]
@@ -403,9 +403,9 @@ def _peak_memory(model, factors: Compressed, head: str, batch: torch.Tensor) -> 
     return torch.cuda.max_memory_allocated()
 
 
-COLUMNS = ["method", "size", "bits_per_weight", "compression_ratio", "embedding_params", "embedding_bytes", "model_params", "model_bytes",
-           "cosine_distance", "rmse", "perplexity_input", "perplexity_ratio_input", "perplexity_tied",
-           "perplexity_ratio_tied", "fidelity", "similarity_spearman", "fit_seconds", "latency_ratio",
+COLUMNS = ["method", "size", "rank", "bits_per_weight", "compression_ratio", "embedding_params", "embedding_bytes",
+           "model_params", "model_bytes", "cosine_distance", "rmse", "mae", "perplexity_input", "perplexity_ratio_input",
+           "perplexity_tied", "perplexity_ratio_tied", "fidelity", "similarity_spearman", "fit_seconds", "latency_ratio",
            "latency_ratio_cached", "latency_ratio_step", "peak_memory_bytes", "cached"]
 
 

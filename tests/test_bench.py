@@ -46,6 +46,9 @@ def test_json_matches_csv(gpt2_run):
     with open(out / "bench.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == len(report["rows"])
+    # every row has the same keys (the original's too), and the CSV has a column for each, rank and mae included
+    assert all(row.keys() == report["rows"][0].keys() for row in report["rows"])
+    assert {"rank", "mae"} <= table[0].keys() and set(table[0]) <= set(report["rows"][0])
     for row, line in zip(report["rows"], table):
         for key, value in line.items():
             expected = row.get(key)
