@@ -481,7 +481,9 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
             sample=SampleConfig(tokens=self_tokens, languages=sample_languages, **seeded),
             heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,
             weighted_paper=weighted,
-            weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset)
+            weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset,
+            given=frozenset(n for n in ("self_tokens", "sample_languages", "input_metric")
+                            if getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     _, summary = compress(model, recipe, rank=rank, ratio=ratio, bits=bits, out=out, force=force, device=device.value,

@@ -16,7 +16,7 @@ from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
 from .models import OpenedModel, open_model, resolve_device
 from .methods import Recipe, make_factors, resolve_size
-from .methods.base import check_size, samples, uses_encoder_metric
+from .methods.base import check_size, refuse_unused, samples, uses_encoder_metric
 from .methods import recipe as make_recipe
 
 log = logging.getLogger("embzip")
@@ -98,6 +98,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     opened = model if isinstance(model, OpenedModel) else open_model(
         model, device=device, load="full" if recipe.heal is not None else "embedding",
         trust_remote_code=trust_remote_code)
+    refuse_unused(recipe, opened)
     if opened is not model and isinstance(opened, EmbeddingOnly) and needs_model(recipe, opened):
         opened = open_model(model, device=device, trust_remote_code=trust_remote_code)  # forward passes needed
     embedding = opened.embedding.detach()

@@ -317,3 +317,27 @@ def test_token_ids_outside_the_vocabulary_are_refused_as_nn_embedding_does(tiny,
         with pytest.raises(IndexError):
             emb(torch.tensor([[5, bad]]))
     assert emb(torch.zeros(0, dtype=torch.long)).shape == (0, emb.embedding_dim)
+
+
+@pytest.mark.parametrize("kind,dtype,args,fragment", [
+    ("bert-mlm", "float32", ["--rank", 3, "--self-tokens", 64], "only a causal LM with a tied head gives"),
+    ("bert-encoder", "bfloat16", ["--bits", 12, "--sample-languages", 0.3], "is an encoder without a tied head"),
+    ("gpt2", "float32", ["--rank", 3, "--self-tokens", 0, "--sample-languages", 0.5], "samples none"),
+    ("gpt2", "bfloat16", ["--bits", 12, "--input-metric", 2], "is a causal-lm with a tied head: leave it out"),
+    ("bert-mlm", "float32", ["--bits", 12, "--input-metric", 2], "weights an encoder's rows by its sentence vectors"),
+])
+def test_options_for_another_kind_of_model_are_refused_before_any_work(tiny, tmp_path, kind, dtype, args, fragment,
+                                                                       text_file):
+    out = tmp_path / "f.safetensors"
+    result = run("fit", tiny(kind, dtype), *args, "--weights-text", text_file, "-o", out, "-q")
+    assert result.exit_code == 2 and fragment in result.stderr, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kind,args", [("gpt2", ["--rank", 3, "--self-tokens", 64, "--sample-languages", 0.5]),
+                                       ("bert-encoder", ["--bits", 12, "--input-metric", 2]),
+                                       ("bert-encoder", ["--bits", 12, "--self-tokens", 0])])  # off, as it is there
+def test_options_for_the_models_own_kind_are_taken(tiny, tmp_path, kind, args, text_file):
+    out = tmp_path / "f.safetensors"
+    result = run("fit", tiny(kind), *args, "--weights-text", text_file, "-o", out, "-q")
+    assert result.exit_code == 0 and out.exists(), result.output

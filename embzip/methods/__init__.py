@@ -54,6 +54,8 @@ class Recipe:
     weighted_paper: bool = False  # method "paper": weight each row's loss by its token weight
     weights_text: str | None = None  # a text file for token counts, the metric and healing
     weights_dataset: str | None = None  # or a dataset NAME[:CONFIG[:SPLIT]]
+    # options given explicitly (the command line's), refused where the model's kind leaves them unused
+    given: frozenset = field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in REGISTRY:

@@ -171,6 +171,28 @@ class Inputs:
         return normalised_metric(measured.moment, gamma, self.embedding.shape[1]), row_scale(measured)
 
 
+def refuse_unused(recipe, opened) -> None:
+    """Options given for a kind of model that `opened` is not are an error, not settings recorded in the file as
+    if they had acted: the model's own samples (a causal LM with a tied head) and an encoder's metric (an encoder
+    without an LM head). Checked once the model is open, before any work."""
+    from ..errors import OptionError
+    from ..models import CAUSAL_LM, ENCODER
+
+    what = f"{opened.source} is {'an' if opened.kind == ENCODER else 'a'} {opened.kind}" + (
+        " with a tied head" if opened.tied else " without a tied head")
+    sampling = [flagged(n) for n in ("self_tokens", "sample_languages") if n in recipe.given
+                and (n != "self_tokens" or recipe.sample.tokens > 0)]  # --self-tokens 0 says what is so anyway
+    if sampling and not (opened.kind == CAUSAL_LM and opened.tied):
+        raise OptionError(f"{' and '.join(sampling)} set the model's own samples, which only a causal LM with a "
+                          f"tied head gives; {what}: leave {'them' if len(sampling) > 1 else 'it'} out")
+    if "sample_languages" in recipe.given and recipe.sample.tokens == 0:
+        raise OptionError(f"{flagged('sample_languages')} shares out the sampled tokens, and "
+                          f"{flagged('self_tokens')} 0 samples none")
+    if "input_metric" in recipe.given and not (opened.kind == ENCODER and not opened.tied):
+        raise OptionError(f"{flagged('input_metric')} weights an encoder's rows by its sentence vectors; {what}: "
+                          f"leave it out (a tied head's rows are measured by {flagged('output_metric')})")
+
+
 def uses_encoder_metric(recipe, opened) -> bool:
     """Whether a fit of `recipe` measures `opened`'s sentence-vector metric (sensitivity.py): an encoder without
     an output head, a method that reads it, and its weight not 0."""
