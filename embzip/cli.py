@@ -674,6 +674,9 @@ def bench(model: ModelArg = None,
                    for m in method_list}
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    if weights_text is not None and not any(r.uses_text for r in recipes.values()):
+        raise typer.BadParameter(f"--weights-text is read by the methods that read a text, and none of "
+                                 f"{', '.join(method_list)} does")
     if out is not None:
         check_output_folder(out)
     source = load_text(text, dataset)

@@ -263,6 +263,8 @@ ROWS = [
     (["svd", "{w}/empty.gguf", "-k", "2", "-o", "{w}/empty.gguf", "--force"], 2, "is the input"),
     (["bench", "{w}/model", "--ranks", "2", "--out", "{w}/file.txt"], 2, "exists and is not a directory"),
     (["bench", "{w}/model", "--self-tokens", "-1"], 2, "self-sample tokens (--self-tokens) must be"),
+    (["bench", "{w}/model", "--methods", "svd,int8", "--ranks", "2", "--weights-text", "{w}/short.txt", "--out",
+      "{t}/b"], 2, "--weights-text is read by the methods that read a text, and none of svd, int8 does"),
     (["fit", "{w}/model", "--bits", "2", "--self-tokens", "nan"], 2, "Invalid value for '--self-tokens'"),
     (["bench", "{w}/model", "--ranks", "2", "--out", "{w}/file.txt/b"], 2, "is not a directory"),
 ]
