@@ -321,7 +321,8 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     recipes = {r.name: r for r in given.values()}  # rows are labelled by what runs: "fit" shows as "aware"
     plan = [(m, s) for m in recipes for s in sizes(config, recipes[m], vocab, hidden, embedding.dtype)]
     data_cache: dict = {}
-    keys: dict[str, str] = {}  # inputs_key per method ("": model_key), for the factor files kept in OUT
+    keys: dict[str, str] = {}  # inputs_key per method, for the factor files kept in OUT
+    digest = None  # model_key, on first use
     whole = param_stats(model)
     emb_bytes = embedding.numel() * embedding.element_size()
     heads = ["input", "tied"] if opened.tied else ["input"]
@@ -344,7 +345,8 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
                 pbar.update(row=f"{method} {size_label(size)}")
                 settings = recipes[method].settings()
                 if cache is not None and method not in keys:
-                    keys[method] = inputs_key(keys.setdefault("", model_key(opened)), recipes[method])
+                    digest = digest or model_key(opened)  # read once, on the first method that needs it
+                    keys[method] = inputs_key(digest, recipes[method])
                 key = keys.get(method)
                 factors = _cached_factors(cache, method, size, opened, settings, key)
                 cached = factors is not None

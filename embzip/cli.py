@@ -482,8 +482,7 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
             heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,
             weighted_paper=weighted,
             weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset,
-            given=frozenset(n for n in ("self_tokens", "sample_languages", "input_metric")
-                            if getattr(ctx.get_parameter_source(n), "name", None) in ("COMMANDLINE", "ENVIRONMENT")))
+            given=frozenset(n for n in ("self_tokens", "sample_languages", "input_metric") if _given(ctx, n)))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     _, summary = compress(model, recipe, rank=rank, ratio=ratio, bits=bits, out=out, force=force, device=device.value,
@@ -493,6 +492,12 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
 
 _DATA_OPTIONS = ("weights_text", "weights_dataset")
 _HEAL_OPTIONS = ("heal_steps", "heal_lr")
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether option `name` was given (command line or environment), not left at its default."""
+    source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int, weighted: bool = False) -> None:
@@ -508,8 +513,7 @@ def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int, weighted:
     if weighted:
         mine |= {"weight_power", "weight_floor"}
     for name in sorted(owned - mine):
-        source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
-        if getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+        if _given(ctx, name):
             users = [m.name for m in REGISTRY.values() if name in m.options]
             flag = "--" + name.replace("_", "-")
             if users:
@@ -522,8 +526,7 @@ def _refuse_foreign_options(ctx: typer.Context, spec, heal_steps: int, weighted:
             paper_reads = (*_DATA_OPTIONS, "weight_power", "weight_floor")  # paper with --weighted
             hint = "; give --weighted with it" if "weighted" in mine and name in paper_reads else ""
             raise typer.BadParameter(f"{flag} is an option of {owners}, not of {spec.name}{hint}")
-    source = ctx.get_parameter_source("heal_lr")
-    if heal_steps == 0 and getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT"):
+    if heal_steps == 0 and _given(ctx, "heal_lr"):
         raise typer.BadParameter("--heal-lr sets how healing learns: give --heal-steps N (N > 0) with it")
 
 

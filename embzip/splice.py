@@ -271,10 +271,10 @@ class CompressedEmbedding(_CompactEmbedding):
         return self.rows(slice(None)).to(self.out_dtype)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.numel() and not 0 <= int(input_ids.min()) <= int(input_ids.max()) < self.num_embeddings:
-            # as nn.Embedding: a stray -100 (a label's ignore index) would otherwise read row V - 100 of the codes
-            raise IndexError(f"token ids must be in 0..{self.num_embeddings - 1}, got {int(input_ids.min())}.."
-                             f"{int(input_ids.max())}")
+        if input_ids.numel():  # as nn.Embedding: a stray -100 (a label's ignore index) would read row V - 100
+            low, high = (int(v) for v in torch.aminmax(input_ids))  # one pass, one read back
+            if low < 0 or high >= self.num_embeddings:
+                raise IndexError(f"token ids must be in 0..{self.num_embeddings - 1}, got {low}..{high}")
         return self._scaled(self.rows(input_ids.reshape(-1)).view(*input_ids.shape, self.embedding_dim).to(self.out_dtype))
 
     def extra_repr(self) -> str:

@@ -53,9 +53,21 @@ def samples(recipe, opened) -> bool:
     model itself writes, in every language it writes. An untied model's rows are read only where their tokens
     are input: its fit reads the embedding alone, never the whole model (docs/scale.md: a 70B model's
     embedding, not its layers)."""
+    return bool(recipe.spec.needs_forward and recipe.sample.tokens > 0 and samples_itself(opened))
+
+
+def samples_itself(opened) -> bool:
+    """Whether `opened` is a model whose own samples weight its rows: a causal LM with a tied head."""
     from ..models import CAUSAL_LM
 
-    return bool(recipe.spec.needs_forward and recipe.sample.tokens > 0 and opened.kind == CAUSAL_LM and opened.tied)
+    return opened.kind == CAUSAL_LM and opened.tied
+
+
+def has_sentence_metric(opened) -> bool:
+    """Whether `opened` is a model whose rows are measured by its sentence vectors: an encoder without an LM head."""
+    from ..models import ENCODER
+
+    return opened.kind == ENCODER and not opened.tied
 
 
 class Inputs:
@@ -176,19 +188,19 @@ def refuse_unused(recipe, opened) -> None:
     if they had acted: the model's own samples (a causal LM with a tied head) and an encoder's metric (an encoder
     without an LM head). Checked once the model is open, before any work."""
     from ..errors import OptionError
-    from ..models import CAUSAL_LM, ENCODER
+    from ..models import ENCODER
 
     what = f"{opened.source} is {'an' if opened.kind == ENCODER else 'a'} {opened.kind}" + (
         " with a tied head" if opened.tied else " without a tied head")
     sampling = [flagged(n) for n in ("self_tokens", "sample_languages") if n in recipe.given
                 and (n != "self_tokens" or recipe.sample.tokens > 0)]  # --self-tokens 0 says what is so anyway
-    if sampling and not (opened.kind == CAUSAL_LM and opened.tied):
+    if sampling and not samples_itself(opened):
         raise OptionError(f"{' and '.join(sampling)} set the model's own samples, which only a causal LM with a "
                           f"tied head gives; {what}: leave {'them' if len(sampling) > 1 else 'it'} out")
     if "sample_languages" in recipe.given and recipe.sample.tokens == 0:
         raise OptionError(f"{flagged('sample_languages')} shares out the sampled tokens, and "
                           f"{flagged('self_tokens')} 0 samples none")
-    if "input_metric" in recipe.given and not (opened.kind == ENCODER and not opened.tied):
+    if "input_metric" in recipe.given and not has_sentence_metric(opened):
         raise OptionError(f"{flagged('input_metric')} weights an encoder's rows by its sentence vectors; {what}: "
                           f"leave it out (a tied head's rows are measured by {flagged('output_metric')})")
 
@@ -196,10 +208,7 @@ def refuse_unused(recipe, opened) -> None:
 def uses_encoder_metric(recipe, opened) -> bool:
     """Whether a fit of `recipe` measures `opened`'s sentence-vector metric (sensitivity.py): an encoder without
     an output head, a method that reads it, and its weight not 0."""
-    from ..models import ENCODER
-
-    return bool(recipe.spec.encoder_metric and opened.kind == ENCODER and not opened.tied
-                and recipe.codebook.input_metric > 0)
+    return bool(recipe.spec.encoder_metric and has_sentence_metric(opened) and recipe.codebook.input_metric > 0)
 
 
 def check_size(method: Method, *, rank: int | None, ratio: float | None, bits: float | None) -> None:
