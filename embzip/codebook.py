@@ -1003,7 +1003,8 @@ def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:
         return False
     if t.is_floating_point():
         return scale is None
-    return t.dtype == torch.int8 and scale is not None and scale.is_floating_point() and tuple(scale.shape) == (hidden,)
+    return t.dtype == torch.int8 and scale is not None and scale.is_floating_point() and tuple(scale.shape) == (hidden,) \
+        and (t.numel() == 0 or int(t.min()) >= -127)  # levels -127..127
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -1021,6 +1022,9 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
                 or codes.shape[1] * _per_byte(book.shape[0]) < len(sizes):
             raise FactorsError(f"codebook stage {s} is inconsistent (codes uint8 V x m, codebook K x {hidden} "
                                f"int8 with {hidden} float scales or floats, sizes int32 summing to {hidden})")
+        top = int(unpack(codes, book.shape[0], len(sizes)).max()) if codes.numel() and len(book) < 256 else -1
+        if top >= len(book):  # (uint8 indices cannot pass 255)
+            raise FactorsError(f"codebook stage {s} has indices up to {top} but its codebook holds {len(book)} entries")
         if rows is None:
             if vocab is not None and codes.shape[0] != vocab:
                 raise FactorsError(f"codebook stage {s} codes {codes.shape[0]} rows, stage 0 {vocab}")
@@ -1032,6 +1036,12 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
         s += 1
     if vocab is None or vocab < 1:
         raise FactorsError("codebook tensors hold no stage")
+    known = {"transform", "transform.scale", "gain", "absent", "absent.fill"} | {
+        f"stage{i}.{name}" for i in range(s) for name in ("codes", "codebook", "codebook.scale", "sizes", "rows")}
+    unknown = sorted(set(tensors) - known)
+    if unknown:
+        raise FactorsError(f"codebook tensors hold {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}, "
+                           "which the format does not define (stage numbers run from 0 without a gap; docs/format.md)")
     gain = tensors.get("gain")
     if gain is not None and (tuple(gain.shape) != (vocab,) or not gain.is_floating_point()):
         raise FactorsError(f"codebook gain must be {vocab} floats")

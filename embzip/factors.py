@@ -4,13 +4,14 @@ Low-rank (kind ``lowrank``): row i of the embedding is rebuilt as ``codes[i] @ d
 decoder_bias``; when ``norms`` is present the rebuilt row is rescaled to length ``norms[i]``
 (direction from the factors, length stored exactly).
 
-The factors file is safetensors with a JSON metadata entry. Format version 4 (this one) stores
+The factors file is safetensors with a JSON metadata entry. Format version 5 (this one) stores
 any kind (compressed.py: lowrank, quant, codebook) with its tensors at their compact dtypes
 (uint8 indices, int4 packed two per byte, int8 tables with 16-bit scales, 16-bit floats). Version 3
 added a codebook's focus stage (a stage over some rows only, `stage{s}.rows`); version 4 stores a
 codebook's transform and codebooks as int8 with a 16-bit scale per row or column (`NAME.scale`),
-which older readers would refuse as malformed, so they are told to upgrade. Versions 1 to 3 keep
-loading (a codebook's tables as 16-bit floats). Loading checks what the file claims against what it
+which older readers would refuse as malformed, so they are told to upgrade; version 5 lets a codebook
+leave out rows no token reaches (`absent`). Versions 1 to 4 keep loading (up to 3, a codebook's tables
+as 16-bit floats). A tensor the format does not define is refused. Loading checks what the file claims against what it
 holds. See docs/format.md.
 """
 
@@ -88,6 +89,10 @@ class Factors(Compressed):
         missing = [name for name in (CODES, DECODER) if name not in tensors]
         if missing:
             raise FactorsError(f"low-rank factors lack the tensor(s) {', '.join(missing)}")
+        unknown = sorted(set(tensors) - {CODES, DECODER, DECODER_BIAS, NORMS})
+        if unknown:
+            raise FactorsError(f"low-rank factors hold {', '.join(unknown[:5])}, which the format does not define "
+                               f"(only {CODES}, {DECODER}, {DECODER_BIAS}, {NORMS}; docs/format.md)")
         return cls(tensors[CODES], tensors[DECODER], tensors.get(DECODER_BIAS), tensors.get(NORMS), meta)
 
     @classmethod
@@ -194,6 +199,8 @@ def load_factors(path: str | os.PathLike) -> Compressed:
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a factors file is given by its path (str or os.PathLike), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         raise usage(FactorsError(f"factors file {path} is a directory; give the .safetensors file `embzip fit` or "
@@ -212,7 +219,10 @@ def load_factors(path: str | os.PathLike) -> Compressed:
     kind = meta.get("kind", "lowrank") if version >= 2 else "lowrank"
     if not isinstance(kind, str):
         raise FactorsError(f"{path}: metadata 'kind' is {kind!r}, expected a name")
-    factors = kind_class(kind).from_tensors(tensors, meta)
+    try:
+        factors = kind_class(kind).from_tensors(tensors, meta)
+    except FactorsError as exc:
+        raise FactorsError(f"{path}: {exc}") from None
     _check_claims(path, meta, factors)
     factors.check_finite(str(path), "the file is damaged or was written by another tool; fit the factors again")
     return factors

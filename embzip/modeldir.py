@@ -150,23 +150,31 @@ def _save_generation_config(model: torch.nn.Module, directory: Path) -> None:
         generation.save_pretrained(directory)
 
 
-def apply_factors(opened, factors: Compressed, out: str | os.PathLike, *, head: str | None = None, dense: bool = False,
-                  force: bool = False, command: str | None = None) -> dict[str, Any]:
+def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os.PathLike, *, head: str | None = None,
+                  dense: bool = False, force: bool = False, command: str | None = None) -> dict[str, Any]:
     """Write a model directory using `factors`; reload it and check its logits. Returns a summary.
 
-    `opened.model` is left as written, compressed modules spliced in (or the rebuilt matrix written into it with
-    `dense`), so it runs as the directory does; open the model again for the original (compressing it again is
-    refused: its embedding is already compressed)."""
+    `opened` is an OpenedModel, or MODEL as `open_model` takes it (opened as `embzip apply` does: the embedding
+    read, the other weights copied from disk); `factors` is a Compressed or the path of a factors file.
+    An OpenedModel's `.model` is left as written, compressed modules spliced in (or the rebuilt matrix written into
+    it with `dense`), so it runs as the directory does; open the model again for the original (compressing it again
+    is refused: its embedding is already compressed)."""
     from safetensors.torch import save_model
 
     from .checkpoint import EmbeddingOnly
+    from .factors import load_factors
+    from .models import OpenedModel, model_spec, open_model
 
+    if not isinstance(opened, OpenedModel):
+        check_output_dir(out, force, (model_spec(opened),))
+        opened = open_model(opened, load="stream")
+    if not isinstance(factors, Compressed):
+        factors = load_factors(factors)
     out = check_output_dir(out, force, (opened.path, opened.source))
     seen = outputs.identity(out)  # the swap replaces only this, or fails
     streamed = isinstance(opened, EmbeddingOnly)  # only the embedding is in memory: copy the rest from disk
     if streamed and stream.plan(opened.model, opened.checkpoint, opened.original_weight) is None:
-        from .models import open_model  # the checkpoint names its tensors its own way: load the whole model
-
+        # the checkpoint names its tensors its own way: load the whole model
         opened, streamed = replace(open_model(opened.path, revision=opened.revision), source=opened.source), False
     model = opened.model
     check_source(model, factors)  # made for this model, not another of the same shape (before any writing)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError, out_of_memory, resource_problem, usage
+from .errors import ModelError, OptionError, out_of_memory, resource_problem, usage
 
 log = logging.getLogger("embzip")
 
@@ -30,6 +30,8 @@ DEMO_MODELS: dict[str, str] = {
 }
 DEFAULT_MODEL = "demo:gemma-3-270m"
 MASKED_LM, CAUSAL_LM, ENCODER = "masked-lm", "causal-lm", "encoder"
+KINDS = (MASKED_LM, CAUSAL_LM, ENCODER)
+LOAD_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -531,10 +533,13 @@ def _load_error(source: str, exc: BaseException, verb: str = "load") -> ModelErr
 _LOAD_ERRORS = (OSError, ValueError, TypeError, AttributeError, KeyError, RuntimeError, EOFError)
 
 
-def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str | None = None,
+def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None, dtype: Any = None,
                device: str = "cpu", revision: str | None = None, trust_remote_code: bool = False,
                load: str = "full") -> OpenedModel:
-    """Load MODEL (hub id, directory, .gguf file, demo name, or None for the default).
+    """Load MODEL (hub id, directory or .gguf file, as a str or a path; a demo name; None for the default).
+
+    kind: "masked-lm", "causal-lm" or "encoder" (None: from the config's architectures). dtype: "float32",
+    "bfloat16", "float16" or a torch.dtype (None: as saved). device: "cpu", "cuda", "cuda:N" or "auto".
 
     Python code shipped with a model (config or tokenizer `auto_map`) runs only with trust_remote_code.
     load="embedding" reads only the embedding tensor from the safetensors files when it can
@@ -551,6 +556,12 @@ def open_model(spec: str | None = None, *, kind: str | None = None, dtype: str |
 
     if load not in ("full", "embedding", "stream"):
         raise ValueError(f"load must be 'full', 'embedding' or 'stream', got {load!r}")
+    spec = model_spec(spec)
+    if kind is not None and kind not in KINDS:
+        raise OptionError(f"kind {kind!r} is not one embzip knows; give one of {', '.join(KINDS)}, or None to read "
+                          "it from the model's config")
+    dtype = dtype_name(dtype)
+    device = resolve_device(device)
     source = spec or DEFAULT_MODEL
     path = resolve(spec)
     if path.endswith(".gguf"):
@@ -652,12 +663,46 @@ def _open_compressed(source: str, path: str, device: str, trust_remote_code: boo
                        revision=None)
 
 
-def resolve_device(device: str) -> str:
-    """'auto' picks cuda when present; 'cuda' without a GPU is an error."""
+def resolve_device(device: Any) -> str:
+    """'auto' picks cuda when present; 'cuda' without a GPU is an error, and so is a name torch does not know
+    (a torch.device is taken as its name)."""
     import torch
 
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise OptionError(f"device must be a name such as 'cpu', 'cuda', 'cuda:1' or 'auto', got "
+                          f"{type(device).__name__}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise OptionError(f"device {device!r} is not a device torch knows; give cpu, cuda, cuda:N, mps or auto") \
+            from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
     return device
+
+
+def model_spec(spec: Any) -> str | None:
+    """MODEL as open_model takes it: a str, or an os.PathLike as its path; None for the default model."""
+    if spec is None or isinstance(spec, str):
+        return spec
+    if isinstance(spec, os.PathLike):
+        return os.fspath(spec)
+    raise TypeError(f"MODEL must be a hub id, a path, a demo name or None, got {type(spec).__name__}")
+
+
+def dtype_name(dtype: Any) -> str | None:
+    """A dtype to load a model in, as its torch name ('float32', 'bfloat16', 'float16'), from that name (with or
+    without 'torch.') or a torch.dtype; None stays None (the dtype the model was saved in)."""
+    import torch
+
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
+    if name not in LOAD_DTYPES:
+        raise OptionError(f"dtype {dtype!r} is not one embzip loads a model in; give one of {', '.join(LOAD_DTYPES)}"
+                          " (a name or a torch.dtype), or None for the dtype it was saved in")
+    return name

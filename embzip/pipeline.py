@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from .errors import DataError, OptionError
 from .compressed import Compressed, reconstruction_metrics, storage_dtype
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
-from .models import OpenedModel, open_model, resolve_device
+from .models import OpenedModel, model_spec, open_model, resolve_device
 from .methods import Recipe, make_factors, resolve_size
 from .methods.base import check_size, refuse_unused, samples, uses_encoder_metric
 from .methods import recipe as make_recipe
@@ -77,7 +78,7 @@ def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, 
     return compressed
 
 
-def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, rank: int | None = None,
+def compress(model: str | os.PathLike | OpenedModel | None, recipe: Recipe | str = "svd", *, rank: int | None = None,
              ratio: float | None = None, bits: float | None = None, out: str | Path | None = None,
              force: bool = False, device: str = "cpu", progress: bool = False,
              write: bool = True, trust_remote_code: bool = False) -> tuple[Compressed, dict[str, Any]]:
@@ -88,6 +89,7 @@ def compress(model: str | OpenedModel | None, recipe: Recipe | str = "svd", *, r
     Returns the factors and a summary dict (the --json output of `embzip svd` / `embzip fit`).
     """
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    model = model if isinstance(model, OpenedModel) else model_spec(model)
     method = recipe.name
     device = resolve_device(device)
     check_size(recipe.spec, rank=rank, ratio=ratio, bits=bits)  # a size the method cannot take, named first

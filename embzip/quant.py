@@ -109,7 +109,8 @@ class Quantized(TensorSet):
         names = set(tensors)
         if names == {Q8, SCALE}:
             q, scale = tensors[Q8], tensors[SCALE]
-            ok = q.dtype == torch.int8 and q.ndim == 2 and tuple(scale.shape) == (q.shape[0],)
+            ok = q.dtype == torch.int8 and q.ndim == 2 and tuple(scale.shape) == (q.shape[0],) \
+                and (q.numel() == 0 or int(q.min()) >= -127)  # levels -127..127
             shape = tuple(q.shape)
         elif names == {Q4, SCALE, OFFSET}:
             q, scale, offset = tensors[Q4], tensors[SCALE], tensors[OFFSET]

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from . import options
+from .compressed import Compressed
 from .errors import DataError, ModelError, OptionError
 from .models import CAUSAL_LM, ENCODER, OpenedModel, check_token_ids, evaluating, text_config
 from .progress import bar
@@ -297,8 +298,17 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     With `factors`, the same masks / windows are scored twice: the original model, then the model
     with the factors spliced in (`head`: "tied" or "input"; None picks "tied" for tied models).
     Returns the dict that `embzip perplexity --json` prints. An encoder without an LM head has no perplexity:
-    with `factors` it gets their sentence-vector fidelity on `text` instead (fidelity.score).
+    with `factors` it gets their sentence-vector fidelity on `text` instead (fidelity.score). `factors` is a
+    Compressed or the path of a factors file.
     """
+    if not isinstance(opened, OpenedModel):
+        raise TypeError(f"opened must be a model opened by embzip.open_model(MODEL), got {type(opened).__name__}")
+    if not isinstance(text, Text):
+        raise TypeError(f"text must be a Text from embzip.load_text(PATH), got {type(text).__name__}")
+    if factors is not None and not isinstance(factors, Compressed):
+        from .factors import load_factors
+
+        factors = load_factors(factors)
     check_options(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size, seed=seed)
     model = opened.model
     if opened.kind == ENCODER:

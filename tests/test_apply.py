@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -360,3 +361,22 @@ def test_a_plain_model_gets_no_sentence_transformers_files(tiny, tmp_path):
     opened, factors = make(tiny, "bert-encoder")
     assert apply_factors(opened, factors, tmp_path / "out")["sentence_transformers_files"] == []
     assert not (tmp_path / "out" / "modules.json").exists()
+
+
+def test_apply_factors_and_compress_take_paths_as_the_command_line_does(tiny, tmp_path):
+    import embzip
+    from embzip.errors import FactorsError
+
+    model = Path(tiny("llama"))
+    factors, _ = embzip.compress(model, "int8", out=tmp_path / "f.safetensors")
+    summary = apply_factors(str(model), tmp_path / "f.safetensors", tmp_path / "out")
+    assert summary["kind"] == "quant" and summary["reload_max_abs_diff"] == 0.0
+    reloaded = load_model(tmp_path / "out")
+    ids = torch.tensor([[2, 5, 9, 11]])
+    with torch.no_grad(), spliced(open_model(model).model, factors) as in_memory:
+        assert torch.equal(reloaded(ids).logits, in_memory(ids).logits)
+    with pytest.raises(FactorsError, match="does not exist"):
+        apply_factors(model, tmp_path / "missing.safetensors", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    with pytest.raises(TypeError, match="by its path"):
+        embzip.load_factors(None)

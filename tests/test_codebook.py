@@ -168,6 +168,30 @@ def test_a_focus_stage_with_bad_rows_is_refused(change, fragment):
         check_tensors({**tensors, "stage0.rows": rows})
 
 
+def test_tensors_the_format_does_not_define_and_indices_past_the_codebook_are_refused():
+    from embzip.codebook import check_tensors
+    from embzip.errors import FactorsError
+
+    tensors = fit_codebook(_matrix(), weights=_weights(), config=CodebookConfig(bits=2, focus=0.3, **FAST))
+    stage, _ = _focus(tensors)
+    assert check_tensors(tensors) == (V, D)
+    with pytest.raises(FactorsError, match="hold junk, which the format does not define"):
+        check_tensors({**tensors, "junk": torch.zeros(3)})
+    # the last stage renumbered past a gap would be skipped by decoding: refused instead
+    gap = {(k.replace(f"stage{stage}.", f"stage{stage + 5}.") if k.startswith(f"stage{stage}.") else k): v
+           for k, v in tensors.items()}
+    with pytest.raises(FactorsError, match=f"stage{stage + 5}.codebook.*without a gap"):
+        check_tensors(gap)
+    small = {**tensors, "stage0.codebook": tensors["stage0.codebook"][:2].contiguous()}  # 16 entries -> 2
+    top = int(unpack(tensors["stage0.codes"], 16, len(tensors["stage0.sizes"])).max())
+    with pytest.raises(FactorsError, match=f"stage 0 has indices up to {top} but its codebook holds 2 entries"):
+        check_tensors(small)
+    low = tensors["transform"].clone()
+    low[0, 0] = -128  # int8 tables hold levels -127..127
+    with pytest.raises(FactorsError, match="square 'transform'"):
+        check_tensors({**tensors, "transform": low})
+
+
 @pytest.mark.parametrize("K", [2, 16, 256])
 def test_assignment_finds_the_nearest_centroid(K):
     gen = torch.Generator().manual_seed(K)

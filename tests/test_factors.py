@@ -5,6 +5,7 @@ import torch
 
 from embzip.errors import FactorsError, OutputError
 from embzip.factors import Factors, load_factors, reconstruction_metrics, save_factors
+from embzip.quant import Quantized
 
 
 def _factors(bias=True, norms=False, dtype=torch.float32):
@@ -68,6 +69,35 @@ def test_foreign_safetensors_and_garbage_are_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(FactorsError, match="not a safetensors file"):
         load_factors(tmp_path / "junk.safetensors")
+
+
+def test_a_file_holding_tensors_its_kind_does_not_define_is_refused_with_its_name(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from embzip.quant import quantize_int8
+
+    for kind, factors in (("lowrank", Factors(torch.randn(6, 2), torch.randn(2, 4))),
+                          ("quant", Quantized(quantize_int8(torch.randn(6, 4))))):
+        path = tmp_path / f"{kind}.safetensors"
+        save_factors(factors, path)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        meta = json.loads(metadata["embzip"])
+        meta.pop("tensors", None)  # the file's claims name no tensor list: only the tensors themselves are checked
+        save_file({**load_file(str(path)), "junk": torch.zeros(2)}, tmp_path / "bad.safetensors",
+                  metadata={**metadata, "embzip": json.dumps(meta)})
+        with pytest.raises(FactorsError, match=r"bad\.safetensors: .*junk"):
+            load_factors(tmp_path / "bad.safetensors")
+
+
+def test_int8_levels_outside_127_are_refused():
+    from embzip.quant import quantize_int8
+
+    tensors = quantize_int8(torch.randn(6, 4))
+    tensors["q8"][0, 0] = -128
+    with pytest.raises(FactorsError, match="inconsistent"):
+        Quantized(tensors)
 
 
 def test_shapes_that_do_not_chain_are_refused():

@@ -57,6 +57,25 @@ def test_open_model_describes_the_embedding(tiny):
     assert open_model(tiny("bert-mlm")).describe()["kind"] == "masked-lm"
 
 
+def test_open_model_takes_paths_and_torch_dtypes_and_names_what_it_refuses(tiny):
+    import torch
+
+    from embzip.errors import OptionError
+
+    opened = open_model(Path(tiny("llama")), dtype=torch.bfloat16, device=torch.device("cpu"))
+    assert opened.path == tiny("llama") and opened.embedding.dtype == torch.bfloat16
+    assert open_model(tiny("llama"), dtype="torch.float16").embedding.dtype == torch.float16
+    for kwargs, fragment in (({"dtype": "bogus"}, "dtype 'bogus' is not one embzip loads"),
+                             ({"dtype": torch.int8}, "dtype torch.int8 is not one"),
+                             ({"kind": "bogus"}, "kind 'bogus' is not one embzip knows; give one of masked-lm"),
+                             ({"device": "gpu0"}, "device 'gpu0' is not a device torch knows"),
+                             ({"device": 0}, "device must be a name")):
+        with pytest.raises(OptionError, match=fragment):
+            open_model(tiny("llama"), **kwargs)
+    with pytest.raises(TypeError, match="MODEL must be a hub id, a path, a demo name or None, got int"):
+        open_model(3)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_statistics_run_on_a_float32_copy_of_a_16_bit_cpu_model_only_when_it_fits(tiny, dtype, monkeypatch):
     import torch

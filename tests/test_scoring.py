@@ -344,3 +344,13 @@ def test_a_tied_head_asked_of_an_untied_model_is_refused_before_any_scoring(tiny
 def test_options_that_would_change_nothing_are_refused(tiny, text_file, kind, options, fragment):
     with pytest.raises(OptionError, match=fragment):
         perplexity(open_model(tiny(kind)), load_text(text_file), **options)
+
+
+def test_perplexity_names_arguments_of_the_wrong_type(tiny):
+    from embzip.texts import load_text
+
+    opened = open_model(tiny("llama"))
+    with pytest.raises(TypeError, match="text must be a Text from embzip.load_text"):
+        perplexity(opened, 123)
+    with pytest.raises(TypeError, match="opened must be a model opened by embzip.open_model"):
+        perplexity(tiny("llama"), load_text(None))
