@@ -301,9 +301,22 @@ def _check_same_model(out: Path, opened: OpenedModel) -> None:
                                 "one beside it), and the bench would replace them; give another --out, or move "
                                 "them first"))
     path = previous["path"]
-    if isinstance(path, str) and path != opened.path:
+    if isinstance(path, str) and not _same_model_path(path, opened.path):
         raise usage(OutputError(f"{out} holds the bench of another model ({previous.get('model', path)}); give "
                                 "another --out, or remove it first"))
+
+
+def _same_model_path(a: str, b: str) -> bool:
+    """Whether two model paths as given name one model: the same string (a hub id), or one folder or file spelled
+    two ways (relative and absolute, through a link)."""
+    import os
+
+    if a == b:
+        return True
+    try:
+        return os.path.samefile(Path(a).expanduser(), Path(b).expanduser())
+    except OSError:  # one of them is not on this disk (a hub id, a removed folder)
+        return False
 
 
 def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelError
-from .models import OpenedModel, is_tied
+from .models import OpenedModel, check_token_embedding, is_tied
 
 log = logging.getLogger("embzip")
 
@@ -284,6 +284,7 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
         log.info("reading the embedding alone needs the 'accelerate' package; loading the whole model")
         return None
     emb = model.get_input_embeddings()
+    check_token_embedding(emb, source)
     emb_name = _module_name(model, emb)
     key = tensor_name(model, checkpoint, emb_name)
     if key is None:

@@ -30,6 +30,19 @@ def out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, MemoryError) or any(s in str(exc).lower() for s in _OUT_OF_MEMORY)
 
 
+def not_a_file(path) -> str:
+    """Why an input path that is not a regular file cannot be read as one: "is a directory", "does not exist", or
+    that it is a pipe (bash's <(...)) or a device (/dev/stdin), which cannot be read twice as a file can."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        return "is a directory"
+    if not path.exists():
+        return "does not exist"
+    return "is a pipe or a device, not a regular file (embzip may read an input twice)"
+
+
 def usage(exc: EmbzipError) -> EmbzipError:
     """Mark `exc` as the command line's mistake, exit 2 like a bad option value: a path that does not exist or is
     of the wrong kind (a file where a folder was meant), an output already there without --force. What exists but

@@ -26,7 +26,7 @@ import torch
 
 from . import __version__
 from .compressed import Compressed, kind_class, reconstruction_metrics, register  # noqa: F401 (re-exported)
-from .errors import FactorsError, usage
+from .errors import FactorsError, not_a_file, usage
 from .outputs import atomic_write, check_output_file  # noqa: F401 (re-exported)
 from .sizes import factored_params
 
@@ -206,7 +206,7 @@ def load_factors(path: str | os.PathLike) -> Compressed:
         raise usage(FactorsError(f"factors file {path} is a directory; give the .safetensors file `embzip fit` or "
                                  "`embzip svd` wrote"))
     if not path.is_file():
-        raise usage(FactorsError(f"factors file {path} does not exist"))
+        raise usage(FactorsError(f"factors file {path} {not_a_file(path)}"))
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}

@@ -214,12 +214,23 @@ def gguf_to_directory(gguf_path: str) -> str:
     for need in ("gguf", "accelerate"):
         if importlib.util.find_spec(need) is None:
             raise ModelError(f"loading {gguf.name} needs the '{need}' package: pip install 'embzip[demo]'")
+    import struct
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to a transformers directory (once; about a minute)", gguf.name)
-    with _gguf_bar_quiet_with_embzip():
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    try:
+        with _gguf_bar_quiet_with_embzip():
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (struct.error, ValueError, KeyError, IndexError, TypeError, EOFError, OSError, RuntimeError) as exc:
+        if resource_problem(exc):  # memory or disk ran out: the machine's failure, said as such by the CLI
+            raise
+        name = type(exc).__qualname__ if type(exc).__module__ == "builtins" else \
+            f"{type(exc).__module__}.{type(exc).__qualname__}"  # struct.error, not a bare "error"
+        reason = (str(exc).splitlines() or [""])[0][:200]
+        raise ModelError(f"{gguf_path} could not be converted: the file is damaged or truncated, or holds a model "
+                         f"transformers cannot read from GGUF ({name}: {reason})") from None
     # The weights are de-quantized to float32 on load; what is saved is a plain float32 model.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -312,6 +323,17 @@ def _model_class(config: Any, want: str | None):
     auto = {MASKED_LM: transformers.AutoModelForMaskedLM, CAUSAL_LM: transformers.AutoModelForCausalLM,
             ENCODER: transformers.AutoModel}[want]
     return auto, want
+
+
+def check_token_embedding(module: Any, source: str) -> None:
+    """Refuse a model whose input embedding is not a vocab x hidden table (an image model's patch embedding): it
+    has nothing embzip compresses, and would otherwise pass for an already compressed model."""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ModelError(f"{source} has no token embedding to compress: its input embedding is a "
+                         f"{type(module).__name__}, not a vocab x hidden table; embzip handles text models")
 
 
 def _embedding_name(model: Any) -> str:
@@ -610,6 +632,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
     model.eval()
     if placement is None:
         model.to(device)
+    check_token_embedding(model.get_input_embeddings(), source)
     tokenizer = _tokenizer(source, path, revision, trust_remote_code)
     revision = revision or getattr(config, "_commit_hash", None)
     return OpenedModel(model, tokenizer, source, path, kind, is_tied(model), _embedding_name(model), revision)

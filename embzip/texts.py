@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import DataError, OptionError, usage
+from .errors import DataError, OptionError, not_a_file, usage
 
 DATASET_EXAMPLE = "wikitext:wikitext-2-raw-v1:test"
 
@@ -34,8 +34,7 @@ def _check_not_empty(lines: list[str], source: str) -> Text:
 def _from_file(path: str) -> Text:
     file = Path(path).expanduser()
     if not file.is_file():
-        what = "is a directory" if file.is_dir() else "does not exist"
-        raise usage(DataError(f"text file {path} {what}; give a UTF-8 text file"))
+        raise usage(DataError(f"text file {path} {not_a_file(file)}; give a UTF-8 text file"))
     try:
         content = file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -105,6 +105,12 @@ def world(tiny, tmp_path_factory):
         pickle.dump(_Pickled(marker), f)
     (root / "garbage.gguf").write_bytes(b"NOTGGUF" + bytes(range(256)) * 4)
     (root / "empty.gguf").write_bytes(b"")
+    (root / "damaged.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)  # the magic, then a header cut short
+    import transformers
+
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=32, patch_size=8)).save_pretrained(
+        root / "vit")  # an input embedding that is no token table
 
     factored = root / "factored"
     _edit_json(copy(factored, "nobase") / "config.json", lambda c: c.pop("base_config"))
@@ -172,6 +178,12 @@ ROWS = [
     (["info", "{w}/pickle"], 1, "holds a pickle that torch refuses to load safely"),
     (["svd", "{w}/pickle", "-k", "2"], 1, "refuses to load safely"),
     (["info", "{w}/garbage.gguf"], 1, "is not a GGUF file (no GGUF magic bytes)"),
+    (["info", "{w}/damaged.gguf"], 1, "damaged.gguf could not be converted: the file is damaged or truncated"),
+    (["info", "{w}/vit"], 1, "vit has no token embedding to compress: its input embedding is a ViTPatchEmbeddings"),
+    (["fit", "{w}/vit", "--method", "int4"], 1, "has no token embedding to compress"),  # not "already compressed"
+    (["perplexity", "{w}/vit"], 1, "has no token embedding to compress"),
+    (["fit", "{w}/model", "--method", "int4", "--bits", "4.9999999"], 2,
+     "stores 5 bits per weight for this embedding and cannot reach 4.9999999"),  # not "cannot reach 5"
     (["svd", "{w}/empty.gguf", "-k", "2"], 1, "is not a GGUF file (it is empty)"),
     (["info", "{w}/nobase"], 1, "no base_config"),
     (["perplexity", "{w}/nobase"], 1, "no base_config"),
@@ -284,6 +296,19 @@ def test_bad_input(world, tmp_path, monkeypatch, args, code, fragment):
     assert "converting" not in result.stderr
     assert snapshot(world, tmp_path) == before  # nothing written, nothing removed, no code ran
     assert not (world / MARKER).exists()
+
+
+def test_a_pipe_given_as_an_input_file_is_named_as_one_and_never_opened(world, tmp_path):
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer forever
+    for args, what in ((["perplexity", str(world / "model"), "--text", str(fifo)], "text file"),
+                       (["perplexity", str(world / "model"), "--factors", str(fifo)], "factors file"),
+                       (["fit", str(world / "model"), "--bits", "4", "--weights-text", str(fifo)], "text file")):
+        result = runner.invoke(app, args + ["-q"])
+        assert result.exit_code == 2, result.output
+        assert f"{what} {fifo} is a pipe or a device, not a regular file" in " ".join(result.stderr.split())
 
 
 def test_bench_on_a_read_only_directory_creates_nothing(world, tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +212,12 @@ def test_an_out_folder_with_another_models_bench_is_refused(tiny, text_file, tmp
     assert other.exit_code == 2 and "holds the bench of another model" in other.stderr
     assert {p.name: p.read_bytes() for p in (out / "factors").iterdir()} == before  # nothing of it replaced
     assert json.loads((out / "bench.json").read_text())["path"] == tiny("gpt2")
+    model = Path(tiny("gpt2"))  # the same model spelled another way: relative to here, and through a link
+    (tmp_path / "link").symlink_to(model, target_is_directory=True)
+    for spelling in (os.path.relpath(model), str(tmp_path / "link")):
+        again = runner.invoke(app, ["bench", spelling, "--methods", "int8", "--text", text_file, "--out", str(out),
+                                    "-q"])
+        assert again.exit_code == 0, again.output
 
 
 @pytest.mark.parametrize("files", [{"bench.csv": "my own table\n"}, {"bench.json": '{"rows": []}'},

@@ -124,7 +124,9 @@ def recipe(name: str, **overrides) -> Recipe:
 
 
 def _bits_name(bits: float) -> str:
-    return f"{bits:.4g}"
+    """Bits per weight as given, in four digits unless they would round it to another number (4.9999999 is not 5)."""
+    short = f"{bits:.4g}"
+    return short if float(short) == bits else repr(float(bits))
 
 
 def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = None, bits: float | None = None,
