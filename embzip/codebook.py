@@ -916,10 +916,10 @@ def _table_dtype(tensors: dict[str, torch.Tensor], hidden: torch.Tensor, dtype: 
     training. Their sums read half the bytes, and embedding_bag adds bfloat16 entries up in float32: Gemma-3-270M's
     generation step went 1.08x -> 0.96x the original's at 4 bpw and 0.86x -> 0.79x at 2 bpw, for a next-token KL of
     4.5e-4 nats to the exact product (the 4 bpw codebook's own KL to the original, 0.0103, became 0.0108), as
-    torch's int8 and int4 kernels trade (docs/method.md). More states (scoring a text: every perplexity figure) keep
-    float32 tables."""
+    torch's int8 and int4 kernels trade (docs/method.md). More states, and a measurement of any number of them
+    (compressed.exact_heads: every perplexity figure), keep float32 tables."""
     states = hidden.numel() // max(1, hidden.shape[-1])
-    if dtype == torch.float32 and states <= _STEP_STATES and hidden.device.type == "cpu" \
+    if dtype == torch.float32 and states <= _STEP_STATES and hidden.device.type == "cpu" and step_shortcuts() \
             and fast_product(torch.bfloat16, hidden.device) and not may_train(hidden, *tensors.values()):
         return torch.bfloat16
     return dtype
@@ -991,7 +991,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
 
 
 # -- the storage kind ------------------------------------------------------------------------------
-from .compressed import TensorSet, may_train, register  # noqa: E402
+from .compressed import TensorSet, may_train, register, step_shortcuts  # noqa: E402
 from .errors import FactorsError, OptionError  # noqa: E402
 from .options import flagged  # noqa: E402
 
@@ -1003,8 +1003,8 @@ def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:
         return False
     if t.is_floating_point():
         return scale is None
-    return t.dtype == torch.int8 and scale is not None and scale.is_floating_point() and tuple(scale.shape) == (hidden,) \
-        and (t.numel() == 0 or int(t.min()) >= -127)  # levels -127..127
+    return (t.dtype == torch.int8 and scale is not None and scale.is_floating_point()
+            and tuple(scale.shape) == (hidden,) and (t.numel() == 0 or int(t.min()) >= -127))  # levels -127..127
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:

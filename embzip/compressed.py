@@ -16,8 +16,9 @@ stores: `stored_bytes()` counts every tensor at its stored dtype, packed integer
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 
@@ -31,6 +32,29 @@ def may_train(*tensors: torch.Tensor) -> bool:
     """Whether autograd may record a pass through `tensors` (grad enabled and one of them requires it): a head then
     computes the exact float32 way and keeps nothing it derived from them (healing, fine-tuning)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+_exact = 0  # open exact_heads() blocks
+
+
+@contextlib.contextmanager
+def exact_heads() -> Iterator[None]:
+    """Within the block, a compressed tied head computes few hidden states as it computes many: no generation-step
+    shortcut that rounds (torch's fused int8 / int4 kernels, which work in bfloat16; a codebook's per-piece tables
+    rounded to bfloat16). A measurement (perplexity, bench) runs in it, so its figures do not depend on how many
+    positions a forward pass scores (the batch size, the stride, a masked LM's masks); a generation step outside it
+    keeps the faster path."""
+    global _exact
+    _exact += 1
+    try:
+        yield
+    finally:
+        _exact -= 1
+
+
+def step_shortcuts() -> bool:
+    """Whether a head may take a generation step's rounding shortcut: not inside exact_heads()."""
+    return _exact == 0
 
 
 def storage_dtype(embedding_dtype: torch.dtype) -> torch.dtype:

@@ -11,8 +11,8 @@ added a codebook's focus stage (a stage over some rows only, `stage{s}.rows`); v
 codebook's transform and codebooks as int8 with a 16-bit scale per row or column (`NAME.scale`),
 which older readers would refuse as malformed, so they are told to upgrade; version 5 lets a codebook
 leave out rows no token reaches (`absent`). Versions 1 to 4 keep loading (up to 3, a codebook's tables
-as 16-bit floats). A tensor the format does not define is refused. Loading checks what the file claims against what it
-holds. See docs/format.md.
+as 16-bit floats). A tensor the format does not define is refused. Loading checks what the file claims
+against what it holds. See docs/format.md.
 """
 
 from __future__ import annotations

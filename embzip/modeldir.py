@@ -23,6 +23,7 @@ import torch
 from . import __version__, jsonout, outputs, stream
 from .errors import FactorsError, ModelError, OutputError, usage
 from .compressed import Compressed, storage_dtype
+from .models import LOAD_DTYPES
 from .splice import (HEADS, CompressedEmbedding, _CompactEmbedding, _TiedHead, cache_decoded_head, check_head,
                      check_source, densify, splice)
 
@@ -383,18 +384,15 @@ def _config_problem(config: dict[str, Any]) -> str | None:
         return f"base_init is {config.get('base_init')!r}, not {{\"add_pooling_layer\": false}}"
     base_dtype = base.get("dtype") or base.get("torch_dtype")
     for where, value in (("dtype", config.get("dtype")), ("base_config dtype", base_dtype)):
-        if value is not None and str(value).removeprefix("torch.") not in FLOAT_DTYPES:
-            return f"{where} is {value!r}, not one of {', '.join(FLOAT_DTYPES)}"
+        if value is not None and str(value).removeprefix("torch.") not in LOAD_DTYPES:
+            return f"{where} is {value!r}, not one of {', '.join(LOAD_DTYPES)}"
     return None
-
-
-FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _dtype(name: Any, directory: str | os.PathLike) -> torch.dtype:
     name = str(name).removeprefix("torch.")
-    if name not in FLOAT_DTYPES:
-        raise ModelError(f"{directory}: dtype {name!r} is not one embzip loads ({', '.join(FLOAT_DTYPES)})")
+    if name not in LOAD_DTYPES:
+        raise ModelError(f"{directory}: dtype {name!r} is not one embzip loads ({', '.join(LOAD_DTYPES)})")
     return getattr(torch, name)
 
 

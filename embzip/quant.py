@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from .compressed import TensorSet, may_train, register, storage_dtype
+from .compressed import TensorSet, may_train, register, step_shortcuts, storage_dtype
 from .errors import FactorsError
 from .models import fast_product, sixteen_bit
 
@@ -191,7 +191,7 @@ def _fused(tensors: dict[str, torch.Tensor], hidden: torch.Tensor) -> bool:
     int8 = Q8 in tensors
     states = hidden.numel() // max(1, hidden.shape[-1])
     many = fast_product(hidden.dtype, hidden.device) and states > _FUSED_STATES["int8" if int8 else "int4"]
-    if hidden.device.type != "cpu" or many or may_train(hidden):
+    if hidden.device.type != "cpu" or many or may_train(hidden) or not step_shortcuts():
         return False
     if int8:  # the kernel reads rows 16 numbers at a time: another hidden size gives garbage or a segfault
         return tensors[Q8].shape[1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm")

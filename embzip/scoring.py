@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from . import options
-from .compressed import Compressed
+from .compressed import Compressed, exact_heads
 from .errors import DataError, ModelError, OptionError
 from .models import CAUSAL_LM, ENCODER, OpenedModel, check_token_ids, evaluating, text_config
 from .progress import bar
@@ -344,7 +344,7 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     pad_id = opened.tokenizer.pad_token_id
     settings = dict(batch_size=batch_size, pad_id=0 if pad_id is None else pad_id, device=device,
                     chunk=_chunk_rows(opened.vocab_size), progress=progress)
-    with evaluating(model, device):
+    with evaluating(model, device), exact_heads():  # the same figures whatever a pass scores (batch, stride, masks)
         nll = _score(model, jobs, description="perplexity", **settings)
         result: dict[str, Any] = {}
         if factors is not None:

@@ -354,3 +354,35 @@ def test_perplexity_names_arguments_of_the_wrong_type(tiny):
         perplexity(opened, 123)
     with pytest.raises(TypeError, match="opened must be a model opened by embzip.open_model"):
         perplexity(tiny("llama"), load_text(None))
+
+
+@pytest.mark.parametrize("method", ["int4", "int8", "codebook"])
+def test_a_measurement_does_not_depend_on_how_many_positions_a_pass_scores(tiny, text_file, method, monkeypatch):
+    """A compressed tied head takes a generation step's rounding shortcut (torch's fused int8 / int4 kernels in
+    bfloat16; a codebook's tables in bfloat16 where the CPU has bfloat16 units) for few hidden states, but not
+    while perplexity measures: a batch of one window scoring 4 positions gives what a batch of all of them gives,
+    and what the decoded matrix written into the model gives."""
+    from embzip import models
+    from embzip.codebook import Codebook, CodebookConfig, fit_codebook
+    from embzip.compressed import exact_heads, step_shortcuts
+    from embzip.quant import Quantized, quantize_int4, quantize_int8
+    from embzip.splice import densify
+    from embzip.texts import load_text
+
+    monkeypatch.setattr(models, "native_bf16", lambda: True)
+    opened, text = open_model(tiny("gpt2")), load_text(text_file)
+    weight = opened.embedding.detach()
+    factors = {"int4": lambda: Quantized(quantize_int4(weight)), "int8": lambda: Quantized(quantize_int8(weight)),
+               "codebook": lambda: Codebook(fit_codebook(weight, config=CodebookConfig(
+                   bits=6, centroids=16, sample=1024, iterations=3, min_piece_dim=2)))}[method]()
+    scored = {bs: perplexity(opened, text, factors=factors, window=16, stride=4, batch_size=bs)
+              for bs in (1, 64)}
+    assert scored[1]["tokens"] == scored[64]["tokens"] > 64  # many passes of 4 scored positions, and one of all
+    densify(opened.model, factors, "tied")
+    dense = perplexity(opened, text, window=16, stride=4, batch_size=64)["mean_nll"]
+    for bs in (1, 64):
+        assert scored[bs]["mean_nll"] == pytest.approx(dense, rel=1e-5, abs=1e-5), bs
+    assert step_shortcuts()
+    with exact_heads():
+        assert not step_shortcuts()
+    assert step_shortcuts()
