@@ -136,8 +136,9 @@ ModelArg = Annotated[Optional[str], typer.Argument(
     help="Hub id, model directory, .gguf file or demo name; omitted: demo:gemma-3-270m.", show_default=False)]
 RankOpt = Annotated[Optional[int], typer.Option("--rank", "-k", help="Rank k of the factors.", show_default=False)]
 RatioOpt = Annotated[Optional[float], typer.Option(
-    "--ratio", "-r", help="Compression ratio of the embedding to reach (picks the largest rank with at least this "
-                          "ratio). Give --rank or --ratio.", show_default=False)]
+    "--ratio", "-r", help="Compression ratio of the embedding to reach: its bytes at the model's dtype over the "
+                          "bytes stored (a float32 model's factors are 16-bit). Picks the largest rank with at least "
+                          "this ratio.", show_default=False)]
 BitsOpt = Annotated[Optional[float], typer.Option(
     "--bits", "-b", help="Size budget in bits per weight of the V x d embedding, everything stored counted "
                          "(16 = the bf16 matrix). Low-rank methods take the largest rank that fits.",
@@ -179,8 +180,9 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the scoring: which tokens a 
                                            "CPU. `bench` fits every method with its own seed, as `embzip fit` does "
                                            "without --seed.", min=0, max=2**64 - 1)]
 FitSeedOpt = Annotated[Optional[int], typer.Option(
-    help="Random seed; the same seed gives the same result on CPU. Default: each method's own, as `embzip bench` "
-         "and the library use (1 for --method paper, the paper's recipe; 0 for everything else).",
+    help="Random seed of what draws: paper, codebook, aware's samples of a tied causal LM, healing (refused where "
+         "nothing is drawn). The same seed gives the same result on CPU. Default: each method's own, as `embzip "
+         "bench` and the library use (1 for --method paper, the paper's recipe; 0 for everything else).",
     min=0, max=2**64 - 1, show_default=False)]
 TrustOpt = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Run Python code that comes with the model (its config or tokenizer auto_map); "
@@ -482,7 +484,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
             heal=HealConfig(steps=heal_steps, lr=heal_lr, **seeded) if heal_steps > 0 else None,
             weighted_paper=weighted,
             weights_text=None if weights_text is None else str(weights_text), weights_dataset=weights_dataset,
-            given=frozenset(n for n in ("self_tokens", "sample_languages", "input_metric") if _given(ctx, n)))
+            given=frozenset(n for n in ("self_tokens", "sample_languages", "input_metric", "seed")
+                             if _given(ctx, n)))
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     _, summary = compress(model, recipe, rank=rank, ratio=ratio, bits=bits, out=out, force=force, device=device.value,

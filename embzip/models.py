@@ -55,6 +55,7 @@ class OpenedModel:
         if is_compressed(module):
             raise ModelError(f"{self.source} is already compressed (its embedding is factored, or rebuilt from "
                              "factors by apply_factors(dense=True)); compress the original model instead")
+        check_token_embedding(module, self.source)
         return module.weight
 
     @property

@@ -109,6 +109,7 @@ def compress(model: str | os.PathLike | OpenedModel | None, recipe: Recipe | str
     out_path = None
     if write:
         label = recipe.spec.file_label(recipe) if recipe.spec.file_label else method  # int4 at another group: int4g16
+        label += "-norms" if recipe.norms else ""  # row lengths stored: another size, so another name
         out_path = check_output_file(out or default_out(opened.source, label, size), force,
                                      inputs=[opened.path, opened.source])
     check_finite(embedding, opened.embedding_name)

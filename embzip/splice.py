@@ -378,9 +378,10 @@ REBUILT = "embzip_rebuilt"  # set on an embedding module whose matrix densify() 
 
 
 def is_compressed(embedding: nn.Module) -> bool:
-    """Whether the module is a compressed embedding (one of embzip's, or any without a weight matrix), or a plain
-    one densify() filled with a rebuilt matrix."""
-    return isinstance(embedding, EMBEDDINGS) or not hasattr(embedding, "weight") or getattr(embedding, REBUILT, False)
+    """Whether the module is one of embzip's compressed embeddings, or a plain one densify() filled with a rebuilt
+    matrix. Any other module is not: one without a vocab x hidden weight is refused by models.check_token_embedding,
+    never taken for compressed."""
+    return isinstance(embedding, EMBEDDINGS) or bool(getattr(embedding, REBUILT, False))
 
 
 def check_fits(model: nn.Module, factors: Compressed) -> None:
@@ -388,6 +389,9 @@ def check_fits(model: nn.Module, factors: Compressed) -> None:
     emb = model.get_input_embeddings()
     if is_compressed(emb):
         raise FactorsError("this model's embedding is already compressed; splice into the original model instead")
+    from .models import check_token_embedding
+
+    check_token_embedding(emb, f"this {type(model).__name__}")
     shape = tuple(emb.weight.shape)
     if factors.shape != shape:
         raise FactorsError(

@@ -380,3 +380,20 @@ def test_apply_factors_and_compress_take_paths_as_the_command_line_does(tiny, tm
     assert not (tmp_path / "out2").exists()
     with pytest.raises(TypeError, match="by its path"):
         embzip.load_factors(None)
+
+
+def test_a_module_without_a_weight_matrix_is_not_taken_for_a_compressed_embedding(tiny):
+    """A model whose input embedding is no vocab x hidden table (a patch embedding, a user's own module) has nothing
+    to splice into: it is refused as such, not as 'already compressed'."""
+    from embzip.errors import ModelError
+    from embzip.splice import check_fits, is_compressed
+
+    opened = open_model(tiny("gpt2"))
+    factors = svd_factors(opened.embedding.detach(), 3)
+    opened.model.set_input_embeddings(torch.nn.Identity())
+    assert not is_compressed(opened.model.get_input_embeddings())
+    with pytest.raises(ModelError, match="this GPT2LMHeadModel has no token embedding to compress: its input "
+                                         "embedding is a Identity"):
+        check_fits(opened.model, factors)
+    with pytest.raises(ModelError, match="has no token embedding to compress"):
+        opened.embedding

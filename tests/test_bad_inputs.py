@@ -82,7 +82,8 @@ def world(tiny, tmp_path_factory):
 
     save_factors(factors, root / "f.safetensors")
     apply_factors(opened, factors, root / "factored")
-    encoder = open_model(tiny("bert-encoder"))
+    shutil.copytree(tiny("bert-encoder"), root / "encoder")
+    encoder = open_model(str(root / "encoder"))
     apply_factors(encoder, svd_factors(encoder.embedding.detach(), 3), root / "factored-encoder")
 
     def copy(src, name):
@@ -215,6 +216,10 @@ ROWS = [
     (["fit", "{w}/model", "-k", "2", "--heal-steps", "2", "--weights-text", "{w}/short.txt"], 1,
      "fewer than two sequences"),
     (["svd", "{w}/model", "--ratio", "nan"], 2, "greater than 1"),
+    (["svd", "{w}/model", "--ratio", "inf"], 2, "--ratio must be a finite number greater than 1, got inf"),
+    (["fit", "{w}/model", "--method", "svd", "-k", "2", "--seed", "3"], 2, "svd draws none (the same model always"),
+    (["fit", "{w}/model", "--method", "int4", "--seed", "3"], 2, "int4 draws none"),
+    (["fit", "{w}/encoder", "--method", "aware", "-k", "2", "--seed", "3"], 2, "aware draws none here"),  # no samples
     (["perplexity", "{w}/model", "--window", "0"], 2, "window (--window) must be positive"),
     (["perplexity", "{w}/model", "--pseudo"], 2, "pseudo-perplexity is for masked LMs"),
     (["perplexity", "{w}/model", "--dataset", "a:b:c:d"], 2, "dataset spec 'a:b:c:d' is not name[:config[:split]]"),

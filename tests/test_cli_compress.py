@@ -52,6 +52,8 @@ def test_ratio_picks_the_rank(tiny, tmp_path):
     (["svd", "--rank", 3], ".svd-r3.safetensors"),
     (["fit", "--method", "int4"], ".int4.safetensors"),
     (["fit", "--method", "int4", "--group-size", 16], ".int4g16.safetensors"),  # not the name of group 32's file
+    (["fit", "--method", "wsvd", "--rank", 3, "--keep-norms"], ".wsvd-norms-r3.safetensors"),  # not the plain file's
+    (["fit", "--method", "wsvd", "--rank", 3], ".wsvd-r3.safetensors"),
 ])
 def test_default_out_name(tiny, tmp_path, monkeypatch, args, suffix):
     monkeypatch.chdir(tmp_path)

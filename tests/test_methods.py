@@ -39,11 +39,39 @@ def test_bits_pick_the_largest_rank_that_fits(dtype, stored):
     ("svd", dict(bits=0.001), "no rank of svd fits in 0.001 bits per weight"),
     ("svd", dict(), "needs a size"),
     ("svd", dict(rank=4, bits=2.0), r"not rank \(--rank\) and bits \(--bits\)"),
-    ("codebook", dict(bits=40.0), "--bits must be between 0 and 32"),
+    ("codebook", dict(bits=40.0), "--bits must be more than 0 and less than 32"),
 ])
 def test_sizes_a_method_cannot_reach_are_refused(method, kwargs, fragment):
     with pytest.raises(RankError, match=fragment):
         resolve_size(recipe(method), vocab=1000, hidden=64, dtype=torch.float32, **kwargs)
+
+
+@pytest.mark.parametrize("method,kwargs,dtype,fragment", [
+    ("svd", dict(ratio=float("inf")), torch.float32, r"--ratio must be a finite number greater than 1, got inf"),
+    ("codebook", dict(ratio=float("inf")), torch.float32, r"--ratio must be a finite number greater than 1, got inf"),
+    ("svd", dict(ratio=1000.0), torch.float32, r"no rank reaches a compression ratio of 1000.0"),
+    ("codebook", dict(ratio=1000.0), torch.float32, r"--ratio 1000 is 0.032 bits per weight for this float32 "
+                                                    r"embedding: .*give more bits"),
+    ("int4", dict(ratio=100.0), torch.bfloat16, r"--ratio 100 is 0.16 bits per weight for this bfloat16 embedding: "
+                                                r"method int4 stores"),
+    ("svd", dict(bits=16.0), torch.bfloat16, r"--bits must be more than 0 and less than 16, the embedding's own bits "
+                                             r"per weight \(bfloat16\), got 16.0"),
+    ("svd", dict(rank=33), torch.float32, r"rank 33 is more than a 105 x 32 embedding has"),
+    ("svd", dict(rank=25), torch.bfloat16, r"rank 25 saves nothing for a 105 x 32 embedding"),
+])
+def test_sizes_are_refused_in_the_terms_they_were_given(method, kwargs, dtype, fragment):
+    with pytest.raises(RankError, match=fragment):
+        resolve_size(recipe(method), vocab=105, hidden=32, dtype=dtype, **kwargs)
+
+
+def test_low_rank_sizes_of_a_float32_model_count_the_16_bit_bytes_stored():
+    """A float32 model's factors are stored in float16: rank 25 of a 105 x 32 matrix takes 6,850 bytes of its 13,440,
+    so it is taken, and --ratio 1.5 / --bits 30 get the full rank 32 (21 bits per weight), not rank 24's 2x."""
+    size = dict(vocab=105, hidden=32, dtype=torch.float32)
+    assert resolve_size(recipe("svd"), rank=25, **size) == 25
+    assert resolve_size(recipe("svd"), ratio=1.5, **size) == 32
+    assert resolve_size(recipe("svd"), bits=30.0, **size) == 32
+    assert resolve_size(recipe("svd"), ratio=2.0, **size) == 24  # 6,576 bytes: 2.04x; rank 25 gives 1.96x
 
 
 @pytest.mark.parametrize("vocab,hidden", [(1000, 64), (30522, 384), (262144, 640)])
@@ -341,3 +369,12 @@ def test_options_for_the_models_own_kind_are_taken(tiny, tmp_path, kind, args, t
     out = tmp_path / "f.safetensors"
     result = run("fit", tiny(kind), *args, "--weights-text", text_file, "-o", out, "-q")
     assert result.exit_code == 0 and out.exists(), result.output
+
+
+@pytest.mark.parametrize("args", [["--method", "aware", "-k", 2], ["--method", "svd", "-k", 2, "--heal-steps", 2],
+                                  ["--method", "paper", "-k", 2, "--epochs", 1, "--anneal-epochs", 1]])
+def test_seed_is_taken_where_it_picks_draws(tiny, tmp_path, args):
+    """A tied causal LM's aware fit samples the model, healing draws batches, paper draws its start: --seed acts."""
+    result = run("fit", tiny("gpt2"), *args, "--seed", 5, "--out", tmp_path / "f.safetensors", "-q")
+    assert result.exit_code == 0, result.output
+    assert "seed" in json.dumps(load_factors(tmp_path / "f.safetensors").meta["settings"])

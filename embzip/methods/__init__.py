@@ -17,6 +17,7 @@ or codebook method can be followed by healing (heal.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,7 +30,7 @@ from ..compressed import storage_dtype
 from ..errors import OptionError, RankError
 from ..heal import HealConfig, default_lr
 from ..selfsample import SampleConfig
-from ..sizes import check_rank, max_useful_rank, rank_for_ratio
+from ..sizes import check_rank, factored_params, rank_for_ratio
 from ..weights import WeightConfig
 from . import svd, paper, wsvd, aware, int8, int4, codebook  # noqa: F401,E402  (each registers itself)
 from .base import BITS, FIXED, RANK, REGISTRY, Inputs, Method, check_size
@@ -140,25 +141,32 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
     check_size(spec, rank=rank, ratio=ratio, bits=bits)
     source_bits = torch.finfo(dtype).bits
     stored_bits = torch.finfo(storage_dtype(dtype)).bits
+    dtype_text = str(dtype).removeprefix("torch.")
     if ratio is not None:
-        if not ratio > 1:
-            raise RankError(f"--ratio must be greater than 1, got {ratio}")
-        bits = source_bits / ratio
+        if not (ratio > 1 and math.isfinite(ratio)):
+            raise RankError(f"--ratio must be a finite number greater than 1, got {ratio}")
+        if spec.sized_by != RANK:  # a budget in bits; a refusal says what the ratio came to
+            try:
+                return resolve_size(r, bits=source_bits / ratio, vocab=vocab, hidden=hidden, dtype=dtype)
+            except RankError as e:
+                raise RankError(f"--ratio {ratio:g} is {source_bits / ratio:.4g} bits per weight for this "
+                                f"{dtype_text} embedding: {e}") from None
     if bits is not None and not (0 < bits < source_bits):
-        raise RankError(f"--bits must be between 0 and {source_bits} (the embedding's own bits per weight), got {bits}")
+        raise RankError(f"--bits must be more than 0 and less than {source_bits}, the embedding's own bits per weight "
+                        f"({dtype_text}), got {bits}")
     if spec.sized_by == RANK:
-        kw = dict(bias=r.bias, norms=r.norms)
+        kw = dict(bias=r.bias, norms=r.norms, source_bits=source_bits, stored_bits=stored_bits)
         if rank is not None:
             return check_rank(rank, vocab, hidden, **kw)
+        if ratio is not None:
+            return rank_for_ratio(ratio, vocab, hidden, **kw)
         if bits is None:
             raise RankError(f"method {spec.name} needs a size: give exactly one of rank (--rank), ratio (--ratio) and "
                             "bits (--bits)")
-        if bits >= stored_bits:
-            return max_useful_rank(vocab, hidden, **kw) or check_rank(1, vocab, hidden, **kw)
         try:
-            return rank_for_ratio(stored_bits / bits, vocab, hidden, **kw)
+            return rank_for_ratio(source_bits / bits, vocab, hidden, **kw)
         except RankError:
-            one = stored_bits * (vocab + hidden) / (vocab * hidden)
+            one = stored_bits * factored_params(vocab, hidden, 1, bias=r.bias, norms=r.norms) / (vocab * hidden)
             raise RankError(f"no rank of {spec.name} fits in {_bits_name(bits)} bits per weight for a {vocab} x "
                             f"{hidden} embedding ({stored_bits}-bit factors): rank 1 takes {one:.3g}; "
                             "use --method codebook for smaller sizes") from None

@@ -32,6 +32,7 @@ class Method:
     uses_text: bool = False  # reads the weights text (token counts)
     needs_forward: bool = False  # runs the model (hidden-state metric); else the matrix alone suffices
     encoder_metric: bool = False  # codes an encoder's rows in its sentence-vector metric (Inputs.encoder_sensitivity)
+    draws: bool = False  # draws random numbers on every model (--seed picks them); else only to sample or heal
     options: tuple[str, ...] = ()  # names of `embzip fit` options that belong to this method
     fixed_bits: Callable[..., float] | None = None  # FIXED: (vocab, hidden, dtype, recipe) -> bits per weight stored
     default_bits: float | None = None  # BITS: the size when none is given
@@ -200,6 +201,10 @@ def refuse_unused(recipe, opened) -> None:
     if "sample_languages" in recipe.given and recipe.sample.tokens == 0:
         raise OptionError(f"{flagged('sample_languages')} shares out the sampled tokens, and "
                           f"{flagged('self_tokens')} 0 samples none")
+    if "seed" in recipe.given and not (recipe.spec.draws or samples(recipe, opened) or recipe.heal is not None):
+        when = " here" if recipe.spec.needs_forward else ""
+        raise OptionError(f"{flagged('seed')} picks random draws, and {recipe.name} draws none{when} (the same model "
+                          "always gives the same file): leave it out")
     if "input_metric" in recipe.given and not has_sentence_metric(opened):
         raise OptionError(f"{flagged('input_metric')} weights an encoder's rows by its sentence vectors; {what}: "
                           f"leave it out (a tied head's rows are measured by {flagged('output_metric')})")

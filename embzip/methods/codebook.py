@@ -122,6 +122,6 @@ def left_out(inputs, config: CodebookConfig) -> torch.Tensor:
 METHOD = register(Method(
     "codebook", "codebook", BITS,
     "indices into learned codebooks, token-weighted, in the tied head's or the encoder's metric",
-    make, uses_text=True, needs_forward=True, encoder_metric=True, default_bits=2.0, check_bits=check_bits,
+    make, uses_text=True, needs_forward=True, encoder_metric=True, default_bits=2.0, check_bits=check_bits, draws=True,
     options=("output_metric", "metric_tokens", "input_metric", "self_tokens", "sample_languages", "weight_power",
              "weight_floor", "focus", "vocab_prior", "code_unreachable", "min_piece_dim")))

@@ -13,5 +13,5 @@ def make(inputs, rank, recipe):
 
 METHOD = register(Method(
     "paper", "lowrank", RANK, "the paper's linear autoencoder (cosine first, annealed L1), its exact recipe", make,
-    options=("epochs", "anneal_epochs", "batch_size", "lr", "lr_step", "lr_gamma", "cos_weight", "l1_weight",
-             "alpha_start", "alpha_end", "init", "weighted")))
+    draws=True, options=("epochs", "anneal_epochs", "batch_size", "lr", "lr_step", "lr_gamma", "cos_weight",
+                         "l1_weight", "alpha_start", "alpha_end", "init", "weighted")))
