@@ -125,7 +125,8 @@ def _cache_name(method: str, size) -> str:
 
 def model_key(opened: OpenedModel) -> str:
     """A digest of the model a bench's factor files are made from: the embedding's bytes and the model directory's
-    files (names, sizes, modification times: the other layers make the model's own samples and metric)."""
+    files (names, sizes, modification and change times: the other layers make the model's own samples and metric;
+    the change time moves on every write, also where a copy or `touch` put the old modification time back)."""
     import hashlib
     import os
 
@@ -138,7 +139,7 @@ def model_key(opened: OpenedModel) -> str:
         for entry in sorted(os.scandir(folder), key=lambda e: e.name):
             if entry.is_file():
                 info = entry.stat()
-                digest.update(f"{entry.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
+                digest.update(f"{entry.name}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_ctime_ns}\n".encode())
     return digest.hexdigest()
 
 

@@ -295,6 +295,30 @@ def test_cached_factors_are_not_reused_for_a_model_or_text_changed_in_place(tiny
     assert rows["svd"]["rmse"] == pytest.approx(3 * first["svd"]["rmse"], rel=1e-2)  # fitted to the new matrix
 
 
+def test_the_model_key_sees_an_edit_that_kept_size_and_modification_time(tiny, tmp_path):
+    """A model file rewritten in place with its old size and modification time put back (cp -p, touch -d) is another
+    model: its layers make the samples and the metric a cached fit was made with."""
+    import os
+    import shutil
+
+    from embzip.benchmark import model_key
+    from embzip.models import open_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny("gpt2"), model)
+    opened = open_model(str(model))
+    before = model_key(opened)
+    assert model_key(opened) == before  # the same files: the same key
+    config = model / "config.json"
+    info, text = config.stat(), config.read_text()
+    edited = text.replace('"n_layer": 2', '"n_layer": 1')
+    assert edited != text and len(edited) == len(text)
+    config.write_text(edited)
+    os.utime(config, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert config.stat().st_size == info.st_size and config.stat().st_mtime_ns == info.st_mtime_ns
+    assert model_key(opened) != before
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_ranks_a_small_hidden_size_cannot_take_are_left_out(dtype):
     from embzip.benchmark import BenchConfig, sizes
