@@ -18,6 +18,12 @@ def _shape(vocab: int, hidden: int) -> None:
         raise RankError(f"a matrix's vocab and hidden sizes must be positive integers, got {vocab!r} and {hidden!r}")
 
 
+def _bits(source_bits: int, stored_bits: int) -> None:
+    if not all(isinstance(n, Integral) and not isinstance(n, bool) and n > 0 for n in (source_bits, stored_bits)):
+        raise RankError(f"source_bits and stored_bits must be positive integers, got {source_bits!r} and "
+                        f"{stored_bits!r}")
+
+
 def _rank(rank: int) -> None:
     if not (isinstance(rank, Integral) and not isinstance(rank, bool) and rank >= 1):
         raise RankError(f"rank must be a positive integer, got {rank!r}")
@@ -33,6 +39,7 @@ def compression_ratio(vocab: int, hidden: int, rank: int, *, bias: bool = False,
     """Bytes of the V x d matrix at `source_bits` a number over bytes of the factors at `stored_bits`
     (the defaults, equal, give the ratio of numbers)."""
     _shape(vocab, hidden)
+    _bits(source_bits, stored_bits)
     _rank(rank)
     return vocab * hidden * source_bits / (factored_params(vocab, hidden, rank, bias=bias, norms=norms) * stored_bits)
 
@@ -42,6 +49,7 @@ def max_useful_rank(vocab: int, hidden: int, *, bias: bool = False, norms: bool 
     """The largest rank whose factors take strictly fewer bytes than the matrix, and no more than
     min(vocab, hidden), the matrix's own rank (0 if none saves)."""
     _shape(vocab, hidden)
+    _bits(source_bits, stored_bits)
     extra = (hidden if bias else 0) + (vocab if norms else 0)
     # stored * (k * (V + d) + extra) < source * V * d  <=>  k < (source*V*d - stored*extra) / (stored*(V + d))
     room = source_bits * vocab * hidden - stored_bits * extra

@@ -33,7 +33,10 @@ def test_bad_rank_or_ratio(rank, ratio, fragment):
 
 
 @pytest.mark.parametrize("call", [lambda: compression_ratio(112, 32, 0), lambda: max_useful_rank(0, 0),
-                                  lambda: compression_ratio(0, 32, 4), lambda: max_useful_rank(30522, 7.5)])
+                                  lambda: compression_ratio(0, 32, 4), lambda: max_useful_rank(30522, 7.5),
+                                  lambda: max_useful_rank(112, 32, stored_bits=0),
+                                  lambda: rank_for_ratio(2.0, 112, 32, source_bits=16.5),
+                                  lambda: compression_ratio(112, 32, 4, source_bits=-16)])
 def test_sizes_of_nothing_are_refused_as_rank_errors_not_division_by_zero(call):
     with pytest.raises(RankError, match="positive integer"):
         call()
