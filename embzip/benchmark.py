@@ -25,7 +25,7 @@ from . import jsonout, options
 from .errors import FactorsError, OptionError, OutputError, RankError, usage
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
-from .models import CAUSAL_LM, ENCODER, OpenedModel, input_device
+from .models import CAUSAL_LM, ENCODER, OpenedModel, input_device, refuse_embedding_only, resolve_device
 from .methods import BITS, FIXED, RANK, Recipe, recipe, resolve_size
 from .modeldir import param_stats
 from .outputs import check_output_folder
@@ -52,8 +52,12 @@ class BenchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            raise OptionError(f"methods must be a list of method names, e.g. ['svd', 'int8'], got the string "
+                              f"{self.methods!r} (the command line's --methods is split at commas)")
         if not self.methods:
             raise OptionError("give at least one method")
+        self.device = resolve_device(self.device)  # "auto" picked once; a GPU asked of a machine without one refused
         options.distinct(options.flagged("methods"), self.methods)
         kinds = {recipe(name).spec.sized_by for name in self.methods}  # recipe raises naming the known methods
         if self.ranks is not None and self.ratios is not None:
@@ -322,7 +326,24 @@ def _same_model_path(a: str, b: str) -> bool:
 
 def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | None = None,
           recipes: dict[str, Recipe] | None = None, progress: bool = False) -> dict[str, Any]:
-    """Run the comparison; returns {"model", "text", "protocol", "rows", ...} and writes OUT files."""
+    """Run the comparison; returns {"model", "text", "protocol", "rows", ...} and writes OUT files. `recipes` gives
+    some methods' recipes (each a recipe of the method it is listed under); the others take their defaults."""
+    from .texts import Text
+
+    if not isinstance(opened, OpenedModel):
+        raise TypeError(f"opened must be a model opened by embzip.open_model(MODEL), got {type(opened).__name__}")
+    if not isinstance(text, Text):
+        raise TypeError(f"text must be a Text from embzip.load_text(PATH), got {type(text).__name__}")
+    if not isinstance(config, BenchConfig):
+        raise TypeError(f"config must be an embzip.BenchConfig, got {type(config).__name__}")
+    refuse_embedding_only(opened, "the bench runs the model")
+    for name, given_recipe in (recipes or {}).items():
+        if name not in config.methods:
+            raise OptionError(f"recipes names {name!r}, which is not among the methods benched "
+                              f"({', '.join(config.methods)})")
+        if not isinstance(given_recipe, Recipe) or given_recipe.name != recipe(name).name:
+            what = given_recipe.name if isinstance(given_recipe, Recipe) else type(given_recipe).__name__
+            raise OptionError(f"recipes[{name!r}] must be a Recipe of {recipe(name).name}, got {what}")
     out = check_output_folder(out) if out is not None else None
     if out is not None:
         _check_same_model(out, opened)

@@ -132,7 +132,7 @@ class Compressed:
         return 8 * self.stored_bytes() / (self.vocab * self.hidden)
 
     def num_params(self) -> int:
-        """Stored numbers (a packed byte of two int4 values counts as two)."""
+        """Stored elements of the tensors (a byte packing two int4 values counts as one)."""
         return sum(t.numel() for t in self.tensors().values())
 
     def compression_ratio(self) -> float:

@@ -114,10 +114,19 @@ class Factors(Compressed):
 def save_factors(factors: Compressed, path: str | os.PathLike, *, force: bool = False) -> Path:
     """Write any compressed embedding to a safetensors file atomically; returns the path.
 
-    Refuses non-finite values (nothing is written)."""
+    Refuses non-finite values (nothing is written), and with force an existing file inside the model the factors
+    record as their source (its own weights). Tensors are written as they are: `embzip svd` / `fit` and
+    `compress` store them at 16 bits (compressed.storage_dtype); factors made directly (svd_factors,
+    aware_factors) are float32 until cast with `.to(dtype=...)`."""
     from safetensors.torch import save_file
 
-    path = check_output_file(path, force)
+    if not isinstance(factors, Compressed):
+        raise TypeError(f"factors must be a compressed embedding (embzip.Factors, or what compress / load_factors "
+                        f"return), got {type(factors).__name__}")
+    source = factors.meta.get("source") if isinstance(factors.meta, dict) else None
+    source = source if isinstance(source, dict) else {}
+    inputs = [value for value in (source.get("path"), source.get("model")) if isinstance(value, str)]
+    path = check_output_file(path, force, inputs=inputs)
     factors.check_finite()
     meta = dict(factors.meta)
     meta.update(

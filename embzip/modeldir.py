@@ -159,7 +159,8 @@ def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os
     read, the other weights copied from disk); `factors` is a Compressed or the path of a factors file.
     An OpenedModel's `.model` is left as written, compressed modules spliced in (or the rebuilt matrix written into
     it with `dense`), so it runs as the directory does; open the model again for the original (compressing it again
-    is refused: its embedding is already compressed)."""
+    is refused: its embedding is already compressed). Where no directory is written (an error, Ctrl-C) the
+    splice is undone; a `dense` write into the matrix is not."""
     from safetensors.torch import save_model
 
     from .checkpoint import EmbeddingOnly
@@ -185,6 +186,7 @@ def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os
     if not dense:  # stored at 16 bits, as factors files are
         factors = factors.to(dtype=storage_dtype(opened.embedding.dtype))
     tmp = outputs.partial_dir(out)
+    swap = None  # the splice, undone if the directory is not put in place
     try:
         if dense and streamed:
             stream.densify_skeleton(model, factors, head)
@@ -193,7 +195,7 @@ def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os
             densify(model, factors, head)
             model.save_pretrained(tmp)
         else:
-            splice(model, factors, head)
+            swap = splice(model, factors, head)
             # streamed layers are copied as the files hold them, which is what the directory must be built in
             stored = opened.checkpoint.main_dtype(exclude=opened.embedding_key) if streamed else None
             _write_config(model, tmp, head, factors.kind, model_dtype, base_dtype=stored)
@@ -247,7 +249,10 @@ def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os
         summary["reload_max_abs_diff"] = manifest["reload_max_abs_diff"] = diff
         (tmp / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))  # written last: the check's result in it
         outputs.swap_into_place(tmp, out, seen)
+        swap = None  # written: the model stays as the directory is
     finally:
+        if swap is not None:  # an error or Ctrl-C before the directory was in place: the caller's model as it was
+            swap.restore()
         outputs.remove_partial(tmp)
     return summary
 
@@ -444,6 +449,9 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     import transformers
     from safetensors import SafetensorError
 
+    from .models import resolve_device
+
+    device = resolve_device(device)  # "auto", and a GPU asked of a machine without one, as open_model takes them
     config = read_config(directory)
     base = dict(config["base_config"])
     cls = getattr(transformers, config["base_architecture"], None)

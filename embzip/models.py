@@ -326,6 +326,16 @@ def _model_class(config: Any, want: str | None):
     return auto, want
 
 
+def refuse_embedding_only(opened: Any, why: str) -> None:
+    """Refuse a model opened with load="embedding" or "stream" (its layers never read: a meta-device skeleton)
+    for work that runs it, saying how to open it."""
+    from .checkpoint import EmbeddingOnly
+
+    if isinstance(opened, EmbeddingOnly):
+        raise OptionError(f"{opened.source} was opened with its embedding alone (load='embedding' or 'stream'), and "
+                          f"{why}: open it with embzip.open_model(MODEL) (load='full', the default), or pass MODEL")
+
+
 def check_token_embedding(module: Any, source: str) -> None:
     """Refuse a model whose input embedding is not a vocab x hidden table (an image model's patch embedding): it
     has nothing embzip compresses, and would otherwise pass for an already compressed model."""
@@ -578,7 +588,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
     from transformers import AutoConfig
 
     if load not in ("full", "embedding", "stream"):
-        raise ValueError(f"load must be 'full', 'embedding' or 'stream', got {load!r}")
+        raise OptionError(f"load must be 'full', 'embedding' or 'stream', got {load!r}")
     spec = model_spec(spec)
     if kind is not None and kind not in KINDS:
         raise OptionError(f"kind {kind!r} is not one embzip knows; give one of {', '.join(KINDS)}, or None to read "
@@ -594,7 +604,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
             raise ModelError(f"{path} is an embzip-compressed model directory; load it with embzip.load_model()")
         raise ModelError(f"{path} is not a transformers model directory (no config.json)")
     if _is_factored_dir(path):
-        return _open_compressed(source, path, device, trust_remote_code)
+        return _open_compressed(source, path, device, trust_remote_code, kind=kind, dtype=dtype, load=load)
     if not Path(path).exists():  # a hub id: offline from the start when the hub cannot be reached at all
         from .hub import offline_if_unreachable
 
@@ -673,14 +683,23 @@ def _is_factored_dir(path: str) -> bool:
     return content.get("model_type") == "embzip"
 
 
-def _open_compressed(source: str, path: str, device: str, trust_remote_code: bool = False) -> OpenedModel:
-    """A factored directory written by `embzip apply` (a --dense one is a plain transformers directory)."""
+def _open_compressed(source: str, path: str, device: str, trust_remote_code: bool = False, *, kind: str | None = None,
+                     dtype: str | None = None, load: str = "full") -> OpenedModel:
+    """A factored directory written by `embzip apply` (a --dense one is a plain transformers directory), whole and
+    in `dtype` (None: as written); its kind is the one it was written as."""
     from .modeldir import load_model, read_config
     from .splice import CompressedHead, FactoredHead
 
     config = read_config(path)
-    model = load_model(path, device=device)
-    kind = kind_of([config["base_architecture"]])
+    written = kind_of([config["base_architecture"]])
+    if kind is not None and kind != written:
+        raise OptionError(f"{source} was written by embzip apply as a {written} model "
+                          f"({config['base_architecture']}) and opens as one, not as kind={kind!r}: leave kind out")
+    if load != "full":
+        log.info("%s is a compressed directory: opened whole (load=%r reads a checkpoint's embedding alone)", source,
+                 load)
+    model = load_model(path, device=device, dtype=dtype)
+    kind = written
     tokenizer = _tokenizer(source, path, None, trust_remote_code)
     tied = isinstance(model.get_output_embeddings(), (FactoredHead, CompressedHead))
     return OpenedModel(model, tokenizer, source, path, kind, tied, _embedding_name(model).removesuffix(".weight"),

@@ -15,7 +15,7 @@ from .errors import DataError, OptionError
 from .compressed import Compressed, reconstruction_metrics, storage_dtype
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
-from .models import OpenedModel, model_spec, open_model, resolve_device
+from .models import OpenedModel, model_spec, open_model, refuse_embedding_only, resolve_device
 from .methods import Recipe, make_factors, resolve_size
 from .methods.base import check_size, refuse_unused, samples, uses_encoder_metric
 from .methods import recipe as make_recipe
@@ -89,6 +89,9 @@ def compress(model: str | os.PathLike | OpenedModel | None, recipe: Recipe | str
     Returns the factors and a summary dict (the --json output of `embzip svd` / `embzip fit`).
     """
     recipe = make_recipe(recipe) if isinstance(recipe, str) else recipe
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a method name such as 'codebook' or an embzip.Recipe, got "
+                        f"{type(recipe).__name__}")
     model = model if isinstance(model, OpenedModel) else model_spec(model)
     method = recipe.name
     device = resolve_device(device)
@@ -101,7 +104,9 @@ def compress(model: str | os.PathLike | OpenedModel | None, recipe: Recipe | str
         model, device=device, load="full" if recipe.heal is not None else "embedding",
         trust_remote_code=trust_remote_code)
     refuse_unused(recipe, opened)
-    if opened is not model and isinstance(opened, EmbeddingOnly) and needs_model(recipe, opened):
+    if isinstance(opened, EmbeddingOnly) and needs_model(recipe, opened):
+        if opened is model:  # the caller's: not opened again behind its back
+            refuse_embedding_only(opened, f"method {method} runs the model here")
         opened = open_model(model, device=device, trust_remote_code=trust_remote_code)  # forward passes needed
     embedding = opened.embedding.detach()
     vocab, hidden = embedding.shape

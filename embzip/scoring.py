@@ -41,7 +41,8 @@ import torch
 from . import options
 from .compressed import Compressed, exact_heads
 from .errors import DataError, ModelError, OptionError
-from .models import CAUSAL_LM, ENCODER, OpenedModel, check_token_ids, evaluating, text_config
+from .models import (CAUSAL_LM, ENCODER, OpenedModel, check_token_ids, evaluating, refuse_embedding_only,
+                     resolve_device, text_config)
 from .progress import bar
 from .texts import Text
 
@@ -305,6 +306,8 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
         raise TypeError(f"opened must be a model opened by embzip.open_model(MODEL), got {type(opened).__name__}")
     if not isinstance(text, Text):
         raise TypeError(f"text must be a Text from embzip.load_text(PATH), got {type(text).__name__}")
+    refuse_embedding_only(opened, "perplexity runs the model")
+    device = resolve_device(device)
     if factors is not None and not isinstance(factors, Compressed):
         from .factors import load_factors
 

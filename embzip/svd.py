@@ -19,6 +19,33 @@ _CHUNK_ROWS = 32768
 _GRAM_CHUNK_BYTES = 32 << 20
 
 
+def check_inputs(embedding, rank, weights=None, metric=None, device: str = "cpu") -> str:
+    """Refuse what a (weighted, metric-aware) SVD cannot take, naming it: `embedding` a float V x d tensor, `rank`
+    1..min(V, d), `weights` V finite numbers >= 0, `metric` a finite d x d matrix. Returns the device to use."""
+    from numbers import Integral
+
+    from .errors import OptionError, RankError
+    from .models import resolve_device
+
+    if not isinstance(embedding, torch.Tensor) or embedding.ndim != 2 or not embedding.is_floating_point():
+        what = (f"a {embedding.ndim}-D {embedding.dtype} tensor" if isinstance(embedding, torch.Tensor)
+                else type(embedding).__name__)
+        raise TypeError(f"embedding must be a V x d float torch.Tensor, got {what}")
+    vocab, hidden = embedding.shape
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or not 1 <= rank <= min(vocab, hidden):
+        raise RankError(f"rank must be an integer from 1 to {min(vocab, hidden)} (a {vocab} x {hidden} matrix has "
+                        f"no more directions), got {rank!r}")
+    for name, value, shape in (("weights", weights, (vocab,)), ("metric", metric, (hidden, hidden))):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise OptionError(f"{name} must be a tensor of shape {shape} for a {vocab} x {hidden} embedding, got {got}")
+        if not torch.isfinite(value).all() or (name == "weights" and (value < 0).any()):
+            raise OptionError(f"{name} must be finite" + (" and >= 0" if name == "weights" else ""))
+    return resolve_device(device)
+
+
 def gram(embedding: torch.Tensor, weights: torch.Tensor | None = None, device: str = "cpu") -> torch.Tensor:
     """E^T diag(w) E in float64, accumulated over row chunks.
 
@@ -40,7 +67,12 @@ def gram(embedding: torch.Tensor, weights: torch.Tensor | None = None, device: s
 def top_directions(embedding: torch.Tensor, rank: int, weights: torch.Tensor | None = None,
                    device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """The top-`rank` right singular vectors (d x rank, float32) and singular values (rank)."""
-    evals, evecs = torch.linalg.eigh(gram(embedding, weights, device))
+    g = gram(embedding, weights, device)
+    if not torch.isfinite(g).all():
+        from .errors import FactorsError
+
+        raise FactorsError("the embedding has NaN or Inf values (its Gram matrix is not finite); nothing to factor")
+    evals, evecs = torch.linalg.eigh(g)
     order = torch.argsort(evals, descending=True)[:rank]
     vecs = evecs[:, order]
     # Fix each vector's sign (largest entry positive) so results do not depend on the LAPACK build.
@@ -60,6 +92,15 @@ def project(embedding: torch.Tensor, directions: torch.Tensor, device: str = "cp
 
 def svd_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor | None = None,
                 device: str = "cpu") -> Factors:
-    """Rank-`rank` factors of `embedding` by (weighted) truncated SVD; no bias."""
-    directions, _ = top_directions(embedding, rank, weights, device)
-    return Factors(project(embedding, directions, device), directions.T.contiguous().cpu())
+    """Rank-`rank` factors of `embedding` by (weighted) truncated SVD; no bias. Made in float32; `meta` records the
+    embedding's bits (source_bits), so a file saved from them states its compression ratio against it."""
+    device = check_inputs(embedding, rank, weights, device=device)
+    return factor_rows(embedding, rank, weights=weights, device=device,
+                       meta={"source_bits": torch.finfo(embedding.dtype).bits})
+
+
+def factor_rows(rows, rank: int, *, weights: torch.Tensor | None = None, device: str = "cpu",
+                meta: dict | None = None) -> Factors:
+    """svd_factors without the checks, of anything sliced by rows (aware.py's transformed rows)."""
+    directions, _ = top_directions(rows, rank, weights, device)
+    return Factors(project(rows, directions, device), directions.T.contiguous().cpu(), meta=meta)

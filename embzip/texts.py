@@ -66,6 +66,11 @@ def _from_dataset(spec: str, option: str = "--dataset") -> Text:
     try:
         import datasets
 
+        if not folder.is_dir():  # a hub name: offline at once where the hub cannot be reached (hub.py)
+            from .hub import offline_if_unreachable
+
+            if offline_if_unreachable():
+                datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; one line says what and how to fix
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

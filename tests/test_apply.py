@@ -397,3 +397,43 @@ def test_a_module_without_a_weight_matrix_is_not_taken_for_a_compressed_embeddin
         check_fits(opened.model, factors)
     with pytest.raises(ModelError, match="has no token embedding to compress"):
         opened.embedding
+
+
+def test_factors_that_record_no_fit_are_still_refused_for_an_unrelated_model(tiny, tmp_path):
+    """Factors made in memory (svd_factors) record no fit to compare with; on a model whose rows they do not
+    resemble at all (same shape, another embedding) they are refused, and on their own model taken."""
+    from embzip.errors import FactorsError
+
+    opened = open_model(tiny("gpt2"))
+    factors = svd_factors(opened.embedding.detach(), 8)
+    other = tmp_path / "other"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny("gpt2"))
+    with torch.no_grad():
+        torch.manual_seed(3)
+        model.get_input_embeddings().weight.normal_()
+    model.save_pretrained(other)
+    with pytest.raises(FactorsError, match="as far as unrelated directions"):
+        apply_factors(str(other), factors, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    apply_factors(opened, factors, tmp_path / "mine")  # their own model: taken
+
+
+def test_an_apply_that_writes_nothing_leaves_the_callers_model_as_it_was(tiny, tmp_path, monkeypatch):
+    """Ctrl-C (or an error) before the directory is in place undoes the splice: the OpenedModel can be compressed
+    and applied again, instead of reading as 'already compressed' with no directory written."""
+    from embzip import outputs
+    from embzip.splice import is_compressed
+
+    opened = open_model(tiny("llama"))
+    factors = svd_factors(opened.embedding.detach(), 4)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs, "swap_into_place", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        apply_factors(opened, factors, tmp_path / "out")
+    assert not is_compressed(opened.model.get_input_embeddings()) and not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    apply_factors(opened, factors, tmp_path / "out")  # and it goes through once nothing stops it
+    assert is_compressed(opened.model.get_input_embeddings())

@@ -335,3 +335,28 @@ def test_default_ranks_a_small_hidden_size_cannot_take_are_left_out(dtype):
             sizes(BenchConfig(), recipe("svd"), 105, 32, dtype)
     with pytest.raises(RankError, match="rank 64 (saves nothing|is more than)"):  # ranks given are used as given
         sizes(BenchConfig(ranks=[8, 64]), recipe("svd"), 105, 32, dtype)
+
+
+def test_bench_config_and_recipes_name_what_they_cannot_take(tiny, text_file):
+    from embzip.benchmark import BenchConfig, bench
+    from embzip.errors import OptionError
+    from embzip.methods import Recipe
+    from embzip.models import open_model
+    from embzip.texts import load_text
+
+    with pytest.raises(OptionError, match="methods must be a list of method names, e.g. \\['svd', 'int8'\\], got the "
+                                          "string 'svd,int8'"):
+        BenchConfig(methods="svd,int8")
+    with pytest.raises(OptionError, match="nosuchdevice"):
+        BenchConfig(device="nosuchdevice")
+    assert BenchConfig(device="auto").device in ("cpu", "cuda")  # picked once, recorded as what ran
+    opened, text = open_model(tiny("gpt2")), load_text(text_file)
+    config = BenchConfig(methods=["int8"], max_tokens=32)
+    with pytest.raises(OptionError, match="recipes\\['int8'\\] must be a Recipe of int8, got svd"):
+        bench(opened, text, config, recipes={"int8": Recipe("svd")})
+    with pytest.raises(OptionError, match="recipes names 'svd', which is not among the methods benched \\(int8\\)"):
+        bench(opened, text, config, recipes={"svd": Recipe("svd")})
+    with pytest.raises(TypeError, match="opened must be a model opened by embzip.open_model"):
+        bench(tiny("gpt2"), text, config)
+    with pytest.raises(OptionError, match="opened with its embedding alone"):
+        bench(open_model(tiny("gpt2"), load="embedding"), text, config)

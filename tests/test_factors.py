@@ -103,3 +103,21 @@ def test_int8_levels_outside_127_are_refused():
 def test_shapes_that_do_not_chain_are_refused():
     with pytest.raises(FactorsError, match="do not chain"):
         Factors(torch.zeros(5, 3), torch.zeros(4, 8))
+
+
+def test_save_factors_never_writes_over_the_model_they_came_from(tiny, tmp_path):
+    import shutil
+
+    from embzip import compress
+    from embzip.errors import OutputError
+    from embzip.factors import save_factors
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny("gpt2"), model)
+    factors, _ = compress(str(model), "int4", write=False)
+    before = (model / "model.safetensors").read_bytes()
+    with pytest.raises(OutputError, match="is the input"):
+        save_factors(factors, model / "model.safetensors", force=True)
+    assert (model / "model.safetensors").read_bytes() == before
+    with pytest.raises(TypeError, match="factors must be a compressed embedding .* got dict"):
+        save_factors({"a": 1}, tmp_path / "f.safetensors")

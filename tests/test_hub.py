@@ -79,3 +79,19 @@ def test_a_cached_hub_model_opens_without_the_hub_and_an_uncached_one_fails_at_o
     missing = embzip("info", "tiny-org/not-cached")
     assert missing.returncode == 1 and "could not open model 'tiny-org/not-cached'" in missing.stderr
     assert "Retrying" not in missing.stderr
+
+
+def test_a_hub_dataset_fails_at_once_when_the_hub_cannot_be_reached(online, monkeypatch):
+    """load_text(dataset=NAME) goes offline as a hub model does: a dataset not in the cache fails in a moment,
+    not after huggingface_hub's retries."""
+    import datasets
+
+    from embzip.errors import DataError
+    from embzip.texts import load_text
+
+    monkeypatch.setattr(constants, "ENDPOINT", NOWHERE)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    with pytest.raises(DataError, match="could not load dataset 'embzip-test-org/no-such-dataset'"):
+        load_text(dataset="embzip-test-org/no-such-dataset")
+    assert datasets.config.HF_HUB_OFFLINE is True and constants.HF_HUB_OFFLINE is True  # no request was tried

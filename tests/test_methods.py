@@ -378,3 +378,34 @@ def test_seed_is_taken_where_it_picks_draws(tiny, tmp_path, args):
     result = run("fit", tiny("gpt2"), *args, "--seed", 5, "--out", tmp_path / "f.safetensors", "-q")
     assert result.exit_code == 0, result.output
     assert "seed" in json.dumps(load_factors(tmp_path / "f.safetensors").meta["settings"])
+
+
+def test_a_codebook_recipe_brings_its_own_budget(tiny):
+    """Recipe("codebook", codebook=CodebookConfig(bits=B)) is sized B where no bits are given; bits given win."""
+    from embzip import compress
+    from embzip.codebook import CodebookConfig
+
+    r = Recipe("codebook", codebook=CodebookConfig(bits=5.0, centroids=16))
+    assert resolve_size(r, vocab=1000, hidden=64, dtype=torch.float32) == 5.0
+    assert resolve_size(r, bits=3.0, vocab=1000, hidden=64, dtype=torch.float32) == 3.0
+    factors, summary = compress(tiny("gpt2"), r, write=False)
+    assert factors.meta["size"] == 5.0 and 4.0 < summary["bits_per_weight"] <= 5.0
+
+
+def test_the_library_names_what_it_cannot_take(tiny):
+    from embzip import compress, open_model, perplexity
+    from embzip.errors import OptionError
+    from embzip.texts import load_text
+
+    with pytest.raises(TypeError, match="recipe must be a method name such as 'codebook' or an embzip.Recipe, got "
+                                        "NoneType"):
+        compress(tiny("gpt2"), None, rank=4, write=False)
+    for size in (dict(ratio="2"), dict(bits="4"), dict(ratio=True)):
+        with pytest.raises(RankError, match="must be a number"):
+            compress(tiny("gpt2"), "svd", write=False, **size)
+    embedding_only = open_model(tiny("gpt2"), load="embedding")
+    assert compress(embedding_only, "svd", rank=4, write=False)[0].rank == 4  # reads the matrix alone: fine
+    with pytest.raises(OptionError, match="opened with its embedding alone .* and method aware runs the model here"):
+        compress(embedding_only, "aware", rank=4, write=False)
+    with pytest.raises(OptionError, match="opened with its embedding alone .* and perplexity runs the model"):
+        perplexity(embedding_only, load_text(None))

@@ -74,6 +74,24 @@ def test_open_model_takes_paths_and_torch_dtypes_and_names_what_it_refuses(tiny)
             open_model(tiny("llama"), **kwargs)
     with pytest.raises(TypeError, match="MODEL must be a hub id, a path, a demo name or None, got int"):
         open_model(3)
+    with pytest.raises(OptionError, match="load must be 'full', 'embedding' or 'stream', got 'half'"):
+        open_model(tiny("llama"), load="half")
+
+
+def test_a_compressed_directory_opens_in_the_dtype_asked_and_only_as_its_own_kind(tiny, tmp_path):
+    import torch
+
+    from embzip.errors import OptionError
+    from embzip.modeldir import apply_factors
+    from embzip.svd import svd_factors
+
+    opened = open_model(tiny("llama"))
+    apply_factors(opened, svd_factors(opened.embedding.detach(), 4), tmp_path / "r")
+    assert open_model(tmp_path / "r").model.dtype == torch.float32
+    assert open_model(tmp_path / "r", dtype=torch.bfloat16).model.dtype == torch.bfloat16
+    assert open_model(tmp_path / "r", kind="causal-lm").kind == "causal-lm"
+    with pytest.raises(OptionError, match="written by embzip apply as a causal-lm model .* not as kind='encoder'"):
+        open_model(tmp_path / "r", kind="encoder")
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

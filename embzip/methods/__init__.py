@@ -18,6 +18,7 @@ or codebook method can be followed by healing (heal.py).
 from __future__ import annotations
 
 import math
+from numbers import Real
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -135,8 +136,12 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
     """The size to make: a rank (low-rank methods), bits per weight (codebook) or None (fixed size).
 
     --ratio is bytes of the embedding at its dtype over bytes stored; --bits a budget in bits per
-    weight, everything stored counted. A size a method cannot reach is refused, naming what it can.
+    weight, everything stored counted (a codebook recipe's own `codebook.bits` where none is given). A size a
+    method cannot reach is refused, naming what it can.
     """
+    for name, value in (("ratio", ratio), ("bits", bits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
+            raise RankError(f"{name} must be a number, got {value!r}")
     spec = r.spec
     check_size(spec, rank=rank, ratio=ratio, bits=bits)
     source_bits = torch.finfo(dtype).bits
@@ -176,7 +181,9 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
             raise RankError(f"method {spec.name} stores {own:.4g} bits per weight for this embedding and cannot "
                             f"reach {_bits_name(bits)}; use --method codebook --bits {_bits_name(bits)}")
         return None
-    budget = float(spec.default_bits if bits is None else bits)  # a float: bits=2 is "2b" in names, never rank 2
+    if bits is None:  # the recipe's own budget (CodebookConfig.bits, 2 by default) where no size is given
+        bits = r.codebook.bits if spec.kind == "codebook" else spec.default_bits
+    budget = float(bits)  # a float: bits=2 is "2b" in names, never rank 2
     return spec.check_bits(budget, vocab, hidden, dtype, r) if spec.check_bits else budget
 
 
