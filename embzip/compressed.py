@@ -119,6 +119,9 @@ class Compressed:
         return floats[0] if floats else torch.float32
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        """Rebuilt rows in float32: one per id of a tensor of any shape (..., d), or a slice's."""
+        if isinstance(index, torch.Tensor) and index.ndim != 1:
+            return self.decode(self.tensors(), index.reshape(-1)).reshape(*index.shape, self.hidden)
         return self.decode(self.tensors(), index)
 
     def reconstruct(self) -> torch.Tensor:

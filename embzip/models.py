@@ -572,7 +572,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
     """Load MODEL (hub id, directory or .gguf file, as a str or a path; a demo name; None for the default).
 
     kind: "masked-lm", "causal-lm" or "encoder" (None: from the config's architectures). dtype: "float32",
-    "bfloat16", "float16" or a torch.dtype (None: as saved). device: "cpu", "cuda", "cuda:N" or "auto".
+    "bfloat16", "float16" or a torch.dtype (None or "auto": as saved). device: "cpu", "cuda", "cuda:N" or "auto".
 
     Python code shipped with a model (config or tokenizer `auto_map`) runs only with trust_remote_code.
     load="embedding" reads only the embedding tensor from the safetensors files when it can
@@ -739,10 +739,10 @@ def model_spec(spec: Any) -> str | None:
 
 def dtype_name(dtype: Any) -> str | None:
     """A dtype to load a model in, as its torch name ('float32', 'bfloat16', 'float16'), from that name (with or
-    without 'torch.') or a torch.dtype; None stays None (the dtype the model was saved in)."""
+    without 'torch.') or a torch.dtype; None or "auto" is None (the dtype the model was saved in)."""
     import torch
 
-    if dtype is None:
+    if dtype is None or dtype == "auto":  # "auto": as saved, the name transformers and load_model take
         return None
     name = str(dtype).removeprefix("torch.") if isinstance(dtype, (str, torch.dtype)) else None
     if name not in LOAD_DTYPES:

@@ -92,6 +92,10 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
 def check_group(hidden: int, group: int, error: type[Exception] = FactorsError) -> None:
     """Refuse an int4 group size that does not split rows of `hidden` numbers into even groups, by `error`: a
     FactorsError for a file's tensors, an OptionError for --group-size."""
+    from numbers import Integral
+
+    if isinstance(group, bool) or not isinstance(group, Integral):
+        raise error(f"int4 group size must be an integer, got {group!r}")
     if group < 2 or group % 2 or hidden % group:
         sizes = [g for g in range(2, min(hidden, 256) + 1, 2) if hidden % g == 0]  # even sizes that divide it
         raise error(f"int4 group size {group} does not divide the hidden size {hidden} into even groups; "

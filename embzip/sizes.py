@@ -8,7 +8,7 @@ save bytes up to the matrix's own rank. With both bits equal (the defaults) a ra
 
 from __future__ import annotations
 
-from numbers import Integral
+from numbers import Integral, Real
 
 from .errors import RankError
 
@@ -79,6 +79,8 @@ def check_rank(rank: int, vocab: int, hidden: int, *, bias: bool = False, norms:
 def rank_for_ratio(ratio: float, vocab: int, hidden: int, *, bias: bool = False, norms: bool = False,
                    source_bits: int = 32, stored_bits: int = 32) -> int:
     """The largest useful rank whose compression ratio (bytes, see compression_ratio) is at least `ratio`."""
+    if isinstance(ratio, bool) or not isinstance(ratio, Real):
+        raise RankError(f"ratio must be a number, got {ratio!r}")
     if not ratio > 1.0:
         raise RankError(f"--ratio must be greater than 1, got {ratio}")
     bits = dict(source_bits=source_bits, stored_bits=stored_bits)

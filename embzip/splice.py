@@ -472,8 +472,8 @@ def splice(model: nn.Module, factors: Compressed, head: str | None = None):
 
     Returns a `Swap`: calling it puts the original modules back.
     """
+    check_fits(model, factors)  # first: an embedding already compressed is named as such
     head = check_head(model, head)
-    check_fits(model, factors)
     old_emb = model.get_input_embeddings()
     weight = old_emb.weight
     emb_path = _module_path(model, old_emb)

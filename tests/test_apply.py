@@ -437,3 +437,15 @@ def test_an_apply_that_writes_nothing_leaves_the_callers_model_as_it_was(tiny, t
     monkeypatch.undo()
     apply_factors(opened, factors, tmp_path / "out")  # and it goes through once nothing stops it
     assert is_compressed(opened.model.get_input_embeddings())
+
+
+def test_splicing_a_spliced_model_says_it_is_already_compressed(tiny):
+    from embzip.errors import FactorsError
+    from embzip.splice import spliced
+
+    opened = open_model(tiny("llama"))
+    factors = svd_factors(opened.embedding.detach(), 4)
+    with spliced(opened.model, factors):
+        with pytest.raises(FactorsError, match="already compressed"):
+            with spliced(opened.model, factors):
+                pass

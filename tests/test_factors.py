@@ -121,3 +121,19 @@ def test_save_factors_never_writes_over_the_model_they_came_from(tiny, tmp_path)
     assert (model / "model.safetensors").read_bytes() == before
     with pytest.raises(TypeError, match="factors must be a compressed embedding .* got dict"):
         save_factors({"a": 1}, tmp_path / "f.safetensors")
+
+
+@pytest.mark.parametrize("method", ["svd", "int8", "int4", "codebook"])
+def test_rows_of_ids_of_any_shape_come_back_in_that_shape(tiny, method):
+    import torch
+
+    from embzip import compress
+    from embzip.codebook import CodebookConfig
+    from embzip.methods import Recipe
+
+    r = Recipe(method, codebook=CodebookConfig(bits=5.0, centroids=16))
+    factors, _ = compress(tiny("gpt2"), r, rank=4 if method == "svd" else None, write=False)
+    ids = torch.tensor([[1, 2, 3], [7, 7, 0]])
+    rows = factors.rows(ids)
+    assert rows.shape == (2, 3, factors.hidden)
+    assert torch.equal(rows.reshape(6, -1), factors.rows(ids.reshape(-1)))

@@ -65,6 +65,7 @@ def test_open_model_takes_paths_and_torch_dtypes_and_names_what_it_refuses(tiny)
     opened = open_model(Path(tiny("llama")), dtype=torch.bfloat16, device=torch.device("cpu"))
     assert opened.path == tiny("llama") and opened.embedding.dtype == torch.bfloat16
     assert open_model(tiny("llama"), dtype="torch.float16").embedding.dtype == torch.float16
+    assert open_model(tiny("llama", "bfloat16"), dtype="auto").embedding.dtype == torch.bfloat16  # as saved
     for kwargs, fragment in (({"dtype": "bogus"}, "dtype 'bogus' is not one embzip loads"),
                              ({"dtype": torch.int8}, "dtype torch.int8 is not one"),
                              ({"kind": "bogus"}, "kind 'bogus' is not one embzip knows; give one of masked-lm"),

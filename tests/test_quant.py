@@ -266,3 +266,12 @@ def test_a_group_size_that_does_not_fit_names_the_ones_that_do(hidden, sizes):
 
     with pytest.raises(FactorsError, match=f"into even groups; use one of {re.escape(sizes)}$"):
         check_group(hidden, 32)
+
+
+@pytest.mark.parametrize("group", ["16", 16.0, True])
+def test_a_group_size_that_is_not_an_integer_is_refused(group):
+    from embzip.errors import FactorsError
+    from embzip.quant import check_group
+
+    with pytest.raises(FactorsError, match="int4 group size must be an integer"):
+        check_group(32, group)

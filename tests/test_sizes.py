@@ -73,3 +73,9 @@ def test_a_float32_matrix_in_16_bit_factors_saves_bytes_up_to_its_full_rank():
     with pytest.raises(RankError, match=r"rank 25 saves nothing .*7,200 bytes, the matrix 7,168\); the largest useful "
                                         "rank is 24"):
         check_rank(25, 112, 32, source_bits=16, stored_bits=16)
+
+
+@pytest.mark.parametrize("ratio", ["2", None, True])
+def test_a_ratio_that_is_not_a_number_is_refused(ratio):
+    with pytest.raises(RankError, match="ratio must be a number"):
+        rank_for_ratio(ratio, 112, 32)
