@@ -26,7 +26,7 @@ from .errors import FactorsError, OptionError, OutputError, RankError, usage
 from .compressed import Compressed, reconstruction_metrics
 from .factors import load_factors, save_factors
 from .models import CAUSAL_LM, ENCODER, OpenedModel, input_device, refuse_embedding_only, resolve_device
-from .methods import BITS, FIXED, RANK, Recipe, recipe, resolve_size
+from .methods import BITS, FIXED, RANK, Recipe, fit_method, recipe, resolve_size
 from .modeldir import param_stats
 from .outputs import check_output_folder
 from .pipeline import check_finite, factorize, size_label
@@ -59,6 +59,13 @@ class BenchConfig:
             raise OptionError("give at least one method")
         self.device = resolve_device(self.device)  # "auto" picked once; a GPU asked of a machine without one refused
         options.distinct(options.flagged("methods"), self.methods)
+        # fit is what `embzip fit` runs at these sizes: aware with ranks or ratios, codebook otherwise
+        named = [name.replace("fit", fit_method(self.ranks is not None or self.ratios is not None), 1)
+                 if name.partition("+")[0] == "fit" else name for name in self.methods]
+        if len(set(named)) != len(named):
+            twice = next(name for name in named if named.count(name) > 1)
+            raise OptionError(f"{options.flagged('methods')} lists {twice} twice: fit is {twice} at these sizes")
+        self.methods = named
         kinds = {recipe(name).spec.sized_by for name in self.methods}  # recipe raises naming the known methods
         if self.ranks is not None and self.ratios is not None:
             raise OptionError("give ranks or ratios, not both")
@@ -344,7 +351,7 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         if not isinstance(given_recipe, Recipe) or given_recipe.name != recipe(name).name:
             what = given_recipe.name if isinstance(given_recipe, Recipe) else type(given_recipe).__name__
             raise OptionError(f"recipes[{name!r}] must be a Recipe of {recipe(name).name}, got {what}")
-    out = check_output_folder(out) if out is not None else None
+    out = check_output_folder(out, inputs=[opened.path, opened.source]) if out is not None else None
     if out is not None:
         _check_same_model(out, opened)
     cache = out / "factors" if out is not None else None  # created when the first factors are saved
@@ -389,7 +396,10 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
                     factors = factorize(opened, size, recipes[method], device=config.device, cache=data_cache)
                     if cache is not None:
                         factors.meta["bench_inputs"] = key
-                        cache.mkdir(parents=True, exist_ok=True)
+                        try:
+                            cache.mkdir(parents=True, exist_ok=True)
+                        except OSError as exc:
+                            raise OutputError(f"could not create {cache}: {exc.strerror or exc}") from None
                         save_factors(factors, cache / _cache_name(method, size), force=True)
                 n = factors.num_params()
                 f_bytes = factors.stored_bytes()

@@ -231,7 +231,7 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .outputs import forget_written, sigterm_as_interrupt
+        from .outputs import forget_written, received_signal, received_sigterm, sigterm_as_interrupt
 
         _setup_logging(kwargs.get("quiet", False))
         forget_written()
@@ -248,6 +248,10 @@ def command(fn):
                 _error_line("interrupted", _what_was_written())
                 raise typer.Exit(130) from None
             except Exception as exc:  # memory or disk space that ran out: one line too; anything else is a bug
+                if received_signal():  # what a Ctrl-C or SIGTERM swallowed mid-import left behind
+                    terminated = received_sigterm()
+                    _error_line("terminated" if terminated else "interrupted", _what_was_written())
+                    raise typer.Exit(Terminated.exit_code if terminated else 130) from None
                 problem = resource_problem(exc)
                 if problem is None:
                     raise
@@ -456,13 +460,12 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
     from .autoencoder import FitConfig
     from .codebook import CodebookConfig
     from .heal import HealConfig
-    from .methods import REGISTRY, Recipe
+    from .methods import REGISTRY, Recipe, fit_method
     from .pipeline import compress
     from .selfsample import SampleConfig
     from .weights import WeightConfig
 
-    method_name = method.value if method is not None else ("aware" if rank is not None or ratio is not None
-                                                            else "codebook")
+    method_name = method.value if method is not None else fit_method(rank is not None or ratio is not None)
     _refuse_foreign_options(ctx, REGISTRY[method_name], heal_steps, weighted)
     if weights_text is not None and weights_dataset is not None:
         raise typer.BadParameter("give --weights-text or --weights-dataset, not both")
@@ -631,9 +634,9 @@ def bench(model: ModelArg = None,
           methods: Annotated[str, typer.Option(
               help="Comma-separated methods: svd (baseline), paper (the paper's autoencoder recipe), wsvd (SVD "
                    "weighted by token counts), aware (embzip's data-aware SVD), int8 and int4 (quantization "
-                   "baselines), codebook (learned codebooks), fit (the default of `embzip fit`); add +heal to a "
-                   "low-rank or codebook method for a short distillation after it, e.g. codebook+heal (slow on a CPU "
-                   "for large models). Default: svd, aware, int8, int4 and codebook.", show_default=False)
+                   "baselines), codebook (learned codebooks), fit (the default of `embzip fit`: aware with "
+                   "--ranks or --ratios, codebook otherwise); add +heal to a low-rank or codebook method for a "
+                   "short distillation after it, e.g. codebook+heal (slow on a CPU for large models). Default: svd, aware, int8, int4 and codebook.", show_default=False)
           ] = "svd,aware,int8,int4,codebook",
           text: TextOpt = None, dataset: DatasetOpt = None,
           weights_text: Annotated[Optional[Path], typer.Option(
@@ -658,7 +661,7 @@ def bench(model: ModelArg = None,
     Example: embzip bench demo:minilm --methods svd,aware,int4,codebook --bits 1,2,4 --out bench-minilm
     """
     from .benchmark import BenchConfig, bench as run
-    from .models import open_model, resolve_device
+    from .models import model_spec, open_model, resolve_device
     from .outputs import check_output_folder, received_sigterm
     from .texts import load_text
 
@@ -677,14 +680,14 @@ def bench(model: ModelArg = None,
 
         sample = SampleConfig(tokens=self_tokens, languages=sample_languages)
         recipes = {m: recipe(m, weights_text=None if weights_text is None else str(weights_text), sample=sample)
-                   for m in method_list}
+                   for m in config.methods}  # fit named as what it runs at these sizes
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     if weights_text is not None and not any(r.uses_text for r in recipes.values()):
         raise typer.BadParameter(f"--weights-text is read by the methods that read a text, and none of "
                                  f"{', '.join(method_list)} does")
     if out is not None:
-        check_output_folder(out)
+        check_output_folder(out, inputs=[model_spec(model)])
     source = load_text(text, dataset)
     opened = open_model(model, device=device_name, trust_remote_code=trust_remote_code)
     report = run(opened, source, config, out=out, recipes=recipes, progress=not quiet)

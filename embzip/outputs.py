@@ -34,7 +34,7 @@ from .errors import OutputError, Terminated, usage
 
 # Room kept in a file name for the temporary names built from it (".NAME.partial-PID-HEX").
 _NAME_SLACK = 32
-_received_sigterm = False
+_received_sigterm = _received_sigint = False
 _written: list[str] = []  # outputs put in place since forget_written()
 
 
@@ -166,14 +166,20 @@ def check_output_dir(path: str | os.PathLike, force: bool, *, marker: str,
     return path
 
 
-def check_output_folder(path: str | os.PathLike) -> Path:
-    """A directory that several files are written into and that is created if missing (bench --out)."""
+def check_output_folder(path: str | os.PathLike, *, inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
+    """A directory that several files are written into and that is created if missing (bench --out); never an
+    input directory (the model's) or one inside it."""
     given = path
     _check_not_empty(given, "directory name")
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)
     if (path.exists() or path.is_symlink()) and not path.is_dir():
         raise _refused(f"output {given} exists and is not a directory")
+    real = Path(os.path.abspath(path)).resolve()
+    for source in inputs:  # files are added to OUT, none removed: a folder holding the model is fine, the model's not
+        if source is not None and Path(source).is_dir() and _within(Path(source).resolve(), real):
+            raise _refused(f"output {given} is the model directory {source} or lies in it; bench files would be "
+                           "added to the model: write to a new name")
     existing = _nearest_existing(Path(os.path.abspath(path)))
     if not existing.is_dir():
         raise _refused(f"output {given} cannot be created: {existing} is not a directory")
@@ -258,9 +264,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, rep
         _written.append(str(path))
     except OSError as exc:
         raise OutputError(f"could not write {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # safetensors reports the OS's refusal as its own error, the reason in the text
+        reason = _io_reason(exc)
+        if reason is None:
+            raise
+        raise OutputError(f"could not write {path}: {reason}") from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _io_reason(exc: Exception) -> str | None:
+    """The operating system's reason in a writer's error that wraps one ("Permission denied (os error 13)"), or
+    None when the error is not about writing."""
+    text = str(exc)
+    if "os error" not in text.lower() and "ioerror" not in text.lower():
+        return None
+    found = re.search(r'message: "([^"]+)"', text) or re.search(r"([A-Z][^(:]*\(os error \d+\))", text)
+    return found.group(1) if found else " ".join(text.split())[:160]
 
 
 def _rename_new(tmp: Path, path: Path) -> None:
@@ -393,23 +414,40 @@ def received_sigterm() -> bool:
     return _received_sigterm
 
 
+def received_signal() -> bool:
+    """Whether SIGINT (Ctrl-C) or SIGTERM arrived while `sigterm_as_interrupt` was active: an error that follows
+    (a KeyboardInterrupt swallowed inside a library's import leaves a half-imported module behind, whose next use
+    fails) is the signal's doing, not a bug."""
+    return _received_sigterm or _received_sigint
+
+
 @contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """While active, SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread."""
+    """While active, SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, and both it and SIGINT
+    (which raises KeyboardInterrupt as Python's own handler does) are recorded (received_signal)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    global _received_sigterm
-    _received_sigterm = False
+    global _received_sigterm, _received_sigint
+    _received_sigterm = _received_sigint = False
 
-    def handler(signum, frame):
+    def on_term(signum, frame):
         global _received_sigterm
         _received_sigterm = True
         raise Terminated()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    def on_int(signum, frame):
+        global _received_sigint
+        _received_sigint = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    own_int = signal.getsignal(signal.SIGINT) is signal.default_int_handler  # else ignored or handled: left so
+    previous_int = signal.signal(signal.SIGINT, on_int) if own_int else None
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)

@@ -16,7 +16,7 @@ from .compressed import Compressed, reconstruction_metrics, storage_dtype
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
 from .models import OpenedModel, model_spec, open_model, refuse_embedding_only, resolve_device
-from .methods import Recipe, make_factors, resolve_size
+from .methods import Recipe, bits_name, make_factors, resolve_size
 from .methods.base import check_size, refuse_unused, samples, uses_encoder_metric
 from .methods import recipe as make_recipe
 
@@ -40,7 +40,7 @@ def size_label(size: int | float | None) -> str:
     """r256 for a rank, 2b for bits per weight, '' for a method of fixed size."""
     if size is None:
         return ""
-    return f"r{size}" if isinstance(size, int) else f"{size:g}b"
+    return f"r{size}" if isinstance(size, int) else f"{bits_name(size)}b"  # 4.0000000001 is not 4's file
 
 
 def default_out(source: str, method: str, size: int | float | None) -> Path:
@@ -99,7 +99,7 @@ def compress(model: str | os.PathLike | OpenedModel | None, recipe: Recipe | str
     if not write and out is not None:
         raise OptionError(f"out={str(out)!r} names a file to write, and write=False writes none: give one of them")
     if write and out is not None:
-        check_output_file(out, force, inputs=[model if isinstance(model, str) else None])  # before the slow part
+        check_output_file(out, force, inputs=[model if isinstance(model, str) else None, recipe.weights_text])  # first
     opened = model if isinstance(model, OpenedModel) else open_model(
         model, device=device, load="full" if recipe.heal is not None else "embedding",
         trust_remote_code=trust_remote_code)
@@ -116,7 +116,7 @@ def compress(model: str | os.PathLike | OpenedModel | None, recipe: Recipe | str
         label = recipe.spec.file_label(recipe) if recipe.spec.file_label else method  # int4 at another group: int4g16
         label += "-norms" if recipe.norms else ""  # row lengths stored: another size, so another name
         out_path = check_output_file(out or default_out(opened.source, label, size), force,
-                                     inputs=[opened.path, opened.source])
+                                     inputs=[opened.path, opened.source, recipe.weights_text])
     check_finite(embedding, opened.embedding_name)
     factors = factorize(opened, size, recipe, device=device, progress=progress)
     metrics, seconds = factors.meta["metrics"], factors.meta["seconds"]

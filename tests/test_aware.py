@@ -280,7 +280,8 @@ def test_fit_cli_default_is_aware(tiny, text_file, tmp_path):
 
 
 def test_bench_method_names():
-    assert recipe("fit").method == "aware" and recipe("paper+heal").heal is not None
+    assert recipe("fit").method == "codebook" and recipe("fit", ranked=True).method == "aware"  # as `embzip fit`
+    assert recipe("paper+heal").heal is not None
     with pytest.raises(ValueError, match="known"):
         recipe("magic")
 

@@ -360,3 +360,15 @@ def test_bench_config_and_recipes_name_what_they_cannot_take(tiny, text_file):
         bench(tiny("gpt2"), text, config)
     with pytest.raises(OptionError, match="opened with its embedding alone"):
         bench(open_model(tiny("gpt2"), load="embedding"), text, config)
+
+
+def test_fit_in_a_bench_is_what_embzip_fit_runs_at_those_sizes():
+    from embzip.benchmark import BenchConfig
+    from embzip.errors import OptionError
+
+    assert BenchConfig(methods=["fit", "int8"], bits=[2.0]).methods == ["codebook", "int8"]
+    assert BenchConfig(methods=["fit+heal"]).methods == ["codebook+heal"]
+    assert BenchConfig(methods=["fit", "int8"], ranks=[4]).methods == ["aware", "int8"]
+    assert BenchConfig(methods=["fit"], ratios=[4.0]).methods == ["aware"]
+    with pytest.raises(OptionError, match="lists codebook twice: fit is codebook at these sizes"):
+        BenchConfig(methods=["fit", "codebook"])

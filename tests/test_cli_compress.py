@@ -54,6 +54,7 @@ def test_ratio_picks_the_rank(tiny, tmp_path):
     (["fit", "--method", "int4", "--group-size", 16], ".int4g16.safetensors"),  # not the name of group 32's file
     (["fit", "--method", "wsvd", "--rank", 3, "--keep-norms"], ".wsvd-norms-r3.safetensors"),  # not the plain file's
     (["fit", "--method", "wsvd", "--rank", 3], ".wsvd-r3.safetensors"),
+    (["fit", "--bits", "4.0000000001", "--self-tokens", 0], ".codebook-4.0000000001b.safetensors"),  # not 4b's file
 ])
 def test_default_out_name(tiny, tmp_path, monkeypatch, args, suffix):
     monkeypatch.chdir(tmp_path)

@@ -233,3 +233,53 @@ def test_sigterm_in_bench_keeps_finished_rows_and_exits_143(tiny, text_file, tmp
     report = json.loads(result.stdout)
     assert report["interrupted"] and [r["rank"] for r in report["rows"]] == [None, 2]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is removed when the command ends
+
+
+@pytest.mark.parametrize("sig, code, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_a_signal_swallowed_inside_a_library_still_ends_as_that_signal(tiny, tmp_path, monkeypatch, sig, code, word):
+    """Ctrl-C or SIGTERM that lands inside a lazy import which swallows it leaves a half-imported module, whose next
+    use fails with some other error (numpy: RecursionError): the command still ends as interrupted, in one line."""
+    import embzip.pipeline as pipeline
+
+    def swallowed(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), getattr(signal, sig))  # a real signal; the handler raises at the next bytecode
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:  # what the import machinery did with it
+            pass
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(pipeline, "compress", swallowed)
+    # as a fresh process has it (a command run before in this process ignores signals once it has finished)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = runner.invoke(app, ["svd", tiny("gpt2"), "--rank", "2", "--out", str(tmp_path / "f.safetensors"),
+                                     "-q"])
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert result.exit_code == code and f"{word}: nothing was written" in result.stderr
+    assert "Traceback" not in result.output and "RecursionError" not in result.output
+
+
+def test_a_writer_refused_by_the_operating_system_is_one_line_naming_the_file(tmp_path):
+    """safetensors reports the OS's refusal (a read-only or special file system) as its own error: it becomes an
+    OutputError saying which file and why, and nothing is left behind."""
+    from safetensors import SafetensorError
+
+    from embzip.errors import OutputError
+    from embzip.outputs import atomic_write
+
+    def refused(tmp):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 13, kind: PermissionDenied, message: '
+                              '"Permission denied" })')
+
+    with pytest.raises(OutputError, match=r"could not write .*f.safetensors: Permission denied$"):
+        atomic_write(tmp_path / "f.safetensors", refused)
+    assert list(tmp_path.iterdir()) == []
+
+    def a_bug(tmp):
+        raise SafetensorError("tensor is not contiguous")
+
+    with pytest.raises(SafetensorError, match="not contiguous"):  # not about writing: left as it is
+        atomic_write(tmp_path / "f.safetensors", a_bug)

@@ -112,20 +112,25 @@ class Recipe:
         return out
 
 
-def recipe(name: str, **overrides) -> Recipe:
-    """A recipe from a bench method name: a method, or fit (the default of `embzip fit`), each with an
-    optional '+heal' suffix for low-rank and codebook methods (e.g. aware+heal, codebook+heal)."""
+def fit_method(ranked: bool) -> str:
+    """What `embzip fit` runs without --method: aware when sized by --rank or --ratio, codebook otherwise."""
+    return "aware" if ranked else "codebook"
+
+
+def recipe(name: str, *, ranked: bool = False, **overrides) -> Recipe:
+    """A recipe from a bench method name: a method, or fit (the default of `embzip fit`: fit_method(ranked)), each
+    with an optional '+heal' suffix for low-rank and codebook methods (e.g. aware+heal, codebook+heal)."""
     base, _, extra = name.partition("+")
     if extra not in ("", "heal"):
         raise OptionError(f"unknown method suffix {'+' + extra!r} in {name!r}; only +heal exists")
-    method = DEFAULT_FIT_METHOD if base == "fit" else base
+    method = fit_method(ranked) if base == "fit" else base
     r = Recipe(method=method, **overrides)
     if extra == "heal" and r.heal is None:
         r = replace(r, heal=HealConfig())
     return r
 
 
-def _bits_name(bits: float) -> str:
+def bits_name(bits: float) -> str:
     """Bits per weight as given, in four digits unless they would round it to another number (4.9999999 is not 5)."""
     short = f"{bits:.4g}"
     return short if float(short) == bits else repr(float(bits))
@@ -153,7 +158,7 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
         if spec.sized_by != RANK:  # a budget in bits; a refusal says what the ratio came to
             try:
                 return resolve_size(r, bits=source_bits / ratio, vocab=vocab, hidden=hidden, dtype=dtype)
-            except RankError as e:
+            except (RankError, OptionError) as e:  # a codebook's budget is refused as an OptionError
                 raise RankError(f"--ratio {ratio:g} is {source_bits / ratio:.4g} bits per weight for this "
                                 f"{dtype_text} embedding: {e}") from None
     if bits is not None and not (0 < bits < source_bits):
@@ -172,14 +177,14 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
             return rank_for_ratio(source_bits / bits, vocab, hidden, **kw)
         except RankError:
             one = stored_bits * factored_params(vocab, hidden, 1, bias=r.bias, norms=r.norms) / (vocab * hidden)
-            raise RankError(f"no rank of {spec.name} fits in {_bits_name(bits)} bits per weight for a {vocab} x "
+            raise RankError(f"no rank of {spec.name} fits in {bits_name(bits)} bits per weight for a {vocab} x "
                             f"{hidden} embedding ({stored_bits}-bit factors): rank 1 takes {one:.3g}; "
                             "use --method codebook for smaller sizes") from None
     if spec.sized_by == FIXED:
         own = spec.fixed_bits(vocab, hidden, dtype, r)
         if bits is not None and bits < own:
             raise RankError(f"method {spec.name} stores {own:.4g} bits per weight for this embedding and cannot "
-                            f"reach {_bits_name(bits)}; use --method codebook --bits {_bits_name(bits)}")
+                            f"reach {bits_name(bits)}; use --method codebook --bits {bits_name(bits)}")
         return None
     if bits is None:  # the recipe's own budget (CodebookConfig.bits, 2 by default) where no size is given
         bits = r.codebook.bits if spec.kind == "codebook" else spec.default_bits
@@ -206,5 +211,5 @@ def make_factors(opened, size, recipe: Recipe, *, device: str = "cpu", progress:
     return compressed, details
 
 
-__all__ = ["BITS", "DEFAULT_FIT_METHOD", "FIXED", "METHODS", "Method", "RANK", "REGISTRY", "Recipe", "make_factors",
-           "recipe", "resolve_size"]
+__all__ = ["BITS", "DEFAULT_FIT_METHOD", "FIXED", "METHODS", "Method", "RANK", "REGISTRY", "Recipe", "bits_name",
+           "fit_method", "make_factors", "recipe", "resolve_size"]
