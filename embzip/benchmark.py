@@ -461,6 +461,16 @@ def columns(report: dict[str, Any]) -> list[str]:
     return [c for c in COLUMNS if c in present]
 
 
+def _csv_cell(value: Any) -> Any:
+    """A row's value in bench.csv as bench.json writes it: true / false, and empty where JSON has null (none, or a
+    number that is not finite)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return ""
+    return value
+
+
 def write_outputs(report: dict[str, Any], out: Path) -> None:
     """bench.json, bench.csv and bench.png in `out`, put in place together (outputs.write_files)."""
     from .outputs import write_files
@@ -469,7 +479,7 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
         with open(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns(report), extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(report["rows"])
+            writer.writerows({key: _csv_cell(value) for key, value in row.items()} for row in report["rows"])
 
     try:
         import matplotlib  # noqa: F401

@@ -53,7 +53,9 @@ def test_json_matches_csv(gpt2_run):
     for row, line in zip(report["rows"], table):
         for key, value in line.items():
             expected = row.get(key)
-            if isinstance(expected, float):
+            if isinstance(expected, bool):  # as JSON writes them
+                assert value == ("true" if expected else "false")
+            elif isinstance(expected, float):
                 assert float(value) == pytest.approx(expected)
             else:
                 assert value == ("" if expected is None else str(expected))
