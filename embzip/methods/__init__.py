@@ -18,8 +18,8 @@ or codebook method can be followed by healing (heal.py).
 from __future__ import annotations
 
 import math
-from numbers import Real
 from dataclasses import dataclass, field, replace
+from numbers import Real
 from typing import Any
 
 import torch
