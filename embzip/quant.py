@@ -113,8 +113,9 @@ class Quantized(TensorSet):
         names = set(tensors)
         if names == {Q8, SCALE}:
             q, scale = tensors[Q8], tensors[SCALE]
-            ok = q.dtype == torch.int8 and q.ndim == 2 and tuple(scale.shape) == (q.shape[0],) \
-                and (q.numel() == 0 or int(q.min()) >= -127)  # levels -127..127
+            ok = q.dtype == torch.int8 and q.ndim == 2 and tuple(scale.shape) == (q.shape[0],)
+            if ok and q.numel() and int(q.min()) < -127:  # levels -127..127: the grid is symmetric
+                raise FactorsError(f"q8 holds the level {int(q.min())}; int8 levels are -127..127 (docs/format.md)")
             shape = tuple(q.shape)
         elif names == {Q4, SCALE, OFFSET}:
             q, scale, offset = tensors[Q4], tensors[SCALE], tensors[OFFSET]
