@@ -63,7 +63,12 @@ class Checkpoint:
 
     def entry(self, name: str) -> dict[str, Any]:
         """{dtype, shape, data_offsets} of one tensor."""
-        return self.header(self.weight_map[name])[1][name]
+        file = self.weight_map[name]
+        tensors = self.header(file)[1]
+        if name not in tensors:  # an index that names the wrong shard
+            raise ModelError(f"{self.directory}'s index says tensor {name} is in {file}, which does not hold it; "
+                             "the index or the shards are damaged: download or convert the model again")
+        return tensors[name]
 
     def main_dtype(self, exclude: str | None = None) -> str | None:
         """The floating dtype (torch's name) that holds most of the stored numbers outside tensor `exclude`, or None.

@@ -317,13 +317,35 @@ def outputs(model: Any, input_ids, attention_mask=None) -> Any:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _model_class(config: Any, want: str | None):
+def _model_class(config: Any, want: str | None, source: str = "the model"):
     import transformers
 
-    want = want or kind_of(getattr(config, "architectures", None) or [])
+    architectures = getattr(config, "architectures", None) or []
+    if want is None and not architectures:  # transformers' Auto classes would take anything: a guess, not a kind
+        raise ModelError(f"{source}'s config.json names no architectures, so whether it is a causal LM, a masked LM or "
+                         "an encoder cannot be told (its head would be guessed); add the class it was saved from, "
+                         'e.g. "architectures": ["LlamaForCausalLM"], or give open_model(..., kind=...)')
+    want = want or kind_of(architectures)
     auto = {MASKED_LM: transformers.AutoModelForMaskedLM, CAUSAL_LM: transformers.AutoModelForCausalLM,
             ENCODER: transformers.AutoModel}[want]
     return auto, want
+
+
+def _check_loaded(model: Any, loading: dict, source: str) -> None:
+    """Refuse a checkpoint that lacks the embedding or an untied output head: transformers fills a missing weight
+    with random values and only logs it, and every figure measured after would be of a random head."""
+    missing = set(loading.get("missing_keys") or ())
+    if not missing:
+        return
+    head = model.get_output_embeddings()
+    vital = {id(getattr(module, "weight", None)): module is head for module in (model.get_input_embeddings(), head)
+             if module is not None}
+    lost = sorted(name for name, p in model.named_parameters() if name in missing and id(p) in vital)
+    if lost:
+        untied = any(vital[id(p)] for name, p in model.named_parameters() if name in lost)
+        why = " (its config unties the output head: tie_word_embeddings false)" if untied else ""
+        raise ModelError(f"{source}'s weights lack {', '.join(lost)}{why}; transformers would fill them with random "
+                         "values, so the files are incomplete: download or convert the model again")
 
 
 def refuse_embedding_only(opened: Any, why: str) -> None:
@@ -615,7 +637,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
         raise _load_error(source, exc, "open") from None
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
-    auto, kind = _model_class(config, kind)
+    auto, kind = _model_class(config, kind, source)
     if load in ("embedding", "stream") and dtype is None:
         from .checkpoint import open_embedding
 
@@ -637,9 +659,10 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
     try:
         with warnings.catch_warnings():  # torch warns about the pickle it then refuses; the error says it all
             warnings.simplefilter("ignore", UserWarning)
-            model = auto.from_pretrained(path, **kwargs)
+            model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except errors as exc:
         raise _load_error(source, exc) from None
+    _check_loaded(model, loading, source)
     model.eval()
     if placement is None:
         model.to(device)

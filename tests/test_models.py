@@ -227,7 +227,8 @@ def _fake_gguf(tmp_path, tiny, monkeypatch):
 
     def convert(cls, *args, **kwargs):
         conversions.append(1)
-        return cls.__wrapped_from_pretrained__(tiny("llama"))
+        info = {k: v for k, v in kwargs.items() if k == "output_loading_info"}  # as open_model asks for it
+        return cls.__wrapped_from_pretrained__(tiny("llama"), **info)
 
     for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
         monkeypatch.setattr(cls, "__wrapped_from_pretrained__", cls.from_pretrained, raising=False)
@@ -301,3 +302,57 @@ def test_fast_product_says_where_a_16_bit_product_is_worth_computing_in(bf16_uni
     assert models.fast_product(torch.bfloat16, gpu) and models.fast_product(torch.float16, gpu)
     assert models.sixteen_bit(torch.bfloat16) and models.sixteen_bit(torch.float16)
     assert not models.sixteen_bit(torch.float32)
+
+
+def test_a_config_without_architectures_is_refused_unless_the_kind_is_given(tiny, tmp_path):
+    """transformers' Auto classes load such a config as any kind; embzip would have guessed "encoder" and dropped a
+    causal LM's head."""
+    import shutil
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny("gpt2"), model)
+    config = json.loads((model / "config.json").read_text())
+    config.pop("architectures")
+    (model / "config.json").write_text(json.dumps(config))
+    for load in ("full", "embedding"):
+        with pytest.raises(ModelError, match="config.json names no architectures, so whether it is a causal LM"):
+            open_model(model, load=load)
+    assert open_model(model, kind="causal-lm").model.__class__.__name__ == "GPT2LMHeadModel"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_checkpoint_missing_its_untied_head_is_refused_not_given_a_random_one(tiny, tmp_path, dtype):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from embzip.modeldir import apply_factors
+    from embzip.svd import svd_factors
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny("llama-untied", dtype), model)
+    weights = load_file(model / "model.safetensors")
+    factors = svd_factors(weights["model.embed_tokens.weight"], 4)
+    del weights["lm_head.weight"]
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="weights lack lm_head.weight \\(its config unties the output head"):
+        open_model(model)
+    with pytest.raises(ModelError, match="weights lack lm_head.weight"):
+        apply_factors(str(model), factors, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert open_model(model, load="embedding").embedding.shape == factors.shape  # the matrix alone is whole
+
+
+def test_an_index_that_names_the_wrong_shard_says_so(tiny, tmp_path):
+    import transformers
+
+    model = tmp_path / "m"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny("llama-untied")).save_pretrained(model,
+                                                                                           max_shard_size="20KB")
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    index["weight_map"]["model.embed_tokens.weight"] = next(f for f in files if f != index["weight_map"][
+        "model.embed_tokens.weight"])
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="index says tensor model.embed_tokens.weight is in .*, which does not hold it"):
+        open_model(model, load="embedding")
