@@ -23,7 +23,7 @@ import torch
 
 from . import options
 from .factors import Factors
-from .svd import check_inputs, factor_rows, project, top_directions
+from .svd import check_inputs, factor_rows, project, record_fit, top_directions
 
 
 @dataclass
@@ -59,9 +59,10 @@ def normalised_metric(second_moment: torch.Tensor | None, gamma: float, hidden: 
 
 
 def aware_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor | None = None,
-                  metric: torch.Tensor | None = None, keep_norms: bool = False, device: str = "cpu") -> Factors:
+                  metric: torch.Tensor | None = None, keep_norms: bool = False, device: str = "cpu",
+                  measure: bool = True) -> Factors:
     """Weighted, metric-aware truncated SVD of `embedding`; plain SVD when both are None. Made in float32, with the
-    embedding's bits recorded as in svd_factors."""
+    embedding's bits and (with `measure`) its fit recorded as in svd_factors."""
     device = check_inputs(embedding, rank, weights, metric, device)
     meta = {"source_bits": torch.finfo(embedding.dtype).bits}
     e, norms = embedding, None  # read in row chunks throughout: no float32 copy of a bf16 matrix
@@ -70,12 +71,14 @@ def aware_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor |
         e = _Transformed(embedding, None, 1 / norms.clamp_min(1e-12))
     if metric is None:
         plain = factor_rows(e, rank, weights=weights, device=device)
-        return Factors(plain.codes, plain.decoder, norms=norms, meta=meta)
+        factors = Factors(plain.codes, plain.decoder, norms=norms, meta=meta)
+        return record_fit(factors, embedding) if measure else factors
     root, inv_root = _sqrt_and_inverse(metric)
     directions, _ = top_directions(_Transformed(e, root.float()), rank, weights, device)
     codes = project(e, (root.float() @ directions), device)
     decoder = (directions.T.double() @ inv_root).float().contiguous()
-    return Factors(codes, decoder, norms=norms, meta=meta)
+    factors = Factors(codes, decoder, norms=norms, meta=meta)
+    return record_fit(factors, embedding) if measure else factors
 
 
 class _Transformed:

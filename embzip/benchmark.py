@@ -60,8 +60,7 @@ class BenchConfig:
         self.device = resolve_device(self.device)  # "auto" picked once; a GPU asked of a machine without one refused
         options.distinct(options.flagged("methods"), self.methods)
         # fit is what `embzip fit` runs at these sizes: aware with ranks or ratios, codebook otherwise
-        named = [name.replace("fit", fit_method(self.ranks is not None or self.ratios is not None), 1)
-                 if name.partition("+")[0] == "fit" else name for name in self.methods]
+        named = [self.runs(name) for name in self.methods]
         if len(set(named)) != len(named):
             twice = next(name for name in named if named.count(name) > 1)
             raise OptionError(f"{options.flagged('methods')} lists {twice} twice: fit is {twice} at these sizes")
@@ -81,6 +80,12 @@ class BenchConfig:
         for name in ("sentences", "latency_repeats"):  # the library's alone
             options.positive(name, getattr(self, name), integer=True)
         options.seed(options.flagged("seed"), self.seed)
+
+    def runs(self, name: str) -> str:
+        """The method a listed name runs at these sizes: fit (+heal) as `embzip fit` would, others as named."""
+        if name.partition("+")[0] != "fit":
+            return name
+        return name.replace("fit", fit_method(self.ranks is not None or self.ratios is not None), 1)
 
     def _check_sizes_are_used(self, kinds: set[str]) -> None:
         """A list of sizes no chosen method reads (`kinds`: how the methods are sized) is an error, not a no-op
@@ -344,7 +349,8 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     if not isinstance(config, BenchConfig):
         raise TypeError(f"config must be an embzip.BenchConfig, got {type(config).__name__}")
     refuse_embedding_only(opened, "the bench runs the model")
-    for name, given_recipe in (recipes or {}).items():
+    recipes = {config.runs(name): r for name, r in (recipes or {}).items()}  # keyed "fit" too, as it was listed
+    for name, given_recipe in recipes.items():
         if name not in config.methods:
             raise OptionError(f"recipes names {name!r}, which is not among the methods benched "
                               f"({', '.join(config.methods)})")

@@ -317,11 +317,13 @@ def outputs(model: Any, input_ids, attention_mask=None) -> Any:
     return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
 
 
-def _model_class(config: Any, want: str | None, source: str = "the model"):
+def _model_class(config: Any, want: str | None, source: str = "the model", guess: bool = False):
+    """The Auto class and kind of a config; without `architectures` (or `want`) refused unless `guess` (work on the
+    matrix alone, where the kind decides nothing: an encoder is assumed)."""
     import transformers
 
     architectures = getattr(config, "architectures", None) or []
-    if want is None and not architectures:  # transformers' Auto classes would take anything: a guess, not a kind
+    if want is None and not architectures and not guess:  # the Auto classes would take any kind: a guess
         raise ModelError(f"{source}'s config.json names no architectures, so whether it is a causal LM, a masked LM or "
                          "an encoder cannot be told (its head would be guessed); add the class it was saved from, "
                          'e.g. "architectures": ["LlamaForCausalLM"], or give open_model(..., kind=...)')
@@ -637,7 +639,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
         raise _load_error(source, exc, "open") from None
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
-    auto, kind = _model_class(config, kind, source)
+    auto, kind = _model_class(config, kind, source, guess=load == "embedding")
     if load in ("embedding", "stream") and dtype is None:
         from .checkpoint import open_embedding
 

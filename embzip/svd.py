@@ -91,12 +91,23 @@ def project(embedding: torch.Tensor, directions: torch.Tensor, device: str = "cp
 
 
 def svd_factors(embedding: torch.Tensor, rank: int, *, weights: torch.Tensor | None = None,
-                device: str = "cpu") -> Factors:
+                device: str = "cpu", measure: bool = True) -> Factors:
     """Rank-`rank` factors of `embedding` by (weighted) truncated SVD; no bias. Made in float32; `meta` records the
-    embedding's bits (source_bits), so a file saved from them states its compression ratio against it."""
+    embedding's bits (source_bits), so a file saved from them states its compression ratio against it, and with
+    `measure` how well they rebuild it (metrics: one more pass over the matrix), so splice.check_source can tell
+    its model from another of the same shape."""
     device = check_inputs(embedding, rank, weights, device=device)
-    return factor_rows(embedding, rank, weights=weights, device=device,
-                       meta={"source_bits": torch.finfo(embedding.dtype).bits})
+    factors = factor_rows(embedding, rank, weights=weights, device=device,
+                          meta={"source_bits": torch.finfo(embedding.dtype).bits})
+    return record_fit(factors, embedding) if measure else factors
+
+
+def record_fit(factors: Factors, embedding: torch.Tensor) -> Factors:
+    """`factors` with meta["metrics"]: their reconstruction metrics against `embedding`."""
+    from .compressed import reconstruction_metrics
+
+    factors.meta["metrics"] = reconstruction_metrics(embedding, factors)
+    return factors
 
 
 def factor_rows(rows, rank: int, *, weights: torch.Tensor | None = None, device: str = "cpu",

@@ -399,20 +399,24 @@ def test_a_module_without_a_weight_matrix_is_not_taken_for_a_compressed_embeddin
         opened.embedding
 
 
-def test_factors_that_record_no_fit_are_still_refused_for_an_unrelated_model(tiny, tmp_path):
-    """Factors made in memory (svd_factors) record no fit to compare with; on a model whose rows they do not
-    resemble at all (same shape, another embedding) they are refused, and on their own model taken."""
+def test_factors_made_in_memory_record_their_fit_so_an_unrelated_model_is_refused(tiny, tmp_path):
+    """svd_factors records how well its factors rebuild their matrix; on a model whose rows they do not resemble
+    (same shape, another embedding) they are refused, and on their own model taken, at any rank."""
     from embzip.errors import FactorsError
+    from embzip.splice import check_source
 
     opened = open_model(tiny("gpt2"))
     factors = svd_factors(opened.embedding.detach(), 8)
+    assert factors.meta["metrics"]["cosine_distance"] < 0.5
+    check_source(opened.model, svd_factors(opened.embedding.detach(), 1))  # a poor fit of its own model: taken
+    assert "metrics" not in svd_factors(opened.embedding.detach(), 8, measure=False).meta
     other = tmp_path / "other"
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny("gpt2"))
     with torch.no_grad():
         torch.manual_seed(3)
         model.get_input_embeddings().weight.normal_()
     model.save_pretrained(other)
-    with pytest.raises(FactorsError, match="as far as unrelated directions"):
+    with pytest.raises(FactorsError, match="they were made for another model of the same shape"):
         apply_factors(str(other), factors, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     apply_factors(opened, factors, tmp_path / "mine")  # their own model: taken

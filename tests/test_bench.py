@@ -374,3 +374,4 @@ def test_fit_in_a_bench_is_what_embzip_fit_runs_at_those_sizes():
     assert BenchConfig(methods=["fit"], ratios=[4.0]).methods == ["aware"]
     with pytest.raises(OptionError, match="lists codebook twice: fit is codebook at these sizes"):
         BenchConfig(methods=["fit", "codebook"])
+    assert BenchConfig(methods=["fit"], bits=[2.0]).runs("fit+heal") == "codebook+heal"

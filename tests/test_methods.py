@@ -409,3 +409,13 @@ def test_the_library_names_what_it_cannot_take(tiny):
         compress(embedding_only, "aware", rank=4, write=False)
     with pytest.raises(OptionError, match="opened with its embedding alone .* and perplexity runs the model"):
         perplexity(embedding_only, load_text(None))
+
+
+def test_numpy_sizes_are_sizes_as_given(tiny):
+    import numpy as np
+
+    from embzip.methods import bits_name
+
+    assert resolve_size(recipe("svd"), rank=np.int64(8), vocab=1000, hidden=64, dtype=torch.float32) == 8
+    assert type(resolve_size(recipe("svd"), rank=np.int64(8), vocab=1000, hidden=64, dtype=torch.float32)) is int
+    assert bits_name(np.float32(4.1)) == "4.1" and bits_name(4.0000000001) == "4.0000000001" and bits_name(2.0) == "2"

@@ -131,9 +131,14 @@ def recipe(name: str, *, ranked: bool = False, **overrides) -> Recipe:
 
 
 def bits_name(bits: float) -> str:
-    """Bits per weight as given, in four digits unless they would round it to another number (4.9999999 is not 5)."""
-    short = f"{bits:.4g}"
-    return short if float(short) == bits else repr(float(bits))
+    """Bits per weight as given, in four digits unless they would round it to another number (4.9999999 is not 5);
+    a numpy float32's 4.1 is 4.1, as it prints."""
+    try:
+        value = float(str(bits))
+    except ValueError:
+        value = float(bits)
+    short = f"{value:.4g}"
+    return short if float(short) == value else repr(value)
 
 
 def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = None, bits: float | None = None,
@@ -167,7 +172,7 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
     if spec.sized_by == RANK:
         kw = dict(bias=r.bias, norms=r.norms, source_bits=source_bits, stored_bits=stored_bits)
         if rank is not None:
-            return check_rank(rank, vocab, hidden, **kw)
+            return int(check_rank(rank, vocab, hidden, **kw))  # a numpy integer is a rank too, named r8 and in JSON
         if ratio is not None:
             return rank_for_ratio(ratio, vocab, hidden, **kw)
         if bits is None:

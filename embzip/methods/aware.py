@@ -9,7 +9,7 @@ def make(inputs, rank, recipe):
     weights = inputs.weights() if config.row_weights else None
     metric = inputs.metric(config.output_metric, config.metric_tokens)
     return aware_factors(inputs.embedding, rank, weights=weights, metric=metric, keep_norms=config.keep_norms,
-                         device=inputs.device), {}
+                         device=inputs.device, measure=False), {}
 
 
 METHOD = register(Method(

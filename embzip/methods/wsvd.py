@@ -6,7 +6,7 @@ from .base import RANK, Method, register
 
 def make(inputs, rank, recipe):
     return aware_factors(inputs.embedding, rank, weights=inputs.weights(), keep_norms=recipe.aware.keep_norms,
-                         device=inputs.device), {}
+                         device=inputs.device, measure=False), {}
 
 
 METHOD = register(Method("wsvd", "lowrank", RANK, "SVD weighted by token counts", make, uses_text=True,
