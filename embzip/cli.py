@@ -636,7 +636,8 @@ def bench(model: ModelArg = None,
                    "weighted by token counts), aware (embzip's data-aware SVD), int8 and int4 (quantization "
                    "baselines), codebook (learned codebooks), fit (the default of `embzip fit`: aware with "
                    "--ranks or --ratios, codebook otherwise); add +heal to a low-rank or codebook method for a "
-                   "short distillation after it, e.g. codebook+heal (slow on a CPU for large models). Default: svd, aware, int8, int4 and codebook.", show_default=False)
+                   "short distillation after it, e.g. codebook+heal (slow on a CPU for large models). Default: svd, "
+                   "aware, int8, int4 and codebook.", show_default=False)
           ] = "svd,aware,int8,int4,codebook",
           text: TextOpt = None, dataset: DatasetOpt = None,
           weights_text: Annotated[Optional[Path], typer.Option(

@@ -341,13 +341,12 @@ def _check_loaded(model: Any, loading: dict, source: str) -> None:
         return
     head = model.get_output_embeddings()
     vital = {id(getattr(module, "weight", None)): module is head for module in (model.get_input_embeddings(), head)
-             if module is not None}
-    lost = sorted(name for name, p in model.named_parameters() if name in missing and id(p) in vital)
+             if module is not None}  # weight -> whether it is the output head's
+    lost = {name: vital[id(p)] for name, p in model.named_parameters() if name in missing and id(p) in vital}
     if lost:
-        untied = any(vital[id(p)] for name, p in model.named_parameters() if name in lost)
-        why = " (its config unties the output head: tie_word_embeddings false)" if untied else ""
-        raise ModelError(f"{source}'s weights lack {', '.join(lost)}{why}; transformers would fill them with random "
-                         "values, so the files are incomplete: download or convert the model again")
+        why = " (its config unties the output head: tie_word_embeddings false)" if any(lost.values()) else ""
+        raise ModelError(f"{source}'s weights lack {', '.join(sorted(lost))}{why}; transformers would fill them with "
+                         "random values, so the files are incomplete: download or convert the model again")
 
 
 def refuse_embedding_only(opened: Any, why: str) -> None:

@@ -11,7 +11,7 @@ from embzip.aware import aware_factors, hidden_second_moment, normalised_metric
 from embzip.cli import app
 from embzip.factors import load_factors
 from embzip.heal import CODEBOOK_LR, LOWRANK_LR, HealConfig, heal
-from embzip.methods import Recipe, make_factors, recipe
+from embzip.methods import Recipe, fit_method, make_factors, recipe
 from embzip.models import open_model
 from embzip.svd import svd_factors
 from embzip.texts import Text
@@ -280,7 +280,7 @@ def test_fit_cli_default_is_aware(tiny, text_file, tmp_path):
 
 
 def test_bench_method_names():
-    assert recipe("fit").method == "codebook" and recipe("fit", ranked=True).method == "aware"  # as `embzip fit`
+    assert recipe("fit").method == "codebook" and fit_method(True) == "aware"  # as `embzip fit`
     assert recipe("paper+heal").heal is not None
     with pytest.raises(ValueError, match="known"):
         recipe("magic")

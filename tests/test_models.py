@@ -355,5 +355,5 @@ def test_an_index_that_names_the_wrong_shard_says_so(tiny, tmp_path):
     index["weight_map"]["model.embed_tokens.weight"] = next(f for f in files if f != index["weight_map"][
         "model.embed_tokens.weight"])
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelError, match="index says tensor model.embed_tokens.weight is in .*, which does not hold it"):
+    with pytest.raises(ModelError, match="index says tensor model.embed_tokens.weight is in .*, which does not hold"):
         open_model(model, load="embedding")

@@ -48,8 +48,8 @@ def test_numpy_integers_are_sizes_too():
     assert compression_ratio(np.int64(1000), np.int32(100), np.int64(10)) == compression_ratio(1000, 100, 10)
 
 
-@pytest.mark.parametrize("vocab,hidden,bias,norms", [(105, 32, False, False), (30522, 384, True, True), (20, 64, False, True),
-                                                    (262144, 640, False, False)])
+@pytest.mark.parametrize("vocab,hidden,bias,norms", [(105, 32, False, False), (30522, 384, True, True),
+                                                    (20, 64, False, True), (262144, 640, False, False)])
 @pytest.mark.parametrize("source_bits,stored_bits", [(32, 16), (16, 16), (32, 32)])
 def test_sizes_count_bytes_and_stop_at_the_matrix_rank(vocab, hidden, bias, norms, source_bits, stored_bits):
     bits = dict(bias=bias, norms=norms, source_bits=source_bits, stored_bits=stored_bits)

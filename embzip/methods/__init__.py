@@ -117,13 +117,14 @@ def fit_method(ranked: bool) -> str:
     return "aware" if ranked else "codebook"
 
 
-def recipe(name: str, *, ranked: bool = False, **overrides) -> Recipe:
-    """A recipe from a bench method name: a method, or fit (the default of `embzip fit`: fit_method(ranked)), each
-    with an optional '+heal' suffix for low-rank and codebook methods (e.g. aware+heal, codebook+heal)."""
+def recipe(name: str, **overrides) -> Recipe:
+    """A recipe from a bench method name: a method, or fit (the default of `embzip fit` without a rank: codebook;
+    BenchConfig names what fit runs at its sizes first), each with an optional '+heal' suffix for low-rank and
+    codebook methods (e.g. aware+heal, codebook+heal)."""
     base, _, extra = name.partition("+")
     if extra not in ("", "heal"):
         raise OptionError(f"unknown method suffix {'+' + extra!r} in {name!r}; only +heal exists")
-    method = fit_method(ranked) if base == "fit" else base
+    method = fit_method(False) if base == "fit" else base
     r = Recipe(method=method, **overrides)
     if extra == "heal" and r.heal is None:
         r = replace(r, heal=HealConfig())
