@@ -216,6 +216,16 @@ def _setup_logging(quiet: bool) -> None:
             sys.modules["datasets"].disable_progress_bars()
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so what is left in its buffer does not fail again when Python exits."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real file behind sys.stdout
+        pass
+
+
 def _what_was_written() -> str:
     """For a signal's message: what the command had already put in place (a signal can arrive just after)."""
     from .outputs import written
@@ -231,13 +241,15 @@ def command(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .outputs import forget_written, received_signal, received_sigterm, sigterm_as_interrupt
+        from .outputs import forget_written, received_signal, received_sigterm, sigterm_as_interrupt, written
 
         _setup_logging(kwargs.get("quiet", False))
         forget_written()
         with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                sys.stdout.flush()  # a reader that went away is seen here, where the command can say what it wrote
+                return result
             except EmbzipError as exc:
                 _error_line("error", str(exc))
                 raise typer.Exit(exc.exit_code) from None
@@ -252,6 +264,11 @@ def command(fn):
                     terminated = received_sigterm()
                     _error_line("terminated" if terminated else "interrupted", _what_was_written())
                     raise typer.Exit(Terminated.exit_code if terminated else 130) from None
+                if isinstance(exc, BrokenPipeError):  # stdout's reader went away (`| head`): quiet, as in a pipeline,
+                    _stdout_to_devnull()  # unless the output is already in place, which a script must hear of
+                    if written():
+                        _error_line("error", f"standard output's reader went away ({_what_was_written()})")
+                    raise typer.Exit(1) from None
                 problem = resource_problem(exc)
                 if problem is None:
                     raise
@@ -278,9 +295,13 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(words)
 
 
+def _print_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(jsonout.dumps(document) + "\n")
+
+
 def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
-        sys.stdout.write(jsonout.dumps(summary) + "\n")
+        _print_json(summary)
         return
     from rich.console import Console
     from rich.table import Table
@@ -693,7 +714,7 @@ def bench(model: ModelArg = None,
     opened = open_model(model, device=device_name, trust_remote_code=trust_remote_code)
     report = run(opened, source, config, out=out, recipes=recipes, progress=not quiet)
     if as_json:
-        sys.stdout.write(jsonout.dumps(report) + "\n")
+        _print_json(report)
     else:
         from .report import table
 

@@ -1004,7 +1004,14 @@ def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:
     if t.is_floating_point():
         return scale is None
     return (t.dtype == torch.int8 and scale is not None and scale.is_floating_point()
-            and tuple(scale.shape) == (hidden,) and (t.numel() == 0 or int(t.min()) >= -127))  # levels -127..127
+            and tuple(scale.shape) == (hidden,))
+
+
+def _check_levels(tensors: dict[str, torch.Tensor], name: str, what: str) -> None:
+    """An int8 table's levels run -127..127 (symmetric about 0, as round8 writes them): -128 is refused by name."""
+    t = tensors[name]
+    if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
+        raise FactorsError(f"codebook {what} holds the level -128; int8 tables use -127..127 (docs/format.md)")
 
 
 def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
@@ -1013,6 +1020,7 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
     if transform is None or transform.ndim != 2 or not _table_ok(tensors, "transform", transform.shape[0]):
         raise FactorsError("codebook tensors need a square 'transform': int8 with 'transform.scale' (one float per "
                            "row), or floats")
+    _check_levels(tensors, "transform", "transform")
     hidden, vocab, s = transform.shape[0], None, 0
     while f"stage{s}.codes" in tensors:
         codes, book, sizes, rows = (tensors.get(f"stage{s}.{n}") for n in ("codes", "codebook", "sizes", "rows"))
@@ -1022,6 +1030,7 @@ def check_tensors(tensors: dict[str, torch.Tensor]) -> tuple[int, int]:
                 or codes.shape[1] * _per_byte(book.shape[0]) < len(sizes):
             raise FactorsError(f"codebook stage {s} is inconsistent (codes uint8 V x m, codebook K x {hidden} "
                                f"int8 with {hidden} float scales or floats, sizes int32 summing to {hidden})")
+        _check_levels(tensors, f"stage{s}.codebook", f"stage {s}'s codebook")
         top = int(unpack(codes, book.shape[0], len(sizes)).max()) if codes.numel() and len(book) < 256 else -1
         if top >= len(book):  # (uint8 indices cannot pass 255)
             raise FactorsError(f"codebook stage {s} has indices up to {top} but its codebook holds {len(book)} entries")

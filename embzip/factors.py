@@ -171,6 +171,9 @@ def _claims(path: Path, header: dict[str, str]) -> tuple[int, dict[str, Any]]:
         raise FactorsError(f"{path}: its '{META_KEY}' metadata is not JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise FactorsError(f"{path}: its '{META_KEY}' metadata is a JSON {type(meta).__name__}, expected an object")
+    if "format_version" in meta and meta["format_version"] != version:  # written together: they must agree
+        raise FactorsError(f"{path}: its header says format version {version} and its '{META_KEY}' metadata "
+                           f"{meta['format_version']!r}; the file was altered, fit the factors again")
     for key, kind in (("source", dict), ("settings", dict), ("metrics", dict)):
         if key in meta and not isinstance(meta[key], kind):
             raise FactorsError(f"{path}: metadata {key!r} is a {type(meta[key]).__name__}, expected an object")

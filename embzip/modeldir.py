@@ -341,8 +341,12 @@ def _stored_embedding(directory: str | os.PathLike, model: torch.nn.Module, conf
 
     from .compressed import kind_class
 
-    prefix = config.get("embedding_module") or _module_name(model, model.get_input_embeddings())
-    prefix += "."
+    module = _module_name(model, model.get_input_embeddings())
+    named = config.get("embedding_module") or module
+    if named != module:
+        raise ModelError(f"{directory}/config.json names {named!r} as the embedding module, but the "
+                         f"{type(model).__name__} it describes has its token embedding at {module!r}")
+    prefix = named + "."
     tensors = {}
     try:
         for file in stream.weight_files(directory, WEIGHTS.removesuffix(".safetensors")):
@@ -350,13 +354,19 @@ def _stored_embedding(directory: str | os.PathLike, model: torch.nn.Module, conf
                 tensors.update({key[len(prefix):]: f.get_tensor(key) for key in f.keys() if key.startswith(prefix)})
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ModelError(f"{directory}: cannot read {WEIGHTS} ({str(exc).splitlines()[0]})") from None
+    if not tensors:
+        raise ModelError(f"{directory}: {WEIGHTS} holds no tensors of the compressed embedding ({prefix}*); "
+                         "write the directory again with embzip apply")
     kind = config.get("kind", "lowrank")
     if kind != "lowrank":  # buffers named as splice.buffer_name wrote them
         tensors = {name.replace("__", "."): t for name, t in tensors.items()}
     if kind == "lowrank":
         names = {"codes": "codes", "decoder": "decoder", "bias": "decoder_bias", "norms": "norms"}
         tensors = {names[k]: v for k, v in tensors.items() if k in names}
-    return kind_class(kind).from_tensors(tensors, {})
+    compressed = kind_class(kind).from_tensors(tensors, {})
+    compressed.check_finite(f"{directory}'s compressed embedding", "the directory is damaged; write it again with "
+                            "embzip apply")
+    return compressed
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
@@ -367,8 +377,11 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise ModelError(f"{directory} is not a model directory ({exc})") from None
     if not isinstance(config, dict) or config.get("model_type") != "embzip":
         raise ModelError(f"{directory} is not an embzip-compressed directory; open it with transformers")
-    version = config.get("embzip_format_version", 0)
-    if isinstance(version, int) and version > DIR_FORMAT_VERSION:
+    version = config.get("embzip_format_version", 0)  # 0: directories from before it was recorded
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ModelError(f"{path} is not a valid embzip config: embzip_format_version is {version!r}, not a whole "
+                         "number; write the directory again with embzip apply")
+    if version > DIR_FORMAT_VERSION:
         raise ModelError(f"{directory} was written by a newer embzip (directory format {version}); upgrade embzip")
     problem = _config_problem(config)
     if problem:
@@ -408,6 +421,9 @@ def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, wri
     A model may keep some modules in float32 (`_keep_in_fp32_modules`) while the rest is bfloat16: loading
     the file into a model built all in bfloat16 would round them. Tensors written in the model's own dtype
     (`written`) take the dtype the model is built in (`built`), except a compressed embedding's stored tensors.
+    A tensor in any other dtype than those two and float32 (a float16 layer in a float32 or bfloat16 model's
+    file, which no embzip writes but a hand-edited file may hold) takes `built` too, as from_pretrained would
+    cast it; kept as it was, the first forward pass would fail on mixed dtypes.
     """
     from safetensors import safe_open
 
@@ -426,7 +442,10 @@ def _match_file_dtypes(model: torch.nn.Module, directory: str | os.PathLike, wri
             continue  # the strict load names it
         tensor = getattr(module, attr, None)
         # a compressed embedding's stored tensors keep their format whatever the model is built in (as under casts)
-        target = built if dtype == written and not isinstance(module, _CompactEmbedding) else dtype
+        if isinstance(module, _CompactEmbedding):
+            target = dtype
+        else:
+            target = dtype if dtype == torch.float32 and dtype != written else built
         if dtype is None or not isinstance(tensor, torch.Tensor) or tensor.dtype == target:
             continue
         if isinstance(tensor, torch.nn.Parameter):
@@ -459,6 +478,10 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
         if not isinstance(cls, type):
             raise ValueError(f"transformers has no model class {config['base_architecture']}")
         base_config = transformers.AutoConfig.for_model(base["model_type"]).__class__.from_dict(base)
+        expected = getattr(cls, "config_class", None)
+        if isinstance(expected, type) and not isinstance(base_config, expected):
+            raise ValueError(f"base_architecture {cls.__name__} takes a {expected.__name__}, but base_config is "
+                             f"a {type(base_config).__name__} (model_type {base['model_type']!r})")
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelError(f"{directory}/config.json names a model transformers cannot build: "
                          f"{str(exc).splitlines()[0]}") from None

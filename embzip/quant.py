@@ -98,8 +98,8 @@ def check_group(hidden: int, group: int, error: type[Exception] = FactorsError) 
         raise error(f"int4 group size must be an integer, got {group!r}")
     if group < 2 or group % 2 or hidden % group:
         sizes = [g for g in range(2, min(hidden, 256) + 1, 2) if hidden % g == 0]  # even sizes that divide it
-        raise error(f"int4 group size {group} does not divide the hidden size {hidden} into even groups; "
-                           f"use one of {', '.join(map(str, sizes)) or 'none (the hidden size is odd)'}")
+        raise error(f"int4 group size {group} does not divide the embedding's width {hidden} (its rows' length) "
+                    f"into even groups; use one of {', '.join(map(str, sizes)) or 'none (the width is odd)'}")
 
 
 @register

@@ -118,6 +118,13 @@ def world(tiny, tmp_path_factory):
     _edit_json(copy(factored, "baddtype") / "config.json", lambda c: c.update(dtype="float99"))
     _edit_json(copy(factored, "basedtype") / "config.json", lambda c: c["base_config"].update(dtype="float99"))
     _edit_json(copy(factored, "badarch") / "config.json", lambda c: c.update(base_architecture="NoSuchModel"))
+    _edit_json(copy(factored, "otherarch") / "config.json", lambda c: c.update(base_architecture="LlamaForCausalLM"))
+    _edit_json(copy(factored, "strversion") / "config.json", lambda c: c.update(embzip_format_version="x"))
+    _edit_json(copy(factored, "othermodule") / "config.json", lambda c: c.update(embedding_module="transformer.h"))
+    _edit_json(copy(factored, "nomodule") / "config.json", lambda c: c.update(embedding_module="transformer.nope"))
+    nan = load_file(factored / "embzip.safetensors")
+    nan["transformer.wte.codes"][0, 0] = float("nan")
+    save_file(nan, copy(factored, "nanemb") / "embzip.safetensors", metadata={"format": "pt"})
     ftrunc = copy(factored, "facttrunc") / "embzip.safetensors"
     ftrunc.write_bytes(ftrunc.read_bytes()[:3000])
     _plant_tokenizer_code(copy(factored, "hostile-factored"), marker)
@@ -191,6 +198,13 @@ ROWS = [
     (["perplexity", "{w}/baddtype"], 1, "dtype is 'float99'"),
     (["info", "{w}/basedtype"], 1, "base_config dtype is 'float99'"),
     (["info", "{w}/badarch"], 1, "no model class NoSuchModel"),
+    (["info", "{w}/otherarch"], 1, "base_architecture LlamaForCausalLM takes a LlamaConfig, but base_config is a "
+                                   "GPT2Config"),  # not an AttributeError from deep in transformers
+    (["info", "{w}/strversion"], 1, "embzip_format_version is 'x', not a whole number"),
+    (["info", "{w}/othermodule"], 1, "names 'transformer.h' as the embedding module, but the GPT2LMHeadModel it "
+                                     "describes has its token embedding at 'transformer.wte'"),
+    (["info", "{w}/nomodule"], 1, "names 'transformer.nope' as the embedding module"),
+    (["perplexity", "{w}/nanemb"], 1, "compressed embedding has 1 NaN or Inf value(s) in tensor 'codes'"),
     (["info", "{w}/facttrunc"], 1, "cannot read embzip.safetensors"),
     (["perplexity", "{w}/facttrunc"], 1, "cannot read embzip.safetensors"),
     (["apply", "{w}/factored", "{w}/f.safetensors", "-o", "out"], 1, "already compressed"),
@@ -244,7 +258,7 @@ ROWS = [
     (["perplexity", "{w}/model", "--window", "100000"], 2, "window 100000 is longer than the 64 positions"),
     (["perplexity", "{w}/model", "--window", "16", "--stride", "17"], 2, "stride 17 must be between 1 and the window"),
     (["fit", "{w}/model", "--method", "int4", "--group-size", "7"], 2,
-     "int4 group size 7 does not divide the hidden size 32 into even groups; use one of 2, 4, 8, 16, 32"),
+     "int4 group size 7 does not divide the embedding's width 32 (its rows' length) into even groups; use one of 2, 4, 8, 16, 32"),
     (["fit", "{w}/model", "--method", "codebook", "-k", "8", "-o", "{w}/f.safetensors"], 2,
      "takes no --rank"),  # the option's error first, not that the output exists
     (["fit", "{w}/model", "--bits", "17", "--self-tokens", "0"], 2, "codebook bits (--bits) must be a finite number in (0, 16]"),

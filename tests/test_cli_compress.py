@@ -357,6 +357,19 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1():
     assert done.returncode == 1 and done.stderr == ""
 
 
+def test_a_reader_that_goes_away_after_the_output_is_written_is_told_what_was_written(tmp_path, tiny):
+    import subprocess
+    import sys
+
+    # `embzip fit ... --json | true`: exit 1 as above, but a script must learn that the factors file is in place
+    out = tmp_path / "f.safetensors"
+    done = subprocess.run([sys.executable, "-m", "embzip", "fit", tiny("gpt2"), "--method", "int8", "-o", str(out),
+                           "--json", "-q"], stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_stdout_a_pipe_nobody_reads, timeout=120)
+    assert done.returncode == 1 and out.is_file()
+    assert " ".join(done.stderr.split()) == f"error: standard output's reader went away (after writing {out})"
+
+
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_a_signal_after_the_command_has_finished_leaves_its_exit_code(tmp_path, sig):
     import subprocess

@@ -187,9 +187,13 @@ def test_tensors_the_format_does_not_define_and_indices_past_the_codebook_are_re
     with pytest.raises(FactorsError, match=f"stage 0 has indices up to {top} but its codebook holds 2 entries"):
         check_tensors(small)
     low = tensors["transform"].clone()
-    low[0, 0] = -128  # int8 tables hold levels -127..127
-    with pytest.raises(FactorsError, match="square 'transform'"):
+    low[0, 0] = -128  # int8 tables hold levels -127..127, and the message says which level is wrong
+    with pytest.raises(FactorsError, match="codebook transform holds the level -128; int8 tables use -127..127"):
         check_tensors({**tensors, "transform": low})
+    book = tensors["stage0.codebook"].clone()
+    book[1, 2] = -128
+    with pytest.raises(FactorsError, match="stage 0's codebook holds the level -128"):
+        check_tensors({**tensors, "stage0.codebook": book})
 
 
 @pytest.mark.parametrize("K", [2, 16, 256])

@@ -126,6 +126,29 @@ def test_a_config_whose_dtype_is_not_the_files_gives_a_directory_that_runs(tiny,
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_layer_stored_in_another_16_bit_dtype_is_cast_to_the_models_as_from_pretrained_does(tiny, tmp_path, dtype):
+    """A directory whose file holds one layer in float16 (a hand edit; embzip never writes one) loads with that
+    layer in the model's dtype and runs; kept in float16, the first forward pass failed on mixed dtypes."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    opened = open_model(tiny("llama", dtype))
+    apply_factors(opened, svd_factors(opened.embedding.detach(), 3), out)
+    expected = logits(load_model(out), long_ids(opened.model))
+    path, key = out / "embzip.safetensors", "model.layers.0.self_attn.q_proj.weight"
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    tensors = load_file(path)
+    tensors[key] = tensors[key].half()
+    save_file(tensors, path, metadata=header)
+    reloaded = load_model(out)
+    assert reloaded.get_parameter(key).dtype == getattr(torch, dtype)
+    got = logits(reloaded, long_ids(opened.model))
+    assert got.dtype == expected.dtype  # the layer's values rounded to float16: the logits move by about that
+    assert torch.allclose(got.float(), expected.float(), rtol=0, atol=0.05 * expected.float().abs().max().item())
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_dense_apply_keeps_the_dtype(tiny, tmp_path, dtype):
     model = tiny("llama", dtype)

@@ -60,6 +60,17 @@ def test_newer_format_version_is_refused(tmp_path):
         load_factors(path)
 
 
+def test_a_header_and_metadata_that_disagree_on_the_version_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    # the header's copy is what decides how the file is read: a metadata copy that says otherwise was edited
+    path = tmp_path / "edited.safetensors"
+    save_file({"codes": torch.zeros(3, 2), "decoder": torch.zeros(2, 4)}, path,
+              metadata={"format": "embzip.factors", "format_version": "5", "embzip": json.dumps({"format_version": 99})})
+    with pytest.raises(FactorsError, match="its header says format version 5 and its 'embzip' metadata 99"):
+        load_factors(path)
+
+
 def test_foreign_safetensors_and_garbage_are_refused(tmp_path):
     from safetensors.torch import save_file
 

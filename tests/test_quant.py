@@ -53,7 +53,7 @@ def test_int4_groups_have_scale_and_offset_and_five_bits(dtype):
 
 
 def test_int4_refuses_a_group_that_does_not_divide_the_row():
-    with pytest.raises(FactorsError, match="does not divide the hidden size 64"):
+    with pytest.raises(FactorsError, match="does not divide the embedding.s width 64"):
         quantize_int4(_matrix(), group=24)
 
 
@@ -102,6 +102,7 @@ def _float_tables(path, out, version):
            for k, t in tensors.items() if not k.endswith(".scale")}
     meta = json.loads(header["embzip"])
     meta["tensors"] = {k: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for k, t in old.items()}
+    meta["format_version"] = int(version)  # the header and the metadata say the same version, as every writer did
     save_file(old, out, metadata={**header, "format_version": version, "embzip": json.dumps(meta)})
     return out
 
@@ -122,7 +123,8 @@ def test_codebook_files_of_versions_2_to_4_still_load_and_version_5_stores_int8_
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     assert torch.equal(load_factors(focused).reconstruct(), written.reconstruct())
     # version 4 wrote the same tensors (version 5 adds 'absent' rows, which this fit has none of)
-    save_file(tensors, tmp_path / "v4.safetensors", metadata={**header, "format_version": "4"})
+    meta = {**json.loads(header["embzip"]), "format_version": 4}
+    save_file(tensors, tmp_path / "v4.safetensors", metadata={**header, "format_version": "4", "embzip": json.dumps(meta)})
     assert torch.equal(load_factors(tmp_path / "v4.safetensors").reconstruct(), written.reconstruct())
     # version 3 (a focus stage, 16-bit tables) and version 2 (no focus stage): the same rows up to float16 rounding
     v3 = load_factors(_float_tables(focused, tmp_path / "v3.safetensors", "3"))
@@ -259,7 +261,7 @@ def test_the_int4_kernel_layout_is_derived_once_per_head_and_again_when_its_tens
     assert not any("kept" in name or "derived" in name for name in head.state_dict())
 
 
-@pytest.mark.parametrize("hidden, sizes", [(30, "2, 6, 10, 30"), (40, "2, 4, 8, 10, 20, 40"), (33, "none (the hidden size is odd)")])
+@pytest.mark.parametrize("hidden, sizes", [(30, "2, 6, 10, 30"), (40, "2, 4, 8, 10, 20, 40"), (33, "none (the width is odd)")])
 def test_a_group_size_that_does_not_fit_names_the_ones_that_do(hidden, sizes):
     from embzip.errors import FactorsError
     from embzip.quant import check_group
