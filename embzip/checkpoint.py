@@ -96,11 +96,14 @@ class Checkpoint:
 
 
 def find_checkpoint(directory: str | Path, *, shards_present: bool = True) -> Checkpoint | None:
-    """The safetensors checkpoint of a local directory (sharded with an index, or one file); None if it has none.
-    `shards_present=False` accepts an index whose shards are not all downloaded yet (a partial hub snapshot)."""
+    """The safetensors checkpoint of a local directory (one file, or sharded with an index); None if it has none.
+    `shards_present=False` accepts an index whose shards are not all downloaded yet (a partial hub snapshot).
+
+    model.safetensors comes first, as transformers looks for it first: a folder that also holds an index and
+    shards (left over from another save) loads the single file, so embzip reads and copies that one too."""
     directory = Path(directory)
     index = directory / INDEX
-    if index.is_file():
+    if index.is_file() and not (directory / SINGLE).is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as exc:
@@ -136,8 +139,8 @@ def hub_snapshot(repo_id: str, revision: str | None, *, all_weights: bool) -> Pa
     if not any(f.endswith(".safetensors") for f in files):
         return None
     patterns = ["*.json", "*.model", "*.txt", "*.jinja"] + (["*.safetensors"] if all_weights else [])
-    if not all_weights and INDEX not in files:
-        patterns.append(SINGLE)  # one file: it holds the embedding
+    if not all_weights and (INDEX not in files or SINGLE in files):
+        patterns.append(SINGLE)  # one file (which transformers loads before an index): it holds the embedding
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
 

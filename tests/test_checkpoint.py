@@ -39,6 +39,40 @@ def test_sharded_index_is_read(sharded):
     assert checkpoint.weight_map["model.embed_tokens.weight"] in checkpoint.files
 
 
+def test_a_single_file_beside_stale_shards_is_what_is_read_and_copied_as_transformers_loads_it(tiny, sharded,
+                                                                                                  tmp_path):
+    import shutil
+
+    import transformers
+
+    from embzip.modeldir import apply_factors, load_model
+    from embzip.svd import svd_factors
+
+    # model.safetensors from the tiny Llama, plus another model's shards and index left over from an older save
+    folder = tmp_path / "both"
+    shutil.copytree(tiny("llama"), folder)
+    stale = transformers.AutoModelForCausalLM.from_pretrained(sharded)
+    with torch.no_grad():
+        for p in stale.parameters():
+            p.mul_(3)
+    stale.save_pretrained(tmp_path / "stale", max_shard_size="20KB")
+    for f in (tmp_path / "stale").glob("model*.safetensors*"):
+        shutil.copy(f, folder)
+    assert (folder / "model.safetensors.index.json").is_file()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    light = open_model(str(folder), load="embedding")
+    assert torch.equal(light.embedding, loaded.get_input_embeddings().weight)
+    assert set(find_checkpoint(folder).files) == {"model.safetensors"}
+    factors = svd_factors(light.embedding.detach(), 8)
+    apply_factors(open_model(str(folder), load="stream"), factors, tmp_path / "out")  # the other tensors copied
+    with torch.no_grad():  # the directory stores a float32 model's factors in float16
+        loaded.get_input_embeddings().weight.copy_(factors.to(dtype=torch.float16).reconstruct())
+    ids = torch.tensor([[1, 5, 9, 12, 30]])
+    with torch.no_grad():
+        got, expected = load_model(tmp_path / "out")(ids).logits, loaded(ids).logits
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
 def test_svd_from_the_embedding_alone_is_the_same(tiny, sharded, tmp_path):
     a, _ = compress(sharded, "svd", rank=3, out=tmp_path / "a.safetensors")
     b, _ = compress(open_model(sharded), "svd", rank=3, out=tmp_path / "b.safetensors")

@@ -154,6 +154,21 @@ def test_fit_records_the_prior_it_used(tiny, tmp_path, kind, args, used):
     assert meta["weight_power"] == 1.0  # what the defaults resolved to
 
 
+def test_a_codebook_file_records_the_tied_heads_metric_settings(tiny, tmp_path):
+    from embzip.factors import load_factors
+
+    # they change the fit (the metric the rows are coded in), so the file says which were used, defaults included
+    settings = []
+    for i, args in enumerate([[], ["--output-metric", "0"], ["--metric-tokens", "512"]]):
+        out = tmp_path / f"f{i}.safetensors"
+        result = CliRunner().invoke(app, ["fit", tiny("gpt2"), "--bits", "4", "--self-tokens", "32", *args,
+                                          "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+        codebook = load_factors(out).meta["settings"]["codebook"]
+        settings.append((codebook["output_metric"], codebook["metric_tokens"]))
+    assert settings == [(4.0, 8192), (0.0, 8192), (4.0, 512)]
+
+
 def test_fit_refuses_bad_or_foreign_shares(tiny, tmp_path):
     runner = CliRunner()
     bad = runner.invoke(app, ["fit", tiny("gpt2"), "--bits", "2", "--vocab-prior", "-1", "-o", str(tmp_path / "a")])

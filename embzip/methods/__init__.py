@@ -101,6 +101,8 @@ class Recipe:
             out["keep_norms"] = self.aware.keep_norms
         if self.method == "codebook":  # the budget is the file's `size`, not the config's default bits
             out["codebook"] = {k: v for k, v in self.codebook.settings().items() if k != "bits"}
+            # a tied head's metric is aware's setting, shared (--output-metric, --metric-tokens)
+            out["codebook"].update(output_metric=self.aware.output_metric, metric_tokens=self.aware.metric_tokens)
         if self.method == "int4":
             out["group"] = self.group
         if self.heal is not None:
