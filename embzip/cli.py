@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -216,6 +217,15 @@ def _setup_logging(quiet: bool) -> None:
             sys.modules["datasets"].disable_progress_bars()
 
 
+class _StdoutGone(Exception):
+    """Printing a command's result failed: the reader of stdout went away."""
+
+
+def _flush_stdout() -> None:
+    with _printing():
+        sys.stdout.flush()
+
+
 def _stdout_to_devnull() -> None:
     """Point stdout at /dev/null, so what is left in its buffer does not fail again when Python exits."""
     try:
@@ -248,8 +258,13 @@ def command(fn):
         with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C, then exits 143
             try:
                 result = fn(*args, **kwargs)
-                sys.stdout.flush()  # a reader that went away is seen here, where the command can say what it wrote
+                _flush_stdout()  # a reader that went away is seen here, where the command can say what it wrote
                 return result
+            except _StdoutGone:  # (`| head`): quiet, as in a pipeline, unless the output is in place
+                _stdout_to_devnull()
+                if written():
+                    _error_line("error", f"standard output's reader went away ({_what_was_written()})")
+                raise typer.Exit(1) from None
             except EmbzipError as exc:
                 _error_line("error", str(exc))
                 raise typer.Exit(exc.exit_code) from None
@@ -264,11 +279,6 @@ def command(fn):
                     terminated = received_sigterm()
                     _error_line("terminated" if terminated else "interrupted", _what_was_written())
                     raise typer.Exit(Terminated.exit_code if terminated else 130) from None
-                if isinstance(exc, BrokenPipeError):  # stdout's reader went away (`| head`): quiet, as in a pipeline,
-                    _stdout_to_devnull()  # unless the output is already in place, which a script must hear of
-                    if written():
-                        _error_line("error", f"standard output's reader went away ({_what_was_written()})")
-                    raise typer.Exit(1) from None
                 problem = resource_problem(exc)
                 if problem is None:
                     raise
@@ -295,24 +305,37 @@ def _command_line(ctx: typer.Context) -> str:
     return shlex.join(words)
 
 
+@contextmanager
+def _printing():
+    """Around a command's printing of its result: stdout's reader gone becomes _StdoutGone (other broken pipes, a
+    worker's or a socket's, stay what they are)."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise _StdoutGone from None
+
+
 def _print_json(document: dict[str, Any]) -> None:
-    sys.stdout.write(jsonout.dumps(document) + "\n")
+    with _printing():
+        sys.stdout.write(jsonout.dumps(document) + "\n")
 
 
 def _emit(summary: dict[str, Any], as_json: bool, title: str) -> None:
     if as_json:
         _print_json(summary)
         return
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
+
+    from .report import stdout_console
 
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(no_wrap=True)
     table.add_column(overflow="fold")  # a long path wraps whole instead of ending in "…"
     for key, value in summary.items():
         table.add_row(key, Text(_summary_cell(value)))  # as it is: a path's "[x]" or ":b:" is not markup or an emoji
-    Console().print(table)
+    with _printing():
+        stdout_console().print(table)
 
 
 def _summary_cell(value: Any) -> str:
@@ -718,7 +741,8 @@ def bench(model: ModelArg = None,
     else:
         from .report import table
 
-        table(report)
+        with _printing():
+            table(report)
     if report["interrupted"]:
         raise typer.Exit(143 if received_sigterm() else 130)
 

@@ -287,8 +287,9 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     back exactly. Plain transformers' save would write the compressed tensors under the original model's
     config, and loading that would give the model a fresh, random embedding without an error.
 
-    Like transformers, it writes into `directory` (created if missing) and replaces files of the same names;
-    it writes one weights file (`max_shard_size` is accepted and not used) and the generation config, not
+    Like transformers, it writes into `directory` (created if missing) and replaces files of the same names,
+    and removes the weights shards and index of an earlier save there, which would be stale; it writes one
+    weights file (`max_shard_size` is accepted and not used) and the generation config, not
     the tokenizer. Options that need the plain save (`state_dict`, `push_to_hub`, a pickle format) are refused.
     """
     from safetensors.torch import save_model
@@ -313,6 +314,9 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     # the weights first and the config after them: a save that fails part way leaves no config naming weights
     # that are not there
     save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+    stem = WEIGHTS.removesuffix(".safetensors")  # shards of an earlier save would be stale: removed, as transformers does
+    for stale in [*directory.glob(f"{stem}-*-of-*.safetensors"), directory / f"{stem}.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
     _save_generation_config(model, directory)
     dtype = str(emb.out_dtype).removeprefix("torch.")
     _write_config(model, directory, head, kind, dtype, base_dtype=dtype)
@@ -478,10 +482,6 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
         if not isinstance(cls, type):
             raise ValueError(f"transformers has no model class {config['base_architecture']}")
         base_config = transformers.AutoConfig.for_model(base["model_type"]).__class__.from_dict(base)
-        expected = getattr(cls, "config_class", None)
-        if isinstance(expected, type) and not isinstance(base_config, expected):
-            raise ValueError(f"base_architecture {cls.__name__} takes a {expected.__name__}, but base_config is "
-                             f"a {type(base_config).__name__} (model_type {base['model_type']!r})")
     except (ValueError, TypeError, KeyError) as exc:
         raise ModelError(f"{directory}/config.json names a model transformers cannot build: "
                          f"{str(exc).splitlines()[0]}") from None
@@ -499,8 +499,16 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     except ImportError:  # transformers 4
         from transformers.modeling_utils import no_init_weights
 
-    with no_init_weights():  # the strict load overwrites every weight; random init would cost seconds
-        model = cls._from_config(base_config, **extra)
+    try:
+        with no_init_weights():  # the strict load overwrites every weight; random init would cost seconds
+            model = cls._from_config(base_config, **extra)
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        # a class that cannot be built from this config (GPT2LMHeadModel over a LlamaConfig: an edited file). Not
+        # refused up front by comparing config classes: transformers builds some model types with another family's
+        # class (internlm3 and exaone with LlamaForCausalLM), and those directories load.
+        raise ModelError(f"{directory}/config.json names a model transformers cannot build: base_architecture "
+                         f"{cls.__name__} from a {type(base_config).__name__} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     model.tie_weights()  # as from_pretrained would; splice() then sees the tie the original had
     splice(model, _stored_embedding(directory, model, config), config["head"])
     try:

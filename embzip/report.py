@@ -48,6 +48,18 @@ def title(report: dict[str, Any]) -> str:
     return f"{report['model']} ({report['kind']}, V={report['vocab_size']}, d={report['hidden_size']}) on {report['text']}: {what}"
 
 
+def stdout_console(**options):
+    """A rich Console on stdout that lets a reader gone away (`| head`) raise BrokenPipeError to its caller, as a
+    plain write does: rich's own handling exits there and then, before the command can say what it wrote."""
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            raise BrokenPipeError("standard output's reader went away")
+
+    return _Console(**options)
+
+
 def table(report: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -61,7 +73,7 @@ def table(report: dict[str, Any]) -> None:
     import sys
 
     # A pipe or file gets the whole table rather than 80 columns of ellipses.
-    Console(width=None if sys.stdout.isatty() else 240).print(t)
+    stdout_console(width=None if sys.stdout.isatty() else 240).print(t)
     if report.get("interrupted"):
         Console(stderr=True).print("[yellow]interrupted: the table holds the rows finished before Ctrl-C or SIGTERM[/]")
 

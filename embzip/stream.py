@@ -169,10 +169,11 @@ def check_written(source: Checkpoint, out_dir: str | os.PathLike, weight_map: di
 
 
 def weight_files(directory: str | os.PathLike, stem: str) -> list[Path]:
-    """`stem`.safetensors, or its shards as its index lists them."""
+    """`stem`.safetensors, or its shards as its index lists them (the single file first where both are there, as
+    checkpoint.find_checkpoint and transformers choose)."""
     directory = Path(directory)
     index = directory / f"{stem}.safetensors.index.json"
-    if index.is_file():
+    if index.is_file() and not (directory / f"{stem}.safetensors").is_file():
         return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return [directory / f"{stem}.safetensors"]
 

@@ -198,8 +198,8 @@ ROWS = [
     (["perplexity", "{w}/baddtype"], 1, "dtype is 'float99'"),
     (["info", "{w}/basedtype"], 1, "base_config dtype is 'float99'"),
     (["info", "{w}/badarch"], 1, "no model class NoSuchModel"),
-    (["info", "{w}/otherarch"], 1, "base_architecture LlamaForCausalLM takes a LlamaConfig, but base_config is a "
-                                   "GPT2Config"),  # not an AttributeError from deep in transformers
+    (["info", "{w}/otherarch"], 1, "names a model transformers cannot build: base_architecture LlamaForCausalLM "
+                                   "from a GPT2Config (AttributeError"),  # one line, not a traceback from transformers
     (["info", "{w}/strversion"], 1, "embzip_format_version is 'x', not a whole number"),
     (["info", "{w}/othermodule"], 1, "names 'transformer.h' as the embedding module, but the GPT2LMHeadModel it "
                                      "describes has its token embedding at 'transformer.wte'"),

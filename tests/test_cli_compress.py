@@ -357,17 +357,32 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1():
     assert done.returncode == 1 and done.stderr == ""
 
 
-def test_a_reader_that_goes_away_after_the_output_is_written_is_told_what_was_written(tmp_path, tiny):
+@pytest.mark.parametrize("output", [["--json"], []])
+def test_a_reader_that_goes_away_after_the_output_is_written_is_told_what_was_written(tmp_path, tiny, output):
     import subprocess
     import sys
 
-    # `embzip fit ... --json | true`: exit 1 as above, but a script must learn that the factors file is in place
+    # `embzip fit ... | true`: exit 1 as above, but a script must learn that the factors file is in place (the
+    # summary printed as JSON, or as rich's table, whose own handling of a broken pipe exits at once)
     out = tmp_path / "f.safetensors"
     done = subprocess.run([sys.executable, "-m", "embzip", "fit", tiny("gpt2"), "--method", "int8", "-o", str(out),
-                           "--json", "-q"], stderr=subprocess.PIPE, text=True,
+                           *output, "-q"], stderr=subprocess.PIPE, text=True,
                           preexec_fn=_stdout_a_pipe_nobody_reads, timeout=120)
     assert done.returncode == 1 and out.is_file()
     assert " ".join(done.stderr.split()) == f"error: standard output's reader went away (after writing {out})"
+
+
+def test_a_broken_pipe_that_is_not_stdouts_is_not_reported_as_stdouts(tmp_path, tiny, monkeypatch):
+    import embzip.models
+
+    def broken(*args, **kwargs):  # a worker's or a socket's pipe, after an output was put in place
+        embzip.outputs._written.append(str(tmp_path / "done.safetensors"))
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(embzip.models, "open_model", broken)
+    result = runner.invoke(app, ["perplexity", tiny("gpt2"), "--json"])
+    assert result.exit_code == 1 and "reader went away" not in result.stderr
+    assert isinstance(result.exception, SystemExit)  # click's own handling of a broken pipe, as before
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])

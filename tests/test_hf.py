@@ -325,3 +325,46 @@ def test_automodels_base_saves_and_loads_back_as_itself(tiny, tmp_path, kind, dt
     assert type(again) is type(base) and logits(again).dtype == getattr(torch, dtype)
     assert torch.equal(logits(again), logits(base))
     assert json.loads((tmp_path / "base" / "config.json").read_text())["base_architecture"] == type(base).__name__
+
+
+def test_a_model_type_built_with_another_familys_class_applies_and_reloads(tmp_path):
+    """transformers builds some model types with another family's class and config (internlm3: LlamaForCausalLM
+    over an InternLM3Config): the directory names that class, and loads, with the same logits."""
+    from conftest import _tokenizer
+
+    tok = _tokenizer("causal")
+    config = transformers.AutoConfig.for_model("internlm3", vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+                                               head_dim=16, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    opened = open_model(str(tmp_path / "m"))
+    apply_factors(opened, svd_factors(opened.embedding.detach(), 4), tmp_path / "out")
+    reloaded = load_model(tmp_path / "out")
+    assert type(reloaded).__name__ == type(opened.model).__name__
+    assert torch.equal(logits(reloaded), logits(opened.model))
+
+
+def test_save_pretrained_into_a_sharded_directory_leaves_no_stale_shards(tiny, tmp_path):
+    from embzip import stream
+
+    sharded = tmp_path / "sharded"
+    transformers.AutoModelForCausalLM.from_pretrained(tiny("llama")).save_pretrained(sharded, max_shard_size="20KB")
+    shutil.copy(Path(tiny("llama")) / "tokenizer.json", sharded)
+    opened = open_model(str(sharded), load="stream")
+    out, factors = tmp_path / "out", svd_factors(opened.embedding.detach(), 3)
+    apply_factors(opened, factors, out)  # streamed: shards like the source's
+    assert (out / "embzip.safetensors.index.json").is_file()
+    model = load_model(out)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(7.0)
+    model.save_pretrained(out)  # one file, where the shards were: they are gone, and the change is what loads
+    assert sorted(f.name for f in out.glob("embzip*.safetensors*")) == ["embzip.safetensors"]
+    assert torch.equal(load_model(out).model.norm.weight, torch.full_like(model.model.norm.weight, 7.0))
+    # a folder holding both (an older embzip's save) reads the single file, as transformers would
+    shutil.copy(out / "embzip.safetensors", tmp_path / "single.safetensors")
+    apply_factors(open_model(str(sharded), load="stream"), factors, out, force=True)
+    shutil.copy(tmp_path / "single.safetensors", out / "embzip.safetensors")
+    assert stream.weight_files(out, "embzip") == [out / "embzip.safetensors"]
