@@ -172,7 +172,8 @@ TextOpt = Annotated[Optional[Path], typer.Option(
     "--text", help="A UTF-8 text file to score, one paragraph or sentence per line.", show_default=False)]
 DatasetOpt = Annotated[Optional[str], typer.Option(
     "--dataset", help="A datasets dataset as NAME[:CONFIG[:SPLIT]], e.g. wikitext:wikitext-2-raw-v1 (split "
-                      "default test; a local folder of text files: DIR::train). Without --text or --dataset: a "
+                      "default test; a local folder of text files: DIR::train). Its 'text' column is read, or else "
+                      "the string column holding the most text (named in the output). Without --text or --dataset: a "
                       "public-domain English sample shipped with embzip (Alice in Wonderland, ch. I-IV).",
     show_default=False)]
 BatchOpt = Annotated[int, typer.Option(help="Sequences per forward pass.")]
@@ -634,7 +635,7 @@ def perplexity(model: ModelArg = None,
                trust_remote_code: TrustOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False) -> None:
     """Zero-shot perplexity, to see what compression cost.
 
-    Masked LMs: the paper's protocol (line by line, lines under 20 tokens and = headings dropped, 15% whole-word masking with a fixed seed, exp of the mean masked-token loss), or --pseudo. Causal LMs: sliding window with stride, each token scored once, plus bits per byte. Encoders without an LM head have no perplexity: with --factors they get sentence-vector fidelity instead, as `embzip bench` reports it (up to 256 sentences of the text, each embedded by mean pooling with and without the factors: the mean cosine of the two, and the rank correlation of the pairwise similarities).
+    Masked LMs: the paper's protocol (line by line, lines under 20 tokens and = headings dropped, a line longer than the model's length cut there, with a warning and a count in the JSON's protocol, 15% whole-word masking with a fixed seed, exp of the mean masked-token loss), or --pseudo. Causal LMs: sliding window with stride, each token scored once, plus bits per byte. Encoders without an LM head have no perplexity: with --factors they get sentence-vector fidelity instead, as `embzip bench` reports it (3 to 256 sentences of the text, each embedded by mean pooling with and without the factors: the mean cosine of the two, and the rank correlation of the pairwise similarities).
 
     Example: embzip perplexity demo:gemma-3-270m --factors gemma-3-270m.codebook-2b.safetensors --head tied
 

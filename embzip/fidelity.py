@@ -23,9 +23,10 @@ from .texts import Text
 MIN_WORDS = 5
 
 
-def sentences(text: Text, limit: int = 256, *, need: int = 2, purpose: str = "for fidelity") -> list[str]:
+def sentences(text: Text, limit: int = 256, *, need: int = 3, purpose: str = "for fidelity") -> list[str]:
     """Sentences of at least MIN_WORDS words, in text order, at most `limit`; a DataError naming `purpose` when
-    there are fewer than `need`."""
+    there are fewer than `need` (3 by default: the rank correlation of the pairwise similarities needs more than
+    one pair)."""
     out = []
     for line in text.lines:
         for sentence in re.split(r"(?<=[.!?])\s+", line.strip()):

@@ -31,6 +31,7 @@ checks, on up to 16 tokens, that these logits equal the model's own, and refuses
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ from .models import (CAUSAL_LM, ENCODER, OpenedModel, check_token_ids, evaluatin
                      resolve_device, text_config)
 from .progress import bar
 from .texts import Text
+
+log = logging.getLogger("embzip")
 
 MASK_PROB = 0.15
 MIN_TOKENS = 20
@@ -64,8 +67,8 @@ class _Job:
 
 
 def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: int, seed: int,
-                 max_tokens: int | None) -> tuple[list[_Job], int, int]:
-    """Jobs for the masked protocols; returns (jobs, lines used, max length)."""
+                 max_tokens: int | None) -> tuple[list[_Job], int, int, int]:
+    """Jobs for the masked protocols; returns (jobs, lines used, max length, lines cut at that length)."""
     tok = opened.tokenizer
     mask_id = tok.mask_token_id
     if mask_id is None:
@@ -76,7 +79,7 @@ def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: i
     max_len = opened.max_length or 512
     gen = torch.Generator().manual_seed(seed)
     jobs: list[_Job] = []
-    lines = scored = 0
+    lines = scored = cut = 0
     for line in text.lines:
         line = line.strip()
         if not line or line.startswith("="):
@@ -87,6 +90,7 @@ def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: i
         real = [i for i, s in enumerate(special) if not s]
         if len(real) < min_tokens:
             continue
+        cut += len(ids) >= max_len  # it fills the model's length: what was beyond it (if anything) is not scored
         if pseudo:
             for p in real:
                 jobs.append(_Job(ids[:p] + [mask_id] + ids[p + 1:], [p], [ids[p]]))
@@ -109,7 +113,11 @@ def _masked_jobs(opened: OpenedModel, text: Text, *, pseudo: bool, min_tokens: i
         raise DataError(f"no line of at least {min_tokens} tokens in {text.source}; give a longer text "
                         "(lines are scored one by one; headings starting with '=' are skipped)")
     jobs.sort(key=lambda job: len(job.ids))  # less padding; the sum of losses does not depend on order
-    return jobs, lines, max_len
+    if cut:
+        log.warning("%d of the %d lines scored fill the model's length (%d tokens with the special ones): what is "
+                    "beyond that is not scored (masked LMs score a text line by line; break long lines to score "
+                    "all of it)", cut, lines, max_len)
+    return jobs, lines, max_len, cut
 
 
 def _causal_jobs(opened: OpenedModel, text: Text, *, window: int | None, stride: int | None,
@@ -211,6 +219,9 @@ def _check_head(model, head, ids: list[int], device) -> None:
 
 
 def _exp(x: float) -> float:
+    """exp(x), inf where it overflows; NaN stays NaN (a model whose losses are not finite), not an overflow."""
+    if math.isnan(x):
+        return math.nan
     return math.exp(x) if x < 700 else math.inf
 
 
@@ -335,14 +346,14 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     if opened.kind == CAUSAL_LM:
         jobs, protocol, lines = _causal_jobs(opened, text, window=window, stride=stride, max_tokens=max_tokens)
     else:
-        jobs, lines, max_len = _masked_jobs(opened, text, pseudo=pseudo, min_tokens=min_tokens, seed=seed,
-                                            max_tokens=max_tokens)
+        jobs, lines, max_len, cut = _masked_jobs(opened, text, pseudo=pseudo, min_tokens=min_tokens, seed=seed,
+                                                 max_tokens=max_tokens)
         if pseudo:
             protocol = {"name": "pseudo", "mask": "each token masked once, one at a time", "min_tokens": min_tokens,
-                        "max_length": max_len}
+                        "max_length": max_len, "lines_at_max_length": cut}
         else:
             protocol = {"name": "masked-wwm", "mask_prob": MASK_PROB, "mask": "whole words, 100% mask token",
-                        "seed": seed, "min_tokens": min_tokens, "max_length": max_len}
+                        "seed": seed, "min_tokens": min_tokens, "max_length": max_len, "lines_at_max_length": cut}
     tokens = sum(len(job.labels) for job in jobs)
     pad_id = opened.tokenizer.pad_token_id
     settings = dict(batch_size=batch_size, pad_id=0 if pad_id is None else pad_id, device=device,

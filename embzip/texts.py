@@ -36,21 +36,24 @@ def _from_file(path: str) -> Text:
     if not file.is_file():
         raise usage(DataError(f"text file {path} {not_a_file(file)}; give a UTF-8 text file"))
     try:
-        content = file.read_text(encoding="utf-8")
+        content = file.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise DataError(f"text file {path} is not UTF-8 ({exc.reason} at byte {exc.start}); "
                         "convert it to UTF-8") from None
     return _check_not_empty(content.splitlines(), f"file:{path}")
 
 
-def _string_column(features, spec: str) -> str:
-    strings = [name for name, feat in features.items() if getattr(feat, "dtype", None) in ("string", "large_string")]
+def _string_column(ds, spec: str) -> str:
+    """The column read: 'text' where there is one, else the string column holding the most characters (a
+    'sentence' beside a 'label' of one word per row); the text's source names it."""
+    strings = [name for name, feat in ds.features.items()
+               if getattr(feat, "dtype", None) in ("string", "large_string")]
     if "text" in strings:
         return "text"
     if not strings:
-        raise DataError(f"dataset {spec} has no string column (columns: {', '.join(features)}); "
+        raise DataError(f"dataset {spec} has no string column (columns: {', '.join(ds.features)}); "
                         "give a dataset with a 'text' column")
-    return strings[0]
+    return max(strings, key=lambda name: sum(len(row) for row in ds[name] if row is not None))
 
 
 def _from_dataset(spec: str, option: str = "--dataset") -> Text:
@@ -60,6 +63,11 @@ def _from_dataset(spec: str, option: str = "--dataset") -> Text:
     name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
         (parts[2] if len(parts) > 2 and parts[2] else "test")
     folder = Path(name).expanduser()
+    if folder.is_file() or (folder.exists() and not folder.is_dir()):
+        raise usage(DataError(f"dataset {name} is a file, not a dataset; give a text file with --text, or a "
+                              "dataset name or folder of .txt/.json/.csv files"))
+    if not folder.exists() and _is_local_path(name):
+        raise usage(DataError(f"dataset folder {name} does not exist"))
     if folder.is_dir() and (folder / "config.json").is_file():
         raise usage(DataError(f"dataset {name} is a model directory (it has a config.json), not a dataset; give a text "
                               "file with --text, or a dataset name or folder of .txt/.json/.csv files"))
@@ -84,9 +92,18 @@ def _from_dataset(spec: str, option: str = "--dataset") -> Text:
             f"check the spec name[:config[:split]] (e.g. {DATASET_EXAMPLE}) and that it is cached or "
             "reachable, or pass a text file instead"
         ) from None
-    column = _string_column(ds.features, spec)
+    column = _string_column(ds, spec)
     lines = [line for row in ds[column] if row is not None for line in row.splitlines()]
-    return _check_not_empty(lines, f"dataset:{name}:{config or ''}:{split}")
+    where = f"dataset:{name}:{config or ''}:{split}" + ("" if column == "text" else f" (column {column})")
+    return _check_not_empty(lines, where)
+
+
+def _is_local_path(name: str) -> bool:
+    """Whether a dataset name can only mean a folder here, as a MODEL of that form does (README): an absolute or
+    ./ ../ ~ path, or org/name where org/ is a folder in the current directory; not a hub name."""
+    first = Path(name).parts[0] if Path(name).parts else ""
+    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..")
+            or (len(Path(name).parts) > 1 and Path(first).is_dir()))
 
 
 def _split_names(datasets, name: str, config: str | None) -> list[str]:

@@ -1,5 +1,6 @@
 """Perplexity protocols on tiny models: known answers, token counting, seeds, chunking, errors."""
 
+import json
 import math
 import random
 
@@ -93,7 +94,7 @@ def test_sliding_windows_match_a_token_by_token_reference(tiny, text_file):
 def test_masked_equals_a_plain_forward_on_the_same_masks(tiny):
     opened = open_model(tiny("bert-mlm"))
     text = _long_text()
-    jobs, _, _ = ppl_mod._masked_jobs(opened, text, pseudo=False, min_tokens=20, seed=3, max_tokens=None)
+    jobs, _, _, _ = ppl_mod._masked_jobs(opened, text, pseudo=False, min_tokens=20, seed=3, max_tokens=None)
     nll = n = 0
     with torch.no_grad():
         for job in jobs:
@@ -323,6 +324,58 @@ def test_dataset_spec_reads_a_local_dataset(tmp_path):
     (tmp_path / "ds" / "train.txt").write_text("a training line\n")
     assert load(dataset=str(tmp_path / "ds")).lines == ["first line of the test split", "second line"]
     assert load(dataset=f"{tmp_path / 'ds'}::train").lines == ["a training line"]
+
+
+def test_a_dataset_is_read_from_its_text_column_named_in_the_source(tmp_path):
+    from embzip.texts import load_text as load
+
+    # no 'text' column: the string column holding the text, not the first one (a one-word label per row)
+    (tmp_path / "ds").mkdir()
+    rows = [{"label": tag, "sentence": line} for tag, line in zip(["positive", "negative"] * 3, TEXT.splitlines())]
+    (tmp_path / "ds" / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = load(dataset=str(tmp_path / "ds"))
+    assert text.lines == TEXT.splitlines()[:6] and text.source.endswith("(column sentence)")
+
+
+def test_a_dataset_that_is_a_missing_folder_or_a_file_is_refused_as_the_command_lines_mistake(tmp_path, text_file,
+                                                                                               monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org").mkdir()
+    for spec, fragment in [(str(tmp_path / "nope"), "does not exist"), ("./nope", "does not exist"),
+                           ("org/nope", "does not exist"), (text_file, "is a file, not a dataset; give a text file "
+                                                                       "with --text")]:
+        with pytest.raises(DataError, match=fragment) as caught:
+            load_text(dataset=spec)
+        assert caught.value.exit_code == 2  # no hub lookup, no "could not reach the Hub"
+
+
+def test_fidelity_needs_three_sentences_for_its_rank_correlation():
+    from embzip.fidelity import sentences
+
+    two = Text(["one two three four five. six seven eight nine ten."], "two sentences")  # one pair: no ranks
+    with pytest.raises(DataError, match="need at least 3 sentences of 5\\+ words in two sentences for fidelity"):
+        sentences(two)
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, text_file):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + open(text_file, "rb").read())
+    assert load_text(str(path)).lines == load_text(text_file).lines
+
+
+def test_a_loss_that_is_not_a_number_is_reported_as_nan_not_as_an_overflow():
+    assert math.isnan(ppl_mod._exp(math.nan)) and ppl_mod._exp(800.0) == math.inf
+
+
+def test_masked_lines_cut_at_the_models_length_are_counted_and_said(tiny, tmp_path, caplog):
+    import logging
+
+    opened = open_model(tiny("bert-mlm"))
+    long = " ".join(WORDS * 20)  # longer than the tiny model's 64 positions
+    with caplog.at_level(logging.WARNING, logger="embzip"):
+        result = perplexity(opened, Text([long, " ".join(WORDS[:30])], "two lines"))
+    assert result["protocol"]["lines_at_max_length"] == 1
+    assert "1 of the 2 lines scored fill the model's length" in caplog.text
 
 
 def test_a_tied_head_asked_of_an_untied_model_is_refused_before_any_scoring(tiny, text_file, monkeypatch):
