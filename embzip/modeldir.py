@@ -314,7 +314,7 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     # the weights first and the config after them: a save that fails part way leaves no config naming weights
     # that are not there
     save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
-    stem = WEIGHTS.removesuffix(".safetensors")  # shards of an earlier save would be stale: removed, as transformers does
+    stem = WEIGHTS.removesuffix(".safetensors")  # an earlier save's shards would be stale: removed, as transformers
     for stale in [*directory.glob(f"{stem}-*-of-*.safetensors"), directory / f"{stem}.safetensors.index.json"]:
         stale.unlink(missing_ok=True)
     _save_generation_config(model, directory)

@@ -41,7 +41,7 @@ import torch
 
 from . import options
 from .compressed import Compressed, exact_heads
-from .errors import DataError, ModelError, OptionError
+from .errors import DataError, ModelError, OptionError, usage
 from .models import (CAUSAL_LM, ENCODER, OpenedModel, check_token_ids, evaluating, refuse_embedding_only,
                      resolve_device, text_config)
 from .progress import bar
@@ -281,9 +281,9 @@ def _encoder_fidelity(opened: OpenedModel, text: Text, factors, *, head, pseudo,
             raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined, and its "
                              "embedding is already compressed; for the sentence-vector fidelity, give the original "
                              "model and the factors: embzip perplexity ORIGINAL --factors FILE")
-        raise ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined; give "
-                         "--factors FILE to measure how well its sentence vectors survive those factors "
-                         "(sentence-vector fidelity), or use `embzip bench`")
+        raise usage(ModelError(f"{opened.source} is an encoder with no LM head, so perplexity is undefined; give "
+                               "--factors FILE to measure how well its sentence vectors survive those factors "
+                               "(sentence-vector fidelity), or use `embzip bench`"))  # the option is what is missing
     given = [name for name, value in (("--pseudo", pseudo), ("--window", window), ("--stride", stride),
                                       ("--max-tokens", max_tokens)) if value]
     if given:

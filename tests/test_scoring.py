@@ -229,8 +229,9 @@ def test_full_rank_factors_keep_perplexity_on_the_same_masks(tiny, text_file, ki
 # --- errors --------------------------------------------------------------------------------------
 
 def test_encoder_has_no_perplexity_and_asks_for_factors(tiny, text_file):
-    with pytest.raises(ModelError, match="no LM head.*--factors FILE.*embzip bench"):
+    with pytest.raises(ModelError, match="no LM head.*--factors FILE.*embzip bench") as caught:
         perplexity(open_model(tiny("bert-encoder")), load_text(text_file))
+    assert caught.value.exit_code == 2  # the command line lacks --factors: exit 2, as a missing option's
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
