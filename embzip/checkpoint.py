@@ -95,6 +95,14 @@ class Checkpoint:
             return f.get_tensor(name)
 
 
+def sharded_index(directory: str | Path, stem: str = "model") -> Path | None:
+    """The index to read `stem`'s shards by, or None where the folder holds `stem`.safetensors (which transformers
+    loads before an index: shards beside it are left over from another save) or no index."""
+    directory = Path(directory)
+    index = directory / f"{stem}.safetensors.index.json"
+    return index if index.is_file() and not (directory / f"{stem}.safetensors").is_file() else None
+
+
 def find_checkpoint(directory: str | Path, *, shards_present: bool = True) -> Checkpoint | None:
     """The safetensors checkpoint of a local directory (one file, or sharded with an index); None if it has none.
     `shards_present=False` accepts an index whose shards are not all downloaded yet (a partial hub snapshot).
@@ -102,8 +110,8 @@ def find_checkpoint(directory: str | Path, *, shards_present: bool = True) -> Ch
     model.safetensors comes first, as transformers looks for it first: a folder that also holds an index and
     shards (left over from another save) loads the single file, so embzip reads and copies that one too."""
     directory = Path(directory)
-    index = directory / INDEX
-    if index.is_file() and not (directory / SINGLE).is_file():
+    index = sharded_index(directory)
+    if index is not None:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError) as exc:

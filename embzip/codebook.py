@@ -994,6 +994,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
 from .compressed import TensorSet, may_train, register, step_shortcuts  # noqa: E402
 from .errors import FactorsError, OptionError  # noqa: E402
 from .options import flagged  # noqa: E402
+from .quant import below_int8_grid  # noqa: E402
 
 
 def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:
@@ -1009,8 +1010,7 @@ def _table_ok(tensors: dict[str, torch.Tensor], name: str, hidden: int) -> bool:
 
 def _check_levels(tensors: dict[str, torch.Tensor], name: str, what: str) -> None:
     """An int8 table's levels run -127..127 (symmetric about 0, as round8 writes them): -128 is refused by name."""
-    t = tensors[name]
-    if t.dtype == torch.int8 and t.numel() and int(t.min()) < -127:
+    if below_int8_grid(tensors[name]):
         raise FactorsError(f"codebook {what} holds the level -128; int8 tables use -127..127 (docs/format.md)")
 
 

@@ -346,11 +346,11 @@ def _stored_embedding(directory: str | os.PathLike, model: torch.nn.Module, conf
     from .compressed import kind_class
 
     module = _module_name(model, model.get_input_embeddings())
-    named = config.get("embedding_module") or module
+    named = config.get("embedding_module") or module  # directories from before it was recorded name none
     if named != module:
         raise ModelError(f"{directory}/config.json names {named!r} as the embedding module, but the "
                          f"{type(model).__name__} it describes has its token embedding at {module!r}")
-    prefix = named + "."
+    prefix = module + "."
     tensors = {}
     try:
         for file in stream.weight_files(directory, WEIGHTS.removesuffix(".safetensors")):

@@ -89,6 +89,11 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
     return {Q4: packed, SCALE: scales, OFFSET: offsets}
 
 
+def below_int8_grid(t: torch.Tensor) -> bool:
+    """Whether an int8 tensor holds -128: embzip's int8 levels run -127..127, symmetric about 0."""
+    return t.dtype == torch.int8 and t.numel() > 0 and int(t.min()) < -127
+
+
 def check_group(hidden: int, group: int, error: type[Exception] = FactorsError) -> None:
     """Refuse an int4 group size that does not split rows of `hidden` numbers into even groups, by `error`: a
     FactorsError for a file's tensors, an OptionError for --group-size."""
@@ -114,7 +119,7 @@ class Quantized(TensorSet):
         if names == {Q8, SCALE}:
             q, scale = tensors[Q8], tensors[SCALE]
             ok = q.dtype == torch.int8 and q.ndim == 2 and tuple(scale.shape) == (q.shape[0],)
-            if ok and q.numel() and int(q.min()) < -127:  # levels -127..127: the grid is symmetric
+            if ok and below_int8_grid(q):
                 raise FactorsError(f"q8 holds the level {int(q.min())}; int8 levels are -127..127 (docs/format.md)")
             shape = tuple(q.shape)
         elif names == {Q4, SCALE, OFFSET}:

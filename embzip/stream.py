@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import Checkpoint, read_header
+from .checkpoint import Checkpoint, read_header, sharded_index
 from .errors import ModelError
 
 _COPY_BYTES = 16 << 20
@@ -172,8 +172,8 @@ def weight_files(directory: str | os.PathLike, stem: str) -> list[Path]:
     """`stem`.safetensors, or its shards as its index lists them (the single file first where both are there, as
     checkpoint.find_checkpoint and transformers choose)."""
     directory = Path(directory)
-    index = directory / f"{stem}.safetensors.index.json"
-    if index.is_file() and not (directory / f"{stem}.safetensors").is_file():
+    index = sharded_index(directory, stem)
+    if index is not None:
         return [directory / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
     return [directory / f"{stem}.safetensors"]
 
