@@ -53,8 +53,9 @@ def param_stats(model: torch.nn.Module) -> dict[str, int]:
 
 def _weights_bytes(directory: str | Path, stem: str | None = None) -> int | None:
     """The bytes of the weights files a model loads from `directory`: its safetensors checkpoint (one file or an
-    index's shards; `stem`: a compressed directory's, embzip.safetensors or its shards), else its PyTorch .bin
-    file(s); not other files beside them (a .bin copy next to the safetensors in a hub snapshot, a factors file)."""
+    index's shards; `stem`: a compressed directory's, embzip.safetensors or its shards), else pytorch_model.bin or
+    its index's shards; not other files beside them (a .bin copy next to the safetensors in a hub snapshot, a factors
+    file, training_args.bin)."""
     from .checkpoint import find_checkpoint
     from .errors import ModelError
 
@@ -72,13 +73,15 @@ def _weights_bytes(directory: str | Path, stem: str | None = None) -> int | None
         checkpoint = None
     if checkpoint is not None:
         files = set(checkpoint.weight_map.values())
+    elif (directory / "pytorch_model.bin").is_file():  # transformers loads it before an index, as for safetensors
+        files = {"pytorch_model.bin"}
     elif (directory / "pytorch_model.bin.index.json").is_file():
         try:
             files = set(json.loads((directory / "pytorch_model.bin.index.json").read_text())["weight_map"].values())
         except (ValueError, KeyError):
             return None
     else:
-        files = {f.name for f in directory.glob("*.bin")}
+        return None
     try:
         return sum((directory / f).stat().st_size for f in files) if files else None
     except OSError:

@@ -158,6 +158,17 @@ def _demo_path(name: str) -> str:
     raise usage(ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}"))
 
 
+def meant_as_path(name: str) -> bool:
+    """Whether a name can only be a file or folder, never a hub id: it starts with . / or ~, or has two or more
+    slashes (hub ids have at most one). The README's rule for MODEL; dataset names follow it too (texts.py)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def names_folder_here(name: str) -> bool:
+    """Whether a name of the hub's form org/name has org/ as a folder in the current directory: a path was meant."""
+    return name.count("/") == 1 and Path(name).expanduser().parent.is_dir()
+
+
 def resolve(spec: str | None) -> str:
     """Turn MODEL as given (None, demo name, path or hub id) into a loadable path or hub id."""
     if spec is not None and not spec.strip():
@@ -173,7 +184,7 @@ def resolve(spec: str | None) -> str:
             ) from None
     if spec.startswith("demo:"):
         return _demo_path(spec)
-    looks_local = spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
+    looks_local = meant_as_path(spec) or spec.endswith(".gguf")
     path = Path(spec).expanduser()
     if path.is_file() and not path.name.endswith(".gguf"):
         from .factors import is_factors_file
@@ -187,7 +198,7 @@ def resolve(spec: str | None) -> str:
         return str(path)
     if looks_local:
         raise usage(ModelError(f"model {spec} not found: no such file or directory"))
-    if spec.count("/") == 1 and path.parent.is_dir():  # models/llama where models/ is a folder here: a path was meant
+    if names_folder_here(spec):  # models/llama where models/ is a folder here: a path was meant
         raise usage(ModelError(f"model {spec} not found: no such file or directory ({path.parent}/ is a folder here, "
                                f"so {spec} was read as a path, not a hub id)"))
     return spec  # a hub id such as bert-base-uncased or google/gemma-3-270m

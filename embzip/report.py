@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from .benchmark import columns
@@ -48,16 +49,21 @@ def title(report: dict[str, Any]) -> str:
     return f"{report['model']} ({report['kind']}, V={report['vocab_size']}, d={report['hidden_size']}) on {report['text']}: {what}"
 
 
-def stdout_console(**options):
-    """A rich Console on stdout that lets a reader gone away (`| head`) raise BrokenPipeError to its caller, as a
-    plain write does: rich's own handling exits there and then, before the command can say what it wrote."""
+@functools.cache
+def _stdout_console_class():
     from rich.console import Console
 
-    class _Console(Console):
+    class StdoutConsole(Console):
         def on_broken_pipe(self) -> None:
             raise BrokenPipeError("standard output's reader went away")
 
-    return _Console(**options)
+    return StdoutConsole
+
+
+def stdout_console(**options):
+    """A rich Console on stdout that lets a reader gone away (`| head`) raise BrokenPipeError to its caller, as a
+    plain write does: rich's own handling exits there and then, before the command can say what it wrote."""
+    return _stdout_console_class()(**options)
 
 
 def table(report: dict[str, Any]) -> None:

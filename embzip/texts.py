@@ -57,6 +57,8 @@ def _string_column(ds, spec: str) -> str:
 
 
 def _from_dataset(spec: str, option: str = "--dataset") -> Text:
+    from .models import meant_as_path, names_folder_here
+
     parts = spec.split(":")
     if len(parts) > 3 or not parts[0]:
         raise OptionError(f"dataset spec {spec!r} is not name[:config[:split]], e.g. {DATASET_EXAMPLE}")
@@ -66,7 +68,7 @@ def _from_dataset(spec: str, option: str = "--dataset") -> Text:
     if folder.is_file() or (folder.exists() and not folder.is_dir()):
         raise usage(DataError(f"dataset {name} is a file, not a dataset; give a text file with --text, or a "
                               "dataset name or folder of .txt/.json/.csv files"))
-    if not folder.exists() and _is_local_path(name):
+    if not folder.exists() and (meant_as_path(name) or names_folder_here(name)):
         raise usage(DataError(f"dataset folder {name} does not exist"))
     if folder.is_dir() and (folder / "config.json").is_file():
         raise usage(DataError(f"dataset {name} is a model directory (it has a config.json), not a dataset; give a text "
@@ -96,14 +98,6 @@ def _from_dataset(spec: str, option: str = "--dataset") -> Text:
     lines = [line for row in ds[column] if row is not None for line in row.splitlines()]
     where = f"dataset:{name}:{config or ''}:{split}" + ("" if column == "text" else f" (column {column})")
     return _check_not_empty(lines, where)
-
-
-def _is_local_path(name: str) -> bool:
-    """Whether a dataset name can only mean a folder here, as a MODEL of that form does (README): an absolute or
-    ./ ../ ~ path, or org/name where org/ is a folder in the current directory; not a hub name."""
-    first = Path(name).parts[0] if Path(name).parts else ""
-    return (name.startswith(("/", "./", "../", "~")) or name in (".", "..")
-            or (len(Path(name).parts) > 1 and Path(first).is_dir()))
 
 
 def _split_names(datasets, name: str, config: str | None) -> list[str]:

@@ -93,6 +93,23 @@ def test_the_weights_size_before_counts_only_the_files_the_model_loads(tiny, tmp
     assert summary["weights_file_bytes_after"] == (tmp_path / "out" / "embzip.safetensors").stat().st_size
 
 
+def test_the_weights_size_of_a_pytorch_checkpoint_counts_what_transformers_loads(tmp_path):
+    import json
+
+    from embzip.modeldir import _weights_bytes
+
+    (tmp_path / "pytorch_model.bin").write_bytes(bytes(1000))
+    (tmp_path / "training_args.bin").write_bytes(bytes(300))  # saved beside the weights by the Trainer
+    (tmp_path / "pytorch_model-00001-of-00002.bin").write_bytes(bytes(700))  # shards left from another save
+    index = {"weight_map": {"a": "pytorch_model-00001-of-00002.bin"}}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert _weights_bytes(tmp_path) == 1000  # the single file comes before an index, as in transformers
+    (tmp_path / "pytorch_model.bin").unlink()
+    assert _weights_bytes(tmp_path) == 700
+    (tmp_path / "pytorch_model.bin.index.json").unlink()
+    assert _weights_bytes(tmp_path) is None  # no file transformers would load
+
+
 def test_dense_export_loads_with_plain_transformers(tiny, tmp_path):
     opened, factors = make(tiny, "bert-mlm")
     with spliced(opened.model, factors, "tied"):
