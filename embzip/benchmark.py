@@ -314,9 +314,9 @@ def _check_same_model(out: Path, opened: OpenedModel) -> None:
     except (OSError, ValueError):
         previous = None
     if not (isinstance(previous, dict) and {"model", "path", "rows", "protocol"} <= previous.keys()):
-        raise usage(OutputError(f"{out} holds {', '.join(present)} that no embzip bench wrote (no bench.json of "
-                                "one beside it), and the bench would replace them; give another --out, or move "
-                                "them first"))
+        raise usage(OutputError(f"{out} holds {', '.join(present)}, which embzip bench did not write (it has no "
+                                "bench.json of a bench), and this bench would replace them; give another --out, or "
+                                "move them first"))
     path = previous["path"]
     if isinstance(path, str) and not _same_model_path(path, opened.path):
         raise usage(OutputError(f"{out} holds the bench of another model ({previous.get('model', path)}); give "
@@ -439,10 +439,44 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
     }
     if out is not None:
         try:
-            write_outputs(report, out)
+            _write_results(report, out)
         except OSError as exc:
             raise OutputError(f"could not write the bench results to {out}: {exc.strerror or exc}") from None
     return report
+
+
+def _write_results(report: dict[str, Any], out: Path) -> None:
+    """The results into OUT, unless the run was interrupted and OUT holds an earlier run's complete bench (kept: a
+    Ctrl-C never trades whole results for part of them). A signal while the results are written (the plot takes
+    a second) makes the run an interrupted one: its finished rows are written again, or the complete bench kept."""
+    if report["interrupted"] and _holds_complete_bench(out):
+        _kept_earlier(report, out)
+        return
+    try:
+        write_outputs(report, out)
+    except KeyboardInterrupt:
+        report["interrupted"] = True
+        if _holds_complete_bench(out):
+            _kept_earlier(report, out)
+            return
+        log.warning("interrupted while writing the results: writing the %d finished row(s) again",
+                    len(report["rows"]) - 1)
+        write_outputs(report, out)
+
+
+def _holds_complete_bench(out: Path) -> bool:
+    import json
+
+    try:
+        previous = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(previous, dict) and previous.get("interrupted") is False and bool(previous.get("rows"))
+
+
+def _kept_earlier(report: dict[str, Any], out: Path) -> None:
+    log.warning("interrupted: %s keeps the complete bench of an earlier run; this run's %d finished row(s) are not "
+                "written there (they are in the table or --json output)", out, len(report["rows"]) - 1)
 
 
 def device_is_cuda(model) -> bool:

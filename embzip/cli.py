@@ -66,6 +66,16 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             _error_line("error", "aborted")
             sys.exit(1)
+        except (BrokenPipeError, _StdoutGone):  # the help or version's reader went away (`| head`): quiet
+            _stdout_to_devnull()
+            sys.exit(1)
+        except OSError as exc:  # the help or version could not be written (`> /dev/full`); a command's own failures
+            problem = resource_problem(exc)  # are its wrapper's (`command`)
+            if problem is None:
+                raise
+            _stdout_to_devnull()
+            _error_line("error", f"could not print to standard output: {problem}")
+            sys.exit(1)
         _finished()
         sys.exit(code if isinstance(code, int) else 0)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers.configuration_utils import PretrainedConfig
 
-from .models import CAUSAL_LM, MASKED_LM, kind_of
+from .models import CAUSAL_LM, ENCODER, MASKED_LM, kind_of
 
 MODEL_TYPE = "embzip"
 # from_pretrained options that mean nothing for a local directory of embzip's, or that the Auto classes
@@ -74,7 +74,8 @@ class EmbzipModel:
                              "attn_implementation and cache_head are")
         kind = kind_of([config.get("base_architecture", "")])
         if cls.kind is not None and kind != cls.kind:
-            raise ValueError(f"{directory} holds a {config.get('base_architecture')} ({kind}), not a {cls.kind}; "
+            what = "an encoder or a base model without a head" if kind == ENCODER else f"a {kind}"
+            raise ValueError(f"{directory} holds a {config.get('base_architecture')} ({what}), not a {cls.kind}; "
                              "load it with the matching Auto class, AutoModel or embzip.load_model")
         model = load_model(directory, device=device, dtype=dtype, attn_implementation=attn, cache_head=cache_head)
         return model if cls.kind is not None else base_of(model)

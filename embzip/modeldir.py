@@ -284,7 +284,8 @@ def _write_config(model: torch.nn.Module, directory: Path, head: str, kind: str,
 
 
 def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_main_process: bool = True,
-                 safe_serialization: bool = True, max_shard_size: Any = None, **unsupported: Any) -> None:
+                 safe_serialization: bool = True, max_shard_size: Any = None, state_dict: dict | None = None,
+                 **unsupported: Any) -> None:
     """`save_pretrained` of a model with a compressed embedding spliced in (as `load_model` and `embzip apply`
     leave it): writes a compressed directory that `load_model`, or transformers after `import embzip`, loads
     back exactly. Plain transformers' save would write the compressed tensors under the original model's
@@ -293,7 +294,10 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     Like transformers, it writes into `directory` (created if missing) and replaces files of the same names,
     and removes the weights shards and index of an earlier save there, which would be stale; it writes one
     weights file (`max_shard_size` is accepted and not used) and the generation config, not
-    the tokenizer. Options that need the plain save (`state_dict`, `push_to_hub`, a pickle format) are refused.
+    the tokenizer. A `state_dict` is taken where it holds the model's own values (the Trainer's checkpoints pass
+    `model.state_dict()`); options that need the plain save (another state_dict, `push_to_hub`, a pickle format)
+    are refused. A model whose compressed modules were all replaced by dense ones (`set_input_embeddings`) is
+    dense again and saves as transformers saves it; one that still holds some is refused, before anything is written.
     """
     from safetensors.torch import save_model
 
@@ -301,6 +305,20 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
         given = sorted(unsupported) + ([] if safe_serialization else ["safe_serialization=False"])
         raise ModelError(f"save_pretrained of a model with a compressed embedding takes a directory only "
                          f"(not {', '.join(given)}); it writes an embzip directory in safetensors")
+    if state_dict is not None and not _is_own_state(model, state_dict):
+        raise ModelError("save_pretrained of a model with a compressed embedding takes only the model's own "
+                         "state_dict (as the Trainer passes it); load another into the model first "
+                         "(model.load_state_dict) and save without one")
+    compact = [m for m in (model.get_input_embeddings(), model.get_output_embeddings())
+               if isinstance(m, (_CompactEmbedding, _TiedHead))]
+    if not compact:  # the compressed modules were swapped out: a dense model, saved by transformers
+        type(model).save_pretrained(model, directory, is_main_process=is_main_process,
+                                    **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+        return
+    if not isinstance(model.get_input_embeddings(), _CompactEmbedding):
+        raise ModelError("this model's input embedding was replaced by a dense one while its output head still reads "
+                         "the compressed embedding; set a matching output head (model.set_output_embeddings) or "
+                         "put the compressed embedding back before saving")
     if not is_main_process:
         return
     if any(t.device.type == "meta" for t in (*model.parameters(), *model.buffers())):
@@ -326,6 +344,15 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
     manifest = {"embzip_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "written_by": "save_pretrained", "kind": kind, "head": head}
     (directory / MANIFEST).write_text(jsonout.dumps(manifest, indent=2))
+
+
+def _is_own_state(model: torch.nn.Module, state_dict: dict) -> bool:
+    """Whether `state_dict` has the model's own names and values (the same tensors, or equal ones)."""
+    own = model.state_dict()
+    return state_dict.keys() == own.keys() and all(
+        isinstance(t, torch.Tensor) and t.shape == own[k].shape and t.dtype == own[k].dtype
+        and (t.data_ptr() == own[k].data_ptr() or torch.equal(t.cpu(), own[k].cpu()))
+        for k, t in state_dict.items())
 
 
 def _load_dense(directory: Path):

@@ -109,6 +109,10 @@ def names_a_folder(path: str | os.PathLike) -> bool:
 def _check_not_empty(given, example: str) -> None:
     if not str(given).strip():  # Path("") is the current directory
         raise _refused(f"the output path is empty; give a {example}")
+    if str(given) == "-":  # the usual name of stdout, which no output of embzip's can go to
+        what = "file" if example.startswith("file") else "directory"
+        raise _refused(f"output - would be a {what} named '-': embzip writes a {what} here, not to stdout (use --json "
+                       f"for a summary on stdout); give a {example}")
 
 
 def check_output_file(path: str | os.PathLike, force: bool, *,
@@ -117,9 +121,6 @@ def check_output_file(path: str | os.PathLike, force: bool, *,
     long for the file system, or whose directory is missing or read-only."""
     given = path
     _check_not_empty(given, "file name such as factors.safetensors")
-    if str(given) == "-":
-        raise _refused("output - would be a file named '-': embzip writes a safetensors file, not to stdout "
-                       "(use --json for a summary on stdout); give a file name")
     path = Path(path)
     _check_name(Path(os.path.abspath(path)), given)  # first: stat() fails on a name too long
     remove_stale(path)

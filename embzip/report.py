@@ -78,8 +78,13 @@ def table(report: dict[str, Any]) -> None:
         t.add_row(*r)
     import sys
 
-    # A pipe or file gets the whole table rather than 80 columns of ellipses.
-    stdout_console(width=None if sys.stdout.isatty() else 240).print(t)
+    from rich.measure import Measurement
+
+    # Never a number cut to an ellipsis (rich's way of fitting a table to a narrow terminal): the table is printed
+    # at its own width, one line a row, and a terminal narrower than that wraps the lines.
+    console = stdout_console()
+    width = Measurement.get(console, console.options.update(width=10**4), t).maximum
+    stdout_console(width=max(width, console.width) if sys.stdout.isatty() else width).print(t)
     if report.get("interrupted"):
         Console(stderr=True).print("[yellow]interrupted: the table holds the rows finished before Ctrl-C or SIGTERM[/]")
 

@@ -24,6 +24,7 @@ of the embedding they replace, so a spliced directory is as small as the factors
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -82,6 +83,40 @@ def _derived_from(module: nn.Module, stored: dict[str, torch.Tensor]) -> dict | 
 
 def _forget(module: nn.Module, name: str) -> None:
     module.__dict__.get("_kept_values", {}).pop(name, None)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes products in on `device_type` right now; None where it is off."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # torch before 2.4 names the two devices' calls apart
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        return None
+
+
+def _outside_autocast(forward: Callable) -> Callable:
+    """A compact module's forward run with autocast off. Its decoding and products fill buffers of the dtype it
+    chose (a codebook's per-piece tables, a block of logits), which autocast's silent casts of the products
+    would break. A head takes its hidden states in autocast's dtype, as a Linear under autocast computes, and an
+    embedding gives the rows it would without autocast, as nn.Embedding does."""
+
+    @functools.wraps(forward)
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        dtype = _autocast_dtype(device_type)
+        if dtype is None:
+            return forward(self, x)
+        if x.is_floating_point():
+            x = x.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return forward(self, x)
+
+    return run
 
 
 class _CompactEmbedding(nn.Module):
@@ -153,6 +188,7 @@ class FactoredEmbedding(_CompactEmbedding):
     def stored(self) -> dict[str, torch.Tensor]:
         return {name: t for name in ("codes", "decoder", "bias", "norms") if (t := getattr(self, name)) is not None}
 
+    @_outside_autocast
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._scaled(self._rows(input_ids))
 
@@ -209,6 +245,7 @@ class _TiedHead(nn.Module):
 class FactoredHead(_TiedHead):
     """An output head tied to a FactoredEmbedding: logits from the factors, never the V x d matrix."""
 
+    @_outside_autocast
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
         dt = hidden.dtype
@@ -270,6 +307,7 @@ class CompressedEmbedding(_CompactEmbedding):
         """The whole decoded V x d matrix in the model's dtype (without the embedding scale)."""
         return self.rows(slice(None)).to(self.out_dtype)
 
+    @_outside_autocast
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.numel():  # as nn.Embedding: a stray -100 (a label's ignore index) would read row V - 100
             low, high = (int(v) for v in torch.aminmax(input_ids))  # one pass, one read back
@@ -297,6 +335,7 @@ class CompressedHead(_TiedHead):
 
     cache_decoded = False
 
+    @_outside_autocast
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.cache_decoded:
             logits = hidden @ self._decoded(hidden).T
@@ -497,8 +536,7 @@ class Swap:
     def restore(self) -> None:
         for path, old, _ in reversed(self.swaps):
             _set_module(self.model, path, old)
-        for name in ("save_pretrained", "tie_weights"):
-            self.model.__dict__.pop(name, None)
+        unprotect(self.model)
 
     def reapply(self) -> None:
         for path, _, new in self.swaps:
@@ -508,12 +546,36 @@ class Swap:
     __call__ = restore
 
 
+_GUARDED = ("save_pretrained", "tie_weights", "resize_token_embeddings")
+
+
 def protect(model: nn.Module) -> None:
     """transformers' own save would write the compressed tensors under the base config: a directory it then loads
-    with a random embedding. A model holding a compressed embedding saves as a compressed directory instead, and
-    its tie_weights leaves the compressed modules alone."""
-    model.save_pretrained = _SaveCompact(model)
-    model.tie_weights = _KeepTies()
+    with a random embedding. A model holding a compressed embedding saves as a compressed directory instead, its
+    tie_weights leaves the compressed modules alone, and a resize that changes nothing is let through. So does
+    every transformers model inside it that holds the embedding (`model.model`, `model.bert`: a base saved on
+    its own loads back as itself)."""
+    for holder in _holders(model):
+        holder.save_pretrained = _SaveCompact(holder)
+        holder.tie_weights = _KeepTies()
+        holder.resize_token_embeddings = _SameVocabulary(holder)
+
+
+def unprotect(model: nn.Module) -> None:
+    """transformers' own methods back, on the model and the models inside it (Swap.restore)."""
+    for module in model.modules():
+        for name in _GUARDED:
+            if isinstance(module.__dict__.get(name), (_SaveCompact, _KeepTies, _SameVocabulary)):
+                del module.__dict__[name]
+
+
+def _holders(model: nn.Module) -> list[nn.Module]:
+    """`model` and the transformers models inside it whose modules include its input embedding."""
+    from transformers import PreTrainedModel
+
+    embedding = model.get_input_embeddings()
+    return [model] + [m for m in model.modules() if m is not model and isinstance(m, PreTrainedModel)
+                      and any(sub is embedding for sub in m.modules())]
 
 
 class _KeepTies:
@@ -524,6 +586,25 @@ class _KeepTies:
 
     def __call__(self, *args, **kwargs) -> None:
         return None
+
+
+class _SameVocabulary:
+    """A spliced model's resize_token_embeddings: a call that changes nothing (no size, or the size it has, as
+    code that resizes to its tokenizer's length does) returns the embedding; any other size is refused, as the
+    compressed rows cannot be extended (the embedding's `.weight` error says what to do instead)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs):
+        embedding = self.model.get_input_embeddings()
+        size = embedding.num_embeddings
+        target = size if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of:
+            target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+        if target != size:
+            embedding.weight  # raises the AttributeError that says what to do
+        return embedding
 
 
 class _SaveCompact:

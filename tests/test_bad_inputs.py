@@ -303,6 +303,10 @@ ROWS = [
       "{t}/b"], 2, "--weights-text is read by the methods that read a text, and none of svd, int8 does"),
     (["fit", "{w}/model", "--bits", "2", "--self-tokens", "nan"], 2, "Invalid value for '--self-tokens'"),
     (["bench", "{w}/model", "--ranks", "2", "--out", "{w}/file.txt/b"], 2, "is not a directory"),
+    # -- "-" is stdout's name, never an output of embzip's
+    (["svd", "{w}/model", "-k", "2", "-o", "-"], 2, "output - would be a file named '-'"),
+    (["apply", "{w}/model", "{w}/f.safetensors", "-o", "-"], 2, "output - would be a directory named '-'"),
+    (["bench", "{w}/model", "--ranks", "2", "--out", "-"], 2, "output - would be a directory named '-'"),
 ]
 
 

@@ -138,14 +138,50 @@ def test_a_signal_while_bench_writes_its_results_leaves_the_previous_run_whole(t
 
     monkeypatch.setattr(benchmark, "plot", interrupted_plot)
     result = runner.invoke(app, [*args, "--ranks", "2,4"])
-    assert result.exit_code == 130 and "interrupted: after writing" in result.stderr  # the new row's factors
-    assert "bench." not in result.stderr
+    assert result.exit_code == 130 and "keeps the complete bench" in " ".join(result.stderr.split())
+    assert json.loads(result.stdout)["interrupted"] and len(json.loads(result.stdout)["rows"]) == 3  # printed
     assert {name: (tmp_path / name).read_bytes() for name in before} == before  # not the new json beside the old plot
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
     monkeypatch.undo()
     assert runner.invoke(app, [*args, "--ranks", "2,4"]).exit_code == 0  # all three replaced together
     assert len(json.loads((tmp_path / "bench.json").read_text())["rows"]) == 3
     assert (tmp_path / "bench.png").read_bytes()[:4] == b"\x89PNG" and (tmp_path / "bench.png").read_bytes() != before["bench.png"]
+
+
+def test_an_interrupted_bench_keeps_an_earlier_complete_one_and_otherwise_writes_its_rows(tiny, text_file, tmp_path,
+                                                                                        monkeypatch):
+    import embzip.benchmark as benchmark
+
+    args = ["bench", tiny("gpt2"), "--methods", "svd", "--text", text_file, "--max-tokens", "100", "--json", "-q"]
+    complete = tmp_path / "complete"
+    assert runner.invoke(app, [*args, "--ranks", "2,4", "--out", str(complete)]).exit_code == 0
+    before = (complete / "bench.json").read_bytes()
+    real = benchmark.latency_ratios
+
+    def interrupt_on_second_row(*a, **kw):
+        if interrupt_on_second_row.calls == 1:
+            raise KeyboardInterrupt
+        interrupt_on_second_row.calls += 1
+        return real(*a, **kw)
+
+    interrupt_on_second_row.calls = 0
+    monkeypatch.setattr(benchmark, "latency_ratios", interrupt_on_second_row)
+    result = runner.invoke(app, [*args, "--ranks", "2,4", "--out", str(complete)])
+    assert result.exit_code == 130 and len(json.loads(result.stdout)["rows"]) == 2  # the original and rank 2
+    assert (complete / "bench.json").read_bytes() == before  # the complete run is not traded for part of one
+    monkeypatch.undo()
+
+    def interrupted_plot(report, path):  # a Ctrl-C while the results are written, every row finished
+        monkeypatch.undo()
+        raise KeyboardInterrupt
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr(benchmark, "plot", interrupted_plot)
+    result = runner.invoke(app, [*args, "--ranks", "2", "--out", str(fresh)])
+    assert result.exit_code == 130 and "interrupted while writing the results" in result.stderr
+    written = json.loads((fresh / "bench.json").read_text())
+    assert written["interrupted"] and written["rows"] == json.loads(result.stdout)["rows"] and len(written["rows"]) == 2
+    assert (fresh / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_every_kind_side_by_side_with_bits_per_weight(tiny, text_file, tmp_path):
@@ -231,7 +267,7 @@ def test_an_out_folder_with_result_files_no_bench_wrote_is_refused(tiny, text_fi
         (out / name).write_text(content)
     result = runner.invoke(app, ["bench", tiny("gpt2"), "--methods", "int8", "--text", text_file, "--out", str(out),
                                  "-q"])
-    assert result.exit_code == 2 and "that no embzip bench wrote" in result.stderr, result.output
+    assert result.exit_code == 2 and "which embzip bench did not write" in result.stderr, result.output
     assert sorted(os.listdir(out)) == sorted(files) and all((out / n).read_text() == c for n, c in files.items())
 
 

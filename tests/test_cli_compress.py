@@ -357,6 +357,20 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_exit_1():
     assert done.returncode == 1 and done.stderr == ""
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, a device that is always full")
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["fit", "--help"]])
+def test_help_or_version_on_a_full_device_is_one_line(args):
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "embzip", *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=120)
+    assert done.returncode == 1
+    assert " ".join(done.stderr.split()).startswith("error: could not print to standard output: no space left")
+    assert done.stderr.count("\n") == 1  # no traceback
+
+
 @pytest.mark.parametrize("output", [["--json"], []])
 def test_a_reader_that_goes_away_after_the_output_is_written_is_told_what_was_written(tmp_path, tiny, output):
     import subprocess

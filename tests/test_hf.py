@@ -238,10 +238,86 @@ def test_save_pretrained_writes_a_compressed_directory(tiny, tmp_path, kind, dty
 
 def test_save_pretrained_refuses_what_it_cannot_honour(tiny, tmp_path):
     model = load_model(compressed(tiny, tmp_path / "out", "llama", "float32", "int8"))
-    for options in ({"push_to_hub": True}, {"state_dict": model.state_dict()}, {"safe_serialization": False}):
+    other = {k: t + 1 if t.is_floating_point() else t for k, t in model.state_dict().items()}
+    for options in ({"push_to_hub": True}, {"safe_serialization": False}):
         with pytest.raises(embzip.ModelError, match="takes a directory only"):
             model.save_pretrained(tmp_path / "saved", **options)
+    with pytest.raises(embzip.ModelError, match="only the model's own state_dict"):
+        model.save_pretrained(tmp_path / "saved", state_dict=other)
     assert not (tmp_path / "saved").exists()
+
+
+def test_save_pretrained_takes_the_models_own_state_dict_as_the_trainer_passes_it(tiny, tmp_path):
+    model = load_model(compressed(tiny, tmp_path / "out", "llama", "float32", "int8"))
+    copied = {k: t.clone() for k, t in model.state_dict().items()}  # equal values, other tensors
+    for name, state in (("own", model.state_dict()), ("copied", copied)):
+        model.save_pretrained(tmp_path / name, state_dict=state, is_main_process=True)
+        assert torch.equal(logits(load_model(tmp_path / name)), logits(model))
+
+
+def test_the_trainer_checkpoints_a_compressed_model(tiny, tmp_path):
+    model = load_model(compressed(tiny, tmp_path / "out", "llama", "float32", "int4"))
+    rows = [{"input_ids": IDS[0], "labels": IDS[0]} for _ in range(4)]
+    args = transformers.TrainingArguments(tmp_path / "run", max_steps=2, save_steps=1, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, logging_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    for step in ("checkpoint-1", "checkpoint-2"):
+        saved = tmp_path / "run" / step
+        assert (saved / "embzip.safetensors").is_file() and not (saved / "model.safetensors").exists()
+    assert torch.equal(logits(load_model(tmp_path / "run" / "checkpoint-2")), logits(model))
+
+
+@pytest.mark.parametrize("kind,inner", [("llama", "model"), ("bert-mlm", "bert")])
+def test_a_base_model_inside_saves_compressed_and_loads_back(tiny, tmp_path, kind, inner):
+    # transformers' save of `model.model` would write the compressed tensors under LlamaConfig: loaded back with a
+    # random embedding and no error
+    model = load_model(compressed(tiny, tmp_path / "out", kind, "float32", "int4"))
+    base = getattr(model, inner)
+    base.save_pretrained(tmp_path / "base")
+    again = transformers.AutoModel.from_pretrained(tmp_path / "base")
+    assert type(again) is type(base) and type(again.get_input_embeddings()) is type(base.get_input_embeddings())
+    assert torch.equal(logits(again), logits(base))
+    with pytest.raises(ValueError, match="base model without a head"):
+        (transformers.AutoModelForCausalLM if kind == "llama" else transformers.AutoModelForMaskedLM).from_pretrained(
+            tmp_path / "base")
+
+
+@pytest.mark.parametrize("method", ["codebook", "int4", "svd"])
+@pytest.mark.parametrize("kind", ["llama", "bert-mlm"])
+def test_a_compressed_model_runs_under_autocast(tiny, tmp_path, kind, method):
+    model = load_model(compressed(tiny, tmp_path / "out", kind, "float32", method))
+    expected = logits(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = logits(model)
+        model(input_ids=IDS, labels=IDS).loss.backward()  # training through it under autocast too
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 0.05  # bfloat16's rounding only
+    rows = model.get_input_embeddings()(IDS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as nn.Embedding: the rows as without autocast
+        assert torch.equal(model.get_input_embeddings()(IDS), rows)
+
+
+def test_a_model_whose_compressed_embedding_was_replaced_by_a_dense_one_saves_dense(tiny, tmp_path):
+    untied = load_model(compressed(tiny, tmp_path / "untied", "llama-untied", "float32", "int8"))
+    untied.set_input_embeddings(torch.nn.Embedding.from_pretrained(untied.get_input_embeddings().matrix().clone()))
+    untied.save_pretrained(tmp_path / "dense")
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense")  # a plain transformers directory
+    assert torch.equal(logits(plain), logits(untied))
+    tied = load_model(compressed(tiny, tmp_path / "tied", "llama", "float32", "svd"))
+    tied.set_input_embeddings(torch.nn.Embedding.from_pretrained(tied.get_input_embeddings().matrix().clone()))
+    with pytest.raises(embzip.ModelError, match="output head still reads the compressed embedding"):
+        tied.save_pretrained(tmp_path / "mixed")
+    assert not (tmp_path / "mixed").exists()
+
+
+def test_a_resize_that_changes_nothing_is_let_through(tiny, tmp_path):
+    model = load_model(compressed(tiny, tmp_path / "out", "llama", "float32", "codebook"))
+    emb, expected = model.get_input_embeddings(), logits(model)
+    assert model.resize_token_embeddings() is emb and model.resize_token_embeddings(emb.num_embeddings) is emb
+    assert model.resize_token_embeddings(emb.num_embeddings, pad_to_multiple_of=emb.num_embeddings) is emb
+    for options in ({"new_num_tokens": emb.num_embeddings + 8}, {"pad_to_multiple_of": emb.num_embeddings + 1}):
+        with pytest.raises(AttributeError, match="needs the original model"):
+            model.resize_token_embeddings(**options)
+    assert torch.equal(logits(model), expected)
 
 
 def test_save_pretrained_refuses_a_model_that_holds_only_its_embedding(tiny, tmp_path):
