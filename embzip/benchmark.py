@@ -449,13 +449,19 @@ def _write_results(report: dict[str, Any], out: Path) -> None:
     """The results into OUT, unless the run was interrupted and OUT holds an earlier run's complete bench (kept: a
     Ctrl-C never trades whole results for part of them). A signal while the results are written (the plot takes
     a second) makes the run an interrupted one: its finished rows are written again, or the complete bench kept."""
+    from .outputs import identity
+
     if report["interrupted"] and _holds_complete_bench(out):
         _kept_earlier(report, out)
         return
+    before = identity(out / "bench.json")
     try:
         write_outputs(report, out)
     except KeyboardInterrupt:
         report["interrupted"] = True
+        if identity(out / "bench.json") != before:  # the signal was held until this run's files were in place
+            log.warning("interrupted once the results were in place in %s", out)
+            return
         if _holds_complete_bench(out):
             _kept_earlier(report, out)
             return

@@ -1070,6 +1070,7 @@ class Codebook(TensorSet):
     """Rows as uint8 indices into learned codebooks (residual product quantization, see above)."""
 
     kind = "codebook"
+    exportable = False  # its piece sizes and stages, read from stored tensors, shape the decoding
     check = staticmethod(check_tensors)
 
     @classmethod

@@ -67,6 +67,7 @@ class Compressed:
     """Base class of the storage kinds. Subclasses set `kind` and implement the abstract parts."""
 
     kind: ClassVar[str] = ""
+    exportable: ClassVar[bool] = True  # torch.export can trace its decoding (its layout is not read from tensors)
     meta: dict[str, Any]
 
     # -- what a kind implements ---------------------------------------------------------------

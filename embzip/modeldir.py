@@ -25,7 +25,7 @@ from .errors import FactorsError, ModelError, OutputError, usage
 from .compressed import Compressed, storage_dtype
 from .models import LOAD_DTYPES
 from .splice import (HEADS, CompressedEmbedding, _CompactEmbedding, _TiedHead, cache_decoded_head, check_head,
-                     check_source, densify, splice)
+                     check_source, densify, holds_compact, splice)
 
 WEIGHTS = "embzip.safetensors"
 MANIFEST = "embzip.json"
@@ -309,9 +309,7 @@ def save_compact(model: torch.nn.Module, directory: str | os.PathLike, *, is_mai
         raise ModelError("save_pretrained of a model with a compressed embedding takes only the model's own "
                          "state_dict (as the Trainer passes it); load another into the model first "
                          "(model.load_state_dict) and save without one")
-    compact = [m for m in (model.get_input_embeddings(), model.get_output_embeddings())
-               if isinstance(m, (_CompactEmbedding, _TiedHead))]
-    if not compact:  # the compressed modules were swapped out: a dense model, saved by transformers
+    if not holds_compact(model):  # the compressed modules were swapped out: a dense model, saved by transformers
         type(model).save_pretrained(model, directory, is_main_process=is_main_process,
                                     **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
         return

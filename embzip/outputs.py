@@ -392,15 +392,27 @@ def write_files(folder: Path, writers: dict[str, Callable[[Path], object] | None
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back (delivered on exit) where the OS allows it."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM back, delivered as they arrived once the block is done. Python-level handlers that
+    note them, not a signal mask: a mask holds a signal back from the main thread only, and a Ctrl-C sent to the
+    process can reach another thread (torch's workers) and have its KeyboardInterrupt raised in the block all the
+    same. Outside the main thread, where handlers cannot be set, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    arrived: list[int] = []
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, lambda number, frame: arrived.append(number))
+        except (ValueError, OSError):  # a signal this platform or embedding cannot handle
+            pass
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
+        for number in dict.fromkeys(arrived):  # each once, in the order they came
+            signal.raise_signal(number)
 
 
 def _put_back(aside: Path, out: Path) -> None:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .compressed import Compressed, may_train
-from .errors import FactorsError, OptionError
+from .errors import FactorsError, ModelError, OptionError
 from .factors import Factors
 
 HEADS = ("input", "tied")
@@ -76,13 +76,34 @@ def _derived_from(module: nn.Module, stored: dict[str, torch.Tensor]) -> dict | 
     (a codebook's decoding tables and transform, the int4 kernel's layout); like a decoded matrix, never in the state
     dict. None while a stored tensor is being trained (grad enabled and required): what is derived from it must
     then be derived again at every pass, so the backward pass reaches the tensor."""
-    if may_train(*stored.values()):
+    if may_train(*stored.values()) or _exporting():  # exported: nothing kept from a pass of fake tensors
         return None
     return _kept(module, "derived", _state_key(*stored.values()), dict)
 
 
 def _forget(module: nn.Module, name: str) -> None:
     module.__dict__.get("_kept_values", {}).pop(name, None)
+
+
+def _traced() -> bool:
+    """Whether torch.compile, torch.export or torch.jit.trace records this pass: a check that reads a tensor's
+    value back to Python (the token ids' range) would stop a compiled graph or fail an export there."""
+    compiler = getattr(torch, "compiler", None)
+    return torch.jit.is_tracing() or _exporting() or bool(compiler and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def _exporting() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+
+
+def _refuse_export(kind) -> None:
+    """A clear error where torch.export meets a kind whose decoding it cannot trace, instead of one from inside
+    the tracer."""
+    if not kind.exportable and _exporting():
+        raise ModelError(f"torch.export cannot trace a {kind.kind} embedding: how it decodes is read from its stored "
+                         "tensors. Export a dense copy instead (embzip apply --dense), or run the model as it is, "
+                         "or with torch.compile")
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -262,7 +283,7 @@ class FactoredHead(_TiedHead):
         if emb.norms is not None:
             logits = logits * _as(self._row_scale(emb), dt)
         if self.bias is not None:
-            logits = logits + self.bias
+            logits = logits + self.bias.to(logits.dtype)  # under autocast too, as a Linear with its bias
         return logits
 
     def _row_scale(self, emb: FactoredEmbedding) -> torch.Tensor:
@@ -300,6 +321,7 @@ class CompressedEmbedding(_CompactEmbedding):
         return self.kind.from_tensors(self.stored(), dict(self.meta))
 
     def rows(self, index: torch.Tensor | slice) -> torch.Tensor:
+        _refuse_export(self.kind)
         stored = self.stored()
         return self.kind.decode(stored, index, _derived_from(self, stored))
 
@@ -309,8 +331,8 @@ class CompressedEmbedding(_CompactEmbedding):
 
     @_outside_autocast
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.numel():  # as nn.Embedding: a stray -100 (a label's ignore index) would read row V - 100
-            low, high = (int(v) for v in torch.aminmax(input_ids))  # one pass, one read back
+        if input_ids.numel() and not _traced():  # as nn.Embedding: a stray -100 (a label's ignore index) would read
+            low, high = (int(v) for v in torch.aminmax(input_ids))  # row V - 100; one pass, one read back
             if low < 0 or high >= self.num_embeddings:
                 raise IndexError(f"token ids must be in 0..{self.num_embeddings - 1}, got {low}..{high}")
         return self._scaled(self.rows(input_ids.reshape(-1)).view(*input_ids.shape, self.embedding_dim).to(self.out_dtype))
@@ -342,11 +364,12 @@ class CompressedHead(_TiedHead):
         else:
             logits = self._chunked(hidden)
         if self.bias is not None:
-            logits = logits + self.bias
+            logits = logits + self.bias.to(logits.dtype)  # under autocast too, as a Linear with its bias
         return logits
 
     def _chunked(self, hidden: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
+        _refuse_export(emb.kind)
         own = emb.kind.head_logits(emb.stored(), hidden, self._derived())
         if own is not None:  # the kind's way without decoding rows (a codebook: per-piece tables, stage by stage;
             return own.to(hidden.dtype)  # int8 and int4: a fused kernel for few states)
@@ -557,8 +580,15 @@ def protect(model: nn.Module) -> None:
     its own loads back as itself)."""
     for holder in _holders(model):
         holder.save_pretrained = _SaveCompact(holder)
-        holder.tie_weights = _KeepTies()
+        holder.tie_weights = _KeepTies(holder)
         holder.resize_token_embeddings = _SameVocabulary(holder)
+
+
+def holds_compact(model: nn.Module) -> bool:
+    """Whether a model's input embedding or output head is one of embzip's compact modules (a user may have set
+    dense ones in their place: the model is then dense again, and transformers' own methods serve it)."""
+    return isinstance(model.get_input_embeddings(), _CompactEmbedding) or \
+        isinstance(model.get_output_embeddings(), _TiedHead)
 
 
 def unprotect(model: nn.Module) -> None:
@@ -582,9 +612,16 @@ class _KeepTies:
     """A spliced model's tie_weights (which transformers and accelerate call, e.g. before dispatching a model):
     nothing to do. A tied compressed head reads the compressed embedding itself, and a head kept with
     `head="input"` keeps the original matrix on purpose; transformers' own tie_weights would look for the
-    embedding's `.weight`, which a compressed embedding does not have, and fail."""
+    embedding's `.weight`, which a compressed embedding does not have, and fail. Once no compact module is left,
+    transformers' own runs."""
 
-    def __call__(self, *args, **kwargs) -> None:
+    def __init__(self, model: nn.Module | None = None):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = getattr(self, "model", None)  # None: unpickled from a version that kept no model here
+        if model is not None and not holds_compact(model):
+            return type(model).tie_weights(model, *args, **kwargs)
         return None
 
 
@@ -597,6 +634,8 @@ class _SameVocabulary:
         self.model = model
 
     def __call__(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, **kwargs):
+        if not holds_compact(self.model):  # dense again: transformers' own resize
+            return type(self.model).resize_token_embeddings(self.model, new_num_tokens, pad_to_multiple_of, **kwargs)
         embedding = self.model.get_input_embeddings()
         size = embedding.num_embeddings
         target = size if new_num_tokens is None else new_num_tokens

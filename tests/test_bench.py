@@ -184,6 +184,36 @@ def test_an_interrupted_bench_keeps_an_earlier_complete_one_and_otherwise_writes
     assert (fresh / "bench.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_signal_during_the_renames_waits_until_all_three_results_are_in_place(tiny, text_file, tmp_path,
+                                                                                 monkeypatch):
+    import os
+    import signal
+
+    import embzip.outputs as outputs
+
+    args = ["bench", tiny("gpt2"), "--methods", "svd", "--out", str(tmp_path), "--text", text_file,
+            "--max-tokens", "100", "--json", "-q"]
+    assert runner.invoke(app, [*args, "--ranks", "2"]).exit_code == 0
+    real = os.replace
+
+    def replace_then_ctrl_c(source, target):
+        real(source, target)
+        if str(target).endswith("bench.json"):  # the first of the three renames
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(outputs.os, "replace", replace_then_ctrl_c)
+    # a finished command ignores SIGINT from then on (cli._finished): the first run did, in this process
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = runner.invoke(app, [*args, "--ranks", "2,4"])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert result.exit_code == 130 and "once the results were in place" in " ".join(result.stderr.split())
+    rows = len(json.loads((tmp_path / "bench.json").read_text())["rows"])
+    with open(tmp_path / "bench.csv") as f:
+        assert rows == 3 and len(f.readlines()) == 1 + rows  # this run's json and csv side by side, not a mix
+
+
 def test_every_kind_side_by_side_with_bits_per_weight(tiny, text_file, tmp_path):
     result = runner.invoke(app, ["bench", tiny("llama"), "--ranks", "4", "--bits", "12",
                                  "--methods", "svd,int8,int4,codebook", "--weights-text", text_file,

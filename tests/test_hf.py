@@ -290,6 +290,7 @@ def test_a_compressed_model_runs_under_autocast(tiny, tmp_path, kind, method):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = logits(model)
         model(input_ids=IDS, labels=IDS).loss.backward()  # training through it under autocast too
+    assert got.dtype == torch.bfloat16  # as a Linear head (with its bias: BERT's) gives under autocast
     assert ((got.float() - expected).norm() / expected.norm()).item() < 0.05  # bfloat16's rounding only
     rows = model.get_input_embeddings()(IDS)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as nn.Embedding: the rows as without autocast
@@ -302,11 +303,43 @@ def test_a_model_whose_compressed_embedding_was_replaced_by_a_dense_one_saves_de
     untied.save_pretrained(tmp_path / "dense")
     plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense")  # a plain transformers directory
     assert torch.equal(logits(plain), logits(untied))
+    untied.resize_token_embeddings(untied.config.vocab_size + 8)  # dense again: transformers' own resize
+    assert untied.get_input_embeddings().num_embeddings == untied.config.vocab_size
     tied = load_model(compressed(tiny, tmp_path / "tied", "llama", "float32", "svd"))
     tied.set_input_embeddings(torch.nn.Embedding.from_pretrained(tied.get_input_embeddings().matrix().clone()))
     with pytest.raises(embzip.ModelError, match="output head still reads the compressed embedding"):
         tied.save_pretrained(tmp_path / "mixed")
     assert not (tmp_path / "mixed").exists()
+
+
+def test_a_model_made_dense_again_ties_its_weights_as_transformers_does(tiny, tmp_path):
+    model = load_model(compressed(tiny, tmp_path / "out", "llama", "float32", "int8"))
+    dense = torch.nn.Embedding.from_pretrained(model.get_input_embeddings().matrix().clone(), freeze=False)
+    model.set_input_embeddings(dense)
+    model.set_output_embeddings(torch.nn.Linear(dense.embedding_dim, dense.num_embeddings, bias=False))
+    model.tie_weights()  # embzip's guard steps aside once no compact module is left
+    assert model.get_output_embeddings().weight is dense.weight
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_export_traces_packed_integers_and_names_what_it_cannot(tiny, tmp_path, dtype):
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids).logits
+
+    model = load_model(compressed(tiny, tmp_path / "int4", "llama", dtype, "int4"))
+    exported = torch.export.export(Logits(model), (IDS,), strict=False)
+    with torch.no_grad():
+        got, expected = exported.module()(IDS).float(), logits(model).float()
+    # the eager head hands few states to torch's bfloat16 weight-only kernel on a CPU; the traced graph decodes
+    assert ((got - expected).norm() / expected.norm()).item() < 0.02
+    codebook = load_model(compressed(tiny, tmp_path / "codebook", "llama", dtype, "codebook"))
+    with pytest.raises(embzip.ModelError, match="torch.export cannot trace a codebook embedding"):
+        torch.export.export(Logits(codebook), (IDS,), strict=False)
 
 
 def test_a_resize_that_changes_nothing_is_let_through(tiny, tmp_path):
