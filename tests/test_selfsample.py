@@ -326,7 +326,7 @@ def test_a_cache_that_cannot_be_written_is_reported_and_the_sample_returned(tiny
     assert "were not cached" in caplog.text and blocked.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("bad", ["shape", "nan"])
+@pytest.mark.parametrize("bad", ["shape", "nan", "zeros"])
 def test_a_cached_sample_that_does_not_fit_the_model_is_sampled_again(tiny, tmp_path, caplog, bad):
     from safetensors.torch import load_file, save_file
 
@@ -337,12 +337,17 @@ def test_a_cached_sample_that_does_not_fit_the_model_is_sampled_again(tiny, tmp_
     first = cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
     [path] = tmp_path.glob("*.safetensors")
     stored = load_file(path)
-    stored["counts"] = stored["counts"][:7] if bad == "shape" else torch.full_like(stored["counts"], float("nan"))
+    if bad == "zeros":  # no sample gives zero counts: a file zeroed in place
+        stored = {name: torch.zeros_like(t) for name, t in stored.items()}
+    else:
+        stored["counts"] = stored["counts"][:7] if bad == "shape" else torch.full_like(stored["counts"], float("nan"))
+    (tmp_path / f".{path.name}.999999-00ff00ff.tmp").write_bytes(b"half")  # what a run killed while writing it left
     save_file(stored, path)  # a valid file holding the wrong data
     with caplog.at_level("WARNING", logger="embzip"):
         again = cached_statistics(opened.model, opened.tokenizer, config, directory=tmp_path)
     assert "sampling again" in caplog.text and torch.equal(again[0], first[0])
     assert torch.equal(load_file(path)["counts"], first[0])  # and replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # the dead run's temporary file removed
 
 
 def test_a_signal_while_the_sample_is_cached_leaves_no_temporary_file(tiny, tmp_path, monkeypatch):
