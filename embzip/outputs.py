@@ -392,7 +392,7 @@ def write_files(folder: Path, writers: dict[str, Callable[[Path], object] | None
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM back, delivered as they arrived once the block is done. Python-level handlers that
+    """Hold SIGINT and SIGTERM back, delivered once the block is done (SIGTERM where both came). Python handlers that
     note them, not a signal mask: a mask holds a signal back from the main thread only, and a Ctrl-C sent to the
     process can reach another thread (torch's workers) and have its KeyboardInterrupt raised in the block all the
     same. Outside the main thread, where handlers cannot be set, nothing is held."""
@@ -401,18 +401,20 @@ def _signals_held() -> Iterator[None]:
         return
     arrived: list[int] = []
     previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, lambda number, frame: arrived.append(number))
-        except (ValueError, OSError):  # a signal this platform or embedding cannot handle
-            pass
     try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, lambda number, frame: arrived.append(number))
+            except (ValueError, OSError):  # a signal this platform or embedding cannot handle
+                pass
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: a handler set outside Python
-        for number in dict.fromkeys(arrived):  # each once, in the order they came
-            signal.raise_signal(number)
+        try:
+            for sig, handler in previous.items():
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        finally:
+            if arrived:  # the stronger one, delivered now: SIGTERM ends the run (143) whatever a Ctrl-C beside it
+                signal.raise_signal(signal.SIGTERM if signal.SIGTERM in arrived else signal.SIGINT)
 
 
 def _put_back(aside: Path, out: Path) -> None:

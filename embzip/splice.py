@@ -88,13 +88,12 @@ def _forget(module: nn.Module, name: str) -> None:
 def _traced() -> bool:
     """Whether torch.compile, torch.export or torch.jit.trace records this pass: a check that reads a tensor's
     value back to Python (the token ids' range) would stop a compiled graph or fail an export there."""
-    compiler = getattr(torch, "compiler", None)
-    return torch.jit.is_tracing() or _exporting() or bool(compiler and getattr(compiler, "is_compiling", lambda: False)())
+    compiling = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+    return torch.jit.is_tracing() or _exporting() or bool(compiling())
 
 
 def _exporting() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_exporting", lambda: False)())
+    return bool(getattr(getattr(torch, "compiler", None), "is_exporting", lambda: False)())
 
 
 def _refuse_export(kind) -> None:

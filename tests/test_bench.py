@@ -188,6 +188,8 @@ def test_a_signal_during_the_renames_waits_until_all_three_results_are_in_place(
                                                                                  monkeypatch):
     import os
     import signal
+    import threading
+    import time
 
     import embzip.outputs as outputs
 
@@ -196,10 +198,15 @@ def test_a_signal_during_the_renames_waits_until_all_three_results_are_in_place(
     assert runner.invoke(app, [*args, "--ranks", "2"]).exit_code == 0
     real = os.replace
 
+    worker = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True)  # as torch's threads
+    worker.start()
+
     def replace_then_ctrl_c(source, target):
         real(source, target)
         if str(target).endswith("bench.json"):  # the first of the three renames
-            signal.raise_signal(signal.SIGINT)
+            # a Ctrl-C the OS hands to another thread: a signal mask of the main thread would not hold it back
+            signal.pthread_kill(worker.ident, signal.SIGINT)
+            time.sleep(0.2)  # the main thread runs the handler here
 
     monkeypatch.setattr(outputs.os, "replace", replace_then_ctrl_c)
     # a finished command ignores SIGINT from then on (cli._finished): the first run did, in this process

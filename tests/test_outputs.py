@@ -283,3 +283,25 @@ def test_a_writer_refused_by_the_operating_system_is_one_line_naming_the_file(tm
 
     with pytest.raises(SafetensorError, match="not contiguous"):  # not about writing: left as it is
         atomic_write(tmp_path / "f.safetensors", a_bug)
+
+
+def test_signals_held_while_files_go_in_place_are_delivered_after_the_stronger_first():
+    import signal
+    import subprocess
+    import sys
+
+    # a Ctrl-C and a SIGTERM while held: SIGTERM's default action still ends the process once the block is done
+    code = ("import os, signal\n"
+            "from embzip.outputs import _signals_held\n"
+            "with _signals_held():\n"
+            "    os.kill(os.getpid(), signal.SIGINT); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    print('block done', flush=True)\n"
+            "print('alive after the block')\n")
+
+    def default_dispositions():  # not the ones this process has (a finished command here ignores both: cli._finished)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_DFL)
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          preexec_fn=default_dispositions)
+    assert done.returncode == -signal.SIGTERM and done.stdout == "block done\n"
