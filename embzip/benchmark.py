@@ -304,15 +304,10 @@ def _check_same_model(out: Path, opened: OpenedModel) -> None:
     """Refuse an OUT that holds another model's bench: its factor files would stay beside this one's, and its
     bench.json would be replaced (the factor files of the same model at other settings are simply replaced); or
     that holds result files of the same names that no embzip bench wrote, which would be replaced."""
-    import json
-
     present = [name for name in RESULT_FILES if (out / name).exists() or (out / name).is_symlink()]
     if not present:
         return
-    try:
-        previous = json.loads((out / "bench.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        previous = None
+    previous = _previous_bench(out)
     if not (isinstance(previous, dict) and {"model", "path", "rows", "protocol"} <= previous.keys()):
         raise usage(OutputError(f"{out} holds {', '.join(present)}, which embzip bench did not write (it has no "
                                 "bench.json of a bench), and this bench would replace them; give another --out, or "
@@ -470,13 +465,18 @@ def _write_results(report: dict[str, Any], out: Path) -> None:
         write_outputs(report, out)
 
 
-def _holds_complete_bench(out: Path) -> bool:
+def _previous_bench(out: Path) -> Any:
+    """What OUT's bench.json holds (None where there is none, or it does not parse)."""
     import json
 
     try:
-        previous = json.loads((out / "bench.json").read_text(encoding="utf-8"))
+        return json.loads((out / "bench.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _holds_complete_bench(out: Path) -> bool:
+    previous = _previous_bench(out)
     return isinstance(previous, dict) and previous.get("interrupted") is False and bool(previous.get("rows"))
 
 

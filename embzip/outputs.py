@@ -51,6 +51,13 @@ def _token() -> str:
     return f"{os.getpid()}-{secrets.token_hex(3)}"
 
 
+def temporary_beside(path: str | os.PathLike) -> Path:
+    """A name to write `path`'s content under before renaming it into place: .NAME.PID-HEX.tmp, which
+    remove_stale recognises once its process is dead."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_token()}.tmp")
+
+
 def _name_max(directory: Path) -> int:
     try:
         return os.pathconf(directory, "PC_NAME_MAX")
@@ -254,7 +261,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object], *, rep
     With replace=False an output that appeared meanwhile is kept and this fails instead."""
     path = Path(path)
     remove_stale(path)
-    tmp = path.with_name(f".{path.name}.{_token()}.tmp")
+    tmp = temporary_beside(path)
     try:
         write(str(tmp))
         set_modes(tmp)

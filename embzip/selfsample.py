@@ -261,7 +261,7 @@ def cached_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
     from safetensors.torch import load_file, save_file
 
     from .models import cache_dir
-    from .outputs import remove_stale
+    from .outputs import remove_stale, temporary_beside
 
     key = fingerprint(model, tokenizer, config)
     if key is None:
@@ -277,7 +277,7 @@ def cached_statistics(model, tokenizer, config: SampleConfig, *, progress: bool 
         except (SafetensorError, OSError, KeyError, ValueError) as exc:
             log.warning("sampling again: could not read %s (%s)", path, exc)
     out = sample_statistics(model, tokenizer, config, progress=progress)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{os.urandom(4).hex()}.tmp")  # as outputs names them
+    temporary = temporary_beside(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(path)  # what runs killed while writing it left
