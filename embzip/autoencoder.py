@@ -20,6 +20,7 @@ from torch import nn
 from . import options
 from .errors import OptionError
 from .factors import Factors
+from .models import with_autograd
 from .progress import bar
 
 INITS = ("random", "svd")
@@ -109,6 +110,7 @@ class LinearAutoencoder(nn.Module):
             return Factors(codes, self.decoder.weight.T.contiguous().cpu(), self.decoder.bias.detach().clone().cpu())
 
 
+@with_autograd
 def fit_autoencoder(embedding: torch.Tensor, rank: int, config: FitConfig | None = None, *,
                     device: str = "cpu", progress: bool = False,
                     weights: torch.Tensor | None = None) -> tuple[Factors, list[dict]]:

@@ -28,6 +28,7 @@ SINGLE = "model.safetensors"
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json", "merges.txt",
               "chat_template.jinja", "chat_template.json", "generation_config.json")
+SIDE_FOLDERS = ("additional_chat_templates",)  # a tokenizer's named chat templates beside its default one
 
 
 def read_header(path: str | Path) -> tuple[int, dict[str, Any]]:
@@ -150,6 +151,30 @@ def hub_snapshot(repo_id: str, revision: str | None, *, all_weights: bool) -> Pa
     if not all_weights and (INDEX not in files or SINGLE in files):
         patterns.append(SINGLE)  # one file (which transformers loads before an index): it holds the embedding
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+
+
+def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
+    """The folder of the local hub cache's snapshot of `repo_id` at `revision` (its config.json there), else None.
+    Reads the cache only: a model transformers has just loaded by hub id has its files there."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception as exc:  # noqa: BLE001 - a name the cache cannot hold: no snapshot to read
+        log.debug("no cached snapshot of %s: %s", repo_id, exc)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def revision_of(path: str | Path, config: Any, revision: str | None) -> str | None:
+    """The revision to record: the one asked for, else the commit of the hub snapshot the files came from (the
+    snapshot folder's name; transformers no longer sets config._commit_hash), else None (a local directory)."""
+    if revision:
+        return revision
+    folder = Path(path)
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        return folder.name
+    return getattr(config, "_commit_hash", None)
 
 
 def _fetch_shard(repo_id: str, revision: str | None, file: str) -> None:
@@ -317,7 +342,7 @@ def open_embedding(source: str, path: str, config: Any, auto: Any, kind: str, re
     emb.weight = weight
     if tied:
         model.get_output_embeddings().weight = weight
-    revision = revision or getattr(config, "_commit_hash", None)
+    revision = revision_of(local, config, revision)
     return EmbeddingOnly(model, _NOT_LOADED, source, str(local), kind, tied, f"{emb_name}.weight", revision,
                          checkpoint=checkpoint, embedding_key=key, trust_remote_code=trust_remote_code)
 

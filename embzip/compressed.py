@@ -57,10 +57,39 @@ def step_shortcuts() -> bool:
     return _exact == 0
 
 
-def storage_dtype(embedding_dtype: torch.dtype) -> torch.dtype:
-    """The float dtype compressed tensors are stored in: the embedding's own when it is 16-bit,
-    else float16 (32-bit scales and codebooks would add cost and no measurable accuracy)."""
-    return embedding_dtype if embedding_dtype in (torch.float16, torch.bfloat16) else torch.float16
+def storage_dtype(embedding_dtype: torch.dtype, *values: torch.Tensor) -> torch.dtype:
+    """The float dtype compressed tensors are stored in: the embedding's own when it is 16-bit, else float16
+    (32-bit scales and codebooks would add cost and no measurable accuracy), unless the `values` to store fall
+    outside float16's range: overflow, or magnitudes so small that float16 keeps them worse than bfloat16 does
+    (an embedding of values near 1e-6: its int8 scales would round to 0). Then bfloat16, float32's range in the
+    same 16 bits."""
+    if embedding_dtype in (torch.float16, torch.bfloat16):
+        return embedding_dtype
+    return torch.bfloat16 if any(t.is_floating_point() and _float16_loses(t) for t in values) else torch.float16
+
+
+def _float16_loses(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """Whether float16 keeps `t` worse than bfloat16: a value beyond its range, or values below its normal range
+    (where it has fewer bits than bfloat16's 8) that make its total squared error the larger. Values in its normal
+    range alone it keeps 8 times closer, so only then are the errors summed. A million numbers at a time."""
+    flat, small = t.detach().reshape(-1), False
+    for i in range(0, flat.numel(), chunk):
+        size = flat[i:i + chunk].float().abs()
+        size = size[torch.isfinite(size)]
+        if size.numel() and size.max() > torch.finfo(torch.float16).max:
+            return True
+        small = small or bool(((size > 0) & (size < torch.finfo(torch.float16).tiny)).any())
+    return small and _rounding_error(flat, torch.float16, chunk) > _rounding_error(flat, torch.bfloat16, chunk)
+
+
+def _rounding_error(t: torch.Tensor, dtype: torch.dtype, chunk: int) -> float:
+    """Squared error of the finite values of `t` rounded to `dtype`, a chunk at a time (no whole-size temporaries
+    beside a V x k matrix of codes)."""
+    total = 0.0
+    for i in range(0, t.numel(), chunk):
+        part = t[i:i + chunk].float()
+        total += (part.to(dtype).float() - part).nan_to_num_(0.0).pow_(2).sum().item()
+    return total
 
 
 class Compressed:
@@ -145,10 +174,28 @@ class Compressed:
         return self.vocab * self.hidden * bits / 8 / self.stored_bytes()
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "Compressed":
-        """The same compressed matrix with float tensors cast to `dtype` (integers keep theirs)."""
+        """The same compressed matrix with float tensors cast to `dtype` (integers keep theirs). A kind whose layout
+        is read from its tensors (a codebook: not `exportable`) cannot move to the meta device, which holds no
+        values."""
+        if device is not None and torch.device(device).type == "meta" and not self.exportable:
+            raise ValueError(f"a {self.kind}'s layout is read from its stored tensors, and the meta device holds no "
+                             "values: it cannot move there (a model holding one can)")
         moved = {name: t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
                  for name, t in self.tensors().items()}
         return type(self).from_tensors(moved, dict(self.meta))
+
+    def __repr__(self) -> str:
+        rank = getattr(self, "rank", None)
+        method = self.meta.get("method") if isinstance(self.meta, dict) else None
+        return (f"{type(self).__name__}({self.vocab} x {self.hidden}, kind={self.kind}"
+                + ("" if rank is None else f", rank={rank}") + f", {self.bits_per_weight():.4g} bits per weight"
+                + ("" if method is None else f", method={method}") + ")")
+
+    def stored_as(self, embedding_dtype: torch.dtype) -> "Compressed":
+        """Float tensors in the 16-bit dtype they are stored in for an embedding of `embedding_dtype`
+        (storage_dtype: float16, or bfloat16 where the values need its range), integers as they are."""
+        floats = [t for t in self.tensors().values() if t.is_floating_point()]
+        return self.to(dtype=storage_dtype(embedding_dtype, *floats))
 
     def check_finite(self, what: str = "the compressed embedding",
                      advice: str = "nothing was written (check the method's options)") -> None:
@@ -200,6 +247,14 @@ def kind_class(kind: str) -> type[Compressed]:
     return _KINDS[kind]
 
 
+def row_cosine_distance(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity of each row of `x_hat` with the same row of `x`; 0 for a zero row rebuilt as zero (its
+    cosine is undefined: torch calls it 0, which would count a row kept exactly as fully lost)."""
+    distance = 1 - torch.nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12)
+    both_zero = (x.abs().amax(-1) == 0) & (x_hat.abs().amax(-1) == 0)
+    return distance.masked_fill_(both_zero, 0.0)
+
+
 def reconstruction_metrics(embedding: torch.Tensor, compressed: Compressed) -> dict[str, float]:
     """Mean cosine distance, RMSE and MAE between the embedding and its rebuilt rows (chunked)."""
     if tuple(embedding.shape) != compressed.shape:
@@ -209,7 +264,7 @@ def reconstruction_metrics(embedding: torch.Tensor, compressed: Compressed) -> d
     for i in range(0, compressed.vocab, _CHUNK_ROWS):
         x = embedding[i:i + _CHUNK_ROWS].float()
         x_hat = compressed.rows(slice(i, i + _CHUNK_ROWS)).to(x.device)
-        cos_sum += (1 - torch.nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12)).sum().item()
+        cos_sum += row_cosine_distance(x_hat, x).sum().item()
         diff = x_hat - x
         sq_sum += diff.pow(2).sum().item()
         abs_sum += diff.abs().sum().item()

@@ -32,7 +32,7 @@ from . import options
 from .codebook import Codebook, round8, dequantized
 from .errors import DataError
 from .factors import Factors
-from .models import ENCODER, outputs
+from .models import ENCODER, outputs, with_autograd
 from .progress import bar
 from .splice import buffer_name, splice
 
@@ -168,6 +168,7 @@ def _codebook_parts(emb, lr: float, original: Codebook) -> tuple[list[dict], Cal
     return groups, snapshot
 
 
+@with_autograd
 def heal(opened, factors: Factors | Codebook, lines: list[str], config: HealConfig | None = None, *,
          head: str | None = None, progress: bool = False) -> tuple[Factors | Codebook, dict]:
     """Distil `factors` (low-rank factors or codebooks) against the original model on `lines`.

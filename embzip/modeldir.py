@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 
 from . import __version__, jsonout, outputs, stream
 from .errors import FactorsError, ModelError, OutputError, usage
-from .compressed import Compressed, storage_dtype
+from .compressed import Compressed
 from .models import LOAD_DTYPES
 from .splice import (HEADS, CompressedEmbedding, _CompactEmbedding, _TiedHead, cache_decoded_head, check_head,
                      check_source, densify, holds_compact, splice)
@@ -99,9 +98,11 @@ def _probe_ids(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    from .models import input_device, outputs
+    """The model's logits in eval mode (a caller's model in train mode: dropout would make every check fail), then
+    back in the mode it had."""
+    from .models import evaluating, input_device, outputs
 
-    with torch.inference_mode():
+    with torch.inference_mode(), evaluating(model):
         return outputs(model, ids.to(input_device(model))).float().cpu()
 
 
@@ -163,7 +164,9 @@ def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os
     An OpenedModel's `.model` is left as written, compressed modules spliced in (or the rebuilt matrix written into
     it with `dense`), so it runs as the directory does; open the model again for the original (compressing it again
     is refused: its embedding is already compressed). Where no directory is written (an error, Ctrl-C) the
-    splice is undone; a `dense` write into the matrix is not."""
+    splice is undone; a `dense` write into the matrix is not. `command` is the command line embzip.json records
+    (the CLI's own; none where Python called this). The reload check runs the model in eval mode, then puts back
+    the mode it had."""
     from safetensors.torch import save_model
 
     from .checkpoint import EmbeddingOnly
@@ -187,7 +190,7 @@ def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os
     before, source = param_stats(model), opened.describe()
     model_dtype = str(opened.embedding.dtype).removeprefix("torch.")
     if not dense:  # stored at 16 bits, as factors files are
-        factors = factors.to(dtype=storage_dtype(opened.embedding.dtype))
+        factors = factors.stored_as(opened.embedding.dtype)
     tmp = outputs.partial_dir(out)
     swap = None  # the splice, undone if the directory is not put in place
     try:
@@ -231,7 +234,7 @@ def apply_factors(opened, factors: Compressed | str | os.PathLike, out: str | os
         manifest = {
             "embzip_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "command": command or " ".join(sys.argv),
+            "command": command,  # the command line (the CLI's); None from Python, whose argv is another program's
             "source": source,
             "factors": factors.meta,
             **summary,

@@ -457,17 +457,31 @@ def input_device(model: Any):
 
 
 @contextlib.contextmanager
-def evaluating(model: Any, device: str):
-    """The model in eval mode on `device` (unless accelerate placed it already: big models) for scoring, then back
-    in the training mode it had."""
+def evaluating(model: Any, device: str | None = None):
+    """The model in eval mode (no dropout) on `device` where one is given (unless accelerate placed it already: big
+    models) for scoring, then back in the training mode it had."""
     was_training = model.training
     model.eval()
-    if getattr(model, "hf_device_map", None) is None:
+    if device is not None and getattr(model, "hf_device_map", None) is None:
         model.to(device)
     try:
         yield model
     finally:
         model.train(was_training)
+
+
+def with_autograd(fn):
+    """`fn` (a training loop, or what may run one) with autograd on, whatever the caller is in: a program wrapped in
+    `torch.no_grad()` or `torch.inference_mode()` still gets gradients where embzip trains, and tensors made there
+    are ordinary ones that a later backward pass may use."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode(False), torch.enable_grad():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _available_memory() -> int | None:
@@ -738,7 +752,11 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
         model.to(device)
     check_token_embedding(model.get_input_embeddings(), source)
     tokenizer = _tokenizer(source, path, revision, trust_remote_code)
-    revision = revision or getattr(config, "_commit_hash", None)
+    from .checkpoint import cached_snapshot, revision_of
+
+    if not Path(path).exists():  # a hub id: its snapshot folder, as when the embedding is read alone (its files
+        path = str(cached_snapshot(path, revision) or path)  # beside the weights are copied, outputs kept out)
+    revision = revision_of(path, config, revision)
     return OpenedModel(model, tokenizer, source, path, kind, is_tied(model), _embedding_name(model), revision)
 
 

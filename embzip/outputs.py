@@ -98,6 +98,21 @@ def _within(path: Path, other: Path) -> bool:
     return path == other or path in other.parents
 
 
+def _check_outside_hub_cache(given, real: Path) -> None:
+    """Refuse an output inside a repository's folder of the Hugging Face hub cache (models--ORG--NAME and the
+    like): those folders are huggingface_hub's, read by every program that loads the model."""
+    from huggingface_hub import constants
+
+    cache = Path(constants.HF_HUB_CACHE).expanduser()
+    if not cache.is_dir():
+        return
+    cache = cache.resolve()
+    for folder in (real, *real.parents):
+        if folder.parent == cache and folder.name.startswith(("models--", "datasets--", "spaces--")):
+            raise _refused(f"output {given} lies in the Hugging Face cache ({folder}), whose folders are "
+                           "huggingface_hub's: write it elsewhere")
+
+
 def _check_inputs(given, real: Path, inputs: Sequence[str | os.PathLike | None], *, inside: bool = False) -> None:
     """Refuse an output that is an input or contains one (or, with `inside`, lies within one)."""
     for source in inputs:
@@ -139,6 +154,7 @@ def check_output_file(path: str | os.PathLike, force: bool, *,
                        "give the path of a file")
     exists = path.exists()
     _check_inputs(given, path.resolve(), inputs, inside=exists)  # a new file beside the model's own is fine
+    _check_outside_hub_cache(given, path.resolve())
     if exists and not force:
         raise _refused(f"output {given} already exists; pass --force to overwrite it")
     _check_parent(Path(os.path.abspath(path)))
@@ -160,6 +176,7 @@ def check_output_dir(path: str | os.PathLike, force: bool, *, marker: str,
     if _within(real, Path.cwd().resolve()):
         raise _refused(f"output {given} is the current directory or contains it; give a new directory name")
     _check_inputs(given, real, inputs)
+    _check_outside_hub_cache(given, real)
     if path.exists() or path.is_symlink():
         if not path.is_dir():
             raise _refused(f"output {given} exists and is not a directory")
@@ -188,6 +205,7 @@ def check_output_folder(path: str | os.PathLike, *, inputs: Sequence[str | os.Pa
         if source is not None and Path(source).is_dir() and _within(Path(source).resolve(), real):
             raise _refused(f"output {given} is the model directory {source} or lies in it; bench files would be "
                            "added to the model: write to a new name")
+    _check_outside_hub_cache(given, real)
     existing = _nearest_existing(Path(os.path.abspath(path)))
     if not existing.is_dir():
         raise _refused(f"output {given} cannot be created: {existing} is not a directory")

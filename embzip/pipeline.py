@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .errors import DataError, OptionError
-from .compressed import Compressed, reconstruction_metrics, storage_dtype
+from .compressed import Compressed, reconstruction_metrics
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
 from .models import OpenedModel, model_spec, open_model, refuse_embedding_only, resolve_device
@@ -23,7 +23,7 @@ from .methods import recipe as make_recipe
 log = logging.getLogger("embzip")
 
 
-def check_finite(embedding: torch.Tensor, name: str) -> None:
+def check_finite(embedding: torch.Tensor, name: str, doing: str = "compressing it") -> None:
     """Refuse a matrix with NaN or Inf, naming how many rows and the first one (row chunks: no V x d mask)."""
     count, first = 0, None
     for i in range(0, embedding.shape[0], 4096):
@@ -33,7 +33,7 @@ def check_finite(embedding: torch.Tensor, name: str) -> None:
             first = i + int(bad.nonzero()[0]) if first is None else first
     if count:
         raise DataError(f"the embedding {name} has NaN or Inf in {count} row(s), first row {first}; "
-                        "fix the checkpoint before compressing it")
+                        f"fix the checkpoint before {doing}")
 
 
 def size_label(size: int | float | None) -> str:
@@ -70,7 +70,7 @@ def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, 
     start = time.perf_counter()
     compressed, details = make_factors(opened, size, recipe, device=device, progress=progress, cache=cache)
     seconds = time.perf_counter() - start
-    compressed = compressed.to(dtype=storage_dtype(embedding.dtype), device="cpu")
+    compressed = compressed.to(device="cpu").stored_as(embedding.dtype)
     compressed.check_finite(f"method {recipe.name}'s result")
     compressed.meta = {"method": recipe.name, **details, "source": opened.describe(),
                        "source_bits": torch.finfo(embedding.dtype).bits,

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
-from rich.console import Console
 
-stderr = Console(stderr=True)
+@functools.cache
+def _stderr():
+    """The stderr console, made on first use: importing rich draws from Python's `random` (rich.style), and a
+    library call with no bar to draw must leave its caller's random stream as it was."""
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def __getattr__(name: str):  # `progress.stderr`, the CLI's console, made when first asked for
+    if name == "stderr":
+        return _stderr()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Silent:
@@ -44,5 +56,5 @@ def bar(description: str, total: float | None, *, enabled: bool = True, fields: 
                TextColumn("eta"), TimeRemainingColumn()]
     if fields:
         columns.append(TextColumn(fields))
-    with Progress(*columns, console=stderr, transient=False) as progress:
+    with Progress(*columns, console=_stderr(), transient=False) as progress:
         yield _Bar(progress, progress.add_task(description, total=total, **initial))

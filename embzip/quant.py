@@ -49,14 +49,13 @@ def _chunks(n: int):
 
 def quantize_int8(embedding: torch.Tensor) -> dict[str, torch.Tensor]:
     """One absmax scale per row, int8 levels -127..127."""
-    dtype = storage_dtype(embedding.dtype)
     vocab, hidden = embedding.shape
-    qs, scales = torch.empty(vocab, hidden, dtype=torch.int8), torch.empty(vocab, dtype=dtype)  # filled in place:
-    for rows in _chunks(vocab):  # no second copy of the result, as chunks joined at the end were
+    exact = torch.cat([embedding[rows].float().abs().amax(dim=1) / 127 for rows in _chunks(vocab)])
+    scales = exact.clamp_min(1e-30).to(storage_dtype(embedding.dtype, exact))  # bfloat16 where float16 loses them
+    qs = torch.empty(vocab, hidden, dtype=torch.int8)  # filled in place: no second copy of the result
+    for rows in _chunks(vocab):
         x = embedding[rows].float()
-        scale = (x.abs().amax(dim=1) / 127).clamp_min(1e-30).to(dtype)
-        qs[rows] = torch.round(x / scale.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-        scales[rows] = scale
+        qs[rows] = torch.round(x / scales[rows].float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
     return {Q8: qs, SCALE: scales}
 
 
@@ -75,14 +74,17 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
     """Per group of `group` numbers: offset (min) and scale ((max - min) / 15), 16 levels."""
     vocab, hidden = embedding.shape
     check_group(hidden, group)
-    dtype = storage_dtype(embedding.dtype)
+    low, high = (torch.empty(vocab, hidden // group) for _ in range(2))  # float32 first: they choose the dtype
+    for rows in _chunks(vocab):
+        x = embedding[rows].float().view(-1, hidden // group, group)
+        low[rows], high[rows] = x.amin(dim=2), x.amax(dim=2)
+    dtype = storage_dtype(embedding.dtype, low, (high - low) / 15)  # bfloat16 where float16 loses them
     packed = torch.empty(vocab, hidden // 2, dtype=torch.uint8)  # filled in place, as in quantize_int8
     scales, offsets = (torch.empty(vocab, hidden // group, dtype=dtype) for _ in range(2))
     for rows in _chunks(vocab):
         x = embedding[rows].float().view(-1, hidden // group, group)
-        low, high = x.amin(dim=2), x.amax(dim=2)
-        offset = low.to(dtype)
-        scale = ((high - offset.float()) / 15).clamp_min(1e-30).to(dtype)
+        offset = low[rows].to(dtype)
+        scale = ((high[rows] - offset.float()) / 15).clamp_min(1e-30).to(dtype)
         q = torch.round((x - offset.float().unsqueeze(2)) / scale.float().unsqueeze(2)).clamp_(0, 15)
         packed[rows] = pack_int4(q.view(x.shape[0], hidden))
         scales[rows], offsets[rows] = scale, offset
@@ -91,7 +93,7 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
 
 def below_int8_grid(t: torch.Tensor) -> bool:
     """Whether an int8 tensor holds -128: embzip's int8 levels run -127..127, symmetric about 0."""
-    return t.dtype == torch.int8 and t.numel() > 0 and int(t.min()) < -127
+    return t.dtype == torch.int8 and t.numel() > 0 and t.device.type != "meta" and int(t.min()) < -127
 
 
 def check_group(hidden: int, group: int, error: type[Exception] = FactorsError) -> None:
@@ -102,9 +104,12 @@ def check_group(hidden: int, group: int, error: type[Exception] = FactorsError) 
     if isinstance(group, bool) or not isinstance(group, Integral):
         raise error(f"int4 group size must be an integer, got {group!r}")
     if group < 2 or group % 2 or hidden % group:
+        if hidden % 2:
+            raise error(f"int4 packs two numbers a byte, in groups of an even size, and the embedding's width {hidden} "
+                        "(its rows' length) is odd: no group size fits it; use int8 or a codebook")
         sizes = [g for g in range(2, min(hidden, 256) + 1, 2) if hidden % g == 0]  # even sizes that divide it
-        raise error(f"int4 group size {group} does not divide the embedding's width {hidden} (its rows' length) "
-                    f"into even groups; use one of {', '.join(map(str, sizes)) or 'none (the width is odd)'}")
+        raise error(f"int4 group size {group} does not split the embedding's width {hidden} (its rows' length) "
+                    f"into groups of an even size; use one of {', '.join(map(str, sizes))}")
 
 
 @register

@@ -301,6 +301,15 @@ def _encoder_fidelity(opened: OpenedModel, text: Text, factors, *, head, pseudo,
     return {**result, "head": "input"}  # as an LM's result names the head the factors were scored with
 
 
+def _refuse_non_finite(opened: OpenedModel) -> None:
+    """The original model's loss on the text is NaN or Inf: name the embedding's bad rows where that is the cause."""
+    from .pipeline import check_finite
+
+    check_finite(opened.embedding.detach(), opened.embedding_name, doing="scoring it")
+    raise ModelError(f"{opened.source} gives NaN or Inf losses on this text with its own weights (before any factors); "
+                     "its checkpoint or its dtype cannot score it")
+
+
 def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | None = None, pseudo: bool = False,
                window: int | None = None, stride: int | None = None, max_tokens: int | None = None,
                min_tokens: int = MIN_TOKENS, batch_size: int = 8, seed: int = 0, device: str = "cpu",
@@ -360,6 +369,8 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
                     chunk=_chunk_rows(opened.vocab_size), progress=progress)
     with evaluating(model, device), exact_heads():  # the same figures whatever a pass scores (batch, stride, masks)
         nll = _score(model, jobs, description="perplexity", **settings)
+        if not math.isfinite(nll):  # the original model itself: no figure to report, and none to compare with
+            _refuse_non_finite(opened)
         result: dict[str, Any] = {}
         if factors is not None:
             from .splice import spliced

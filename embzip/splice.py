@@ -25,13 +25,14 @@ of the embedding they replace, so a spliced directory is as small as the factors
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from .compressed import Compressed, may_train
+from .compressed import Compressed, may_train, row_cosine_distance
 from .errors import FactorsError, ModelError, OptionError
 from .factors import Factors
 
@@ -487,8 +488,11 @@ def check_source(model: nn.Module, factors: Compressed) -> None:
         for part in rows.split(256):  # a few MB at a time, whatever the width
             x = weight[part.to(weight.device)].float().cpu()
             x_hat = factors.rows(part).float().cpu()
-            distances.append(1 - torch.nn.functional.cosine_similarity(x_hat, x, dim=-1, eps=1e-12))
+            distances.append(row_cosine_distance(x_hat, x))
     measured = float(torch.cat(distances).mean())
+    if math.isnan(measured):  # NaN or Inf rows in the model: no comparison can pass them
+        raise ModelError(f"this model's embedding holds NaN or Inf values (in the {len(rows)} rows compared with the factors); "
+                         "fix the checkpoint")
     if measured > recorded + _SOURCE_SLACK:
         source = factors.meta.get("source", {}).get("model", "?")
         raise FactorsError(

@@ -291,11 +291,15 @@ def write_model(opened, out_dir: str | os.PathLike, stem: str, metadata: dict[st
 
 
 def copy_side_files(source_dir: str | os.PathLike, out_dir: str | os.PathLike) -> None:
-    """The tokenizer and generation files of a model directory, copied as they are."""
+    """The tokenizer and generation files of a model directory (and its folder of named chat templates), copied as
+    they are (the files a hub snapshot links to, not the links)."""
     import shutil
 
-    from .checkpoint import SIDE_FILES
+    from .checkpoint import SIDE_FILES, SIDE_FOLDERS
 
     for name in SIDE_FILES:
         if (Path(source_dir) / name).is_file():
             shutil.copyfile(Path(source_dir) / name, Path(out_dir) / name)
+    for name in SIDE_FOLDERS:
+        if (Path(source_dir) / name).is_dir():
+            shutil.copytree(Path(source_dir) / name, Path(out_dir) / name)

@@ -470,3 +470,34 @@ def test_splicing_a_spliced_model_says_it_is_already_compressed(tiny):
         with pytest.raises(FactorsError, match="already compressed"):
             with spliced(opened.model, factors):
                 pass
+
+
+@pytest.mark.parametrize("load", ["embedding", "full"])
+def test_a_tokenizers_named_chat_templates_come_along(tiny, tmp_path, load):
+    """transformers saves a tokenizer's extra chat templates in additional_chat_templates/: copied whether apply
+    reads the embedding alone (files copied) or the whole model (the tokenizer saved)."""
+    import shutil
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny("llama"), source)
+    (source / "additional_chat_templates").mkdir()
+    (source / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages[0]['content'] }} with tools")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    assert "tool_use" in tokenizer.chat_template  # how the saved tokenizer reads them
+    opened = open_model(str(source), load=load)
+    apply_factors(opened, svd_factors(opened.embedding.detach().float(), 3), tmp_path / "out")
+    assert (tmp_path / "out" / "additional_chat_templates" / "tool_use.jinja").read_text().endswith("with tools")
+    assert "tool_use" in transformers.AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
+
+
+def test_factors_compared_with_an_embedding_holding_nan_are_refused(tiny):
+    """NaN rows made the mean distance NaN, and NaN > limit is false: the check passed whatever the factors."""
+    from embzip.errors import ModelError
+    from embzip.splice import check_source
+
+    opened, factors = make(tiny, "llama")
+    factors.meta["metrics"] = {"cosine_distance": 0.01}
+    with torch.no_grad():
+        opened.model.get_input_embeddings().weight[7] = float("nan")
+    with pytest.raises(ModelError, match="this model's embedding holds NaN or Inf values"):
+        check_source(opened.model, factors)

@@ -258,7 +258,8 @@ ROWS = [
     (["perplexity", "{w}/model", "--window", "100000"], 2, "window 100000 is longer than the 64 positions"),
     (["perplexity", "{w}/model", "--window", "16", "--stride", "17"], 2, "stride 17 must be between 1 and the window"),
     (["fit", "{w}/model", "--method", "int4", "--group-size", "7"], 2,
-     "int4 group size 7 does not divide the embedding's width 32 (its rows' length) into even groups; use one of 2, 4, 8, 16, 32"),
+     "int4 group size 7 does not split the embedding's width 32 (its rows' length) into groups of an even size; use one "
+     "of 2, 4, 8, 16, 32"),
     (["fit", "{w}/model", "--method", "codebook", "-k", "8", "-o", "{w}/f.safetensors"], 2,
      "takes no --rank"),  # the option's error first, not that the output exists
     (["fit", "{w}/model", "--bits", "17", "--self-tokens", "0"], 2, "codebook bits (--bits) must be a finite number in (0, 16]"),

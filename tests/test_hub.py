@@ -95,3 +95,74 @@ def test_a_hub_dataset_fails_at_once_when_the_hub_cannot_be_reached(online, monk
     with pytest.raises(DataError, match="could not load dataset 'embzip-test-org/no-such-dataset'"):
         load_text(dataset="embzip-test-org/no-such-dataset")
     assert datasets.config.HF_HUB_OFFLINE is True and constants.HF_HUB_OFFLINE is True  # no request was tried
+
+
+def _hub_env(tmp_path):
+    unset = (*PROXIES, "TRANSFORMERS_OFFLINE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_ENDPOINT=NOWHERE, HF_HUB_OFFLINE="1")
+    return env
+
+
+def _as_bin(model_dir, target):
+    """`model_dir` saved again with a pytorch_model.bin instead of safetensors (a checkpoint embzip loads whole)."""
+    import torch
+
+    shutil.copytree(model_dir, target)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(target / "model.safetensors")), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    return target
+
+
+@pytest.mark.parametrize("weights", ["safetensors", "bin"])
+def test_a_hub_model_records_the_commit_it_came_from_and_keeps_its_snapshots_files(tiny, tmp_path, weights):
+    """By hub id, read alone (safetensors) or loaded whole (a .bin): the snapshot's commit is the recorded revision,
+    and apply copies the files beside the weights from the snapshot folder (a sentence-transformers model's
+    pooling, which a hub id looked up as a folder of the current directory never found)."""
+    source = tmp_path / "model"
+    if weights == "bin":
+        _as_bin(tiny("bert-encoder"), source)
+    else:
+        shutil.copytree(tiny("bert-encoder"), source)
+    (source / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 32, "pooling_mode_mean": true}')
+    repo = _cache_with(source, tmp_path / "hub")
+    env = _hub_env(tmp_path)
+
+    def embzip(*args):
+        done = subprocess.run([sys.executable, "-m", "embzip", *args, "--json"], capture_output=True, text=True,
+                              env=env, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    commit = (tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs" / "main").read_text()
+    assert embzip("info", repo)["revision"] == commit
+    embzip("fit", repo, "--method", "int8", "-o", "f.safetensors")
+    summary = embzip("apply", repo, "f.safetensors", "--out", "out")
+    assert summary["sentence_transformers_files"] == ["modules.json", "1_Pooling/"]
+    assert (tmp_path / "out" / "1_Pooling" / "config.json").is_file()
+    assert json.loads((tmp_path / "out" / "embzip.json").read_text())["source"]["revision"] == commit
+
+
+def test_outputs_inside_a_repository_of_the_hub_cache_are_refused(tiny, tmp_path, monkeypatch):
+    from embzip.errors import OutputError
+    from embzip.outputs import check_output_dir, check_output_file, check_output_folder
+
+    repo = _cache_with(tiny("llama"), tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    root = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = next((root / "snapshots").iterdir())
+    for check, path in [(check_output_file, snapshot / "f.safetensors"), (check_output_file, root / "blobs" / "x"),
+                        (check_output_dir, snapshot / "compressed"), (check_output_folder, snapshot / "bench")]:
+        kwargs = {"marker": "embzip.json"} if check is check_output_dir else {}
+        with pytest.raises(OutputError, match=r"lies in the Hugging Face cache \(.*models--tiny-org--tiny-llama\), "
+                                              "whose folders are huggingface_hub's: write it elsewhere"):
+            check(path, False, **kwargs) if check is not check_output_folder else check(path)
+    assert not (snapshot / "compressed").exists() and not (root / "blobs").exists()
+    check_output_file(tmp_path / "beside-the-cache.safetensors", False)  # elsewhere, as before
+    check_output_folder(tmp_path / "hub" / "bench")  # the cache's own top folder holds no repository's files

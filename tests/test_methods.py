@@ -84,6 +84,14 @@ def test_a_codebook_budget_too_small_is_refused_with_the_least_one_that_fits(voc
         resolve_size(recipe("codebook"), bits=least * 0.99, vocab=vocab, hidden=hidden, dtype=torch.float32)
 
 
+@pytest.mark.parametrize("vocab,hidden", [(5, 32), (105, 1)])
+def test_a_matrix_too_small_for_any_codebook_is_refused_without_asking_for_more_bits(vocab, hidden):
+    for bits in (4.0, 16.0):
+        with pytest.raises(RankError, match=rf"^codebook: a {vocab} x {hidden} matrix is too small for codebooks at any "
+                                            r"budget up to 16 bits per weight .*; use int8, int4 or svd$"):
+            resolve_size(recipe("codebook"), bits=bits, vocab=vocab, hidden=hidden, dtype=torch.float32)
+
+
 def test_compress_refuses_a_file_it_would_not_write(tiny, tmp_path):
     from embzip import compress
     from embzip.errors import OptionError

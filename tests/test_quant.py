@@ -53,7 +53,7 @@ def test_int4_groups_have_scale_and_offset_and_five_bits(dtype):
 
 
 def test_int4_refuses_a_group_that_does_not_divide_the_row():
-    with pytest.raises(FactorsError, match="does not divide the embedding.s width 64"):
+    with pytest.raises(FactorsError, match="does not split the embedding.s width 64"):
         quantize_int4(_matrix(), group=24)
 
 
@@ -261,13 +261,23 @@ def test_the_int4_kernel_layout_is_derived_once_per_head_and_again_when_its_tens
     assert not any("kept" in name or "derived" in name for name in head.state_dict())
 
 
-@pytest.mark.parametrize("hidden, sizes", [(30, "2, 6, 10, 30"), (40, "2, 4, 8, 10, 20, 40"), (33, "none (the width is odd)")])
+@pytest.mark.parametrize("hidden, sizes", [(30, "2, 6, 10, 30"), (40, "2, 4, 8, 10, 20, 40")])
 def test_a_group_size_that_does_not_fit_names_the_ones_that_do(hidden, sizes):
     from embzip.errors import FactorsError
     from embzip.quant import check_group
 
-    with pytest.raises(FactorsError, match=f"into even groups; use one of {re.escape(sizes)}$"):
+    with pytest.raises(FactorsError, match=f"into groups of an even size; use one of {re.escape(sizes)}$"):
         check_group(hidden, 32)
+
+
+@pytest.mark.parametrize("group", [32, 37, 2])
+def test_an_odd_width_is_refused_for_what_it_is_whatever_the_group(group):
+    from embzip.errors import FactorsError
+    from embzip.quant import check_group
+
+    with pytest.raises(FactorsError, match=r"the embedding's width 37 \(its rows' length\) is odd: no group size fits "
+                                           r"it; use int8 or a codebook$"):
+        check_group(37, group)
 
 
 @pytest.mark.parametrize("group", ["16", 16.0, True])
@@ -277,3 +287,48 @@ def test_a_group_size_that_is_not_an_integer_is_refused(group):
 
     with pytest.raises(FactorsError, match="int4 group size must be an integer"):
         check_group(32, group)
+
+
+@pytest.mark.parametrize("scale_of_values,int8_dtype", [(1e-6, torch.bfloat16), (1e5, torch.float16)])
+def test_values_float16_cannot_hold_are_stored_in_bfloat16_at_the_same_bits(scale_of_values, int8_dtype):
+    """A float32 embedding's scales go to float16, unless float16 would lose them: values near 1e-6 gave int8
+    scales of 2.5e-8, which float16 rounds to 0 (every row decoded to zero, no error); values near 1e5 overflow
+    an int4 offset (int8's scales, a 127th of them, still fit). bfloat16 has float32's range in the same 16 bits."""
+    e = torch.randn(300, 64) * scale_of_values
+    for quantize, bits, dtype in [(quantize_int8, 8.25, int8_dtype), (quantize_int4, 5.0, torch.bfloat16)]:
+        q = Quantized(quantize(e))
+        assert q.dtype == dtype and q.bits_per_weight() == pytest.approx(bits)
+        error = (q.reconstruct() - e).norm() / e.norm()
+        assert error < (0.01 if quantize is quantize_int8 else 0.1)
+    assert Quantized(quantize_int8(torch.randn(300, 64))).dtype == torch.float16  # ordinary values: as before
+
+
+def test_the_storage_dtype_follows_the_values_only_for_a_32_bit_embedding():
+    ordinary, tiny, huge = torch.randn(100), torch.randn(100) * 1e-7, torch.randn(100) * 1e6
+    assert storage_dtype(torch.float32, ordinary) is torch.float16
+    assert storage_dtype(torch.float32, ordinary, tiny) is torch.bfloat16
+    assert storage_dtype(torch.float32, huge) is torch.bfloat16
+    assert storage_dtype(torch.float32, torch.zeros(5), torch.tensor([]), torch.arange(3)) is torch.float16
+    assert storage_dtype(torch.float16, tiny) is torch.float16 and storage_dtype(torch.bfloat16) is torch.bfloat16
+    one_small_value = torch.cat([torch.randn(1000), torch.tensor([1e-7])])  # a decoder's near-zero entry: harmless
+    assert storage_dtype(torch.float32, one_small_value) is torch.float16
+
+
+def test_a_zero_row_rebuilt_as_zero_counts_as_kept():
+    from embzip.compressed import reconstruction_metrics
+
+    e = torch.randn(300, 64)
+    e[::3] = 0  # a third of the rows are zero (unused tokens), and int8 rebuilds them exactly
+    metrics = reconstruction_metrics(e, Quantized(quantize_int8(e)))
+    assert metrics["cosine_distance"] < 1e-4  # it was 0.33: cos(0, 0) taken as 0
+
+
+def test_low_rank_factors_of_large_values_are_stored_in_bfloat16_not_overflowed():
+    """svd codes of rows with norms near 1e6 pass float16's 65504: stored as bfloat16 they stay finite (the fit was
+    refused with 'NaN or Inf ... check the method's options')."""
+    from embzip.svd import svd_factors
+
+    e = torch.randn(300, 64) @ torch.randn(64, 64) * 3e4
+    factors = svd_factors(e, 16).stored_as(torch.float32)
+    assert factors.dtype == torch.bfloat16 and torch.isfinite(factors.reconstruct()).all()
+    assert svd_factors(e / 3e4, 16).stored_as(torch.float32).dtype == torch.float16

@@ -440,3 +440,20 @@ def test_a_measurement_does_not_depend_on_how_many_positions_a_pass_scores(tiny,
     with exact_heads():
         assert not step_shortcuts()
     assert step_shortcuts()
+
+
+def test_a_model_whose_embedding_holds_nan_is_refused_rather_than_scored_as_null(tiny, text_file, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from embzip.texts import load_text
+
+    source = tmp_path / "model"
+    shutil.copytree(tiny("llama"), source)
+    weights = load_file(str(source / "model.safetensors"))
+    weights["model.embed_tokens.weight"][10, 3] = float("nan")
+    save_file(weights, str(source / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(DataError, match=r"has NaN or Inf in 1 row\(s\), first row 10; fix the checkpoint before "
+                                        "scoring it"):
+        perplexity(open_model(str(source)), load_text(text_file))

@@ -30,6 +30,7 @@ from ..codebook import CodebookConfig
 from ..compressed import storage_dtype
 from ..errors import OptionError, RankError
 from ..heal import HealConfig, default_lr
+from ..models import with_autograd
 from ..selfsample import SampleConfig
 from ..sizes import check_rank, factored_params, rank_for_ratio
 from ..weights import WeightConfig
@@ -200,6 +201,7 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
     return spec.check_bits(budget, vocab, hidden, dtype, r) if spec.check_bits else budget
 
 
+@with_autograd
 def make_factors(opened, size, recipe: Recipe, *, device: str = "cpu", progress: bool = False,
                  cache: dict | None = None) -> tuple[Any, dict[str, Any]]:
     """The compressed embedding of `opened` at `size` (a rank, bits, or None) by `recipe`, and the

@@ -38,9 +38,13 @@ def fitting_config(bits: float, vocab: int, hidden: int, recipe, tied: bool = Fa
     config, error = _planned(bits, vocab, hidden, recipe, tied)
     if config is not None:
         return config
-    least = _least_bits(bits, vocab, hidden, recipe, tied) if str(error).endswith("give more bits") else None
-    hint = "" if least is None else f": the least it holds here is {least[0]:g}, with {least[1]} centroids"
-    raise RankError(f"codebook: {error}{hint}")
+    if not str(error).endswith("give more bits"):
+        raise RankError(f"codebook: {error}")
+    least = _least_bits(bits, vocab, hidden, recipe, tied)
+    if least is None:  # more bits would not help: the tables alone outgrow the matrix
+        raise RankError(f"codebook: a {vocab} x {hidden} matrix is too small for codebooks at any budget up to 16 "
+                        "bits per weight (their tables would take more than its rows); use int8, int4 or svd")
+    raise RankError(f"codebook: {error}: the least it holds here is {least[0]:g}, with {least[1]} centroids")
 
 
 def _planned(bits: float, vocab: int, hidden: int, recipe,
