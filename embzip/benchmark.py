@@ -313,7 +313,9 @@ def _check_same_model(out: Path, opened: OpenedModel) -> None:
                                 "bench.json of a bench), and this bench would replace them; give another --out, or "
                                 "move them first"))
     path = previous["path"]
-    if isinstance(path, str) and not _same_model_path(path, opened.path):
+    hub_id = not Path(opened.source).expanduser().exists()  # its path is the cache's snapshot, a new one per commit
+    if isinstance(path, str) and not _same_model_path(path, opened.path) and not (
+            hub_id and previous.get("model") == opened.source):
         raise usage(OutputError(f"{out} holds the bench of another model ({previous.get('model', path)}); give "
                                 "another --out, or remove it first"))
 

@@ -167,14 +167,13 @@ def cached_snapshot(repo_id: str, revision: str | None) -> Path | None:
 
 
 def revision_of(path: str | Path, config: Any, revision: str | None) -> str | None:
-    """The revision to record: the one asked for, else the commit of the hub snapshot the files came from (the
-    snapshot folder's name; transformers no longer sets config._commit_hash), else None (a local directory)."""
-    if revision:
-        return revision
+    """The revision to record: the commit of the hub snapshot the files came from (the snapshot folder's name, also
+    for a branch or tag asked for; transformers no longer sets config._commit_hash), else the one asked for, else
+    None (a local directory)."""
     folder = Path(path)
     if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
         return folder.name
-    return getattr(config, "_commit_hash", None)
+    return revision or getattr(config, "_commit_hash", None)
 
 
 def _fetch_shard(repo_id: str, revision: str | None, file: str) -> None:

@@ -190,14 +190,14 @@ def _book_bits(rows: int, hidden: int) -> int:
     return 8 * rows * hidden + 16 * hidden
 
 
-def round8(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int8 levels -127..127, 16-bit absmax scale) of t, one scale per slice along `dim` (the scale keeps that
-    dim, size 1). Levels * scale.float() is what decoding will use."""
+def round8(t: torch.Tensor, dim: int, store: torch.dtype = _STORE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 levels -127..127, 16-bit absmax scale in `store`) of t, one scale per slice along `dim` (the scale
+    keeps that dim, size 1). Levels * scale.float() is what decoding will use."""
     amax = t.abs().amax(dim, keepdim=True)
-    scale = (amax / 127).to(_STORE)
+    scale = (amax / 127).to(store)
     # never below amax / 127 once rounded to 16 bits (else the largest values would clip), nor 0 (tiny columns)
     scale = torch.where(scale.to(amax.dtype) * 127 < amax, torch.nextafter(scale, torch.full_like(scale, math.inf)),
-                        scale).clamp_min(2**-24)
+                        scale).clamp_min(2**-24 if store == torch.float16 else torch.finfo(store).tiny)
     return (t / scale.to(t.dtype)).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
@@ -419,16 +419,16 @@ def _update(x: torch.Tensor, w: torch.Tensor, codes: torch.Tensor, c: torch.Tens
 
 def _stage(residual: Callable[[int, int], torch.Tensor], n: int, w: torch.Tensor, ys: torch.Tensor,
            sample_w: torch.Tensor, sizes: list[int], K: int, iterations: int,
-           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+           gen: torch.Generator, store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One PQ stage on n rows (residual(i, j): rows i..j-1, float32; ys: the training rows): (codes n x m uint8,
-    codebook K x d int8, its scales d float16). Centroids are trained on ys, then the rows are assigned and their
+    codebook K x d int8, its scales d in `store`). Centroids are trained on ys, then the rows are assigned and their
     weighted sums gathered a block at a time (no copy of all rows), and the centroids rounded to int8 with a scale
     per column after that last update; each row keeps the centroid it was nearest to before the rounding (which
     moves a centroid by at most half a level, 1/254 of its column's largest)."""
     d, device = ys.shape[1], ys.device
     codes = torch.empty(n, len(sizes), dtype=torch.uint8)
     book = torch.empty(K, d, dtype=torch.int8)
-    scales = torch.empty(d, dtype=_STORE)
+    scales = torch.empty(d, dtype=store)
     start = torch.randperm(len(ys), generator=gen)[:K].to(device)
     groups = []
     for size, (idx, cols) in _groups(sizes).items():
@@ -449,7 +449,7 @@ def _stage(residual: Callable[[int, int], torch.Tensor], n: int, w: torch.Tensor
             _accumulate(xa, w[i:i + len(r)], assigned, sums, mass)
             codes[i:i + len(r), idx] = assigned.T.to(torch.uint8).cpu()
     for idx, cols, c, sums, mass in groups:
-        levels, scale = round8(_centroids(sums, mass, c), 1)  # the weighted update on all rows, then int8
+        levels, scale = round8(_centroids(sums, mass, c), 1, store)  # the weighted update on all rows, then int8
         flat = cols.reshape(-1).cpu()
         book[:, flat] = levels.permute(1, 0, 2).reshape(K, -1).cpu()
         scales[flat] = scale.reshape(-1).cpu()
@@ -585,6 +585,9 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     w = w / w.mean()
     root, inv_root = _root(metric) if metric is not None else (torch.eye(d, dtype=torch.float64),) * 2
     x = _rows_times(embedding, root.float().to(device))
+    # the tables' 16-bit dtype: float16 unless it would lose them (compressed.storage_dtype): rows of the size
+    # whose 127th part sets the scales (an embedding of values near 1e-8 or 1e6)
+    store = storage_dtype(torch.float32, torch.cat([x[i:i + _BLOCK].norm(dim=1) for i in range(0, V, _BLOCK)]) / 127)
     wd = w.to(device=device, dtype=torch.float32)
     mean = (wd @ x) / V
     z = x.sub_(mean).mul_(wd.sqrt().unsqueeze(1))  # in place: x is not needed again (V x d floats each copy)
@@ -597,7 +600,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     # The transform A^(-1) is stored in int8 (a scale per row); y comes from the inverse of what is stored, so
     # decoding y gives e back exactly and rounding the transform only tilts the metric a little (relative
     # ~1/254), instead of adding its own error to every row.
-    levels, scale = round8(rot.T @ inv_root, 1)
+    levels, scale = round8(rot.T @ inv_root, 1, store)
     y = _rows_times(embedding, torch.linalg.inv(levels.double() * scale.double()).float().to(device))
     K = min(config.centroids, V)
     coarse, pq, focused = plan(V, d, config, K)
@@ -624,7 +627,8 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
             drawn, drawn_w = _training_rows(w[rows], config.sample, K, gen)
             ys = part[drawn.to(device)]
         sizes = _sizes(var.cpu(), m, config.allocation)
-        codes, book, scales = _stage(residual, n, ws, ys, drawn_w.to(device), sizes, K, config.iterations, gen)
+        codes, book, scales = _stage(residual, n, ws, ys, drawn_w.to(device), sizes, K, config.iterations, gen,
+                                     store)
         size_t = torch.tensor(sizes, dtype=torch.int32)
         plan_ = _decode_plan(book.float() * scales.float(), size_t, recon.device)
         if rows is None:
@@ -652,7 +656,7 @@ def fit_codebook(embedding: torch.Tensor, *, weights: torch.Tensor | None = None
     if config.gain:
         gain = torch.cat([(recon[i:i + _BLOCK] * y[i:i + _BLOCK]).sum(1) / recon[i:i + _BLOCK].pow(2).sum(1)
                           .clamp_min(1e-30) for i in range(0, V, _BLOCK)])
-        tensors["gain"] = gain.to(_STORE).cpu().contiguous()
+        tensors["gain"] = gain.to(store).cpu().contiguous()
     return tensors
 
 
@@ -699,7 +703,7 @@ def _fit_present(embedding: torch.Tensor, absent: torch.Tensor, *, weights: torc
     tensors = fit_codebook(embedding[coded], weights=None if weights is None else weights[coded],
                            config=replace(config, bits=min(bits, 16.0)), **kw)
     tensors["absent"] = absent.to(torch.int32).contiguous()
-    tensors["absent.fill"] = embedding[absent].float().mean(0).to(_STORE).contiguous()
+    tensors["absent.fill"] = embedding[absent].float().mean(0).to(tensors["transform.scale"].dtype).contiguous()
     return tensors
 
 
@@ -991,7 +995,7 @@ def decode_transformed(tensors: dict[str, torch.Tensor], index: torch.Tensor | s
 
 
 # -- the storage kind ------------------------------------------------------------------------------
-from .compressed import TensorSet, may_train, register, step_shortcuts  # noqa: E402
+from .compressed import TensorSet, may_train, register, step_shortcuts, storage_dtype  # noqa: E402
 from .errors import FactorsError, OptionError  # noqa: E402
 from .options import flagged  # noqa: E402
 from .quant import below_int8_grid  # noqa: E402

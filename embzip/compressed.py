@@ -57,37 +57,53 @@ def step_shortcuts() -> bool:
     return _exact == 0
 
 
-def storage_dtype(embedding_dtype: torch.dtype, *values: torch.Tensor) -> torch.dtype:
+def storage_dtype(embedding_dtype: torch.dtype, *values: torch.Tensor, scales: tuple = ()) -> torch.dtype:
     """The float dtype compressed tensors are stored in: the embedding's own when it is 16-bit, else float16
-    (32-bit scales and codebooks would add cost and no measurable accuracy), unless the `values` to store fall
-    outside float16's range: overflow, or magnitudes so small that float16 keeps them worse than bfloat16 does
-    (an embedding of values near 1e-6: its int8 scales would round to 0). Then bfloat16, float32's range in the
-    same 16 bits."""
-    if embedding_dtype in (torch.float16, torch.bfloat16):
+    (32-bit scales and codebooks would add cost and no measurable accuracy), unless float16 would lose what is to
+    be stored. Then bfloat16, float32's range in the same 16 bits. `values` (codes, decoders, offsets) are judged
+    as a whole: a value beyond float16's range, or its total squared error above bfloat16's (values near 1e-6 sit
+    below float16's normal range, where it has fewer bits). `scales` (each scaling its own row or group) are
+    judged one by one: any above float16's range or below 2^-16, where float16 keeps fewer bits than bfloat16's 8
+    (an int8 scale of 2.5e-8 rounds to 0 in float16: its row would decode to zeros)."""
+    if embedding_dtype in _HALF:
         return embedding_dtype
-    return torch.bfloat16 if any(t.is_floating_point() and _float16_loses(t) for t in values) else torch.float16
+    if any(_scale_lost(t) for t in scales) or any(t.is_floating_point() and _float16_loses(t) for t in values):
+        return torch.bfloat16
+    return torch.float16
 
 
-def _float16_loses(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
-    """Whether float16 keeps `t` worse than bfloat16: a value beyond its range, or values below its normal range
-    (where it has fewer bits than bfloat16's 8) that make its total squared error the larger. Values in its normal
-    range alone it keeps 8 times closer, so only then are the errors summed. A million numbers at a time."""
-    flat, small = t.detach().reshape(-1), False
-    for i in range(0, flat.numel(), chunk):
-        size = flat[i:i + chunk].float().abs()
-        size = size[torch.isfinite(size)]
-        if size.numel() and size.max() > torch.finfo(torch.float16).max:
+_HALF = (torch.float16, torch.bfloat16)
+_CHUNK = 1 << 20  # numbers read at a time by the checks below: no whole-size temporaries beside V x k codes
+
+
+def _magnitudes(t: torch.Tensor):
+    """|t| as float32, a chunk at a time, with NaN and Inf as 0 (check_finite reports those)."""
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), _CHUNK):
+        yield flat[i:i + _CHUNK].float().abs().nan_to_num_(0.0, posinf=0.0, neginf=0.0)
+
+
+def _scale_lost(t: torch.Tensor) -> bool:
+    big, small = torch.finfo(torch.float16).max, 2.0 ** -16
+    return any(bool((size > big).any() or ((size > 0) & (size < small)).any()) for size in _magnitudes(t))
+
+
+def _float16_loses(t: torch.Tensor) -> bool:
+    """Whether float16 keeps `t` worse than bfloat16 in total. In its normal range float16's grid holds
+    bfloat16's, so only values below it can make float16 the worse: only then are the errors summed."""
+    small = False
+    for size in _magnitudes(t):
+        if size.max() > torch.finfo(torch.float16).max:
             return True
         small = small or bool(((size > 0) & (size < torch.finfo(torch.float16).tiny)).any())
-    return small and _rounding_error(flat, torch.float16, chunk) > _rounding_error(flat, torch.bfloat16, chunk)
+    return small and _rounding_error(t, torch.float16) > _rounding_error(t, torch.bfloat16)
 
 
-def _rounding_error(t: torch.Tensor, dtype: torch.dtype, chunk: int) -> float:
-    """Squared error of the finite values of `t` rounded to `dtype`, a chunk at a time (no whole-size temporaries
-    beside a V x k matrix of codes)."""
-    total = 0.0
-    for i in range(0, t.numel(), chunk):
-        part = t[i:i + chunk].float()
+def _rounding_error(t: torch.Tensor, dtype: torch.dtype) -> float:
+    """Squared error of the finite values of `t` rounded to `dtype`, a chunk at a time."""
+    flat, total = t.detach().reshape(-1), 0.0
+    for i in range(0, flat.numel(), _CHUNK):
+        part = flat[i:i + _CHUNK].float()
         total += (part.to(dtype).float() - part).nan_to_num_(0.0).pow_(2).sum().item()
     return total
 
@@ -193,8 +209,11 @@ class Compressed:
 
     def stored_as(self, embedding_dtype: torch.dtype) -> "Compressed":
         """Float tensors in the 16-bit dtype they are stored in for an embedding of `embedding_dtype`
-        (storage_dtype: float16, or bfloat16 where the values need its range), integers as they are."""
+        (storage_dtype: float16, or bfloat16 where the values need its range), integers as they are. For a float32
+        embedding, tensors already at 16 bits (a factors file's) stay as they are."""
         floats = [t for t in self.tensors().values() if t.is_floating_point()]
+        if embedding_dtype not in _HALF and all(t.dtype in _HALF for t in floats):
+            return self  # stored already (a factors file): its dtype was chosen when it was made
         return self.to(dtype=storage_dtype(embedding_dtype, *floats))
 
     def check_finite(self, what: str = "the compressed embedding",

@@ -161,8 +161,9 @@ def _codebook_parts(emb, lr: float, original: Codebook) -> tuple[list[dict], Cal
     def snapshot() -> Codebook:
         tensors = dict(stored)
         for name in names:
-            levels, scale = round8(getattr(emb, buffer_name(name)).detach().float().cpu(), 0)
-            tensors[name], tensors[name + ".scale"] = levels, scale.reshape(-1).to(stored[name + ".scale"].dtype)
+            levels, scale = round8(getattr(emb, buffer_name(name)).detach().float().cpu(), 0,
+                                   stored[name + ".scale"].dtype)
+            tensors[name], tensors[name + ".scale"] = levels, scale.reshape(-1)
         return Codebook(tensors, dict(original.meta))
 
     return groups, snapshot

@@ -667,6 +667,31 @@ def _load_error(source: str, exc: BaseException, verb: str = "load") -> ModelErr
     return ModelError(f"could not {verb} model {source!r}: {first}")
 
 
+def _older_layout(folder: Path) -> str:
+    """A hint where a folder without config.json is an old sentence-transformers model (the transformer in a
+    subfolder)."""
+    inner = next((sub for sub in sorted(folder.glob("0_*")) if (sub / "config.json").is_file()), None)
+    return "" if inner is None else f"; its transformer is in {inner.name}/ (an older sentence-transformers layout): " \
+        "give that folder"
+
+
+def _cached_without_config(source: str, repo_id: str, revision: str | None) -> ModelError | None:
+    """For a hub id whose config would not load: the error when the local cache holds the repository without a
+    config.json (not a transformers model; offline, huggingface_hub's own message blames the network)."""
+    if Path(repo_id).exists():
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache: the load's own error says what happened
+        return None
+    if (folder / "config.json").is_file():
+        return None
+    return ModelError(f"{source} is not a transformers model: its cached snapshot {folder} has no config.json"
+                      f"{_older_layout(folder)}")
+
+
 # What loading a broken checkpoint raises: a config that is a JSON list (AttributeError), weights of the
 # wrong shape (RuntimeError), a truncated safetensors file (SafetensorError), an unsafe pickle (UnpicklingError).
 _LOAD_ERRORS = (OSError, ValueError, TypeError, AttributeError, KeyError, RuntimeError, EOFError)
@@ -708,7 +733,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
     elif Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         if (Path(path) / "embzip.json").is_file():
             raise ModelError(f"{path} is an embzip-compressed model directory; load it with embzip.load_model()")
-        raise ModelError(f"{path} is not a transformers model directory (no config.json)")
+        raise ModelError(f"{path} is not a transformers model directory (no config.json){_older_layout(Path(path))}")
     if _is_factored_dir(path):
         return _open_compressed(source, path, device, trust_remote_code, kind=kind, dtype=dtype, load=load)
     if not Path(path).exists():  # a hub id: offline from the start when the hub cannot be reached at all
@@ -718,7 +743,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
     try:
         config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     except errors as exc:
-        raise _load_error(source, exc, "open") from None
+        raise _cached_without_config(source, path, revision) or _load_error(source, exc, "open") from None
     if getattr(config, "is_encoder_decoder", False):
         raise ModelError(f"{source} is an encoder-decoder model; embzip handles encoder-only and decoder-only models")
     auto, kind = _model_class(config, kind, source, guess=load == "embedding")

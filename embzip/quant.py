@@ -51,7 +51,7 @@ def quantize_int8(embedding: torch.Tensor) -> dict[str, torch.Tensor]:
     """One absmax scale per row, int8 levels -127..127."""
     vocab, hidden = embedding.shape
     exact = torch.cat([embedding[rows].float().abs().amax(dim=1) / 127 for rows in _chunks(vocab)])
-    scales = exact.clamp_min(1e-30).to(storage_dtype(embedding.dtype, exact))  # bfloat16 where float16 loses them
+    scales = exact.clamp_min(1e-30).to(storage_dtype(embedding.dtype, scales=(exact,)))  # bfloat16 where float16 loses
     qs = torch.empty(vocab, hidden, dtype=torch.int8)  # filled in place: no second copy of the result
     for rows in _chunks(vocab):
         x = embedding[rows].float()
@@ -78,7 +78,7 @@ def quantize_int4(embedding: torch.Tensor, group: int = 32) -> dict[str, torch.T
     for rows in _chunks(vocab):
         x = embedding[rows].float().view(-1, hidden // group, group)
         low[rows], high[rows] = x.amin(dim=2), x.amax(dim=2)
-    dtype = storage_dtype(embedding.dtype, low, (high - low) / 15)  # bfloat16 where float16 loses them
+    dtype = storage_dtype(embedding.dtype, low, scales=((high - low) / 15,))  # bfloat16 where float16 loses them
     packed = torch.empty(vocab, hidden // 2, dtype=torch.uint8)  # filled in place, as in quantize_int8
     scales, offsets = (torch.empty(vocab, hidden // group, dtype=dtype) for _ in range(2))
     for rows in _chunks(vocab):

@@ -491,8 +491,8 @@ def check_source(model: nn.Module, factors: Compressed) -> None:
             distances.append(row_cosine_distance(x_hat, x))
     measured = float(torch.cat(distances).mean())
     if math.isnan(measured):  # NaN or Inf rows in the model: no comparison can pass them
-        raise ModelError(f"this model's embedding holds NaN or Inf values (in the {len(rows)} rows compared with the factors); "
-                         "fix the checkpoint")
+        raise ModelError(f"this model's embedding holds NaN or Inf values (in the {len(rows)} rows compared with the "
+                         "factors); fix the checkpoint")
     if measured > recorded + _SOURCE_SLACK:
         source = factors.meta.get("source", {}).get("model", "?")
         raise FactorsError(

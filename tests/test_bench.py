@@ -448,3 +448,19 @@ def test_fit_in_a_bench_is_what_embzip_fit_runs_at_those_sizes():
     with pytest.raises(OptionError, match="lists codebook twice: fit is codebook at these sizes"):
         BenchConfig(methods=["fit", "codebook"])
     assert BenchConfig(methods=["fit"], bits=[2.0]).runs("fit+heal") == "codebook+heal"
+
+
+def test_a_bench_folder_of_a_hub_model_is_the_same_models_whatever_snapshot_it_was_read_from(tmp_path):
+    """A hub model's path is now its cache snapshot (a new one per commit); benches written by the previous
+    version recorded the hub id as the path. Either is the same model; another hub id is not."""
+    from types import SimpleNamespace
+
+    from embzip.benchmark import _check_same_model
+    from embzip.errors import OutputError
+
+    (tmp_path / "bench.json").write_text(json.dumps({"model": "org/llama", "path": "org/llama", "rows": [],
+                                                     "protocol": {}}))
+    snapshot = str(tmp_path / "hub" / "models--org--llama" / "snapshots" / ("c" * 40))
+    _check_same_model(tmp_path, SimpleNamespace(source="org/llama", path=snapshot))
+    with pytest.raises(OutputError, match=r"holds the bench of another model \(org/llama\)"):
+        _check_same_model(tmp_path, SimpleNamespace(source="org/other", path=snapshot))

@@ -667,3 +667,23 @@ def test_may_train_says_when_autograd_may_record_a_pass():
         assert not may_train(plain, trained)
     with torch.inference_mode():
         assert not may_train(trained)
+
+
+@pytest.mark.parametrize("scale_of_values", [1e-8, 1e6])
+def test_a_codebook_of_values_float16_cannot_hold_keeps_its_tables_in_bfloat16(scale_of_values):
+    """The codebook and transform scales and the gains are 16-bit: float16 turned the scales of rows near 1e6 to
+    Inf (the fit refused), and clamped those of rows near 1e-8 so that most levels were 0 (error doubled)."""
+    from embzip.codebook import Codebook
+
+    torch.manual_seed(0)
+    e = torch.randn(2000, 32) @ torch.randn(32, 32) * 0.3
+    metric = torch.eye(32) + torch.diag(torch.linspace(0, 8, 32))
+    config = CodebookConfig(bits=4, seed=0)
+    ordinary = Codebook(fit_codebook(e, metric=metric, config=config))
+    scaled = Codebook(fit_codebook(e * scale_of_values, metric=metric, config=config))
+    assert ordinary.dtype == torch.float16 and scaled.dtype == torch.bfloat16
+    assert {t.dtype for t in scaled.tensors().values() if t.is_floating_point()} == {torch.bfloat16}
+    rebuilt = scaled.reconstruct() / scale_of_values
+    assert torch.isfinite(rebuilt).all()
+    error = (rebuilt - e).norm() / e.norm()
+    assert error < 1.2 * (ordinary.reconstruct() - e).norm() / e.norm()  # as good as at ordinary magnitudes

@@ -166,3 +166,32 @@ def test_outputs_inside_a_repository_of_the_hub_cache_are_refused(tiny, tmp_path
     assert not (snapshot / "compressed").exists() and not (root / "blobs").exists()
     check_output_file(tmp_path / "beside-the-cache.safetensors", False)  # elsewhere, as before
     check_output_folder(tmp_path / "hub" / "bench")  # the cache's own top folder holds no repository's files
+
+
+def test_a_cached_repository_without_a_config_is_named_as_such_not_as_a_network_failure(tiny, tmp_path):
+    """An old sentence-transformers layout (its transformer in 0_Transformer/) in the cache: offline, huggingface_hub
+    blamed the network; a local folder of it was already refused for its missing config.json."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny("bert-encoder"), old / "0_Transformer")
+    (old / "modules.json").write_text("[]")
+    repo = _cache_with(old, tmp_path / "hub", "tiny-org/old-layout")
+    for model in (repo, str(old)):
+        done = subprocess.run([sys.executable, "-m", "embzip", "info", model], capture_output=True, text=True,
+                              env=_hub_env(tmp_path), timeout=300)
+        message = " ".join(done.stderr.split())
+        assert done.returncode == 1 and "couldn't connect" not in message
+        assert "no config.json" in message and message.endswith(
+            "; its transformer is in 0_Transformer/ (an older sentence-transformers layout): give that folder"), message
+
+
+@pytest.mark.parametrize("load", ["embedding", "full"])
+def test_a_branch_or_tag_asked_for_is_recorded_as_the_commit_it_names(tiny, tmp_path, load):
+    repo = _cache_with(tiny("llama"), tmp_path / "hub")
+    refs = tmp_path / "hub" / "models--tiny-org--tiny-llama" / "refs"
+    commit = (refs / "main").read_text()
+    (refs / "v1").write_text(commit)
+    script = f"import embzip; print(embzip.open_model({repo!r}, revision='v1', load={load!r}).revision)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_hub_env(tmp_path),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == commit

@@ -332,3 +332,25 @@ def test_low_rank_factors_of_large_values_are_stored_in_bfloat16_not_overflowed(
     factors = svd_factors(e, 16).stored_as(torch.float32)
     assert factors.dtype == torch.bfloat16 and torch.isfinite(factors.reconstruct()).all()
     assert svd_factors(e / 3e4, 16).stored_as(torch.float32).dtype == torch.float16
+
+
+def test_a_few_tiny_rows_among_ordinary_ones_keep_their_int8_scales():
+    """Judging the scales as a whole let the ordinary rows outvote a few tiny ones (reserved tokens): those rows'
+    scales rounded to a float16 zero and decoded to zeros. Each scale is judged on its own."""
+    from embzip.compressed import row_cosine_distance
+
+    e = torch.randn(1000, 64) * 0.05
+    e[:50] *= 2e-5
+    q = Quantized(quantize_int8(e))
+    assert q.dtype == torch.bfloat16
+    assert row_cosine_distance(q.reconstruct()[:50], e[:50]).max() < 1e-3
+
+
+def test_factors_stored_at_16_bits_already_are_not_judged_again():
+    from embzip.svd import svd_factors
+
+    made = svd_factors(torch.randn(300, 64), 8)
+    for dtype in (torch.float16, torch.bfloat16):
+        stored = made.to(dtype=dtype)
+        assert stored.stored_as(torch.float32) is stored  # apply of a factors file: its dtype was chosen when made
+        assert stored.stored_as(torch.bfloat16).dtype == torch.bfloat16  # a 16-bit model's own dtype, as before
