@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
 import hashlib
 import importlib.util
 import logging
@@ -235,6 +236,9 @@ def resolve(spec: str | None) -> str:
         if is_factors_file(path):
             raise usage(ModelError(f"{spec} is an embzip factors file, not a model: give the model it was made from "
                                    "as MODEL (embzip apply MODEL FACTORS, embzip perplexity MODEL --factors FACTORS)"))
+        if path.name.lower().endswith(".gguf"):  # transformers tells a GGUF file by its lower-case suffix
+            raise usage(ModelError(f"{spec}: a GGUF file's name must end in .gguf (lower case), which is how "
+                                   "transformers reads it as one; rename it"))
         raise usage(ModelError(f"{spec} is a file; MODEL is a model directory (with config.json), a .gguf file, a hub "
                                "id or a demo name"))
     if path.exists():
@@ -247,9 +251,43 @@ def resolve(spec: str | None) -> str:
     return spec  # a hub id such as bert-base-uncased or google/gemma-3-270m
 
 
+_GGUF_SOURCE = "embzip-gguf-source.json"  # in each conversion: the GGUF file it was made from
+_GGUF_SAMPLE = 1 << 20  # bytes read from each end of a GGUF file for its cache key
+
+
+def _gguf_key(gguf: Path) -> str:
+    """What names a GGUF file's conversion: its resolved path, size, modification time to the nanosecond, and a hash
+    of its first and last MiB (the header with every tensor's description, and the end of the data), so a file
+    replaced by another of the same size within a second, or with its timestamps copied (`cp -p`, `rsync -a`), is
+    converted again instead of read from the old conversion."""
+    stat = gguf.stat()
+    digest = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    with open(gguf, "rb") as f:
+        digest.update(f.read(_GGUF_SAMPLE))
+        f.seek(max(0, stat.st_size - _GGUF_SAMPLE))
+        digest.update(f.read(_GGUF_SAMPLE))
+    return digest.hexdigest()[:12]
+
+
+def _prune_gguf_conversions(target: Path, source: Path) -> None:
+    """Remove the earlier conversions of `source` (each a float32 copy of the whole model), keeping `target`."""
+    import json
+
+    for folder in target.parent.glob(f"{glob.escape(target.name.rsplit('-', 1)[0])}-*"):
+        try:
+            same = folder != target and json.loads((folder / _GGUF_SOURCE).read_text())["gguf"] == str(source)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a conversion that says where it came from (or another run's, being written)
+        if same:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, an earlier conversion of %s", folder, source.name)
+
+
 def gguf_to_directory(gguf_path: str) -> str:
-    """Convert a GGUF file to a transformers directory once and cache it; returns the directory."""
-    gguf = Path(gguf_path).resolve()
+    """Convert a GGUF file to a transformers directory once and cache it; returns the directory. A conversion of
+    an earlier version of the same file is removed once the new one is in place."""
+    given = Path(os.path.abspath(Path(gguf_path).expanduser()))  # the name transformers reads (a link may be a blob)
+    gguf = given.resolve()
     try:
         with open(gguf, "rb") as f:
             magic = f.read(4)
@@ -257,9 +295,7 @@ def gguf_to_directory(gguf_path: str) -> str:
         raise ModelError(f"could not read {gguf_path}: {exc.strerror or exc}") from None
     if magic != b"GGUF":
         raise ModelError(f"{gguf_path} is not a GGUF file ({'it is empty' if not magic else 'no GGUF magic bytes'})")
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
-    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    target = cache_dir() / "gguf" / f"{given.stem}-{_gguf_key(gguf)}"
     if target.is_dir():
         if _complete_conversion(target):
             log.info("using converted GGUF model cached in %s", target)
@@ -269,21 +305,27 @@ def gguf_to_directory(gguf_path: str) -> str:
     for need in ("gguf", "accelerate"):
         if importlib.util.find_spec(need) is None:
             raise ModelError(f"loading {gguf.name} needs the '{need}' package: pip install 'embzip[demo]'")
+    import json
+    import pickle
     import struct
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to a transformers directory (once; about a minute)", gguf.name)
+    log.info("converting %s to a transformers directory (once; about a minute)", given.name)
     try:
         with _gguf_bar_quiet_with_embzip():
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (struct.error, ValueError, KeyError, IndexError, TypeError, EOFError, OSError, RuntimeError) as exc:
+            model = AutoModelForCausalLM.from_pretrained(str(given.parent), gguf_file=given.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(given.parent), gguf_file=given.name)
+    except (struct.error, ValueError, KeyError, IndexError, TypeError, EOFError, OSError, RuntimeError,
+            pickle.UnpicklingError) as exc:
         if resource_problem(exc):  # memory or disk ran out: the machine's failure, said as such by the CLI
             raise
         name = type(exc).__qualname__ if type(exc).__module__ == "builtins" else \
             f"{type(exc).__module__}.{type(exc).__qualname__}"  # struct.error, not a bare "error"
         reason = (str(exc).splitlines() or [""])[0][:200]
+        if "Unrecognized configuration class" in reason:  # readable, but not a decoder-only model (T5: both sides)
+            raise ModelError(f"{gguf_path} holds a model transformers does not load as a causal LM; embzip reads GGUF "
+                             f"files of decoder-only models ({name}: {reason})") from None
         raise ModelError(f"{gguf_path} could not be converted: the file is damaged or truncated, or holds a model "
                          f"transformers cannot read from GGUF ({name}: {reason})") from None
     # The weights are de-quantized to float32 on load; what is saved is a plain float32 model.
@@ -301,9 +343,11 @@ def gguf_to_directory(gguf_path: str) -> str:
     try:  # each conversion writes its own directory; the first to finish renames it into place
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / _GGUF_SOURCE).write_text(json.dumps({"gguf": str(gguf)}))
         try:
             os.rename(tmp, target)
             log.info("cached the converted model in %s", target)
+            _prune_gguf_conversions(target, gguf)
         except OSError:
             if not (target / "config.json").is_file():
                 raise
@@ -728,7 +772,7 @@ def open_model(spec: str | os.PathLike | None = None, *, kind: str | None = None
     device = resolve_device(device)
     source = spec or DEFAULT_MODEL
     path = resolve(spec)
-    if path.endswith(".gguf"):
+    if path.endswith(".gguf") and not Path(path).is_dir():  # a model directory may be named x.gguf
         path = gguf_to_directory(path)
     elif Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         if (Path(path) / "embzip.json").is_file():

@@ -227,7 +227,7 @@ def _fake_gguf(tmp_path, tiny, monkeypatch):
     conversions = []
 
     def convert(cls, *args, **kwargs):
-        conversions.append(1)
+        conversions.append(kwargs.get("gguf_file"))
         info = {k: v for k, v in kwargs.items() if k == "output_loading_info"}  # as open_model asks for it
         return cls.__wrapped_from_pretrained__(tiny("llama"), **info)
 
@@ -255,6 +255,49 @@ def test_a_damaged_gguf_conversion_in_the_cache_is_converted_again(tiny, tmp_pat
         before = len(conversions)
         assert gguf_to_directory(str(gguf)) == str(target) and len(conversions) == before + 2  # converted again
     assert (target / "tokenizer.json").is_file() and json.loads((target / "config.json").read_text())
+
+
+def test_a_gguf_replaced_by_another_of_the_same_size_and_time_is_converted_again(tiny, tmp_path, monkeypatch):
+    """The cache key was the path, the size and the whole second of the modification time: a file replaced within
+    a second, or copied with its timestamps, silently reused the old conversion (another model's weights)."""
+    from embzip.models import gguf_to_directory
+
+    gguf, conversions = _fake_gguf(tmp_path, tiny, monkeypatch)
+    first = Path(gguf_to_directory(str(gguf)))
+    stat = gguf.stat()
+    gguf.write_bytes(b"GGUF" + bytes(63) + b"\x01")  # another file: the same size, and the same times (cp -p)
+    os.utime(gguf, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = Path(gguf_to_directory(str(gguf)))
+    assert second != first and len(conversions) == 4
+    assert not first.exists() and second.is_dir()  # the earlier conversion (a float32 copy) is removed
+    assert gguf_to_directory(str(gguf)) == str(second) and len(conversions) == 4  # and the new one reused
+
+
+def test_a_gguf_link_to_a_blob_converts_by_the_name_it_was_given(tiny, tmp_path, monkeypatch):
+    """The hub cache's layout: snapshots/REV/model.gguf -> blobs/HASH. transformers tells a GGUF file by its
+    suffix, and was handed the blob's name (a traceback from torch.load)."""
+    from embzip.models import gguf_to_directory
+
+    gguf, conversions = _fake_gguf(tmp_path, tiny, monkeypatch)
+    (tmp_path / "blobs").mkdir()
+    blob = tmp_path / "blobs" / "3f2a9c0d"
+    gguf.rename(blob)
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / "model.gguf").symlink_to(Path("..") / "blobs" / "3f2a9c0d")
+    target = Path(gguf_to_directory(str(tmp_path / "snapshot" / "model.gguf")))
+    assert set(conversions) == {"model.gguf"} and target.name.startswith("model-")
+
+
+def test_a_gguf_name_in_upper_case_is_refused_for_what_it_is_and_a_directory_named_gguf_opens(tiny, tmp_path):
+    from embzip.models import resolve
+
+    (tmp_path / "M.GGUF").write_bytes(b"GGUF" + bytes(64))
+    with pytest.raises(ModelError, match=r"M.GGUF: a GGUF file's name must end in .gguf \(lower case\)"):
+        resolve(str(tmp_path / "M.GGUF"))
+    import shutil
+
+    shutil.copytree(tiny("llama"), tmp_path / "model.gguf")
+    assert open_model(str(tmp_path / "model.gguf")).vocab_size > 0
 
 
 def test_the_demo_gguf_is_written_whole_and_a_damaged_one_again(tmp_path, monkeypatch, caplog):
@@ -418,3 +461,21 @@ def test_an_empty_cache_variable_means_the_default_cache(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / ".cache" / "embzip"
     monkeypatch.setenv("EMBZIP_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine"
+
+
+def test_a_gguf_of_a_model_that_is_not_a_causal_lm_is_not_called_damaged(tiny, tmp_path, monkeypatch):
+    import transformers
+
+    from embzip.models import gguf_to_directory
+
+    gguf, _ = _fake_gguf(tmp_path, tiny, monkeypatch)
+
+    def refuse(cls, *args, **kwargs):  # what transformers raises for a T5 GGUF asked for as a causal LM
+        raise ValueError("Unrecognized configuration class <class 'T5Config'> for this kind of AutoModel: "
+                         "AutoModelForCausalLM.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", classmethod(refuse))
+    with pytest.raises(ModelError, match="holds a model transformers does not load as a causal LM; embzip reads GGUF "
+                                         r"files of decoder-only models \(ValueError: Unrecognized") as refused:
+        gguf_to_directory(str(gguf))
+    assert "damaged" not in str(refused.value)
