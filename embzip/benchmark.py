@@ -31,6 +31,7 @@ from .modeldir import param_stats
 from .outputs import check_output_folder
 from .pipeline import check_finite, factorize, size_label
 from .progress import bar
+from .provenance import environment
 from .splice import cache_decoded_head, splice, spliced
 
 log = logging.getLogger("embzip")
@@ -432,7 +433,8 @@ def bench(opened: OpenedModel, text, config: BenchConfig, *, out: str | Path | N
         "model": opened.source, "path": opened.path, "kind": opened.kind, "tied": opened.tied,
         "vocab_size": vocab, "hidden_size": hidden, "dtype": str(embedding.dtype).removeprefix("torch."),
         "text": text.source, "protocol": quality.protocol, "device": config.device,
-        "seconds": time.perf_counter() - started, "interrupted": interrupted, "rows": rows,
+        "seconds": time.perf_counter() - started, "interrupted": interrupted, "environment": environment(),
+        "rows": rows,
     }
     if out is not None:
         try:

@@ -904,7 +904,7 @@ def resolve_device(device: Any) -> str:
         raise OptionError(f"device {device!r} is not a device torch knows; give cpu, cuda, cuda:N, mps or auto") \
             from None
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
+        raise ModelError("device cuda (--device cuda) was asked for but torch sees no GPU; use device cpu or auto")
     return device
 
 

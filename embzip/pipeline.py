@@ -16,6 +16,7 @@ from .compressed import Compressed, reconstruction_metrics
 from .factors import check_output_file, save_factors
 from .checkpoint import EmbeddingOnly
 from .models import OpenedModel, model_spec, open_model, refuse_embedding_only, resolve_device
+from .provenance import environment
 from .methods import Recipe, bits_name, make_factors, resolve_size
 from .methods.base import check_size, refuse_unused, samples, uses_encoder_metric
 from .methods import recipe as make_recipe
@@ -64,7 +65,8 @@ def needs_model(recipe: Recipe, opened: OpenedModel) -> bool:
 def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, device: str = "cpu",
               progress: bool = False, cache: dict | None = None) -> Compressed:
     """The compressed embedding with float tensors at the stored dtype (compressed.storage_dtype), and the
-    metadata a factors file records (method, settings, source model, reconstruction metrics, seconds, device).
+    metadata a factors file records (method, settings, source model, reconstruction metrics, seconds, device, and
+    the versions and CPU it was made with: provenance.environment).
     Non-finite results are refused."""
     embedding = opened.embedding.detach()
     start = time.perf_counter()
@@ -74,7 +76,8 @@ def factorize(opened: OpenedModel, size: int | float | None, recipe: Recipe, *, 
     compressed.check_finite(f"method {recipe.name}'s result")
     compressed.meta = {"method": recipe.name, **details, "source": opened.describe(),
                        "source_bits": torch.finfo(embedding.dtype).bits,
-                       "metrics": reconstruction_metrics(embedding, compressed), "seconds": seconds, "device": device}
+                       "metrics": reconstruction_metrics(embedding, compressed), "seconds": seconds, "device": device,
+                       "environment": environment()}
     return compressed
 
 

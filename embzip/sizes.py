@@ -82,7 +82,7 @@ def rank_for_ratio(ratio: float, vocab: int, hidden: int, *, bias: bool = False,
     if isinstance(ratio, bool) or not isinstance(ratio, Real):
         raise RankError(f"ratio must be a number, got {ratio!r}")
     if not ratio > 1.0:
-        raise RankError(f"--ratio must be greater than 1, got {ratio}")
+        raise RankError(f"ratio (--ratio) must be greater than 1, got {ratio}")
     bits = dict(source_bits=source_bits, stored_bits=stored_bits)
     extra = (hidden if bias else 0) + (vocab if norms else 0)
     numbers = vocab * hidden * source_bits / (ratio * stored_bits)  # the most the factors may hold

@@ -66,7 +66,7 @@ def _from_dataset(spec: str, option: str = "--dataset") -> Text:
         (parts[2] if len(parts) > 2 and parts[2] else "test")
     folder = Path(name).expanduser()
     if folder.is_file() or (folder.exists() and not folder.is_dir()):
-        raise usage(DataError(f"dataset {name} is a file, not a dataset; give a text file with --text, or a "
+        raise usage(DataError(f"dataset {name} is a file, not a dataset; give a text file as the text (--text), or a "
                               "dataset name or folder of .txt/.json/.csv files"))
     if not folder.exists() and (meant_as_path(name) or names_folder_here(name)):
         raise usage(DataError(f"dataset folder {name} does not exist"))

@@ -230,7 +230,7 @@ ROWS = [
     (["fit", "{w}/model", "-k", "2", "--heal-steps", "2", "--weights-text", "{w}/short.txt"], 1,
      "fewer than two sequences"),
     (["svd", "{w}/model", "--ratio", "nan"], 2, "greater than 1"),
-    (["svd", "{w}/model", "--ratio", "inf"], 2, "--ratio must be a finite number greater than 1, got inf"),
+    (["svd", "{w}/model", "--ratio", "inf"], 2, "ratio (--ratio) must be a finite number greater than 1, got inf"),
     (["fit", "{w}/model", "--method", "svd", "-k", "2", "--seed", "3"], 2, "svd draws none (the same model always"),
     (["fit", "{w}/model", "--method", "int4", "--seed", "3"], 2, "int4 draws none"),
     (["fit", "{w}/model", "--method", "wsvd", "-k", "2", "--weights-text", "{w}/short.txt", "-o", "{w}/short.txt",
@@ -238,7 +238,7 @@ ROWS = [
     (["bench", "{w}/model", "--methods", "int8", "--out", "{w}/model/results"], 2,
      "or lies in it; bench files would be added to the model"),
     (["bench", "{w}/model", "--methods", "codebook", "--ratios", "1.5", "--out", "b"], 2,
-     "--ratio 1.5 is 21.33 bits per weight for this float32 embedding"),
+     "ratio (--ratio) 1.5 is 21.33 bits per weight for this float32 embedding"),
     (["fit", "{w}/encoder", "--method", "aware", "-k", "2", "--seed", "3"], 2, "aware draws none here"),  # no samples
     (["perplexity", "{w}/model", "--window", "0"], 2, "window (--window) must be positive"),
     (["perplexity", "{w}/model", "--pseudo"], 2, "pseudo-perplexity is for masked LMs"),

@@ -464,3 +464,19 @@ def test_a_bench_folder_of_a_hub_model_is_the_same_models_whatever_snapshot_it_w
     _check_same_model(tmp_path, SimpleNamespace(source="org/llama", path=snapshot))
     with pytest.raises(OutputError, match=r"holds the bench of another model \(org/llama\)"):
         _check_same_model(tmp_path, SimpleNamespace(source="org/other", path=snapshot))
+
+
+def test_the_report_and_each_factors_file_record_the_versions_and_cpu_they_were_made_with(gpt2_run):
+    """A sampled fit moves with the CPU's kernels and the libraries' versions: the results say where they were made."""
+    import transformers
+
+    from embzip import load_factors
+    from embzip.models import native_bf16
+
+    out, report = gpt2_run
+    written = json.loads((out / "bench.json").read_text())
+    for environment in [written["environment"]] + [load_factors(p).meta["environment"]
+                                                   for p in sorted((out / "factors").glob("*.safetensors"))]:
+        assert environment["torch"] == torch.__version__ and environment["transformers"] == transformers.__version__
+        assert environment["native_bf16"] is native_bf16() and environment["python"].count(".") == 2
+        assert environment["machine"] and "embzip" in environment

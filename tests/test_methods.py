@@ -39,7 +39,7 @@ def test_bits_pick_the_largest_rank_that_fits(dtype, stored):
     ("svd", dict(bits=0.001), "no rank of svd fits in 0.001 bits per weight"),
     ("svd", dict(), "needs a size"),
     ("svd", dict(rank=4, bits=2.0), r"not rank \(--rank\) and bits \(--bits\)"),
-    ("codebook", dict(bits=40.0), "--bits must be more than 0 and less than 32"),
+    ("codebook", dict(bits=40.0), r"bits \(--bits\) must be more than 0 and less than 32"),
 ])
 def test_sizes_a_method_cannot_reach_are_refused(method, kwargs, fragment):
     with pytest.raises(RankError, match=fragment):
@@ -47,14 +47,14 @@ def test_sizes_a_method_cannot_reach_are_refused(method, kwargs, fragment):
 
 
 @pytest.mark.parametrize("method,kwargs,dtype,fragment", [
-    ("svd", dict(ratio=float("inf")), torch.float32, r"--ratio must be a finite number greater than 1, got inf"),
-    ("codebook", dict(ratio=float("inf")), torch.float32, r"--ratio must be a finite number greater than 1, got inf"),
+    ("svd", dict(ratio=float("inf")), torch.float32, r"ratio \(--ratio\) must be a finite number greater than 1, got inf"),
+    ("codebook", dict(ratio=float("inf")), torch.float32, r"ratio \(--ratio\) must be a finite number greater than 1, got inf"),
     ("svd", dict(ratio=1000.0), torch.float32, r"no rank reaches a compression ratio of 1000.0"),
-    ("codebook", dict(ratio=1000.0), torch.float32, r"--ratio 1000 is 0.032 bits per weight for this float32 "
+    ("codebook", dict(ratio=1000.0), torch.float32, r"ratio \(--ratio\) 1000 is 0.032 bits per weight for this float32 "
                                                     r"embedding: .*give more bits"),
-    ("int4", dict(ratio=100.0), torch.bfloat16, r"--ratio 100 is 0.16 bits per weight for this bfloat16 embedding: "
+    ("int4", dict(ratio=100.0), torch.bfloat16, r"ratio \(--ratio\) 100 is 0.16 bits per weight for this bfloat16 embedding: "
                                                 r"method int4 stores"),
-    ("svd", dict(bits=16.0), torch.bfloat16, r"--bits must be more than 0 and less than 16, the embedding's own bits "
+    ("svd", dict(bits=16.0), torch.bfloat16, r"bits \(--bits\) must be more than 0 and less than 16, the embedding's own bits "
                                              r"per weight \(bfloat16\), got 16.0"),
     ("svd", dict(rank=33), torch.float32, r"rank 33 is more than a 105 x 32 embedding has"),
     ("svd", dict(rank=25), torch.bfloat16, r"rank 25 saves nothing for a 105 x 32 embedding"),

@@ -344,7 +344,7 @@ def test_a_dataset_that_is_a_missing_folder_or_a_file_is_refused_as_the_command_
     (tmp_path / "org").mkdir()
     for spec, fragment in [(str(tmp_path / "nope"), "does not exist"), ("./nope", "does not exist"),
                            ("org/nope", "does not exist"), (text_file, "is a file, not a dataset; give a text file "
-                                                                       "with --text")]:
+                                                                       "as the text \\(--text\\)")]:
         with pytest.raises(DataError, match=fragment) as caught:
             load_text(dataset=spec)
         assert caught.value.exit_code == 2  # no hub lookup, no "could not reach the Hub"
@@ -391,9 +391,9 @@ def test_a_tied_head_asked_of_an_untied_model_is_refused_before_any_scoring(tiny
 
 
 @pytest.mark.parametrize("kind, options, fragment", [
-    ("bert-mlm", dict(window=8), "--window and --stride are for causal LMs"),
-    ("bert-mlm", dict(stride=4), "--window and --stride are for causal LMs"),
-    ("gpt2", dict(head="input"), "--head says how --factors are spliced in"),
+    ("bert-mlm", dict(window=8), r"window and stride \(--window, --stride\) are for causal LMs"),
+    ("bert-mlm", dict(stride=4), r"window and stride \(--window, --stride\) are for causal LMs"),
+    ("gpt2", dict(head="input"), r"head \(--head\) says how factors \(--factors\) are spliced in"),
 ])
 def test_options_that_would_change_nothing_are_refused(tiny, text_file, kind, options, fragment):
     with pytest.raises(OptionError, match=fragment):

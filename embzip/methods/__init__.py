@@ -163,15 +163,15 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
     dtype_text = str(dtype).removeprefix("torch.")
     if ratio is not None:
         if not (ratio > 1 and math.isfinite(ratio)):
-            raise RankError(f"--ratio must be a finite number greater than 1, got {ratio}")
+            raise RankError(f"ratio (--ratio) must be a finite number greater than 1, got {ratio}")
         if spec.sized_by != RANK:  # a budget in bits; a refusal says what the ratio came to
             try:
                 return resolve_size(r, bits=source_bits / ratio, vocab=vocab, hidden=hidden, dtype=dtype)
             except (RankError, OptionError) as e:  # a codebook's budget is refused as an OptionError
-                raise RankError(f"--ratio {ratio:g} is {source_bits / ratio:.4g} bits per weight for this "
+                raise RankError(f"ratio (--ratio) {ratio:g} is {source_bits / ratio:.4g} bits per weight for this "
                                 f"{dtype_text} embedding: {e}") from None
     if bits is not None and not (0 < bits < source_bits):
-        raise RankError(f"--bits must be more than 0 and less than {source_bits}, the embedding's own bits per weight "
+        raise RankError(f"bits (--bits) must be more than 0 and less than {source_bits}, the embedding's own bits per weight "
                         f"({dtype_text}), got {bits}")
     if spec.sized_by == RANK:
         kw = dict(bias=r.bias, norms=r.norms, source_bits=source_bits, stored_bits=stored_bits)
