@@ -425,7 +425,8 @@ def fit(ctx: typer.Context, model: ModelArg = None, rank: RankOpt = None, ratio:
         weights_dataset: Annotated[Optional[str], _opt("Or a datasets dataset NAME[:CONFIG[:SPLIT]] for the "
                                                        "token counts.", DATA, show_default=False)] = None,
         weight_power: Annotated[Optional[float], _opt("Row weight = (count + floor) ** power (default: 1; "
-                                                      "codebook on a tied head below 3 bits per weight: 0.5).", DATA,
+                                                      "codebook on a tied head: 0.5 below 3 bits per weight, "
+                                                      "0.75 from 3).", DATA,
                                                       show_default=False)] = None,
         weight_floor: Annotated[float, _opt("Added to every token count, so unseen tokens keep some weight.",
                                             DATA)] = 1.0,

@@ -140,13 +140,15 @@ class CodebookConfig:
         return 1 if self.bits < 3 and share <= 0.03 else 0
 
     def weight_power(self, tied: bool) -> float:
-        """The power of the token-count row weights when the recipe gives none (weights.py): 0.5 for a tied head
-        below 3 bits per weight, else 1. A tied head scores every row at every position, so rows the weights text
-        rarely shows matter there too, and at low budgets power 1 left them too coarse. Measured on validation
+        """The power of the token-count row weights when the recipe gives none (weights.py): for a tied head 0.5
+        below 3 bits per weight and 0.75 from there, else 1. A tied head scores every row at every position, so rows
+        the weights text rarely shows matter there too, and power 1 left them too coarse. Measured on validation
         texts (docs/method.md), Gemma-3-270M, two seeds each: at 2 bpw power 0.5 lowered the perplexity cost on
-        English and on six other languages, at 1 bpw on the other languages (English equal); at 4 bpw it cost
-        English 1-2% and gained on the other languages, so there 1 stays."""
-        return 0.5 if tied and self.bits < 3 else 1.0
+        English and on six other languages, at 1 bpw on the other languages (English equal); at 4 bpw 0.5 cost
+        English 1-2% and 0.75 lowered both."""
+        if not tied:
+            return 1.0
+        return 0.5 if self.bits < 3 else 0.75
 
     def prior_share(self, sampled: bool) -> float:
         """`vocab_prior`, or when that is None: 1 where the model's own samples join the counts (a causal LM with a

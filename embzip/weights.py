@@ -29,7 +29,7 @@ class WeightConfig:
 
     floor: float = 1.0  # added to every count
     power: float | None = None  # applied to count + floor; None: the method's default (1; a codebook on a tied head
-    # below 3 bits per weight: 0.5, CodebookConfig.weight_power)
+    # 0.5 below 3 bits per weight and 0.75 from there, CodebookConfig.weight_power)
 
     def __post_init__(self) -> None:
         floor = options.flagged("weight floor", "weight-floor")

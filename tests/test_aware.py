@@ -313,15 +313,17 @@ def test_codebook_on_a_tied_head_gets_stages_of_up_to_d_over_2_pieces(tiny, text
 
 
 def test_codebook_on_a_tied_head_at_low_bits_weights_rows_by_the_square_root_of_counts(tiny, text_file):
-    """A tied head scores every row at every position, so below 3 bits per weight a codebook there flattens the
-    weights (power 0.5); elsewhere, and for the low-rank methods, power 1; a power the recipe gives is used as is."""
+    """A tied head scores every row at every position, so a codebook there flattens the weights (power 0.5 below 3
+    bits per weight, 0.75 from there); without one, and for the low-rank methods, power 1; a power the recipe gives is
+    used as is."""
     from embzip.codebook import CodebookConfig
     from embzip.methods.base import Inputs
     from embzip.selfsample import SampleConfig
     from embzip.texts import load_text
 
     assert CodebookConfig(bits=2).weight_power(tied=True) == CodebookConfig(bits=1).weight_power(tied=True) == 0.5
-    assert CodebookConfig(bits=4).weight_power(tied=True) == CodebookConfig(bits=2).weight_power(tied=False) == 1.0
+    assert CodebookConfig(bits=4).weight_power(tied=True) == CodebookConfig(bits=8).weight_power(tied=True) == 0.75
+    assert CodebookConfig(bits=2).weight_power(tied=False) == CodebookConfig(bits=4).weight_power(tied=False) == 1.0
     tied = open_model(tiny("llama"))
     counts = token_counts(tied.tokenizer, load_text(text_file), tied.vocab_size)
     for given, default, used in ((None, 0.5, 0.5), (None, 1.0, 1.0), (0.75, 0.5, 0.75)):
@@ -330,7 +332,7 @@ def test_codebook_on_a_tied_head_at_low_bits_weights_rows_by_the_square_root_of_
         w = inputs.weights(default)
         assert inputs.details["weight_power"] == used
         assert torch.allclose(w, row_weights(counts, WeightConfig(power=used)))
-    for method, size in (("codebook", 8.0), ("aware", 4)):  # a tied head, but 8 bits; a low-rank method
+    for method, size, power in (("codebook", 8.0, 0.75), ("aware", 4, 1.0)):  # a tied head at 8 bits; low rank
         _, details = make_factors(tied, size, Recipe(method=method, weights_text=text_file,
                                                      sample=SampleConfig(tokens=0)))
-        assert details["weight_power"] == 1.0
+        assert details["weight_power"] == power

@@ -287,7 +287,7 @@ def test_fit_without_seed_uses_each_methods_own_default_as_bench_does(tiny, tmp_
                            aware=replace(expected.aware, metric_tokens=256))
         assert settings == expected.settings()
         assert settings["codebook"]["seed"] == settings["self_sample"]["seed"] == 0
-        assert settings["weights"]["power"] is None and load_factors(out).meta["weight_power"] == 1.0  # 8 bits
+        assert settings["weights"]["power"] is None and load_factors(out).meta["weight_power"] == 0.75  # tied, 8 bits
     else:
         assert settings["fit"]["seed"] == 1  # the paper's recipe
     assert run("fit", tiny("llama"), "--method", method, *args, "-o", out, "-q", "--force", "--seed", 5).exit_code == 0

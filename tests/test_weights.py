@@ -151,7 +151,7 @@ def test_fit_records_the_prior_it_used(tiny, tmp_path, kind, args, used):
     assert meta["settings"]["codebook"]["vocab_prior"] is None  # not given: the default
     assert meta["vocab_prior"] == used
     assert meta["size"] == 4.0 and "bits" not in meta["settings"]["codebook"]  # the budget is the size
-    assert meta["weight_power"] == 1.0  # what the defaults resolved to
+    assert meta["weight_power"] == (0.75 if meta["source"]["tied"] else 1.0)  # what the defaults resolved to (4 bits)
 
 
 def test_a_codebook_file_records_the_tied_heads_metric_settings(tiny, tmp_path):
