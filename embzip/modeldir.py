@@ -520,15 +520,10 @@ def load_model(directory: str | os.PathLike, device: str = "cpu", dtype: str | t
     built = written if dtype is None or dtype == "auto" else _dtype(dtype, "dtype")
     # _from_config sets torch's default dtype while the model is built, as from_pretrained does; a plain
     # cls(config).to(dtype) would also cast buffers computed in float32 (rotary inv_freq) to bf16/fp16.
-    version = tuple(int(part) for part in transformers.__version__.split(".")[:2])
-    extra = {"dtype" if version >= (4, 56) else "torch_dtype": built,  # renamed in transformers 4.56
-             **config.get("base_init", {})}
+    extra = {"dtype": built, **config.get("base_init", {})}
     if attn_implementation:
         extra["attn_implementation"] = attn_implementation
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
+    from transformers.initialization import no_init_weights
 
     try:
         with no_init_weights():  # the strict load overwrites every weight; random init would cost seconds

@@ -342,8 +342,8 @@ def perplexity(opened: OpenedModel, text: Text, *, factors=None, head: str | Non
     if pseudo and opened.kind == CAUSAL_LM:
         raise OptionError(f"pseudo-perplexity is for masked LMs; {opened.source} is a causal LM")
     if opened.kind != CAUSAL_LM and (window is not None or stride is not None):
-        raise OptionError(f"window and stride (--window, --stride) are for causal LMs; {opened.source} is a masked LM, scored line by "
-                          "line (see pseudo, --pseudo)")
+        raise OptionError(f"window and stride (--window, --stride) are for causal LMs; {opened.source} is a masked "
+                          "LM, scored line by line (see pseudo, --pseudo)")
     if factors is None and head is not None:
         raise OptionError("head (--head) says how factors (--factors) are spliced in; give the factors with it")
     if factors is not None:

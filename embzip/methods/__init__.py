@@ -171,8 +171,8 @@ def resolve_size(r: Recipe, *, rank: int | None = None, ratio: float | None = No
                 raise RankError(f"ratio (--ratio) {ratio:g} is {source_bits / ratio:.4g} bits per weight for this "
                                 f"{dtype_text} embedding: {e}") from None
     if bits is not None and not (0 < bits < source_bits):
-        raise RankError(f"bits (--bits) must be more than 0 and less than {source_bits}, the embedding's own bits per weight "
-                        f"({dtype_text}), got {bits}")
+        raise RankError(f"bits (--bits) must be more than 0 and less than {source_bits}, the embedding's own bits "
+                        f"per weight ({dtype_text}), got {bits}")
     if spec.sized_by == RANK:
         kw = dict(bias=r.bias, norms=r.norms, source_bits=source_bits, stored_bits=stored_bits)
         if rank is not None:
